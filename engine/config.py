@@ -1,0 +1,33 @@
+"""Engine configuration: which model, where it runs, and how big the paged KV cache is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = EMBEDDED_MODEL           # "embedded", a .gguf file, or an HF safetensors folder
+    device: str = "auto"                  # auto | cpu | cuda | npu
+    dtype: str = "auto"                   # auto (float32 on cpu, bfloat16 elsewhere) | float32 | bfloat16 | float16
+    block_size: int = 16
+    num_kv_blocks: int | None = None      # None: derived from kv_cache_gib
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512     # token budget per step (chunked prefill)
+    max_model_len: int | None = None      # None: the model's own limit, capped at 8192
+    enable_prefix_caching: bool = True
+    threads: int | None = None            # torch intra-op threads on cpu
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError("num_kv_blocks must be >= 2")

@@ -1,0 +1,57 @@
+"""Incremental detokenization with stop strings, for streaming.
+
+Text is released only when it is final: an incomplete UTF-8 character is held back, and so is any
+tail that could still become the start of a stop string.
+"""
+from __future__ import annotations
+
+from pdcluster.engine.tokenizer import Tokenizer
+
+_CONTEXT_TOKENS = 6   # prompt tail decoded with the output, so the first words get their spaces
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
+                 include_stop: bool = False) -> None:
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.include_stop = include_stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""          # output text so far (cut at a stop string)
+        self.emitted = 0        # characters of self.text already released
+        self.stopped = False
+
+    def push(self, token_ids: list[int]) -> bool:
+        """Add generated tokens; True if a stop string was hit (the text is then cut there)."""
+        for t in token_ids:
+            if self.stopped:
+                break
+            self.ids.append(t)
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+            full = self.tok.decode(self.ids[self.prefix_offset:])
+            if full.endswith("\ufffd") or len(full) <= len(prefix):
+                continue        # mid-character, or a token with no text yet
+            start = max(len(self.text) - self.holdback, 0)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._check_stop(start)
+        return self.stopped
+
+    def _check_stop(self, start: int) -> None:
+        hits = [(self.text.find(s, start), s) for s in self.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text = self.text[: i + len(s) if self.include_stop else i]
+            self.stopped = True
+
+    def take(self, final: bool) -> str:
+        """The text that is safe to release now (all of it once the sequence is finished)."""
+        end = len(self.text) if (final or self.stopped) else max(len(self.text) - self.holdback, 0)
+        end = max(end, self.emitted)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta

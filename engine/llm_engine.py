@@ -1,0 +1,204 @@
+"""The engine loop: requests in, one scheduled model step at a time, token deltas out.
+
+`add_request` / `step` / `abort_request` is the streaming API the Ray actors wrap; `LLM` (llm.py)
+is the offline API on top of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pdcluster.engine.block_manager import BlockManager
+from pdcluster.engine.config import EngineConfig
+from pdcluster.engine.detokenizer import IncrementalDetokenizer
+from pdcluster.engine.device import select_device, select_dtype
+from pdcluster.engine.model_runner import ModelRunner
+from pdcluster.engine.models import model_class
+from pdcluster.engine.outputs import RequestOutput
+from pdcluster.engine.prefix_hash import model_salt
+from pdcluster.engine.sampling import SamplingParams
+from pdcluster.engine.scheduler import Scheduler
+from pdcluster.engine.sequence import Sequence, SequenceStatus
+from pdcluster.engine.tokenizer import Tokenizer
+from pdcluster.engine.weights import load_checkpoint, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+    computed_tokens_total: int
+    prefix_hit_tokens_total: int
+    preemptions_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig = EngineConfig()) -> None:
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = select_device(config.device)
+        self.dtype = select_dtype(config.dtype, self.device)
+        path = resolve_model_path(config.model)
+        self.model_path = path
+        hf_config, weights = load_checkpoint(path)
+        self.hf_config = hf_config
+        self.tokenizer = Tokenizer(path)
+        if not hf_config.get("vocab_size"):
+            hf_config["vocab_size"] = self.tokenizer.vocab_size
+        self.model = self._build_model(hf_config, weights)
+        self.fingerprint = _fingerprint(path, hf_config, self.dtype)
+        self.max_model_len = config.max_model_len or min(
+            hf_config.get("max_position_embeddings", MAX_DEFAULT_MODEL_LEN), MAX_DEFAULT_MODEL_LEN)
+        self.kv_cache = self._allocate_kv_cache()
+        self.block_manager = BlockManager(self.kv_cache.shape[0], config.block_size,
+                                          config.enable_prefix_caching,
+                                          model_salt(self.fingerprint, config.tp_rank))
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        eos = hf_config.get("eos_token_id")
+        self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._computed_tokens = 0
+        self._prefix_hits = 0
+        self._preemptions = 0
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
+                 path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
+                 self.block_nbytes / 2**20)
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self, hf_config: dict, weights) -> torch.nn.Module:
+        cls = model_class(hf_config)
+        with torch.device(self.device):
+            model = cls(hf_config)
+        model.load_weights(weights)
+        return model.to(self.dtype).eval()
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        shape_tail = (self.model.num_layers, self.config.block_size, *self.model.kv_token_shape)
+        per_block = torch.Size(shape_tail).numel() * self.dtype.itemsize
+        n = self.config.num_kv_blocks or int(self.config.kv_cache_gib * 2**30 // per_block)
+        if n < 2:
+            raise ValueError(f"kv cache too small: one block needs {per_block} bytes")
+        self.block_nbytes = per_block
+        return torch.zeros((n, *shape_tail), dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = self.validate_prompt(prompt_token_ids, params)
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        seq = Sequence(request_id, ids, params, max_tokens)
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(
+            self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        self.scheduler.add(seq)
+
+    def validate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """Checks a request fits this engine; raises ValueError with a user-facing message."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.hf_config["vocab_size"]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is "
+                             f"{self.max_model_len} tokens")
+        total = len(ids) + (params.max_tokens or 0)
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context of {self.max_model_len} tokens")
+        if self.block_manager.blocks_needed(max(total, len(ids) + 1)) > self.block_manager.num_blocks:
+            raise ValueError("the request needs more KV cache than this worker has")
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        seq = self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._preemptions += len(sched.preempted)
+        if not sched.scheduled:
+            return []
+        sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self._computed_tokens += s.num_tokens
+            self.block_manager.commit(s.seq)
+        outputs = []
+        for s, token, lp in zip(sampled, tokens, logprobs):
+            outputs.append(self._append_token(s.seq, token, lp))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        if seq.num_output_tokens == 0:
+            self._prefix_hits += seq.num_cached_tokens
+        seq.token_ids.append(token)
+        detok = self._detok[seq.request_id]
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif detok.push([token]):
+            reason = "stop"
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[token], delta_text=detok.take(reason is not None),
+            finished=reason is not None, finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [])
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
+            prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions)
+
+
+def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:
+    """Identifies the model whose KV is in a block: same weights file + config + dtype."""
+    h = hashlib.sha256(json.dumps(hf_config, sort_keys=True, default=str).encode())
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update(str(dtype).encode())
+    return h.hexdigest()[:16]

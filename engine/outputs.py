@@ -1,0 +1,25 @@
+"""What one engine step reports for one request: the new tokens, the new text, and why it ended."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None            # "stop" | "length" | "abort" | None while running
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int               # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None

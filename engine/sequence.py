@@ -1,0 +1,58 @@
+"""A Sequence owns one request's token ids, its block table and its progress through the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from pdcluster.engine.sampling import SamplingParams
+
+_arrival = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int | None = None) -> None:
+        self.request_id = request_id
+        self.max_tokens = max_tokens if max_tokens is not None else (params.max_tokens or 2**31)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.arrival = next(_arrival)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0          # tokens whose KV is in the cache
+        self.num_cached_tokens = 0            # prompt tokens served by the prefix cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []   # hashes of the full blocks, in order
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")

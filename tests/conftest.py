@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded model loaded once per session, by us and by `transformers`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    from pdcluster.engine.weights import embedded_model_path
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_model(embedded_path):
+    """The reference implementation: transformers' own GGUF loader and Llama code."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(
+        str(embedded_path.parent), gguf_file=embedded_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from pdcluster.engine import LLM
+    # a small chunk budget so long prompts are prefilled in several chunks
+    return LLM(num_kv_blocks=512, max_num_batched_tokens=96, max_num_seqs=16)
