@@ -16,9 +16,12 @@ from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.detokenizer import IncrementalDetokenizer
 from pdcluster.engine.device import select_device, select_dtype
+from pdcluster.engine.kv_exchange import KVExchange
+from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
 from pdcluster.engine.model_runner import ModelRunner
 from pdcluster.engine.models import model_class
 from pdcluster.engine.outputs import RequestOutput
+from pdcluster.engine.parallel import init_tensor_parallel
 from pdcluster.engine.prefix_hash import model_salt
 from pdcluster.engine.sampling import SamplingParams
 from pdcluster.engine.scheduler import Scheduler
@@ -41,6 +44,16 @@ class EngineStats:
     computed_tokens_total: int
     prefix_hit_tokens_total: int
     preemptions_total: int
+    kv_blocks_saved: int = 0
+    kv_blocks_loaded: int = 0
+    kv_bytes_saved: int = 0
+    kv_bytes_loaded: int = 0
+    kv_save_seconds: float = 0.0
+    kv_load_seconds: float = 0.0
+    kv_recomputed_tokens: int = 0
+    kv_corrupt_blocks: int = 0
+    kv_missing_blocks: int = 0
+    store_prefix_hit_tokens: int = 0
 
 
 class LLMEngine:
@@ -65,8 +78,14 @@ class LLMEngine:
         self.block_manager = BlockManager(self.kv_cache.shape[0], config.block_size,
                                           config.enable_prefix_caching,
                                           model_salt(self.fingerprint, config.tp_rank))
+        self.kv_layout = KVLayout(
+            kind="mla" if len(self.model.kv_token_shape) == 1 else "mha",
+            num_layers=self.model.num_layers, block_size=config.block_size,
+            token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
+            block_nbytes=self.block_nbytes)
+        self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, on_admit=self.kv.on_admit)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         eos = hf_config.get("eos_token_id")
@@ -83,10 +102,19 @@ class LLMEngine:
     # ------------------------------------------------------------------ setup
     def _build_model(self, hf_config: dict, weights) -> torch.nn.Module:
         cls = model_class(hf_config)
-        with torch.device(self.device):
-            model = cls(hf_config)
+        init_tensor_parallel(self.config.tp_rank, self.config.tp_size, self.device)
+        # Tensors are allocated uninitialized, on the device and in the serving dtype (float32-only
+        # tensors such as DeepSeek's router bias say so): load_weights fills and checks every one,
+        # so random init and a float32 copy of a large model would be wasted.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(hf_config)
+        finally:
+            torch.set_default_dtype(previous)
         model.load_weights(weights)
-        return model.to(self.dtype).eval()
+        return model.eval()
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         shape_tail = (self.model.num_layers, self.config.block_size, *self.model.kv_token_shape)
@@ -97,10 +125,18 @@ class LLMEngine:
         self.block_nbytes = per_block
         return torch.zeros((n, *shape_tail), dtype=self.dtype, device=self.device)
 
+    def set_kv_connector(self, connector: KVConnector | None) -> None:
+        """Attach the store that KV handoffs and the shared prefix cache go through."""
+        self.kv.connector = connector
+
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None) -> None:
+                    prompt_token_ids: list[int] | None = None, *,
+                    kv_export: bool = False, kv_import: KVHandoff | None = None) -> None:
+        """Queue a request. kv_export: prefill only — stop after the first token and hand the
+        prompt's KV off (finish_reason "handoff", `kv_handoff` on the output). kv_import: continue
+        a request a prefill engine started (its prompt, first token and KV blocks)."""
         params = params or SamplingParams()
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -110,10 +146,20 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = self.validate_prompt(prompt_token_ids, params)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
-        seq = Sequence(request_id, ids, params, max_tokens)
+        seq = Sequence(request_id, ids, params, 1 if kv_export else max_tokens)
+        seq.kv_export = kv_export
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
+                                       params.include_stop_str_in_output)
+        if kv_import is not None:
+            if list(kv_import.token_ids) != ids:
+                raise ValueError("kv_import does not belong to this prompt")
+            # the first token was sampled (and streamed) by the prefill engine
+            seq.token_ids.append(kv_import.first_token)
+            seq.kv_import = kv_import
+            detok.push([kv_import.first_token])
+            detok.take(final=False)
         self._seqs[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(
-            self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        self._detok[request_id] = detok
         self.scheduler.add(seq)
 
     def validate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
@@ -175,23 +221,31 @@ class LLMEngine:
         elif detok.push([token]):
             reason = "stop"
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+            reason = "handoff" if seq.kv_export else "length"
+        handoff = self.kv.export(seq) if reason == "handoff" else None
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._seqs[seq.request_id], self._detok[seq.request_id]
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=[token], delta_text=detok.take(reason is not None),
+            request_id=seq.request_id, new_token_ids=[token],
+            delta_text=detok.take(final=reason not in (None, "handoff")),
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [])
+            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [],
+            kv_handoff=handoff)
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, kv = self.block_manager, self.kv.counters
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
-            prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions)
+            prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
+            kv_blocks_saved=kv.blocks_saved, kv_blocks_loaded=kv.blocks_loaded,
+            kv_bytes_saved=kv.bytes_saved, kv_bytes_loaded=kv.bytes_loaded,
+            kv_save_seconds=kv.save_seconds, kv_load_seconds=kv.load_seconds,
+            kv_recomputed_tokens=kv.recomputed_tokens, kv_corrupt_blocks=kv.corrupt_blocks,
+            kv_missing_blocks=kv.missing_blocks, store_prefix_hit_tokens=kv.store_prefix_hit_tokens)
 
 
 def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:

@@ -17,9 +17,11 @@ class RequestOutput:
     new_token_ids: list[int]
     delta_text: str
     finished: bool
-    finish_reason: str | None            # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "handoff" (prefill done, decode continues) | None while running
+    finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int               # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
+    kv_handoff: object | None = None     # KVHandoff, on the last output of a kv_export request

@@ -7,6 +7,7 @@ it goes back to the front of the queue to be recomputed later (its prefix may st
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdcluster.engine.block_manager import BlockManager
@@ -36,7 +37,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int,
+                 on_admit: Callable[[Sequence], None] | None = None) -> None:
+        # on_admit may advance a newly admitted sequence's computed tokens by filling its blocks
+        # from outside (KV handed off by a prefill worker, or prefix blocks found in a store).
+        self.on_admit = on_admit
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,12 +76,18 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.bm.admit(seq, budget):
                 break
+            if self.on_admit is not None:
+                self.on_admit(seq)
+            # what the allocated blocks can take; reserve() may add blocks when the pool allows
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.bm.reserve(seq, seq.num_computed_tokens + n):
+                n = len(seq.block_table) * self.bm.block_size - seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            if n > 0:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
         return out
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -33,6 +33,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []   # hashes of the full blocks, in order
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.kv_export = False                # prefill-only: hand the KV off after one token
+        self.kv_import = None                 # KVHandoff to pull from the store, if any
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -1,35 +1,54 @@
 """Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3 dense) in plain torch.
 
 One file, one model: q/k/v and gate/up projections are stacked into single matmuls; Qwen2 adds
-q/k/v biases, Qwen3 adds per-head q/k RMSNorm.
+q/k/v biases, Qwen3 adds per-head q/k RMSNorm. Linears are tensor-parallel and may be quantized
+(parallel.py, quant.py); Qwen3-MoE reuses this decoder with its own MLP (`make_mlp`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from pdcluster.engine.attention import AttentionMetadata, paged_attention
 from pdcluster.engine.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from pdcluster.engine.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                       RowParallelLinear, Target, VocabParallelEmbedding,
+                                       load_weights, stacked_target)
+from pdcluster.engine.quant import QuantConfig
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """RoPE settings in transformers 5 form (rope_type, rope_theta, scaling keys), whether the
+    config spells them `rope_parameters` or the older `rope_scaling` + `rope_theta`."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.get("type") or "default")
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    return params
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: dict, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: dict, layer: int, rotary: RotaryEmbedding, quant: QuantConfig,
+                 prefix: str) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
+        total_heads = cfg["num_attention_heads"]
+        total_kv_heads = cfg.get("num_key_value_heads") or total_heads
+        self.head_dim = cfg.get("head_dim") or hidden // total_heads
         self.layer = layer
         self.scale = self.head_dim ** -0.5
         model_type = cfg.get("model_type", "llama")
         bias = cfg.get("attention_bias", model_type == "qwen2")
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, total_heads, total_kv_heads, bias,
+            quant.linear_method([f"{prefix}.{p}_proj" for p in "qkv"]))
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
-        self.qk_norm = model_type == "qwen3"
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=False,
+                                        method=quant.linear_method([f"{prefix}.o_proj"]))
+        self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6))
             self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6))
@@ -50,21 +69,30 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    """Gated SiLU MLP; under TP the intermediate features are split. reduce_results=False leaves the
+    all-reduce to a caller that sums this with other partial outputs (DeepSeek's shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int, quant: QuantConfig, prefix: str,
+                 reduce_results: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden, [intermediate, intermediate],
+            method=quant.linear_method([f"{prefix}.gate_proj", f"{prefix}.up_proj"]))
+        self.down_proj = RowParallelLinear(intermediate, hidden,
+                                           method=quant.linear_method([f"{prefix}.down_proj"]),
+                                           reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: dict, layer: int, rotary: RotaryEmbedding, quant: QuantConfig,
+                 mlp: nn.Module) -> None:
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(cfg, layer, rotary)
-        self.mlp = LlamaMLP(cfg["hidden_size"], cfg["intermediate_size"])
+        self.self_attn = LlamaAttention(cfg, layer, rotary, quant, f"model.layers.{layer}.self_attn")
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
 
@@ -74,14 +102,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, quant: QuantConfig,
+                 make_mlp: Callable[[int, str], nn.Module]) -> None:
         super().__init__()
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        rope = rope_parameters(cfg)
         rotary = RotaryEmbedding(head_dim, cfg.get("max_position_embeddings", 4096),
-                                 cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling"))
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary)
-                                    for i in range(cfg["num_hidden_layers"]))
+                                 rope["rope_theta"], None if rope["rope_type"] == "default" else rope)
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, quant, make_mlp(i, f"model.layers.{i}.mlp"))
+            for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
     def forward(self, input_ids, positions, kv_cache, meta):
@@ -91,25 +122,29 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-# HF checkpoint names that we store stacked: (our param, hf name piece, shard index)
-_STACKED = (
-    ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
-    ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
-)
+# HF checkpoint module names that we store stacked: hf name -> (our module, shard index)
+STACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.quant = QuantConfig.from_hf(cfg)
+        self.model = LlamaModel(cfg, self.quant, self.make_mlp)
         self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        if self.tie:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"],
+                                      self.model.embed_tokens if self.tie else None)
         attn = self.model.layers[0].self_attn
         self.num_layers = cfg["num_hidden_layers"]
         self.kv_token_shape = (2, attn.num_kv_heads, attn.head_dim)
+
+    def make_mlp(self, layer: int, prefix: str) -> nn.Module:
+        return LlamaMLP(self.config["hidden_size"], self.config["intermediate_size"], self.quant,
+                        prefix)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -118,37 +153,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def _shard_sizes(self, param: str) -> list[int]:
-        attn = self.model.layers[0].self_attn
-        if param == "qkv_proj":
-            return [attn.q_size, attn.kv_size, attn.kv_size]
-        inter = self.config["intermediate_size"]
-        return [inter, inter]
+    def route(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[Target, torch.Tensor]]:
+        """Checkpoint tensor -> where it goes (nothing for recomputed or tied tensors)."""
+        if "rotary_emb" in name or (self.tie and name == "lm_head.weight"):
+            return ()
+        return ((stacked_target(name, STACKED), tensor),)
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if self.tie and name == "lm_head.weight":
-                continue
-            for stacked, piece, shard in _STACKED:
-                if f".{piece}." in name:
-                    target = name.replace(piece, stacked)
-                    sizes = self._shard_sizes(stacked)
-                    start = sum(sizes[:shard])
-                    params[target].data[start:start + sizes[shard]].copy_(tensor)
-                    loaded.add(f"{target}#{shard}")
-                    break
-            else:
-                if name not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                params[name].data.copy_(tensor)
-                loaded.add(name)
-        expected = {n for n, _ in self.named_parameters()}
-        got = {n.split("#")[0] for n in loaded}
-        missing = expected - got - ({"lm_head.weight"} if self.tie else set())
-        if missing:
-            raise ValueError(f"checkpoint is missing {sorted(missing)[:5]} ...")
+        load_weights(self, weights, self.route)

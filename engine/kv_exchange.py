@@ -1,0 +1,172 @@
+"""Moves a sequence's KV between this engine's paged cache and a shared store.
+
+Export (prefill side): after the prompt is computed, every prompt block is written under its chain
+hash key and described in a `KVHandoff`. Import (decode side, and the prefill side's store-backed
+prefix cache): when a sequence is admitted its blocks are filled from the store, checked, and only
+what could not be loaded is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from array import array
+from dataclasses import dataclass
+
+import torch
+
+from pdcluster.engine.block_manager import BlockManager
+from pdcluster.engine.kv_transfer import (BlockRef, KVConnector, KVHandoff, KVLayout,
+                                          block_checksum, store_key)
+from pdcluster.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCounters:
+    blocks_saved: int = 0
+    blocks_loaded: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: int = 0
+    save_seconds: float = 0.0
+    load_seconds: float = 0.0
+    recomputed_tokens: int = 0          # handed-off prompt tokens that had to be recomputed
+    corrupt_blocks: int = 0
+    missing_blocks: int = 0
+    store_prefix_hit_tokens: int = 0    # prompt tokens found in the store instead of computed
+
+
+class KVExchange:
+    def __init__(self, cache: torch.Tensor, bm: BlockManager, layout: KVLayout,
+                 fingerprint: str) -> None:
+        self.cache = cache
+        self.bm = bm
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.connector: KVConnector | None = None
+        self.counters = KVCounters()
+
+    # ------------------------------------------------------------------ keys
+    def prompt_block_keys(self, seq: Sequence) -> list[tuple[str, int]]:
+        """(key, tokens) for every block holding prompt tokens; a partial last block gets a key
+        that hashes its tokens too, so identical prompts still share it."""
+        bs = self.bm.block_size
+        full = seq.num_prompt_tokens // bs
+        hashes = self.bm.hashes_of(seq)[:full]
+        keys = [(store_key(h), bs) for h in hashes]
+        rest = seq.num_prompt_tokens - full * bs
+        if rest:
+            tail = array("i", seq.token_ids[full * bs: seq.num_prompt_tokens]).tobytes()
+            parent = hashes[-1] if hashes else b""
+            h = hashlib.sha256(parent + self.bm.salt + b"partial" + tail).digest()
+            keys.append((store_key(h), rest))
+        return keys
+
+    # ------------------------------------------------------------------ export
+    def export(self, seq: Sequence) -> KVHandoff:
+        """Write seq's prompt blocks to the store (if any) and describe them for the decoder."""
+        keys = self.prompt_block_keys(seq)
+        block_ids = seq.block_table[:len(keys)]
+        refs: list[BlockRef] = []
+        if self.connector is not None and keys:
+            t0 = _now()
+            try:
+                ok = self.connector.save([k for k, _ in keys], block_ids)
+            except Exception as exc:           # store down: decode will recompute the prompt
+                log.warning("kv export of %s failed: %s", seq.request_id, exc)
+                ok = [False] * len(keys)
+            self.counters.save_seconds += _now() - t0
+            for (key, n), b, good in zip(keys, block_ids, ok):
+                if not good:
+                    break                      # a gap would be useless: decode loads a prefix
+                refs.append(BlockRef(key, n, block_checksum(self.cache, b, n)))
+            self.counters.blocks_saved += len(refs)
+            self.counters.bytes_saved += len(refs) * self.layout.block_nbytes
+        return KVHandoff(
+            request_id=seq.request_id, model_fingerprint=self.fingerprint, layout=self.layout,
+            token_ids=tuple(seq.token_ids[:seq.num_prompt_tokens]),
+            first_token=seq.token_ids[seq.num_prompt_tokens], blocks=tuple(refs),
+            num_cached_tokens=seq.num_cached_tokens)
+
+    # ------------------------------------------------------------------ import
+    def on_admit(self, seq: Sequence) -> None:
+        """Scheduler hook: fill a just-admitted sequence's blocks from the store where possible."""
+        if seq.kv_import is not None:
+            self._import_handoff(seq, seq.kv_import)
+            seq.kv_import = None
+        elif self.connector is not None:
+            self._import_store_prefix(seq)
+
+    def _import_handoff(self, seq: Sequence, handoff: KVHandoff) -> None:
+        prompt_len = seq.num_prompt_tokens
+        if handoff.model_fingerprint != self.fingerprint or handoff.layout != self.layout:
+            log.warning("handoff for %s is from another model/layout; recomputing", seq.request_id)
+            self.counters.recomputed_tokens += prompt_len - seq.num_computed_tokens
+            return
+        bs = self.bm.block_size
+        first = seq.num_computed_tokens // bs          # blocks already local (prefix cache)
+        refs = list(handoff.blocks[first:])
+        loaded = self._load(seq, first, refs, verify=True)
+        covered = first * bs + sum(r.num_tokens for r in refs[:loaded])
+        seq.num_computed_tokens = max(seq.num_computed_tokens, min(covered, prompt_len))
+        self.counters.recomputed_tokens += prompt_len - seq.num_computed_tokens
+        self.bm.commit(seq)
+
+    def _import_store_prefix(self, seq: Sequence) -> None:
+        bs = self.bm.block_size
+        first = seq.num_computed_tokens // bs
+        last = (seq.num_tokens - 1) // bs              # keep the last token to compute
+        hashes = self.bm.hashes_of(seq)[first:last]
+        if not hashes:
+            return
+        keys = [store_key(h) for h in hashes]
+        try:
+            present = self.connector.exists(keys)
+        except Exception as exc:
+            log.warning("store prefix lookup failed: %s", exc)
+            return
+        run = next((i for i, p in enumerate(present) if not p), len(present))
+        refs = [BlockRef(k, bs, 0) for k in keys[:run]]
+        loaded = self._load(seq, first, refs, verify=False)
+        if loaded:
+            seq.num_computed_tokens = (first + loaded) * bs
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.counters.store_prefix_hit_tokens += loaded * bs
+            self.bm.commit(seq)
+
+    def _load(self, seq: Sequence, first: int, refs: list[BlockRef], verify: bool) -> int:
+        """Load refs into seq's blocks from index `first`; returns how many leading blocks are good."""
+        if not refs or self.connector is None:
+            self.counters.missing_blocks += len(refs)
+            return 0
+        bs = self.bm.block_size
+        upto = (first + len(refs)) * bs
+        while refs and not self.bm.reserve(seq, upto):
+            refs.pop()                                  # pool is tight: load fewer blocks
+            upto -= bs
+        block_ids = seq.block_table[first:first + len(refs)]
+        t0 = _now()
+        try:
+            ok = self.connector.load([r.key for r in refs], block_ids)
+        except Exception as exc:
+            log.warning("kv load for %s failed: %s", seq.request_id, exc)
+            ok = [False] * len(refs)
+        self.counters.load_seconds += _now() - t0
+        good = 0
+        for ref, b, fine in zip(refs, block_ids, ok):
+            if not fine:
+                self.counters.missing_blocks += 1
+                break
+            if verify and block_checksum(self.cache, b, ref.num_tokens) != ref.checksum:
+                log.warning("block %s of %s failed its checksum; recomputing from there",
+                            ref.key, seq.request_id)
+                self.counters.corrupt_blocks += 1
+                break
+            good += 1
+        self.counters.blocks_loaded += good
+        self.counters.bytes_loaded += good * self.layout.block_nbytes
+        return good
+
+
+_now = time.perf_counter

@@ -1,0 +1,72 @@
+"""KV handoff between engines: what prefill exports, what decode imports, and the connector interface.
+
+The engine only knows `KVConnector` (copy whole blocks of its cache to/from a store by key); the
+Mooncake implementation lives in the control plane (`pdcluster.cluster.kv_connector`). A block that
+is missing, evicted or fails its checksum is recomputed by the importing engine, never trusted.
+"""
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one block of the cache is laid out: [num_layers, block_size, *token_shape] of dtype."""
+    kind: str                      # "mha" (K and V per kv-head) or "mla" (compressed latent + rope)
+    num_layers: int
+    block_size: int
+    token_shape: tuple[int, ...]
+    dtype: str
+    block_nbytes: int
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    key: str
+    num_tokens: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """The manifest prefill gives decode: the prompt, its first token and where its KV blocks are."""
+    request_id: str
+    model_fingerprint: str
+    layout: KVLayout
+    token_ids: tuple[int, ...]
+    first_token: int
+    blocks: tuple[BlockRef, ...] = ()
+    num_cached_tokens: int = 0                   # prompt tokens prefill took from a prefix cache
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class KVConnector(ABC):
+    """Moves whole cache blocks between this engine's KV memory and a shared store."""
+
+    @abstractmethod
+    def save(self, keys: list[str], block_ids: list[int]) -> list[bool]:
+        """Write blocks `block_ids` of the cache under `keys`; per-block success."""
+
+    @abstractmethod
+    def load(self, keys: list[str], block_ids: list[int]) -> list[bool]:
+        """Read `keys` into cache blocks `block_ids`; per-block success (False: missing/failed)."""
+
+    @abstractmethod
+    def exists(self, keys: list[str]) -> list[bool]:
+        ...
+
+
+def block_checksum(cache: torch.Tensor, block_id: int, num_tokens: int) -> int:
+    """CRC32 of the first `num_tokens` token slots of every layer of one block (stdlib zlib:
+    fast, no dependency, and an accidental-corruption check is all that is asked of it)."""
+    block = cache[block_id][:, :num_tokens].contiguous()
+    return zlib.crc32(block.view(torch.uint8).numpy() if block.device.type == "cpu"
+                      else block.cpu().view(torch.uint8).numpy())
+
+
+def store_key(block_hash: bytes) -> str:
+    return "pdkv/" + block_hash.hex()

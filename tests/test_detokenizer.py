@@ -1,0 +1,45 @@
+"""Streaming text: deltas add up to the final text, stop strings are cut even across tokens."""
+from __future__ import annotations
+
+import pytest
+
+from pdcluster.engine.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(llm):
+    return llm.tokenizer
+
+
+def stream(tok, text: str, stop=(), include=False):
+    ids = tok.encode(text)
+    d = IncrementalDetokenizer(tok, tok.encode("Hello"), tuple(stop), include)
+    pieces = []
+    for t in ids:
+        stopped = d.push([t])
+        pieces.append(d.take(final=stopped))
+        if stopped:
+            break
+    pieces.append(d.take(final=True))
+    return "".join(pieces), d.stopped
+
+
+def test_deltas_reassemble_unicode_text(tok):
+    text = " Grüße aus Köln — 東京 🚀 done"
+    out, stopped = stream(tok, text)
+    assert out == tok.decode(tok.encode(text)) and not stopped
+
+
+def test_stop_string_spanning_tokens_is_cut(tok):
+    out, stopped = stream(tok, " alpha beta gamma delta", stop=["a gam"])
+    assert stopped and out == " alpha bet"
+    out, _ = stream(tok, " alpha beta gamma delta", stop=["a gam"], include=True)
+    assert out == " alpha beta gam"
+
+
+def test_text_that_might_start_a_stop_string_is_held_back(tok):
+    d = IncrementalDetokenizer(tok, [], ("STOP!",))
+    for t in tok.encode(" one two STO"):
+        d.push([t])
+    released = d.take(final=False)
+    assert "STO" not in released and released.startswith(" one")

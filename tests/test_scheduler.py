@@ -1,0 +1,68 @@
+"""Continuous batching decisions without a model: token budget, chunking, admission, preemption."""
+from __future__ import annotations
+
+from pdcluster.engine.block_manager import BlockManager
+from pdcluster.engine.sampling import SamplingParams
+from pdcluster.engine.scheduler import Scheduler
+from pdcluster.engine.sequence import Sequence, SequenceStatus
+
+
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=16):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    return bm, Scheduler(bm, max_seqs, budget)
+
+
+def apply(out):
+    """What the engine does after running a step: mark KV computed, 'sample' a token."""
+    for s in out.scheduled:
+        done = s.completes
+        s.seq.num_computed_tokens += s.num_tokens
+        if done:
+            s.seq.token_ids.append(7)
+
+
+def test_chunked_prefill_respects_budget_and_decodes_join():
+    bm, sch = make(budget=16)
+    long = Sequence("long", list(range(40)), SamplingParams())
+    sch.add(long)
+    out = sch.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 16)]
+    apply(out)
+    short = Sequence("short", [1, 2, 3], SamplingParams())
+    sch.add(short)
+    out = sch.schedule()                               # running chunk first, newcomer fills the rest
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 16)]
+    apply(out)
+    out = sch.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 8), ("short", 3)]
+    assert all(s.completes for s in out.scheduled)
+    apply(out)
+    out = sch.schedule()                               # both decode now: one token each
+    assert [s.num_tokens for s in out.scheduled] == [1, 1]
+    assert out.num_tokens <= 16
+
+
+def test_max_num_seqs_caps_the_running_batch():
+    bm, sch = make(max_seqs=2, budget=64)
+    for i in range(4):
+        sch.add(Sequence(f"s{i}", [1, 2], SamplingParams()))
+    out = sch.schedule()
+    assert len(out.scheduled) == 2 and len(sch.waiting) == 2
+
+
+def test_preemption_frees_blocks_and_requeues_newest():
+    bm, sch = make(num_blocks=4, block_size=4, budget=64)
+    a = Sequence("a", list(range(7)), SamplingParams())
+    b = Sequence("b", list(range(7)), SamplingParams())
+    sch.add(a), sch.add(b)
+    apply(sch.schedule())                              # 2 blocks each: the pool is full
+    assert bm.num_free_blocks == 0
+    a.token_ids.append(1)                              # a crosses into a third block next step
+    out = sch.schedule()
+    assert out.preempted == [b] and b.status is SequenceStatus.WAITING
+    assert b.block_table == [] and b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert [s.seq for s in out.scheduled] == [a]
+    assert sch.waiting[0] is b
+    sch.finish(a, "stop")
+    sch.finish(b, "abort")
+    assert bm.num_free_blocks == 4 and not sch.has_unfinished()
