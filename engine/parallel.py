@@ -79,6 +79,12 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+@dataclass(frozen=True)
+class Shard:
+    start: int   # first feature of the full checkpoint tensor held on this rank
+    size: int
+
+
 def split_evenly(size: int, what: str = "features") -> Shard:
     """This rank's equal share of `size`."""
     tp = _tp
@@ -89,12 +95,6 @@ def split_evenly(size: int, what: str = "features") -> Shard:
 
 
 # ---------------------------------------------------------------------------- linear layers
-
-@dataclass(frozen=True)
-class Shard:
-    start: int   # first feature of the full checkpoint tensor held on this rank
-    size: int
-
 
 class Linear(nn.Module):
     """y = x W^T over this rank's slice of W; stored as `method` says (dense or quantized).
@@ -178,7 +178,7 @@ def _narrow(t: torch.Tensor, axis: int, start: int, size: int, unit: int,
             what: str) -> torch.Tensor:
     if start % unit or size % unit:
         raise ValueError(f"{what}: features [{start}, {start + size}) do not fall on its "
-                         f"{unit}-feature packing/group boundaries; choose another TP size")
+                         f"{unit}-feature packing/group boundaries (TP size or stacked pieces)")
     return t.narrow(axis, start // unit, size // unit)
 
 
@@ -331,7 +331,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
             if module is None:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
             if hasattr(module, "load_shard"):
-                module.load_shard(t.param, piece, t.shard, t.expert)
+                try:
+                    module.load_shard(t.param, piece, t.shard, t.expert)
+                except (KeyError, ValueError) as e:
+                    raise type(e)(f"checkpoint tensor {name!r}: {e.args[0]}") from e
                 continue
             dst = getattr(module, t.param, None)
             if not isinstance(dst, torch.Tensor) or dst.shape != piece.shape:
