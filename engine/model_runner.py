@@ -6,6 +6,7 @@ import torch
 
 from pdcluster.engine.attention import AttentionMetadata, PrefillSegment
 from pdcluster.engine.outputs import TokenLogprob
+from pdcluster.engine.parallel import broadcast_from_first
 from pdcluster.engine.sampler import sample
 from pdcluster.engine.scheduler import ScheduledSeq
 
@@ -31,6 +32,7 @@ class ModelRunner:
             return [], [], []
         logits = self.model.compute_logits(hidden[sample_rows])
         tokens, logprobs = sample(logits.cpu(), [s.seq for s in to_sample])
+        tokens = broadcast_from_first(torch.tensor(tokens, device=self.device)).tolist()
         return to_sample, tokens, logprobs
 
     def _prepare(self, order: list[ScheduledSeq]):

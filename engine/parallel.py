@@ -70,6 +70,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Make every rank hold rank 0's x (e.g. sampled tokens, so unseeded sampling cannot diverge)."""
+    if _tp.size > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if _tp.size == 1:
         return x
