@@ -1,0 +1,202 @@
+"""KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
+
+This process ("prefill") puts blocks; a second one ("decode", own client and segment) gets them.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import statistics
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from pdcluster.cluster.kv_store import MooncakeBackend, StoreConfig
+from pdcluster.cluster.mooncake_master import MooncakeMaster
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    block_nbytes: int
+    num_blocks: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.block_nbytes * self.num_blocks
+
+
+# One block = all layers' KV for 16 tokens (block_size 16), per TP rank.
+SMOLLM2_FP32 = 30 * 16 * 2 * 3 * 64 * 4  # 30 layers, K+V, 3 kv heads, head_dim 64, fp32: 737,280 B
+LLAMA8B_BF16 = 32 * 16 * 2 * 8 * 128 * 2  # 32 layers, 8 kv heads, head_dim 128, bf16: 2 MiB
+DEEPSEEK_MLA_BF16 = 61 * 16 * (512 + 64) * 2  # 61 layers, latent 512 + rope 64, bf16: 1,124,352 B
+CASES = {
+    "smollm2-1k": Case("smollm2 fp32, 1K-token prompt", SMOLLM2_FP32, 64),
+    "smollm2-4k": Case("smollm2 fp32, 4K-token prompt", SMOLLM2_FP32, 256),
+    "llama8b-1k": Case("llama-8B bf16, 1K-token prompt", LLAMA8B_BF16, 64),
+    "dsr1-mla-1k": Case("deepseek-r1 MLA bf16, 1K tokens", DEEPSEEK_MLA_BF16, 64),
+}
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(memoryview(t.numpy()))
+
+
+def _recv_all(port: int, into: memoryview) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        got = 0
+        while got < len(into):
+            n = s.recv_into(into[got:])
+            if n == 0:
+                raise ConnectionError("sender closed early")
+            got += n
+
+
+def _reader(config: StoreConfig, num_blocks: int, block_nbytes: int, conn) -> None:
+    """The decode side: answers ("get", keys) by a store get, and ("tcp", port) by reading the same
+    bytes from a plain socket (the loopback ceiling for any TCP transport), each with
+    (seconds, crc32 of what arrived)."""
+    backend = MooncakeBackend(config)
+    cache = torch.zeros(num_blocks, block_nbytes, dtype=torch.uint8)
+    backend.register_cache(cache)
+    ids = list(range(num_blocks))
+    conn.send("ready")
+    while (msg := conn.recv()) != "stop":
+        kind, arg = msg
+        t = time.perf_counter()
+        if kind == "get":
+            backend.get_cache_blocks(cache, ids, arg)
+        else:
+            _recv_all(arg, memoryview(cache.view(-1).numpy()))
+        dt = time.perf_counter() - t
+        conn.send((dt, _crc(cache)))
+        cache.zero_()  # the next round must really arrive, not be left over
+    backend.close()
+    conn.send("closed")
+
+
+def _memcpy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    t = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - t
+
+
+def _recv(conn, timeout_s: float = 120.0):
+    """The reader's next answer; a reader that died or hangs fails the run instead of stalling it."""
+    if not conn.poll(timeout_s):
+        raise TimeoutError(f"the reader process sent nothing for {timeout_s:.0f} s")
+    return conn.recv()
+
+
+def _raw_tcp_seconds(src: torch.Tensor, conn, want: int) -> float:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn.send(("tcp", server.getsockname()[1]))
+        peer, _ = server.accept()
+        with peer:
+            peer.sendall(memoryview(src.view(-1).numpy()))
+    seconds, crc = _recv(conn)
+    if crc != want:
+        raise RuntimeError("raw TCP baseline delivered different bytes")
+    return seconds
+
+
+def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: int,
+             prefer_local_segment: bool = True) -> dict:
+    # Room for one round's objects plus slack; objects are removed after each round.
+    segment = max(64 << 20, int(case.nbytes * 1.5))
+    config = StoreConfig(master_server_addr=master.rpc_address, metadata_server=master.metadata_url,
+                         global_segment_size=segment, local_buffer_size=local_buffer_mib << 20,
+                         prefer_local_segment=prefer_local_segment)
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_reader, args=(config, case.num_blocks, case.block_nbytes, child), daemon=True)
+    proc.start()
+    writer = MooncakeBackend(config)
+    try:
+        src = torch.randint(0, 256, (case.num_blocks, case.block_nbytes), dtype=torch.uint8)
+        writer.register_cache(src)
+        want = _crc(src)
+        ids = list(range(case.num_blocks))
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # touch dst once so memcpy is not timed on first-touch page faults
+        if _recv(conn) != "ready":
+            raise RuntimeError("the reader process did not start")
+        rounds = []
+        for _ in range(iters + 1):  # round 0 is cold: the segments' pages are touched for the first time
+            keys = [f"bench/{uuid.uuid4().hex}/{i}" for i in ids]
+            t = time.perf_counter()
+            writer.put_cache_blocks(src, ids, keys)
+            put_s = time.perf_counter() - t
+            conn.send(("get", keys))
+            get_s, crc = _recv(conn)
+            if crc != want:
+                raise RuntimeError(f"{case.name}: the reader got different bytes")
+            writer.remove(keys, force=True)
+            tcp_s = _raw_tcp_seconds(src, conn, want)
+            # memcpy in every round, so a busy neighbour slows both sides of the ratio alike
+            rounds.append((put_s, get_s, _memcpy_seconds(src, dst), tcp_s))
+        conn.send("stop")
+        _recv(conn)  # "closed"
+    finally:
+        writer.close()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    warm = rounds[1:]
+    gb = case.nbytes / 1e9
+    return {"case": case,
+            "put": gb / statistics.median(r[0] for r in warm),
+            "get": gb / statistics.median(r[1] for r in warm),
+            "handoff": gb / statistics.median(r[0] + r[1] for r in warm),
+            "memcpy": gb / statistics.median(r[2] for r in warm),
+            "tcp": gb / statistics.median(r[3] for r in warm),
+            "tcp/mc": statistics.median(r[2] / r[3] for r in warm),
+            "get/mc": statistics.median(r[2] / r[1] for r in warm),
+            "hand/mc": statistics.median(r[2] / (r[0] + r[1]) for r in warm),
+            "cold_handoff": gb / (rounds[0][0] + rounds[0][1])}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'case':33} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} {'handoff':>7} "
+            f"{'memcpy':>6} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} {'tcp/mc':>6} {'cold hand':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c: Case = r["case"]
+        lines.append(f"{c.name:33} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} {c.nbytes / 1e6:>6.1f} "
+                     f"{r['put']:>6.2f} {r['get']:>6.2f} {r['handoff']:>7.2f} {r['memcpy']:>6.2f} "
+                     f"{r['tcp']:>7.2f} {r['get/mc']:>6.0%} {r['hand/mc']:>7.0%} {r['tcp/mc']:>6.0%} "
+                     f"{r['cold_handoff']:>9.2f}")
+    lines += ["Bandwidths in GB/s. handoff = put (prefill side) then get (decode side): bytes / (put + get).",
+              "memcpy = torch copy_ of the same bytes in this process; raw tcp = the same bytes over one plain",
+              "loopback socket between the two processes (what one TCP stream does here). Both timed in every",
+              "round; medians of warm rounds, ratios taken per round; cold = first round (fresh segment pages)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pdcluster.cluster.bench_kv",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="smollm2-1k,llama8b-1k,dsr1-mla-1k",
+                        help=f"comma-separated, from: {', '.join(CASES)}")
+    parser.add_argument("--iters", type=int, default=5, help="warm rounds per case (plus one cold)")
+    parser.add_argument("--local-buffer-mib", type=int, default=16)
+    parser.add_argument("--random-placement", action="store_true",
+                        help="let the master place objects in any segment (default: the writer's own)")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    with MooncakeMaster() as master:
+        rows = [run_case(CASES[c], master, args.iters, args.local_buffer_mib, not args.random_placement)
+                for c in args.cases.split(",")]
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

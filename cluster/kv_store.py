@@ -1,0 +1,386 @@
+"""KV block transfer through the Mooncake store: a small backend interface and its Mooncake implementation.
+
+Blocks move by key between registered memory (the engine's paged KV cache) and the store, zero-copy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import torch
+
+from pdcluster.cluster.mooncake_master import metadata_answers, tcp_open
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["tcp", "rdma", "ascend"]
+
+# Mooncake ErrorCode values (mooncake-store types.h); Python calls return them as plain ints.
+BUFFER_OVERFLOW = -10
+NO_AVAILABLE_HANDLE = -200  # no segment has room for the object (store full)
+INVALID_PARAMS = -600  # e.g. the destination buffer is smaller than the object
+REPLICA_IS_NOT_READY = -703  # a put of this key is still in flight
+OBJECT_NOT_FOUND = -704
+OBJECT_ALREADY_EXISTS = -705
+OBJECT_HAS_LEASE = -706  # remove() refused: the object was read or written within the lease TTL
+LEASE_EXPIRED = -707  # the lease ran out (object may be evicted) before the transfer finished
+TRANSFER_FAIL = -800  # the segment holding the object is unreachable (e.g. its client died)
+RPC_FAIL = -900  # the master is unreachable
+RPC_TIMEOUT = -901
+_UNAVAILABLE = {RPC_FAIL, RPC_TIMEOUT}
+# On get these all mean "the block is not (or no longer) readable": the caller recomputes it.
+_MISSING = {OBJECT_NOT_FOUND, REPLICA_IS_NOT_READY, LEASE_EXPIRED, TRANSFER_FAIL}
+_NAMES = {BUFFER_OVERFLOW: "BUFFER_OVERFLOW", NO_AVAILABLE_HANDLE: "NO_AVAILABLE_HANDLE",
+          INVALID_PARAMS: "INVALID_PARAMS", REPLICA_IS_NOT_READY: "REPLICA_IS_NOT_READY",
+          OBJECT_NOT_FOUND: "OBJECT_NOT_FOUND", OBJECT_ALREADY_EXISTS: "OBJECT_ALREADY_EXISTS",
+          OBJECT_HAS_LEASE: "OBJECT_HAS_LEASE", LEASE_EXPIRED: "LEASE_EXPIRED",
+          TRANSFER_FAIL: "TRANSFER_FAIL", RPC_FAIL: "RPC_FAIL", RPC_TIMEOUT: "RPC_TIMEOUT"}
+
+# health_check() answers
+_HEALTHY, _CLOSED, _MASTER_UNREACHABLE = 0, 1, 2
+
+
+def code_name(code: int) -> str:
+    return f"{_NAMES.get(code, 'ERROR')}({code})"
+
+
+class KVStoreError(RuntimeError):
+    """A store operation failed for a reason other than the ones below."""
+
+
+class StoreUnavailable(KVStoreError):
+    """The master (or metadata server) cannot be reached; nothing was transferred reliably."""
+
+
+class StoreFull(KVStoreError):
+    """No segment has room for the object, even after eviction."""
+
+
+class BlockMissing(KVStoreError):
+    """Some keys are not readable (never written, evicted, or on a segment that went away)."""
+
+    def __init__(self, missing: Sequence[str], reasons: Sequence[str] = ()) -> None:
+        self.missing = tuple(missing)
+        self.reasons = tuple(reasons)
+        detail = ", ".join(f"{k} ({r})" for k, r in zip(self.missing[:4], self.reasons[:4]))
+        more = f" and {len(self.missing) - 4} more" if len(self.missing) > 4 else ""
+        super().__init__(f"{len(self.missing)} block(s) missing from the store: {detail}{more}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """One store client. Each client contributes `global_segment_size` bytes to the cluster-wide pool."""
+    master_server_addr: str  # "host:rpc_port" of mooncake_master
+    metadata_server: str  # "http://host:port/metadata": the master's built-in HTTP metadata server
+    # This client's address as peers see it: for tcp on one host 127.0.0.1 is enough (Mooncake adds a
+    # port); for rdma/ascend it must be the node's IP on the transfer network.
+    local_hostname: str = "127.0.0.1"
+    protocol: Protocol = "tcp"
+    device_name: str = ""  # rdma: NIC name(s), e.g. "mlx5_0" or "mlx5_0,mlx5_1"
+    global_segment_size: int = 512 << 20  # 0: a pure reader that stores nothing itself
+    local_buffer_size: int = 128 << 20  # Mooncake's staging buffer (used by its non-zero-copy calls)
+    # Place put() objects in this client's own segment: the writer then does a local copy and the
+    # reader pulls once over the network, instead of the writer pushing to a random peer's segment.
+    prefer_local_segment: bool = True
+    connect_timeout_s: float = 2.0  # preflight probe of master and metadata server
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("tcp", "rdma", "ascend"):
+            raise ValueError(f"protocol must be tcp, rdma or ascend, got {self.protocol!r}")
+        if self.protocol == "rdma" and not self.device_name:
+            raise ValueError("protocol 'rdma' needs device_name (the RDMA NIC, e.g. mlx5_0)")
+        if self.global_segment_size < 0 or self.local_buffer_size < 0:
+            raise ValueError("segment and buffer sizes must be >= 0")
+        host, _, port = self.master_server_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"master_server_addr must be host:port, got {self.master_server_addr!r}")
+        if urlsplit(self.metadata_server).scheme != "http":
+            raise ValueError(f"metadata_server must be an http:// URL, got {self.metadata_server!r}")
+
+    @property
+    def master_host_port(self) -> tuple[str, int]:
+        host, _, port = self.master_server_addr.rpartition(":")
+        return host, int(port)
+
+
+# -- paged-cache geometry ------------------------------------------------------------------------
+
+def block_nbytes(cache: torch.Tensor) -> int:
+    """Bytes in one block of a block-major cache `[num_blocks, num_layers, block_size, *token_shape]`."""
+    return cache[0].numel() * cache.element_size()
+
+
+def block_spans(cache: torch.Tensor, block_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(addresses, sizes) of the given blocks: block b is the contiguous bytes of `cache[b]`."""
+    if not cache.is_contiguous():
+        raise ValueError("the KV cache must be one contiguous tensor (block-major)")
+    nbytes, base, num_blocks = block_nbytes(cache), cache.data_ptr(), cache.shape[0]
+    for b in block_ids:
+        if not 0 <= b < num_blocks:
+            raise IndexError(f"block id {b} out of range [0, {num_blocks})")
+    return [base + b * nbytes for b in block_ids], [nbytes] * len(block_ids)
+
+
+# -- the interface -------------------------------------------------------------------------------
+
+class KVTransferBackend(ABC):
+    """Moves opaque blocks between registered memory and a shared store, by key.
+
+    Byte-level calls take raw addresses inside registered memory; the *_cache_blocks helpers turn
+    (cache tensor, block ids) into those addresses. put/get are all-or-error: a failed put raises,
+    a get that cannot read every key raises BlockMissing naming the keys (the others were written).
+    """
+
+    @abstractmethod
+    def register_buffer(self, ptr: int, nbytes: int) -> None: ...
+
+    @abstractmethod
+    def unregister_buffer(self, ptr: int) -> None: ...
+
+    @abstractmethod
+    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Advisory: a key can vanish right after (eviction), and a key whose holder crashed still
+        shows until the master drops that client (client_ttl); only get_blocks is authoritative."""
+
+    @abstractmethod
+    def remove(self, keys: Sequence[str], force: bool = False) -> list[bool]:
+        """True per key that is gone afterwards; False where a lease still pins it (unless force)."""
+
+    @abstractmethod
+    def healthy(self) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def register_cache(self, cache: torch.Tensor) -> None:
+        if not cache.is_contiguous():
+            raise ValueError("the KV cache must be one contiguous tensor (block-major)")
+        self.register_buffer(cache.data_ptr(), cache.numel() * cache.element_size())
+
+    def unregister_cache(self, cache: torch.Tensor) -> None:
+        self.unregister_buffer(cache.data_ptr())
+
+    def put_cache_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], keys: Sequence[str]) -> None:
+        """Store `cache[b]` for each block id under the matching key."""
+        _same_length(keys, block_ids)
+        self.put_blocks(keys, *block_spans(cache, block_ids))
+
+    def get_cache_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], keys: Sequence[str]) -> None:
+        """Load each key into `cache[b]`; raises BlockMissing if any key is not readable."""
+        _same_length(keys, block_ids)
+        self.get_blocks(keys, *block_spans(cache, block_ids))
+
+    def __enter__(self) -> KVTransferBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _same_length(keys: Sequence[str], other: Sequence[object]) -> None:
+    if len(keys) != len(other):
+        raise ValueError(f"{len(keys)} keys for {len(other)} blocks")
+
+
+# -- Mooncake ------------------------------------------------------------------------------------
+
+class MooncakeBackend(KVTransferBackend):
+    """`mooncake.store.MooncakeDistributedStore` behind KVTransferBackend.
+
+    Protocols: `tcp` is what runs here and in CI; `rdma` needs `device_name`; `ascend` (NPU HBM on
+    910B) is passed through to Mooncake's Ascend transport and is untested on hardware.
+
+    Threads: Mooncake releases the GIL during batch calls and one client takes concurrent batch calls
+    from several threads (tried here with 8; it is no faster on TCP), so data calls are not
+    serialized. The registration table and close() take a lock; do not close() or unregister memory
+    while transfers into it are in flight.
+
+    Master failure: calls check the client's cached health first (Mooncake pings the master about
+    once a second), so once the loss is noticed every call raises StoreUnavailable at once; a put
+    issued in the first second may spend ~4 s in Mooncake's RPC retry before raising. If the master
+    comes back on the same address the client remounts by itself and calls work again (the store's
+    contents are lost). Caveat: close() while the master is down blocks for 5-20 s inside Mooncake
+    (it retries unmounting with the GIL held); restart the master first when you can.
+    """
+
+    # Mooncake retries a failed setup 20 times at ~4.5 s each (90 s) by default; the preflight probe
+    # makes failure unlikely, and a couple of retries bound it when it happens anyway.
+    _SETUP_RETRIES = "2"
+
+    def __init__(self, config: StoreConfig) -> None:
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+        self.config = config
+        self._lock = threading.Lock()
+        self._regions: dict[int, int] = {}  # registered ptr -> nbytes
+        self._preflight()
+        os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", self._SETUP_RETRIES)
+        store = MooncakeDistributedStore()
+        rc = store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
+                         config.local_buffer_size, config.protocol, config.device_name,
+                         config.master_server_addr)
+        if rc != 0:
+            # Never call into a store whose setup failed: Mooncake dereferences its missing client.
+            raise StoreUnavailable(f"Mooncake client setup failed ({code_name(rc)}) against "
+                                   f"{config.master_server_addr}")
+        self._store: MooncakeDistributedStore | None = store
+        self.segment_name = store.get_hostname()  # "ip:port": this client's segment in the pool
+        self._put_config = ReplicateConfig()
+        if config.prefer_local_segment and config.global_segment_size > 0:
+            self._put_config.preferred_segment = self.segment_name
+        log.info("Mooncake client %s up (%s, segment %d MiB) -> master %s", self.segment_name,
+                 config.protocol, config.global_segment_size >> 20, config.master_server_addr)
+
+    def _preflight(self) -> None:
+        host, port = self.config.master_host_port
+        t = self.config.connect_timeout_s
+        if not tcp_open(host, port, t):
+            raise StoreUnavailable(f"mooncake_master RPC {self.config.master_server_addr} unreachable")
+        if not metadata_answers(self.config.metadata_server, t):
+            raise StoreUnavailable(f"metadata server {self.config.metadata_server} not answering")
+
+    def _live(self) -> Any:
+        """The Mooncake client, after checking it is open and its master reachable."""
+        store = self._store
+        if store is None:
+            raise KVStoreError("store client is closed")
+        rc = store.health_check()
+        if rc == _MASTER_UNREACHABLE:
+            raise StoreUnavailable(f"mooncake_master {self.config.master_server_addr} unreachable")
+        if rc != _HEALTHY:
+            raise KVStoreError(f"store client not usable (health_check={rc})")
+        return store
+
+    # -- memory registration --
+    def register_buffer(self, ptr: int, nbytes: int) -> None:
+        with self._lock:
+            if ptr in self._regions:
+                if self._regions[ptr] != nbytes:
+                    raise ValueError(f"buffer at {ptr:#x} already registered with {self._regions[ptr]} bytes")
+                return
+            rc = self._live().register_buffer(ptr, nbytes)
+            if rc != 0:
+                raise KVStoreError(f"register_buffer({ptr:#x}, {nbytes}) failed: {code_name(rc)}")
+            self._regions[ptr] = nbytes
+
+    def unregister_buffer(self, ptr: int) -> None:
+        with self._lock:
+            if self._regions.pop(ptr, None) is None:
+                return
+            rc = self._live().unregister_buffer(ptr)
+            if rc != 0:
+                raise KVStoreError(f"unregister_buffer({ptr:#x}) failed: {code_name(rc)}")
+
+    def register_cache(self, cache: torch.Tensor) -> None:
+        if self.config.protocol == "tcp" and cache.device.type != "cpu":
+            raise ValueError(f"protocol tcp moves host memory only; the cache is on {cache.device}")
+        super().register_cache(cache)
+
+    def _check_spans(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
+        if not len(keys) == len(ptrs) == len(sizes):
+            raise ValueError(f"{len(keys)} keys, {len(ptrs)} addresses, {len(sizes)} sizes")
+        regions = list(self._regions.items())
+        for ptr, size in zip(ptrs, sizes):
+            if size <= 0:
+                raise ValueError(f"block size must be positive, got {size}")
+            # rdma/ascend need registered memory; checking on tcp too catches the bug early.
+            if not any(base <= ptr and ptr + size <= base + n for base, n in regions):
+                raise ValueError(f"[{ptr:#x}, +{size}) is not inside a registered buffer")
+
+    # -- data --
+    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
+        self._check_spans(keys, ptrs, sizes)
+        if not keys:
+            return
+        codes = self._live().batch_put_from(list(keys), list(ptrs), list(sizes), self._put_config)
+        # An existing key holds the same bytes (keys are content hashes), so it counts as written.
+        failed = [(k, c) for k, c in zip(keys, codes) if c != 0 and c != OBJECT_ALREADY_EXISTS]
+        if not failed:
+            return
+        first = ", ".join(f"{k}: {code_name(c)}" for k, c in failed[:4])
+        msg = f"put failed for {len(failed)}/{len(keys)} block(s): {first}"
+        if any(c in _UNAVAILABLE for _, c in failed):
+            raise StoreUnavailable(msg)
+        if any(c in (NO_AVAILABLE_HANDLE, BUFFER_OVERFLOW) for _, c in failed):
+            raise StoreFull(msg)
+        raise KVStoreError(msg)
+
+    def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
+        self._check_spans(keys, ptrs, sizes)
+        if not keys:
+            return
+        codes = self._live().batch_get_into(list(keys), list(ptrs), list(sizes))
+        missing, reasons, wrong = [], [], []
+        for key, size, code in zip(keys, sizes, codes):
+            if code == size:
+                continue
+            if code in _UNAVAILABLE:
+                raise StoreUnavailable(f"get of {len(keys)} block(s) failed: {code_name(code)}")
+            if code in _MISSING:
+                missing.append(key)
+                reasons.append(code_name(code))
+            else:
+                wrong.append((key, code, size))
+        if wrong:
+            # A positive count is the object's real size; INVALID_PARAMS means it exceeds the buffer.
+            # Either way the stored layout differs from ours: a bug, not a cache miss.
+            k, c, s = wrong[0]
+            raise KVStoreError(f"{len(wrong)} block(s) do not match the expected size, e.g. {k}: "
+                               f"got {code_name(c) if c < 0 else f'{c} bytes'}, expected {s} bytes")
+        if missing:
+            raise BlockMissing(missing, reasons)
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        if not keys:
+            return []
+        codes = self._live().batch_is_exist(list(keys))
+        if any(c < 0 for c in codes):
+            bad = next(c for c in codes if c < 0)
+            if bad in _UNAVAILABLE or not self.healthy():  # batch_is_exist reports a lost master as -1
+                raise StoreUnavailable(f"exists() failed: {code_name(bad)}")
+            raise KVStoreError(f"exists() failed: {code_name(bad)}")
+        return [c == 1 for c in codes]
+
+    def remove(self, keys: Sequence[str], force: bool = False) -> list[bool]:
+        if not keys:
+            return []
+        codes = self._live().batch_remove(list(keys), force)
+        gone = []
+        for key, code in zip(keys, codes):
+            if code in _UNAVAILABLE:
+                raise StoreUnavailable(f"remove() failed: {code_name(code)}")
+            if code in (0, OBJECT_NOT_FOUND):
+                gone.append(True)
+            elif code == OBJECT_HAS_LEASE:
+                gone.append(False)
+            else:
+                raise KVStoreError(f"remove({key!r}) failed: {code_name(code)}")
+        return gone
+
+    def healthy(self) -> bool:
+        return self._store is not None and self._store.health_check() == _HEALTHY
+
+    def close(self) -> None:
+        with self._lock:
+            store, self._store = self._store, None
+            self._regions.clear()
+        if store is None:
+            return
+        if store.health_check() == _MASTER_UNREACHABLE:
+            log.warning("closing Mooncake client %s while the master is unreachable: Mooncake's "
+                        "teardown retries the unmount and may block for up to ~20 s", self.segment_name)
+        rc = store.close()
+        if rc != 0:
+            log.warning("Mooncake client %s close returned %s", self.segment_name, code_name(rc))

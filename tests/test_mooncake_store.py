@@ -1,0 +1,311 @@
+"""Mooncake store layer against a real mooncake_master: cross-process zero-copy handoff, missing keys,
+master loss and restart. Every process started here is stopped and reaped before the module ends.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdcluster.cluster.kv_store import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
+                                        StoreUnavailable, block_nbytes)
+from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+# A small block-major MHA cache: [num_blocks, num_layers, block_size, 2, num_kv_heads, head_dim].
+SHAPE = (8, 4, 16, 2, 2, 32)
+
+
+def _config(master: MooncakeMaster, segment_mib: int = 64) -> StoreConfig:
+    return StoreConfig(master_server_addr=master.rpc_address, metadata_server=master.metadata_url,
+                       global_segment_size=segment_mib << 20, local_buffer_size=16 << 20)
+
+
+def _keys(tag: str, n: int) -> list[str]:
+    return [f"{tag}-{os.getpid()}-{time.monotonic_ns()}-{i}" for i in range(n)]
+
+
+def _random_cache(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("mooncake") / "master.log"
+    m = MooncakeMaster(MasterConfig(log_path=str(log))).start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(master: MooncakeMaster):
+    b = MooncakeBackend(_config(master))  # one client for the module: close() takes 1-2 s in Mooncake
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def register(backend: MooncakeBackend):
+    """Register tensors with the module's client for one test (freed memory must not stay registered)."""
+    tensors: list[torch.Tensor] = []
+
+    def _register(t: torch.Tensor) -> torch.Tensor:
+        backend.register_cache(t)
+        tensors.append(t)
+        return t
+
+    yield _register
+    for t in tensors:
+        backend.unregister_cache(t)
+
+
+def test_store_config_rejects_what_mooncake_would_misreport() -> None:
+    ok = dict(master_server_addr="127.0.0.1:50051", metadata_server="http://127.0.0.1:18080/metadata")
+    StoreConfig(**ok, protocol="rdma", device_name="mlx5_0")
+    for bad in (dict(protocol="rdma"), dict(protocol="ib"), dict(master_server_addr="127.0.0.1"),
+                dict(metadata_server="etcd://127.0.0.1:2379"), dict(global_segment_size=-1)):
+        with pytest.raises(ValueError):
+            StoreConfig(**(ok | bad))
+
+
+def _listen_addrs(port: int) -> set[str]:
+    """IPv4 addresses with a LISTEN socket on `port` (from /proc/net/tcp)."""
+    addrs = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            addrs.add(socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]))
+    return addrs
+
+
+def test_master_listens_on_loopback_and_is_healthy(master: MooncakeMaster) -> None:
+    assert master.health().ok
+    cfg = master.config
+    ports = {cfg.rpc_port, cfg.metadata_port, cfg.metrics_port}
+    assert len(ports) == 3 and 0 not in ports
+    # The metadata server is left out: this mooncake_master build binds it to 0.0.0.0 whatever
+    # --http_metadata_server_host says.
+    assert _listen_addrs(cfg.rpc_port) == {"127.0.0.1"}
+    assert _listen_addrs(cfg.metrics_port) == {"127.0.0.1"}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_master_dies_with_a_crashed_supervisor() -> None:
+    # Started from a thread that exits at once (like asyncio.to_thread), then the process is SIGKILLed.
+    code = ("import os, threading\n"
+            "from pdcluster.cluster.mooncake_master import MooncakeMaster\n"
+            "box = []\n"
+            "t = threading.Thread(target=lambda: box.append(MooncakeMaster().start()))\n"
+            "t.start(); t.join()\n"
+            "print(box[0].pid, flush=True)\n"
+            "os.kill(os.getpid(), 9)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)  # do not leak it even when the test fails
+            pytest.fail("mooncake_master outlived its supervisor")
+        time.sleep(0.05)
+
+
+def _peer(config: StoreConfig, in_keys: list[str], out_keys: list[str], conn) -> None:
+    """Second process with its own client and segment: loads `in_keys` into blocks 2.. of a zeroed
+    cache and sends it back, stores blocks of its own under `out_keys`, then dies without closing
+    when told to, like a crashed worker."""
+    try:
+        backend = MooncakeBackend(config)
+        cache = torch.zeros(SHAPE)
+        backend.register_cache(cache)
+        backend.get_cache_blocks(cache, list(range(2, 2 + len(in_keys))), in_keys)
+        conn.send(("loaded", cache))
+        own = _random_cache(seed=2)
+        backend.register_cache(own)
+        backend.put_cache_blocks(own, list(range(len(out_keys))), out_keys)
+        conn.send(("stored", own[: len(out_keys)].clone()))
+    except Exception as e:  # report to the parent instead of leaving it waiting
+        conn.send(("error", repr(e)))
+    conn.recv()
+    os._exit(0)
+
+
+def _recv(conn, what: str):
+    assert conn.poll(60), f"peer process sent nothing ({what})"
+    kind, payload = conn.recv()
+    assert kind == what, payload
+    return payload
+
+
+def test_handoff_between_processes_is_byte_exact(master: MooncakeMaster, backend: MooncakeBackend,
+                                                  register) -> None:
+    cache = _random_cache(seed=1)
+    cache[3, 0, 0, 0, 0, 0] = float("nan")  # bit patterns must survive, not just values
+    register(cache)
+    sent, back = _keys("p2d", 3), _keys("d2p", 2)
+    backend.put_cache_blocks(cache, [5, 3, 0], sent)
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peer, args=(_config(master), sent, back, child), daemon=True)
+    proc.start()
+    try:
+        loaded = _recv(parent, "loaded")
+        assert _bytes(loaded[2:5]) == _bytes(cache[[5, 3, 0]])
+        untouched = [0, 1, 5, 6, 7]  # zero-copy wrote exactly the requested blocks
+        assert not loaded[untouched].any()
+
+        theirs = _recv(parent, "stored")
+        mine = torch.full(SHAPE, 7.0)
+        register(mine)
+        backend.get_cache_blocks(mine, [6, 1], back)  # pulled from the other process's segment
+        assert _bytes(mine[[6, 1]]) == _bytes(theirs)
+
+        parent.send("die")
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        # The segment holding `back` is gone with its process: reported missing, never garbage.
+        mine.fill_(7.0)
+        with pytest.raises(BlockMissing) as err:
+            backend.get_cache_blocks(mine, [6, 1], back)
+        assert set(err.value.missing) == set(back)
+        assert bool((mine == 7.0).all())
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+
+
+def test_missing_key_is_reported_not_garbage(backend: MooncakeBackend, register) -> None:
+    src = _random_cache(seed=3)
+    register(src)
+    present, absent = _keys("present", 2), _keys("absent", 1)
+    backend.put_cache_blocks(src, [0, 1], present)
+
+    assert backend.exists(present + absent) == [True, True, False]
+    dst = torch.full(SHAPE, -1.0)
+    register(dst)
+    with pytest.raises(BlockMissing) as err:
+        backend.get_cache_blocks(dst, [4, 5, 6], [present[0], absent[0], present[1]])
+    assert err.value.missing == (absent[0],)
+    assert _bytes(dst[[4, 6]]) == _bytes(src[[0, 1]])
+    assert bool((dst[5] == -1.0).all())
+
+
+def test_wrong_block_size_is_an_error_not_a_miss(backend: MooncakeBackend, register) -> None:
+    src = _random_cache(seed=4)
+    register(src)
+    key = _keys("size", 1)
+    backend.put_cache_blocks(src, [0], key)
+    other = torch.zeros(4, 4, 8, 2, 2, 32)  # half the block size
+    register(other)
+    assert block_nbytes(other) * 2 == block_nbytes(src)
+    with pytest.raises(KVStoreError) as err:
+        backend.get_cache_blocks(other, [0], key)
+    assert not isinstance(err.value, BlockMissing)
+
+
+def test_same_key_keeps_first_write_and_lease_blocks_remove(backend: MooncakeBackend, register) -> None:
+    a, b = _random_cache(seed=5), _random_cache(seed=6)
+    register(a)
+    register(b)
+    key = _keys("dup", 1)
+    backend.put_cache_blocks(a, [0], key)
+    backend.put_cache_blocks(b, [0], key)  # keys name content: a second write is a no-op, not an error
+    out = torch.zeros(SHAPE)
+    register(out)
+    backend.get_cache_blocks(out, [0], key)
+    assert _bytes(out[0]) == _bytes(a[0])
+
+    assert backend.remove(key) == [False]  # just read: the lease (10 s default) pins it
+    assert backend.remove(key, force=True) == [True]
+    assert backend.exists(key) == [False]
+    assert backend.remove(key) == [True]  # already gone counts as removed
+
+
+def test_unregistered_memory_is_rejected(backend: MooncakeBackend, register) -> None:
+    cache = _random_cache(seed=7)
+    with pytest.raises(ValueError, match="registered"):
+        backend.put_cache_blocks(cache, [0], _keys("unreg", 1))
+    register(cache)
+    with pytest.raises(IndexError):
+        backend.put_cache_blocks(cache, [SHAPE[0]], _keys("range", 1))
+
+
+@pytest.mark.slow
+def test_master_loss_raises_promptly_and_restart_recovers(tmp_path: Path) -> None:
+    m = MooncakeMaster(MasterConfig(log_path=str(tmp_path / "master.log"))).start()
+    clients: list[MooncakeBackend] = []
+    try:
+        old = MooncakeBackend(_config(m, segment_mib=16))
+        clients.append(old)
+        cache = _random_cache(seed=8)
+        old.register_cache(cache)
+        keys = _keys("loss", 2)
+        old.put_cache_blocks(cache, [0, 1], keys)
+
+        os.kill(m.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            old.exists(keys)
+        with pytest.raises(StoreUnavailable):  # a write may wait out Mooncake's RPC retry (~4 s)
+            old.put_cache_blocks(cache, [2], _keys("loss", 1))
+        assert time.monotonic() - t0 < 20
+        while old.healthy():  # Mooncake pings the master about once a second
+            assert time.monotonic() - t0 < 20, "client never noticed the master is gone"
+            time.sleep(0.1)
+        for op in (lambda: old.put_cache_blocks(cache, [3], _keys("loss", 1)),
+                   lambda: old.get_cache_blocks(cache, [4], keys[:1]),
+                   lambda: old.exists(keys), lambda: old.remove(keys)):
+            t = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                op()
+            assert time.monotonic() - t < 2
+        t = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            MooncakeBackend(_config(m))  # a new client fails fast instead of retrying for minutes
+        assert time.monotonic() - t < 10
+
+        m.restart()  # same ports; the killed process is reaped first
+        new = MooncakeBackend(_config(m, segment_mib=16))
+        clients.append(new)
+        fresh = _random_cache(seed=9)
+        new.register_cache(fresh)
+        new_keys = _keys("after", 2)
+        new.put_cache_blocks(fresh, [0, 1], new_keys)
+        out = torch.zeros(SHAPE)
+        new.register_cache(out)
+        new.get_cache_blocks(out, [2, 3], new_keys)
+        assert _bytes(out[[2, 3]]) == _bytes(fresh[[0, 1]])
+        with pytest.raises(BlockMissing):  # the restarted master starts empty
+            new.get_cache_blocks(out, [4], keys[:1])
+
+        while not old.healthy():  # the old client remounts on its own
+            assert time.monotonic() - t0 < 40, "old client did not reconnect"
+            time.sleep(0.1)
+        old.get_cache_blocks(cache, [5, 6], new_keys)
+        assert _bytes(cache[[5, 6]]) == _bytes(fresh[[0, 1]])
+    finally:
+        for c in clients:
+            c.close()
+        m.stop()
+    assert not m.running() and not m.health().ok
