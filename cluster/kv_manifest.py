@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from pdcluster.cluster.kv_store import block_nbytes
 from pdcluster.engine.kv_transfer import BlockRef, KVHandoff, KVLayout
+from pdcluster.engine.kv_transfer import block_checksum as engine_block_checksum
 from pdcluster.proto import kv_pb2
 
 MANIFEST_VERSION = 1
@@ -28,21 +29,13 @@ class ManifestError(ValueError):
 
 
 def block_checksum(data: torch.Tensor | memoryview | bytes | bytearray, num_tokens: int | None = None) -> int:
-    """CRC-32 of one block.
-
-    A tensor is one block, `[num_layers, block_size, *token_shape]` (i.e. `cache[b]`), and only its
-    first `num_tokens` token slots of every layer count (all when None), so stale bytes in the tail
-    of a partial block do not. Bytes-like input is checksummed whole (num_tokens must be None).
-    """
-    if not isinstance(data, torch.Tensor):
-        if num_tokens is not None:
-            raise ValueError("num_tokens applies to a block tensor, not to raw bytes")
-        return zlib.crc32(data)
-    if data.dim() < 3:
-        raise ValueError(f"expected one block [num_layers, block_size, *token_shape], got {tuple(data.shape)}")
-    block = data if num_tokens is None else data[:, :num_tokens]
-    host = block.detach().to("cpu").contiguous()  # no copy for a whole CPU block
-    return zlib.crc32(memoryview(host.view(torch.uint8).numpy()))
+    """CRC-32 of one block: a tensor `cache[b]` over its first `num_tokens` token slots (the engine's
+    own checksum), or bytes-like data whole (num_tokens must be None)."""
+    if isinstance(data, torch.Tensor):
+        return engine_block_checksum(data, num_tokens)
+    if num_tokens is not None:
+        raise ValueError("num_tokens applies to a block tensor, not to raw bytes")
+    return zlib.crc32(data)
 
 
 def layout_of(cache: torch.Tensor, kind: str) -> kv_pb2.KVLayout:

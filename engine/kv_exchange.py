@@ -80,7 +80,7 @@ class KVExchange:
             for (key, n), b, good in zip(keys, block_ids, ok):
                 if not good:
                     break                      # a gap would be useless: decode loads a prefix
-                refs.append(BlockRef(key, n, block_checksum(self.cache, b, n)))
+                refs.append(BlockRef(key, n, block_checksum(self.cache[b], n)))
             self.counters.blocks_saved += len(refs)
             self.counters.bytes_saved += len(refs) * self.layout.block_nbytes
         return KVHandoff(
@@ -158,7 +158,7 @@ class KVExchange:
             if not fine:
                 self.counters.missing_blocks += 1
                 break
-            if verify and block_checksum(self.cache, b, ref.num_tokens) != ref.checksum:
+            if verify and block_checksum(self.cache[b], ref.num_tokens) != ref.checksum:
                 log.warning("block %s of %s failed its checksum; recomputing from there",
                             ref.key, seq.request_id)
                 self.counters.corrupt_blocks += 1

@@ -60,12 +60,15 @@ class KVConnector(ABC):
         ...
 
 
-def block_checksum(cache: torch.Tensor, block_id: int, num_tokens: int) -> int:
-    """CRC32 of the first `num_tokens` token slots of every layer of one block (stdlib zlib:
-    fast, no dependency, and an accidental-corruption check is all that is asked of it)."""
-    block = cache[block_id][:, :num_tokens].contiguous()
-    return zlib.crc32(block.view(torch.uint8).numpy() if block.device.type == "cpu"
-                      else block.cpu().view(torch.uint8).numpy())
+def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
+    """CRC-32 of one block (`cache[b]`: [num_layers, block_size, *token_shape]) over its first
+    `num_tokens` token slots of every layer (all when None), so a partial block's stale tail does
+    not count. zlib's CRC: stdlib, fast, and accidental corruption is all it must catch."""
+    if block.dim() < 3:
+        raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
+    part = block if num_tokens is None else block[:, :num_tokens]
+    host = part.detach().to("cpu").contiguous()          # no copy for a whole CPU block
+    return zlib.crc32(memoryview(host.view(torch.uint8).numpy()))
 
 
 def store_key(block_hash: bytes) -> str:

@@ -148,7 +148,7 @@ def _engine_handoff(cache: torch.Tensor, block_ids: list[int], n_tokens: int) ->
     layout = kt.KVLayout(kind="mha", num_layers=cache.shape[1], block_size=BS, token_shape=(2, 2, 8),
                          dtype="float32", block_nbytes=cache[0].numel() * cache.element_size())
     sizes = [min(BS, n_tokens - i * BS) for i in range(len(block_ids))]
-    refs = [kt.BlockRef(f"pdkv/{i}", n, kt.block_checksum(cache, b, n))
+    refs = [kt.BlockRef(f"pdkv/{i}", n, kt.block_checksum(cache[b], n))
             for i, (b, n) in enumerate(zip(block_ids, sizes))]
     return kt.KVHandoff(request_id="r7", model_fingerprint="fp", layout=layout,
                         token_ids=tuple(range(n_tokens)), first_token=9, blocks=tuple(refs),
