@@ -133,10 +133,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, *,
-                    kv_export: bool = False, kv_import: KVHandoff | None = None) -> None:
+                    kv_export: bool = False, kv_import: KVHandoff | None = None,
+                    generated_token_ids: list[int] | None = None) -> None:
         """Queue a request. kv_export: prefill only — stop after the first token and hand the
         prompt's KV off (finish_reason "handoff", `kv_handoff` on the output). kv_import: continue
-        a request a prefill engine started (its prompt, first token and KV blocks)."""
+        a request a prefill engine started (its prompt, first token and KV blocks).
+        generated_token_ids: tokens the client already has (e.g. from a decode worker that died);
+        the engine continues after them without emitting them again."""
         params = params or SamplingParams()
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -150,13 +153,21 @@ class LLMEngine:
         seq.kv_export = kv_export
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                        params.include_stop_str_in_output)
+        resumed = list(generated_token_ids or ())
         if kv_import is not None:
             if list(kv_import.token_ids) != ids:
                 raise ValueError("kv_import does not belong to this prompt")
             # the first token was sampled (and streamed) by the prefill engine
-            seq.token_ids.append(kv_import.first_token)
+            resumed = resumed or [kv_import.first_token]
+            if resumed[0] != kv_import.first_token:
+                raise ValueError("generated_token_ids must start with the handoff's first token")
             seq.kv_import = kv_import
-            detok.push([kv_import.first_token])
+        if resumed:
+            if len(resumed) >= seq.max_tokens or len(ids) + len(resumed) >= self.max_model_len:
+                raise ValueError("the request has already generated all its tokens")
+            self.validate_prompt(ids + resumed, SamplingParams(max_tokens=None))
+            seq.token_ids += resumed
+            detok.push(resumed)
             detok.take(final=False)
         self._seqs[request_id] = seq
         self._detok[request_id] = detok

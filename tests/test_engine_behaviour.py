@@ -143,3 +143,21 @@ def test_bad_requests_raise_value_error(llm, kwargs, match):
 def test_sampling_params_validation(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_resume_after_generated_tokens_continues_the_same_stream(llm):
+    """A request resumed from the tokens a client already has (a decode worker died) goes on
+    exactly as the uninterrupted one does, and does not repeat those tokens."""
+    prompt = llm.chat_prompt([{"role": "user", "content": "Name three colours of the rainbow."}])
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    full = llm.generate([prompt], params)[0]
+    eng = llm.engine
+    eng.add_request("resumed", prompt_token_ids=prompt, params=params,
+                    generated_token_ids=full.token_ids[:7])
+    rest, text = [], ""
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            rest += out.new_token_ids
+            text += out.delta_text
+    assert full.token_ids[:7] + rest == full.token_ids
+    assert llm.tokenizer.decode(full.token_ids[:7]) + text == full.text
