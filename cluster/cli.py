@@ -16,6 +16,9 @@ VERBS: dict[str, str] = {
     "render": "cli_render",
     "simulate": "cli_simulate",
     "bench": "cli_bench",
+    "up": "cli_up",
+    "down": "cli_up",
+    "status": "cli_up",
 }
 
 

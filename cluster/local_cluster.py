@@ -1,0 +1,275 @@
+"""Bring a pdcluster up, down, and report on it: on this machine (a Ray instance owned by the `up`
+process) or on an existing Ray cluster (`ray up`, KubeRay) given by its address.
+
+Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
+app and keeps running until SIGINT/SIGTERM, then tears everything down (Serve, workers, the
+mooncake_master it started, Ray). It records itself in a state file so `down` (which signals it) and
+`status` (which connects to its Ray) work from another shell.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pdcluster.cluster.render import APP_NAME, GRPC_SERVICER
+from pdcluster.cluster.spec import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = Path(tempfile.gettempdir()) / "pdcluster" / "up.json"
+READY_TIMEOUT_S = 900.0  # model loading on a big cluster takes minutes
+
+
+@dataclass(frozen=True)
+class UpState:
+    pid: int  # the `pdcluster up` process that owns the local Ray instance (0: an existing cluster)
+    ray_address: str
+    http_url: str
+    grpc_address: str
+    model: str
+    ray_auth_mode: str = "disabled"  # a new local Ray enables token auth (token in ~/.ray/auth_token)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    role: str
+    node_ip: str
+    healthy: bool
+    running_seqs: int
+    free_blocks: int
+    total_blocks: int
+    placed_total: int
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    ray_address: str
+    serve_status: str
+    in_flight: int
+    queued: int
+    admitted_total: int
+    rejected_total: dict[str, int]
+    workers: list[WorkerStatus]
+    master: dict[str, Any] | None
+
+
+def local_spec(spec: ClusterSpec) -> ClusterSpec:
+    """Both workers share this machine's cores: give each half of them unless the spec says."""
+    if spec.engine.threads is not None or spec.engine.device not in ("cpu", "auto"):
+        return spec
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
+
+
+def read_state() -> UpState | None:
+    try:
+        return UpState(**json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Deploy the Serve app for `spec` on the Ray cluster this process is connected to; returns once
+    /health answers ok (the router, the master and every worker are up)."""
+    from ray import serve
+
+    from pdcluster.cluster.serve_app import build_app
+
+    s = spec.serve
+    serve.start(proxy_location="HeadOnly", http_options={"host": s.http_host, "port": s.http_port},
+                grpc_options={"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
+    serve.run(build_app({"spec": spec.to_dict()}), name=APP_NAME, route_prefix="/")
+    wait_healthy(http_url(spec), timeout_s)
+
+
+def http_url(spec: ClusterSpec) -> str:
+    host = "127.0.0.1" if spec.serve.http_host in ("0.0.0.0", "::") else spec.serve.http_host
+    return f"http://{host}:{spec.serve.http_port}"
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/health not ok after {timeout_s:.0f}s ({last})")
+
+
+def teardown() -> None:
+    """Remove the app and every pdcluster actor (stopping the master they started) from the Ray
+    cluster this process is connected to."""
+    import ray
+    from ray import serve
+
+    from pdcluster.actors.router import NAMESPACE, ROUTER_NAME
+
+    try:
+        serve.delete(APP_NAME)
+    except Exception as exc:  # Serve not running there: nothing to delete
+        log.info("no Serve app to delete: %s", exc)
+    try:
+        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return
+    try:
+        ray.get(router.shutdown.remote(), timeout=60)
+    except ray.exceptions.RayError as exc:
+        log.warning("router shutdown failed: %s", exc)
+    ray.kill(router)
+
+
+def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
+    """Run the cluster on this machine until `stop` is set; `on_ready(state)` is called once it serves."""
+    import ray
+
+    from pdcluster.actors.router import NAMESPACE
+
+    state = read_state()
+    if state is not None and state.pid and _pid_alive(state.pid):
+        raise RuntimeError(f"a local pdcluster is already running (pid {state.pid}, {state.http_url}); "
+                           "stop it with `pdcluster down`")
+    spec = local_spec(spec)
+    resources = {spec.prefill.role_resource: 1, spec.decode.role_resource: 1,
+                 **spec.prefill.resources, **spec.decode.resources}
+    ctx = ray.init(namespace=NAMESPACE, resources=resources, num_cpus=max(4, os.cpu_count() or 1),
+                   include_dashboard=False, logging_level=logging.WARNING)
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, which installs its own handlers: SIGTERM (`pdcluster down`) and Ctrl-C
+        # both mean "tear down cleanly", so the mooncake_master child is never orphaned.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(spec)
+        state = UpState(pid=os.getpid(), ray_address=ctx.address_info["gcs_address"],
+                        http_url=http_url(spec), grpc_address=f"127.0.0.1:{spec.serve.grpc_port}",
+                        model=spec.model.served_name,
+                        ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"))
+        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATE_FILE.write_text(json.dumps(asdict(state)))
+        if on_ready is not None:
+            on_ready(state)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        try:
+            teardown()
+        finally:
+            from ray import serve
+            serve.shutdown()
+            ray.shutdown()
+            current = read_state()
+            if current is not None and current.pid == os.getpid():
+                STATE_FILE.unlink(missing_ok=True)
+
+
+def up_remote(spec: ClusterSpec, address: str) -> UpState:
+    """Deploy onto an existing Ray cluster (its nodes carry the role resources) and return."""
+    import ray
+
+    from pdcluster.actors.router import NAMESPACE
+
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        deploy(spec)
+        return UpState(pid=0, ray_address=address, http_url=http_url(spec),
+                       grpc_address=f"{spec.serve.http_host}:{spec.serve.grpc_port}",
+                       model=spec.model.served_name)
+    finally:
+        ray.shutdown()
+
+
+def down(address: str | None = None, timeout_s: float = 120.0) -> str:
+    """Stop the local cluster (signal its `up` process), or tear pdcluster off the cluster at
+    `address`. Returns what was done."""
+    import ray
+
+    from pdcluster.actors.router import NAMESPACE
+
+    if address is None:
+        state = read_state()
+        if state is None or not state.pid or not _pid_alive(state.pid):
+            STATE_FILE.unlink(missing_ok=True)
+            return "no local pdcluster is running"
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _pid_alive(state.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pdcluster up (pid {state.pid}) still running after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        return f"stopped the local pdcluster (pid {state.pid})"
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        teardown()
+    finally:
+        ray.shutdown()
+    return f"removed pdcluster from the Ray cluster at {address}"
+
+
+def status(address: str | None = None) -> ClusterStatus:
+    """Connect to the cluster (the local one by default) and report its router's view."""
+    if address is None:
+        state = read_state()
+        if state is None or (state.pid and not _pid_alive(state.pid)):
+            raise RuntimeError("no local pdcluster is running (start one with `pdcluster up`)")
+        address = state.ray_address
+        # Ray turns token auth on by itself only for clusters it discovers, and reads the mode when
+        # it is imported: ours is named by address, so say it here, before the import below.
+        os.environ.setdefault("RAY_AUTH_MODE", state.ray_auth_mode)
+    import ray
+    from ray import serve
+
+    from pdcluster.actors.router import NAMESPACE, ROUTER_NAME
+
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        try:
+            app = serve.status().applications.get(APP_NAME)
+            serve_status = getattr(app.status, "value", app.status) if app else "NOT DEPLOYED"
+        except Exception as exc:
+            serve_status = f"unknown ({exc})"
+        try:
+            router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise RuntimeError(f"no pdcluster router on the Ray cluster at {address}") from None
+        snap = ray.get(router.snapshot.remote(), timeout=30)
+        master = ray.get(router.master_status.remote(), timeout=30)
+        workers = [WorkerStatus(
+            worker_id=w.info.worker_id, role=w.info.role, node_ip=w.info.node_ip, healthy=w.healthy,
+            running_seqs=w.report.running_seqs if w.report else 0,
+            free_blocks=w.report.free_blocks if w.report else 0,
+            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total) for w in snap.workers]
+        return ClusterStatus(ray_address=address, serve_status=str(serve_status),
+                             in_flight=snap.in_flight, queued=snap.queued,
+                             admitted_total=snap.admitted_total, rejected_total=snap.rejected_total,
+                             workers=workers, master=asdict(master) if master else None)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,99 @@
+"""Helpers for the tests that run the served cluster on real Ray: a small spec on free ports, Serve
+deployment and teardown, and a view of the router's state."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pdcluster.cluster.mooncake_master import free_port
+from pdcluster.cluster.spec import ClusterSpec
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def small_spec(**sections: dict[str, Any]) -> ClusterSpec:
+    """The embedded model on CPU with a small KV cache and store, one torch thread per worker, every
+    port free; `sections` override spec sections key by key."""
+    data: dict[str, dict[str, Any]] = {
+        "engine": {"device": "cpu", "num_kv_blocks": 128, "threads": 1},
+        "store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port(),
+                  "global_segment_mib": 64, "local_buffer_mib": 16},
+        "serve": {"http_port": free_port(), "grpc_port": free_port()},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return ClusterSpec.from_dict(data)
+
+
+def serve_cluster(spec: ClusterSpec) -> str:
+    """Deploy pdcluster for `spec` on the Ray instance this process is connected to; returns the
+    HTTP base URL once /health is ok."""
+    from pdcluster.cluster.local_cluster import deploy, http_url
+
+    deploy(spec, timeout_s=300)
+    return http_url(spec)
+
+
+def stop_cluster() -> None:
+    import ray
+    from ray import serve
+
+    from pdcluster.cluster.local_cluster import teardown
+
+    try:
+        teardown()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def router():
+    import ray
+
+    from pdcluster.actors.router import NAMESPACE, ROUTER_NAME
+
+    return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+
+
+def snapshot():
+    import ray
+
+    return ray.get(router().snapshot.remote(), timeout=30)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.25) -> Any:
+    """Poll until predicate() is truthy; returns its value, or fails showing the router's state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met within {timeout_s}s; router: {describe(snapshot())}"
+            return value
+        time.sleep(interval_s)
+
+
+def describe(snap) -> str:
+    workers = ", ".join(
+        f"{w.info.worker_id}(healthy={w.healthy} assigned={w.assigned} "
+        + (f"running={w.report.running_seqs} waiting={w.report.waiting_seqs} "
+           f"free={w.report.free_blocks}/{w.report.total_blocks})" if w.report else "no report)")
+        for w in snap.workers)
+    return (f"in_flight={snap.in_flight} queued={snap.queued} rejected={snap.rejected_total} "
+            f"workers: {workers}")
+
+
+def idle(snap) -> bool:
+    """Nothing admitted or queued, and every live worker idle with all its KV blocks free (as last
+    polled)."""
+    return (snap.in_flight == 0 and snap.queued == 0 and all(
+        w.report is not None and w.report.running_seqs == 0 and w.report.waiting_seqs == 0
+        and w.report.free_blocks == w.report.total_blocks for w in snap.workers if w.healthy))
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}

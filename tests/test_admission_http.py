@@ -1,0 +1,107 @@
+"""Admission control through the real HTTP/gRPC endpoints: with a concurrency target N and a queue of
+Q, N+Q+k simultaneous requests give exactly k early 429s (OpenAI body, Retry-After) and N+Q complete
+answers, nothing 5xx, and nothing is left admitted, queued or holding KV blocks afterwards."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import pytest
+
+import cluster_harness as h
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N, Q, K = 2, 2, 3
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    spec = h.small_spec(router={"max_concurrency": N, "max_queue": Q})
+    ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
+    try:
+        yield spec, h.serve_cluster(spec)
+    finally:
+        h.stop_cluster()
+
+
+def _body(i: int, stream: bool = False) -> dict:
+    return {"model": h.MODEL, "prompt": f"Request {i}: list some numbers.", "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "temperature": 0, "stream": stream}
+
+
+async def _post_all(base: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=300) as c:
+        return await asyncio.gather(*(c.post("/v1/completions", json=_body(i)) for i in range(n)))
+
+
+def test_n_plus_q_plus_k_requests_give_exactly_k_early_rejections(cluster):
+    base = cluster[1]
+    responses = asyncio.run(_post_all(base, N + Q + K))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * (N + Q) + [429] * K
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            err = r.json()["error"]
+            assert (err["type"], err["code"]) == ("rate_limit_error", "queue_full")
+            assert err["message"] and "param" in err
+        else:
+            assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    h.wait_for(lambda: h.idle(h.snapshot()))
+    snap = h.snapshot()
+    assert snap.rejected_total.get("queue_full") == K
+    metrics = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+    assert metrics[("pdcluster_rejections_total", (("reason", "queue_full"),))] == K
+    assert metrics[("pdcluster_queue_depth", ())] == 0
+    assert metrics[("pdcluster_inflight_requests", ())] == 0
+
+
+def test_grpc_is_rejected_with_resource_exhausted_and_a_queued_client_can_leave(cluster):
+    spec, base = cluster
+    statuses, rejected_code = asyncio.run(_fill_then_probe(base, spec.serve.grpc_port))
+    assert statuses == [200] * (N + Q - 1)
+    assert rejected_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    h.wait_for(lambda: h.idle(h.snapshot()))
+    assert h.snapshot().rejected_total.get("cancelled") == 1
+
+
+async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.StatusCode]:
+    """Fill the N slots and the Q queue places with streams, probe with gRPC, then let one queued
+    client leave before its request was admitted."""
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    admitted: set[int] = set()  # a stream's status line arrives once its request is admitted
+
+    async def hold(c: httpx.AsyncClient, i: int) -> int:
+        async with c.stream("POST", "/v1/completions", json=_body(i, stream=True)) as r:
+            admitted.add(i)
+            async for _ in r.aiter_lines():
+                pass
+            return r.status_code
+
+    def probe() -> grpc.StatusCode:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            try:
+                list(pb_grpc.InferenceStub(channel).Generate(
+                    pb.GenerateRequest(prompt="hi", max_tokens=4), timeout=60))
+            except grpc.RpcError as err:
+                assert "retry after" in err.details()
+                return err.code()
+        return grpc.StatusCode.OK
+
+    async with httpx.AsyncClient(base_url=base, timeout=300) as c:
+        tasks = [asyncio.create_task(hold(c, i)) for i in range(N + Q)]
+        await asyncio.to_thread(h.wait_for, lambda: (s := h.snapshot()).in_flight == N and s.queued == Q)
+        code = await asyncio.to_thread(probe)
+        await asyncio.to_thread(h.wait_for, lambda: len(admitted) == N)
+        leaver = next(i for i in range(N + Q) if i not in admitted)
+        tasks[leaver].cancel()  # closes its connection while it waits in the queue
+        await asyncio.to_thread(h.wait_for, lambda: h.snapshot().queued == Q - 1)
+        statuses = await asyncio.gather(*(t for i, t in enumerate(tasks) if i != leaver))
+    return list(statuses), code

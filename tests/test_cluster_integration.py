@@ -1,0 +1,179 @@
+"""The served cluster end to end on real Ray, a real mooncake_master and the embedded model: OpenAI
+HTTP (stock `openai` client) and gRPC answers, errors, metrics, and a client that walks away."""
+from __future__ import annotations
+
+import grpc
+import httpx
+import openai
+import pytest
+
+import cluster_harness as h
+from pdcluster.engine.sampling import SamplingParams
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "Write two sentences about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    spec = h.small_spec()
+    ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
+    try:
+        base = h.serve_cluster(spec)
+        yield spec, base
+    finally:
+        h.stop_cluster()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_streamed_chat_equals_offline_greedy_output(client, llm):
+    stream = client.chat.completions.create(
+        model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=48, stream=True,
+        stream_options={"include_usage": True})
+    text, finish, usage, roles = "", None, None, []
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            roles += [choice.delta.role] if choice.delta.role else []
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    offline = llm.generate([llm.chat_prompt(QUESTION)], SamplingParams(temperature=0, max_tokens=48))[0]
+    assert len(offline.token_ids) > 8  # long enough that decode, not just prefill, produced most of it
+    assert text == offline.text
+    assert finish == offline.finish_reason
+    assert roles == ["assistant"]
+    assert usage.completion_tokens == len(offline.token_ids)
+    assert usage.prompt_tokens == len(llm.chat_prompt(QUESTION))
+
+
+def test_non_streaming_finish_reasons_and_usage(client, cluster):
+    full = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=48)
+    answer = full.choices[0].message.content
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    short = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=5)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 5
+    assert answer.startswith(short.choices[0].message.content)
+
+    # max_tokens=1 is served by the prefill worker alone
+    one = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=1)
+    assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 1
+    assert answer.startswith(one.choices[0].message.content)
+
+    cut = answer.split()[3]  # a word in the middle of the greedy answer
+    stopped = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0,
+                                             max_tokens=48, stop=[cut])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == answer[:answer.index(cut)]
+
+    comp = client.completions.create(model=h.MODEL, prompt="The capital of France is", max_tokens=6,
+                                     temperature=0, seed=3)
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 6
+    sampled = [client.completions.create(model=h.MODEL, prompt="Once upon a time", max_tokens=12,
+                                         temperature=1.0, top_p=0.9, seed=11).choices[0].text
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # same seed, same tokens
+
+
+def test_errors_use_openai_bodies(client, cluster):
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    assert nf.value.body["code"] == "model_not_found" and nf.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=3)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=h.MODEL, prompt="hi", max_tokens=10**6)
+    assert long.value.body["code"] == "context_length_exceeded"
+    r = httpx.post(cluster[1] + "/v1/completions", content=b"{oops", timeout=30)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(cluster[1] + "/v1/engines", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_models_and_health(client, cluster):
+    assert [m.id for m in client.models.list().data] == [h.MODEL]
+    health = httpx.get(cluster[1] + "/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_grpc_generate_streams_the_same_answer(client, cluster):
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    spec, _ = cluster
+    http = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=24)
+    with grpc.insecure_channel(f"127.0.0.1:{spec.serve.grpc_port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        msgs = list(stub.Generate(pb.GenerateRequest(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in QUESTION],
+            max_tokens=24, temperature=0), timeout=120))
+        assert len(msgs) > 2  # streamed, not one blob
+        assert "".join(m.text for m in msgs) == http.choices[0].message.content
+        assert msgs[-1].finish_reason == http.choices[0].finish_reason
+        assert msgs[-1].usage.completion_tokens == sum(len(m.token_ids) for m in msgs)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", temperature=5), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", model="gpt-4"), timeout=60))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metrics_move_when_requests_are_served(client, cluster):
+    base = cluster[1]
+    before = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+    done = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    for hist in ("pdcluster_ttft_seconds", "pdcluster_tpot_seconds", "pdcluster_e2e_latency_seconds",
+                 "pdcluster_kv_handoff_seconds"):
+        assert delta(hist + "_count") == 1, hist
+    assert delta("pdcluster_admissions_total") == 1
+    assert delta("pdcluster_requests_total", status="ok") == 1
+    assert delta("pdcluster_generation_tokens_total") == done.usage.completion_tokens
+    assert delta("pdcluster_prompt_tokens_total") == done.usage.prompt_tokens
+    # the same prompt ran before: its full blocks come from the prefix cache
+    assert delta("pdcluster_prefix_cache_hit_tokens_total") >= 16
+    assert after[("pdcluster_kv_handoff_bytes_total", ())] > 0  # KV really moved through the store
+    for name in ("pdcluster_queue_depth", "pdcluster_inflight_requests"):
+        assert (name, ()) in after
+    for worker, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
+        labels = (("role", role), ("worker", worker))
+        assert ("pdcluster_worker_free_blocks", labels) in after
+        assert ("pdcluster_worker_running_seqs", labels) in after
+
+
+def test_client_disconnect_frees_its_slot_and_blocks(cluster):
+    base = cluster[1]
+    body = {"model": h.MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    cancelled = ("pdcluster_requests_total", (("status", "cancelled"),))
+    before = h.metric_values(httpx.get(base + "/metrics", timeout=30).text).get(cancelled, 0)
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        chunks = 0
+        for line in resp.iter_lines():
+            chunks += line.startswith("data:")
+            if chunks == 5:
+                break
+        snap = h.snapshot()
+        assert snap.in_flight == 1, h.describe(snap)
+    # 1500 tokens take over a minute on this CPU: idle within 20 s means the request was aborted,
+    # its decode sequence freed and its admission slot released.
+    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=20)
+    after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+    statuses = {k: v for k, v in after.items() if k[0] == "pdcluster_requests_total"}
+    assert after.get(cancelled, 0) == before + 1, statuses

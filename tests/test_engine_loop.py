@@ -1,0 +1,161 @@
+"""The engine thread driver with a scripted engine: outputs reach the right request's queue, aborts
+free the request and wake its consumer (even when they arrive first), errors are delivered, and an
+idle loop does not spin."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from pdcluster.actors.engine_loop import EngineLoop, RequestAborted
+from pdcluster.engine.outputs import RequestOutput
+from pdcluster.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class _Stats:
+    num_running: int
+    num_free_blocks: int
+
+
+class FakeEngine:
+    """Each request emits one token per step until it has max_tokens of them."""
+
+    def __init__(self, fail_step: bool = False) -> None:
+        self.seqs: dict[str, list] = {}
+        self.steps = 0
+        self.aborted: list[str] = []
+        self.fail_step = fail_step
+        self.thread: threading.Thread | None = None
+
+    def validate_prompt(self, ids, params):
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def add_request(self, request_id, prompt_token_ids, params):
+        self.thread = threading.current_thread()
+        if prompt_token_ids == [666]:
+            raise ValueError("refused by the engine")
+        self.seqs[request_id] = [params.max_tokens, 0]
+
+    def abort_request(self, request_id):
+        self.aborted.append(request_id)
+        return self.seqs.pop(request_id, None) is not None
+
+    def has_unfinished_requests(self):
+        return bool(self.seqs)
+
+    def step(self):
+        self.steps += 1
+        if self.fail_step:
+            raise RuntimeError("boom")
+        time.sleep(0.002)
+        outs = []
+        for rid, seq in list(self.seqs.items()):
+            seq[1] += 1
+            done = seq[1] >= seq[0]
+            outs.append(RequestOutput(rid, [seq[1]], f"t{seq[1]} ", done, "length" if done else None,
+                                      3, seq[1], 0))
+            if done:
+                del self.seqs[rid]
+        return outs
+
+    def stats(self):
+        return _Stats(len(self.seqs), 100 - len(self.seqs))
+
+
+async def _drain(queue: asyncio.Queue) -> list:
+    items = []
+    while True:
+        item = await asyncio.wait_for(queue.get(), 5)
+        items.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            return items
+
+
+def test_requests_stream_their_own_outputs_and_finish():
+    engine = FakeEngine()
+    loop = EngineLoop(engine)
+
+    async def run():
+        qa = loop.submit("a", [1, 2, 3], SamplingParams(max_tokens=3))
+        qb = loop.submit("b", [4, 5], SamplingParams(max_tokens=5))
+        assert loop.outstanding_prefill_tokens == 5  # neither has produced a token yet
+        a, b = await asyncio.gather(_drain(qa), _drain(qb))
+        return a, b
+
+    a, b = asyncio.run(run())
+    assert [o.new_token_ids for o in a] == [[1], [2], [3]] and a[-1].finish_reason == "length"
+    assert [o.new_token_ids for o in b] == [[i] for i in range(1, 6)]
+    assert loop.outstanding_prefill_tokens == 0 and loop.num_requests == 0
+    assert engine.thread is not threading.main_thread()  # the engine runs on the loop's own thread
+    loop.stop()
+
+
+def test_abort_wakes_the_consumer_and_frees_the_request():
+    engine = FakeEngine()
+    loop = EngineLoop(engine)
+
+    async def run():
+        q = loop.submit("long", [1], SamplingParams(max_tokens=10_000))
+        first = await q.get()
+        loop.abort("long")
+        rest = await _drain(q)
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    assert first.new_token_ids == [1]
+    assert isinstance(rest[-1], RequestAborted)
+    deadline = time.monotonic() + 2
+    while "long" in engine.seqs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "long" in engine.aborted and not engine.seqs
+    loop.stop()
+
+
+def test_an_abort_that_arrives_first_wins():
+    loop = EngineLoop(FakeEngine())
+
+    async def run():
+        loop.abort("early")
+        with pytest.raises(RequestAborted):
+            loop.submit("early", [1], SamplingParams(max_tokens=4))
+
+    asyncio.run(run())
+    loop.stop()
+
+
+def test_errors_reach_the_request():
+    loop = EngineLoop(FakeEngine())
+
+    async def run():
+        with pytest.raises(ValueError):  # caught before the engine thread sees it
+            loop.submit("empty", [], SamplingParams())
+        return await _drain(loop.submit("bad", [666], SamplingParams()))
+
+    (err,) = asyncio.run(run())
+    assert isinstance(err, ValueError) and "refused" in str(err)
+    loop.stop()
+
+    failing = EngineLoop(FakeEngine(fail_step=True))
+    (err,) = asyncio.run(_drain_one(failing))
+    assert isinstance(err, RuntimeError) and "boom" in str(err)
+    failing.stop()
+
+
+async def _drain_one(loop: EngineLoop) -> list:
+    return await _drain(loop.submit("x", [1], SamplingParams(max_tokens=3)))
+
+
+def test_idle_loop_sleeps():
+    engine = FakeEngine()
+    loop = EngineLoop(engine)
+    asyncio.run(_drain_one(loop))
+    steps = engine.steps
+    time.sleep(0.3)
+    assert engine.steps == steps  # no work, no steps: the thread waits on its condition
+    loop.stop()

@@ -1,0 +1,122 @@
+"""OpenAI wire format without a server: request validation becomes OpenAI error bodies with the right
+status and param, requests map onto engine SamplingParams, and responses have the fields clients read."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from pdcluster.cluster import openai_protocol as oai
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _parse_error(model, body, max_bytes: int = 1 << 20) -> oai.OpenAIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(oai.OpenAIError) as info:
+        oai.parse(model, raw, max_bytes)
+    return info.value
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ({**CHAT, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({**CHAT, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({**CHAT, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"model": "m", "messages": []}, 400, "messages", "invalid_value"),
+    ({"model": "m"}, 400, "messages", "invalid_value"),
+    ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+    ({**CHAT, "n": 3}, 400, "n", "unsupported_parameter"),
+    ({**CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
+     "unsupported_parameter"),
+    (b"{not json", 400, None, None),
+    (b"[1, 2]", 400, None, None),
+])
+def test_invalid_chat_requests_are_400_with_an_openai_body(body, status, param, code):
+    err = _parse_error(oai.ChatCompletionRequest, body)
+    assert err.status == status
+    assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error",
+                                    "param": param, "code": code}}
+    assert err.message
+
+
+def test_body_over_the_limit_is_413():
+    err = _parse_error(oai.ChatCompletionRequest, {**CHAT, "pad": "x" * 2000}, max_bytes=1024)
+    assert err.status == 413 and err.body()["error"]["code"] == "request_too_large"
+
+
+def test_rate_limit_error_carries_retry_after_and_survives_pickling():
+    err = oai.OpenAIError(429, "busy", code="queue_full", retry_after_s=2.4)
+    assert err.headers() == {"Retry-After": "2"}
+    assert oai.OpenAIError(429, "busy", retry_after_s=0.1).headers() == {"Retry-After": "1"}
+    assert err.body()["error"]["type"] == "rate_limit_error"
+    copy = pickle.loads(pickle.dumps(err))  # Ray ships exceptions between processes this way
+    assert (copy.status, copy.message, copy.code, copy.retry_after_s) == (429, "busy", "queue_full", 2.4)
+
+
+def test_chat_request_maps_to_sampling_params():
+    req = oai.parse(oai.ChatCompletionRequest, json.dumps({
+        **CHAT, "temperature": 0, "top_p": 0.5, "seed": 7, "stop": "END", "max_completion_tokens": 9,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                  {"type": "text", "text": "b"}]}],
+        "some_vendor_field": 1}).encode(), 1 << 20)
+    assert req.requested_max_tokens() == 9
+    assert req.include_usage and req.stream
+    assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    p = req.sampling_params(9)
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.ignore_eos) == \
+        (9, 0.0, 0.5, 7, ("END",), True)
+
+
+def test_defaults_follow_openai():
+    chat = oai.parse(oai.ChatCompletionRequest, json.dumps(CHAT).encode(), 1 << 20)
+    assert chat.requested_max_tokens() is None  # chat: until the context is full
+    p = chat.sampling_params(100)
+    assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
+    comp = oai.parse(oai.CompletionRequest, b'{"prompt": "x"}', 1 << 20)
+    assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("hello", "hello"), ([1, 2, 3], [1, 2, 3]), (["hello"], "hello"), ([[4, 5]], [4, 5])])
+def test_completion_accepts_one_prompt_in_every_form(prompt, expected):
+    req = oai.validate(oai.CompletionRequest, {"prompt": prompt})
+    assert req.single_prompt() == expected
+
+
+@pytest.mark.parametrize("prompt", [["a", "b"], "", []])
+def test_completion_rejects_batches_and_empty_prompts(prompt):
+    with pytest.raises(oai.OpenAIError) as info:
+        oai.validate(oai.CompletionRequest, {"prompt": prompt}).single_prompt()
+    assert info.value.status == 400 and info.value.param == "prompt"
+
+
+def test_response_shapes():
+    use = oai.usage(10, 5, cached_tokens=4)
+    assert use == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                   "prompt_tokens_details": {"cached_tokens": 4}}
+    full = oai.chat_completion("id1", "m", 1, "hi", "stop", use)
+    assert full["object"] == "chat.completion"
+    assert full["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert full["choices"][0]["finish_reason"] == "stop" and full["usage"] == use
+    chunk = oai.chat_chunk("id1", "m", 1, {"content": "h"})
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"content": "h"}
+    assert oai.completion("id2", "m", 1, "t", "length", use)["choices"][0]["text"] == "t"
+    assert oai.usage_chunk("id1", "m", 1, "chat.completion.chunk", use)["choices"] == []
+    assert oai.sse("[DONE]") == "data: [DONE]\n\n"
+    assert json.loads(oai.sse(chunk)[len("data: "):]) == chunk
+
+
+def test_api_keys_name_tenants_and_guard_requests():
+    keys = oai.parse_api_keys(" alpha:k1, k2 ,,beta: a2V5==")
+    assert keys == {"k1": "alpha", "k2": "key-1", "a2V5==": "beta"}
+    assert oai.tenant_for("Bearer k1", keys) == "alpha"
+    assert oai.tenant_for("Bearer k2", keys) == "key-1"
+    for bad in (None, "Bearer nope", "k1x"):
+        with pytest.raises(oai.OpenAIError) as info:
+            oai.tenant_for(bad, keys)
+        assert info.value.status == 401 and info.value.body()["error"]["type"] == "authentication_error"
+    assert oai.tenant_for(None, {}) is None  # no keys configured: open
