@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pdcluster.cluster.render import APP_NAME, GRPC_SERVICER
+from pdcluster.cluster.render import APP_NAME, serve_config
 from pdcluster.cluster.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,19 @@ def _pid_alive(pid: int) -> bool:
 def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Deploy the Serve app for `spec` on the Ray cluster this process is connected to; returns once
     /health answers ok (the router, the master and every worker are up)."""
+    import importlib
+
     from ray import serve
 
-    from pdcluster.cluster.serve_app import build_app
-
-    s = spec.serve
-    serve.start(proxy_location="HeadOnly", http_options={"host": s.http_host, "port": s.http_port},
-                grpc_options={"port": s.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
-    serve.run(build_app({"spec": spec.to_dict()}), name=APP_NAME, route_prefix="/")
+    # Apply exactly the Serve config that `pdcluster render serve-config` writes for `serve deploy`
+    # and KubeRay's serveConfigV2: one source of truth, exercised by every cluster test.
+    config = serve_config(spec)
+    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"],
+                grpc_options=config["grpc_options"])
+    for app in config["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
     wait_healthy(http_url(spec), timeout_s)
 
 

@@ -49,8 +49,11 @@ class KVExchange:
 
     # ------------------------------------------------------------------ keys
     def prompt_block_keys(self, seq: Sequence) -> list[tuple[str, int]]:
-        """(key, tokens) for every block holding prompt tokens; a partial last block gets a key
-        that hashes its tokens too, so identical prompts still share it."""
+        """(key, tokens) for every block holding prompt tokens. Full blocks are keyed by their chain
+        hash (shared cluster-wide, the prefix cache). A partial last block is never a prefix-cache
+        hit, and the same tokens computed in another batch can differ in the last bits, so its key
+        also names the request: a repeated prompt must not find an older copy whose checksum
+        differs from the one in its manifest."""
         bs = self.bm.block_size
         full = seq.num_prompt_tokens // bs
         hashes = self.bm.hashes_of(seq)[:full]
@@ -59,7 +62,8 @@ class KVExchange:
         if rest:
             tail = array("i", seq.token_ids[full * bs: seq.num_prompt_tokens]).tobytes()
             parent = hashes[-1] if hashes else b""
-            h = hashlib.sha256(parent + self.bm.salt + b"partial" + tail).digest()
+            h = hashlib.sha256(parent + self.bm.salt + b"partial/" + seq.request_id.encode()
+                               + tail).digest()
             keys.append((store_key(h), rest))
         return keys
 
