@@ -18,9 +18,10 @@ class DecodeWorker(EngineWorker):
 
     @ray.method(num_returns="streaming")
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       handoff: KVHandoff, generated_token_ids: list[int] | None = None,
+                       handoff: KVHandoff | None, generated_token_ids: list[int] | None = None,
                        ) -> AsyncIterator[list[RequestOutput]]:
-        """Pull the prompt's KV named in `handoff` (or recompute it), then yield the outputs of each
+        """Pull the prompt's KV named in `handoff` (or compute it: colocated mode passes None), then
+        yield the outputs of each
         engine step after the tokens the client has (`generated_token_ids`, by default the first
         token), batched when the consumer falls behind. Cancelling the generator (ray.cancel) or
         calling abort() frees the request's blocks."""

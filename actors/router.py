@@ -277,18 +277,19 @@ class Router:
 
     def _place(self, request_id: str, req: _Placed, predicted: float | None) -> Admission:
         loads = [self._load(w) for w in self.infos]
-        prefill = pick_prefill(loads, req.prefix_hashes, self._block_size())
+        prefill = None if self.spec.colocated else pick_prefill(loads, req.prefix_hashes,
+                                                                self._block_size())
         decode = self._pick_decode(loads, req)
-        if prefill is None or decode is None:
+        if decode is None or (prefill is None and not self.spec.colocated):
             self.requests.pop(request_id, None)
             self._free_slot(request_id)
             return self._reject(request_id, NO_WORKER, 1.0, predicted)
         req.prefill, req.decode = prefill, decode
-        self.assigned[prefill].add(request_id)
-        self.assigned[decode].add(request_id)
-        self.placed_total[prefill] += 1
-        self.placed_total[decode] += 1
-        self.prefixes.record(prefill, req.prefix_hashes)
+        for worker in filter(None, (prefill, decode)):
+            self.assigned[worker].add(request_id)
+            self.placed_total[worker] += 1
+        if prefill is not None:
+            self.prefixes.record(prefill, req.prefix_hashes)
         self.admitted_total += 1
         return Admission(request_id, True, prefill, decode, predicted_ttft_s=predicted,
                          queued_s=time.monotonic() - req.arrived)

@@ -141,7 +141,7 @@ class Ingress:
         except (TimeoutError, ray.exceptions.RayError) as exc:
             return JSONResponse({"status": "unavailable", "detail": f"router: {exc}"}, 503)
         roles = {w.info.role for w in snap.workers if w.healthy}
-        if roles != {"prefill", "decode"}:
+        if roles != ({"decode"} if self.spec.colocated else {"prefill", "decode"}):
             return JSONResponse({"status": "unavailable", "detail": "no healthy worker in a pool"}, 503)
         return JSONResponse({"status": "ok", "in_flight": snap.in_flight, "queued": snap.queued})
 
@@ -351,37 +351,39 @@ class Ingress:
             yield None
 
             prefill_worker = admission.prefill_worker
-            for attempt in range(MAX_FAILOVERS + 1):
-                prefill_ref = self.info.handles[prefill_worker].prefill.remote(
-                    run.request_id, run.prompt_ids, run.params)
-                try:
-                    first = await self._call(prefill_ref, prefill_worker)
-                    break
-                except _WorkerLost:  # nothing streamed yet: run the prompt on another worker
-                    prefill_ref = None
-                    prefill_worker = await self._replacement(run, prefill_worker, attempt)
-            prefill_ref = None
-            first_at = time.perf_counter()
-            run.prompt_tokens, run.cached_tokens = first.num_prompt_tokens, first.num_cached_tokens
-            run.output_tokens = len(first.token_ids)
-            self.router.prefill_done.remote(run.request_id, first.num_prompt_tokens -
-                                            first.num_cached_tokens, first.seconds)
-            m.ttft.observe(first_at - run.arrived)
-            m.prompt_tokens.inc(first.num_prompt_tokens)
-            m.prefix_hit_tokens.inc(first.num_cached_tokens)
-            yield _Delta(first.token_ids, first.text, first.finish_reason)
+            handoff, generated, finish = None, [], None
+            if prefill_worker is not None:  # disaggregated; without a prefill pool decode does it all
+                for attempt in range(MAX_FAILOVERS + 1):
+                    prefill_ref = self.info.handles[prefill_worker].prefill.remote(
+                        run.request_id, run.prompt_ids, run.params)
+                    try:
+                        first = await self._call(prefill_ref, prefill_worker)
+                        break
+                    except _WorkerLost:  # nothing streamed yet: run the prompt on another worker
+                        prefill_ref = None
+                        prefill_worker = await self._replacement(run, prefill_worker, attempt)
+                prefill_ref = None
+                first_at = self._first_token(run, first.num_prompt_tokens, first.num_cached_tokens)
+                run.output_tokens = len(first.token_ids)
+                self.router.prefill_done.remote(run.request_id, first.num_prompt_tokens -
+                                                first.num_cached_tokens, first.seconds)
+                handoff, generated, finish = first.handoff, list(first.token_ids), first.finish_reason
+                yield _Delta(first.token_ids, first.text, first.finish_reason)
 
-            if first.finish_reason is None:
+            if finish is None:
                 decode_worker = admission.decode_worker
-                generated = list(first.token_ids)
+                handed_off = len(generated)
                 for attempt in range(MAX_FAILOVERS + 1):
                     # After a failover the new worker continues after what the client already has.
                     decode_gen = self.info.handles[decode_worker].generate.remote(
-                        run.request_id, run.prompt_ids, run.params, first.handoff, list(generated))
+                        run.request_id, run.prompt_ids, run.params, handoff, list(generated))
                     try:
                         async for ref in decode_gen:
                             outs = await self._call(ref, decode_worker)
-                            if run.output_tokens == len(first.token_ids):
+                            if first_at is None:
+                                first_at = self._first_token(run, outs[0].num_prompt_tokens,
+                                                             outs[0].num_cached_tokens)
+                            elif run.output_tokens == handed_off:
                                 m.handoff_seconds.observe(time.perf_counter() - first_at)
                             ids = [t for o in outs for t in o.new_token_ids]
                             generated += ids
@@ -406,6 +408,15 @@ class Ingress:
                 self.info.handles[decode_worker].abort.remote(run.request_id)
             self.router.release.remote(run.request_id)
             self._observe_end(run, status, first_at)
+
+    def _first_token(self, run: _Run, prompt_tokens: int, cached_tokens: int) -> float:
+        """Record the first token's arrival (TTFT) and the prompt's counts; returns the time."""
+        now = time.perf_counter()
+        run.prompt_tokens, run.cached_tokens = prompt_tokens, cached_tokens
+        self.metrics.ttft.observe(now - run.arrived)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.prefix_hit_tokens.inc(cached_tokens)
+        return now
 
     async def _call(self, ref, worker_id: str) -> Any:
         """Await a worker call: a request the worker refused is a 400, a failure inside it a 500,

@@ -82,7 +82,8 @@ class EngineSpec(_Strict):
 
 class PoolSpec(_Strict):
     """One node pool (prefill or decode): one worker actor per node owns that node's accelerators."""
-    replicas: int = Field(default=1, ge=1)  # nodes in the pool
+    # nodes in the pool; a prefill pool of 0 is the colocated baseline (decode workers run prompts)
+    replicas: int = Field(default=1, ge=0)
     role_resource: str
     num_cpus: int | None = Field(default=None, ge=1)  # CPUs each node advertises to Ray (pod cpu on k8s)
     memory_gib: float | None = Field(default=None, gt=0)  # pod memory on Kubernetes; None: unset
@@ -210,6 +211,8 @@ class ClusterSpec(_Strict):
         if self.prefill.role_resource == self.decode.role_resource:
             errors.append(f"prefill and decode need distinct role_resource, both are "
                           f"{self.prefill.role_resource!r}")
+        if self.decode.replicas < 1:
+            errors.append("decode.replicas must be >= 1 (prefill.replicas 0 is the colocated mode)")
         device, tp = self.engine.device, self.engine.tp_size
         for role in ("prefill", "decode"):
             pool = self.pool(role)
@@ -269,6 +272,11 @@ class ClusterSpec(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # ---- derived views ------------------------------------------------------------------------
+    @property
+    def colocated(self) -> bool:
+        """No prefill pool: each decode worker computes its requests' prompts itself."""
+        return self.prefill.replicas == 0
+
     def pool(self, role: Role) -> PoolSpec:
         return self.prefill if role == "prefill" else self.decode
 

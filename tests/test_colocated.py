@@ -1,0 +1,44 @@
+"""The colocated baseline (`prefill.replicas: 0`): decode workers compute prompts themselves, behind
+the same router and API, and give the same greedy text as the engine offline and as PD."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+import cluster_harness as h
+from pdcluster.engine.sampling import SamplingParams
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "Give me two tips for learning to cook."}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    spec = h.small_spec(prefill={"replicas": 0})
+    assert spec.colocated
+    ray.init(num_cpus=4, include_dashboard=False, resources={"pd_decode": 1})
+    try:
+        yield spec, h.serve_cluster(spec)
+    finally:
+        h.stop_cluster()
+
+
+def test_colocated_stream_equals_offline_and_uses_no_prefill_worker(cluster, llm):
+    spec, base = cluster
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0,
+                                            max_tokens=32, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    offline = llm.generate([llm.chat_prompt(QUESTION)], SamplingParams(temperature=0, max_tokens=32))[0]
+    assert text == offline.text
+    snap = h.snapshot()
+    assert {w.info.role for w in snap.workers} == {"decode"}
+    assert snap.in_flight == 0
+    metrics = httpx.get(base + "/metrics").text
+    # TTFT is measured from the decode worker's first token; no KV crossed the store
+    assert "pdcluster_ttft_seconds_count 1.0" in metrics
+    assert "pdcluster_kv_handoff_bytes_total 0.0" in metrics
