@@ -22,14 +22,13 @@ from pdcluster.cluster.mooncake_master import free_port
 from pdcluster.cluster.spec import ClusterSpec
 
 
-def local_spec(colocated: bool, kv_blocks: int) -> ClusterSpec:
+def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]) -> ClusterSpec:
     cores = os.cpu_count() or 2
     return ClusterSpec.from_dict({
         "engine": {"device": "cpu", "num_kv_blocks": kv_blocks,
                    "threads": cores if colocated else max(1, cores // 2)},
         "prefill": {"replicas": 0 if colocated else 1},
-        "store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
-        "serve": {"http_port": free_port(), "grpc_port": free_port()},
+        **ports,
     })
 
 
@@ -45,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     import ray
+    from ray import serve
 
     from pdcluster.actors.router import NAMESPACE
     from pdcluster.cluster.local_cluster import deploy, http_url, teardown
     from pdcluster.engine.tokenizer import Tokenizer
     from pdcluster.engine.weights import resolve_model_path
 
-    specs = {"pd": local_spec(False, args.kv_blocks), "colocated": local_spec(True, args.kv_blocks)}
+    ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
+             "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+    specs = {"pd": local_spec(False, args.kv_blocks, ports),
+             "colocated": local_spec(True, args.kv_blocks, ports)}
     count = token_counter(Tokenizer(resolve_model_path(specs["pd"].model.path)).hf)
     cfg = BenchConfig(model=specs["pd"].model.served_name, input_len=args.input_len,
                       output_len=args.output_len, concurrency=tuple(args.concurrency),
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(asyncio.run(run_sweep(cfg, [endpoint], count)))
             finally:
                 teardown()
+                serve.shutdown()     # the next deployment starts Serve afresh
     finally:
         ray.shutdown()
     print(render_markdown(cfg, results))

@@ -22,10 +22,10 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
 
 
-def _hf_model(path):
+def _hf_model(path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+                                                dtype=dtype).eval()
 
 
 class _Clock:
@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-requests", type=int, default=3,
                     help="sequential transformers requests measured (its rate does not depend on count)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations, the same for both sides")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from pdcluster.engine import LLM
     llm = LLM(max_num_seqs=max(args.concurrency), max_num_batched_tokens=2048,
-              kv_cache_gib=2.0)
-    hf = _hf_model(llm.engine.model_path)
+              kv_cache_gib=2.0, dtype=args.dtype)
+    hf = _hf_model(llm.engine.model_path, getattr(torch, args.dtype))
     vocab = llm.engine.hf_config["vocab_size"]
     n_in, n_out = args.input_len, args.output_len
 
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     base = _prompts(args.baseline_requests, n_in, vocab, 2)
     hf_agg = len(base) * n_out / sum(_hf_generate(hf, p, n_out)[0] for p in base)
 
-    print(f"model {llm.engine.model_path.name}  threads {args.threads}  input {n_in}  output {n_out}")
+    print(f"model {llm.engine.model_path.name}  {args.dtype}  threads {args.threads}  "
+          f"input {n_in}  output {n_out}")
     print(f"{'measure':<34}{'pdcluster':>12}{'transformers':>14}{'ratio':>8}")
     print(f"{'decode tok/s, batch 1':<34}{ours_dec:>12.1f}{hf_dec:>14.1f}{ours_dec / hf_dec:>8.2f}")
     for c in args.concurrency:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdcluster.cluster.spec import ClusterSpec
 
 # verb -> module (inside pdcluster.cluster) that registers it
 VERBS: dict[str, str] = {
@@ -20,6 +24,16 @@ VERBS: dict[str, str] = {
     "down": "cli_up",
     "status": "cli_up",
 }
+
+
+def load_spec(path) -> ClusterSpec | None:
+    """The spec at `path` (the default spec when None); None after printing why it is unusable."""
+    from pdcluster.cluster.spec import ClusterSpec, SpecError
+    try:
+        return ClusterSpec.from_yaml(path) if path else ClusterSpec.default()
+    except (SpecError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from pdcluster.cluster.doctor import Check, exit_code, run_checks
-from pdcluster.cluster.spec import ClusterSpec, SpecError
+from pdcluster.cluster.cli import load_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        spec = ClusterSpec.from_yaml(args.spec) if args.spec else ClusterSpec.default()
-    except (SpecError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    spec = load_spec(args.spec)
+    if spec is None:
         return 2
     results = run_checks(spec)
     code = exit_code(results)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pdcluster.cluster import render
-from pdcluster.cluster.spec import ClusterSpec, SpecError
+from pdcluster.cluster.cli import load_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        spec = ClusterSpec.from_yaml(args.spec) if args.spec else ClusterSpec.default()
-    except (SpecError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    spec = load_spec(args.spec)
+    if spec is None:
         return 2
     source = args.spec.as_posix() if args.spec else "the default spec"
     if args.what == "serve-config":

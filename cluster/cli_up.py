@@ -32,13 +32,11 @@ def run_up(args: argparse.Namespace) -> int:
     import logging
 
     from pdcluster.cluster import local_cluster
-    from pdcluster.cluster.spec import ClusterSpec, SpecError
+    from pdcluster.cluster.cli import load_spec
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = ClusterSpec.from_yaml(args.config) if args.config else ClusterSpec.default()
-    except (SpecError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    spec = load_spec(args.config)
+    if spec is None:
         return 2
     if args.address:
         state = local_cluster.up_remote(spec, args.address)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import random
 import sys
@@ -24,6 +23,7 @@ import psutil
 
 from pdcluster.cluster.bench import stream_completion
 from pdcluster.cluster.perf import RequestTrace, percentile
+from pdcluster.cluster.spec import is_loopback
 
 SERVING_PROCESSES = ("ray::PrefillWorker", "ray::DecodeWorker", "ray::Router", "ray::ServeReplica",
                      "ray::ServeController", "ray::ProxyActor", "mooncake_master")
@@ -61,16 +61,6 @@ def gauge(metrics_text: str, name: str) -> float | None:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def soak(base_url: str, model: str | None, concurrency: int, duration_s: float,
@@ -129,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the target is not on this machine and you operate it")
     ap.add_argument("--json", help="also write the summary here")
     args = ap.parse_args(argv)
-    if not is_loopback(args.base_url) and not args.allow_remote:
+    if not is_loopback(urlsplit(args.base_url).hostname or "") and not args.allow_remote:
         ap.error("refusing a non-loopback target without --allow-remote")
     summary = asyncio.run(soak(args.base_url, args.model, args.concurrency, args.duration,
                                args.max_requests, args.max_tokens, args.api_key))

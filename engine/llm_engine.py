@@ -25,7 +25,7 @@ from pdcluster.engine.parallel import init_tensor_parallel
 from pdcluster.engine.prefix_hash import model_salt
 from pdcluster.engine.sampling import SamplingParams
 from pdcluster.engine.scheduler import Scheduler
-from pdcluster.engine.sequence import Sequence, SequenceStatus
+from pdcluster.engine.sequence import Sequence
 from pdcluster.engine.tokenizer import Tokenizer
 from pdcluster.engine.weights import load_checkpoint, resolve_model_path
 
