@@ -1,7 +1,7 @@
 """Offline API: `LLM(model).generate(prompts, SamplingParams)` runs all prompts as one batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.llm_engine import LLMEngine
@@ -33,29 +33,20 @@ class LLM:
         """Each prompt is text or token ids; returns one Completion per prompt, in order."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids: dict[str, int] = {}
-        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+        results: dict[str, Completion] = {}
+        for prompt, p in zip(prompts, plist):
             self._counter += 1
             rid = f"offline-{self._counter}"
-            ids[rid] = i
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             self.engine.add_request(rid, params=p, prompt_token_ids=token_ids)
-            ids[rid] = i
-        results: list[Completion | None] = [None] * len(prompts)
-        for rid, i in ids.items():
-            prompt = prompts[i]
-            results[i] = Completion(self.tokenizer.encode(prompt) if isinstance(prompt, str)
-                                    else list(prompt), [], "", None)
+            results[rid] = Completion(token_ids, [], "", None)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                c = results[ids[out.request_id]]
+                c = results[out.request_id]
                 c.token_ids += out.new_token_ids
                 c.text += out.delta_text
                 c.logprobs += out.logprobs
                 c.num_cached_tokens = out.num_cached_tokens
                 if out.finished:
                     c.finish_reason = out.finish_reason
-        return results  # type: ignore[return-value]
-
-
-__all__ = ["LLM", "Completion", "replace"]
+        return list(results.values())

@@ -64,6 +64,16 @@ def init_tensor_parallel(rank: int, size: int, device: torch.device) -> TPGroup:
     return _tp
 
 
+def shutdown_tensor_parallel() -> None:
+    """Leave the TP group cleanly: every rank reaches a barrier, then the group is destroyed (a
+    process that exits with gloo's threads still running can abort its peers)."""
+    global _tp
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _tp = TPGroup()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _tp.size > 1:
         dist.all_reduce(x)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import model_factory as mf
 from pdcluster.engine import LLM
+from pdcluster.engine.parallel import shutdown_tensor_parallel
 
 ATOL = 1e-4   # float32; TP only splits sums across ranks (see test_models_deepseek.py)
 TP = 2
@@ -30,6 +31,7 @@ def _worker(rank: int, port: int, models: dict[str, str], out_dir: str) -> None:
             "tokens": [c.token_ids for c in out],
             "logprobs": [[lp.logprob for lp in c.logprobs] for c in out],
             "numel": numel, "kv_token_shape": list(llm.engine.model.kv_token_shape)}))
+    shutdown_tensor_parallel()
 
 
 @pytest.fixture(scope="module")
