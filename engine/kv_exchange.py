@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KVCounters:
-    blocks_saved: int = 0
-    blocks_loaded: int = 0
-    bytes_saved: int = 0
-    bytes_loaded: int = 0
-    save_seconds: float = 0.0
-    load_seconds: float = 0.0
-    recomputed_tokens: int = 0          # handed-off prompt tokens that had to be recomputed
-    corrupt_blocks: int = 0
-    missing_blocks: int = 0
+    """KV traffic of one engine; the names are those of `EngineStats`, which embeds them."""
+    kv_blocks_saved: int = 0
+    kv_blocks_loaded: int = 0
+    kv_bytes_saved: int = 0
+    kv_bytes_loaded: int = 0
+    kv_save_seconds: float = 0.0
+    kv_load_seconds: float = 0.0
+    kv_recomputed_tokens: int = 0          # handed-off prompt tokens that had to be recomputed
+    kv_corrupt_blocks: int = 0
+    kv_missing_blocks: int = 0
     store_prefix_hit_tokens: int = 0    # prompt tokens found in the store instead of computed
 
 
@@ -80,13 +81,13 @@ class KVExchange:
             except Exception as exc:           # store down: decode will recompute the prompt
                 log.warning("kv export of %s failed: %s", seq.request_id, exc)
                 ok = [False] * len(keys)
-            self.counters.save_seconds += _now() - t0
+            self.counters.kv_save_seconds += _now() - t0
             for (key, n), b, good in zip(keys, block_ids, ok):
                 if not good:
                     break                      # a gap would be useless: decode loads a prefix
                 refs.append(BlockRef(key, n, block_checksum(self.cache[b], n)))
-            self.counters.blocks_saved += len(refs)
-            self.counters.bytes_saved += len(refs) * self.layout.block_nbytes
+            self.counters.kv_blocks_saved += len(refs)
+            self.counters.kv_bytes_saved += len(refs) * self.layout.block_nbytes
         return KVHandoff(
             request_id=seq.request_id, model_fingerprint=self.fingerprint, layout=self.layout,
             token_ids=tuple(seq.token_ids[:seq.num_prompt_tokens]),
@@ -106,7 +107,7 @@ class KVExchange:
         prompt_len = seq.num_prompt_tokens
         if handoff.model_fingerprint != self.fingerprint or handoff.layout != self.layout:
             log.warning("handoff for %s is from another model/layout; recomputing", seq.request_id)
-            self.counters.recomputed_tokens += prompt_len - seq.num_computed_tokens
+            self.counters.kv_recomputed_tokens += prompt_len - seq.num_computed_tokens
             return
         bs = self.bm.block_size
         first = seq.num_computed_tokens // bs          # blocks already local (prefix cache)
@@ -114,7 +115,7 @@ class KVExchange:
         loaded = self._load(seq, first, refs, verify=True)
         covered = first * bs + sum(r.num_tokens for r in refs[:loaded])
         seq.num_computed_tokens = max(seq.num_computed_tokens, min(covered, prompt_len))
-        self.counters.recomputed_tokens += prompt_len - seq.num_computed_tokens
+        self.counters.kv_recomputed_tokens += prompt_len - seq.num_computed_tokens
         self.bm.commit(seq)
 
     def _import_store_prefix(self, seq: Sequence) -> None:
@@ -142,7 +143,7 @@ class KVExchange:
     def _load(self, seq: Sequence, first: int, refs: list[BlockRef], verify: bool) -> int:
         """Load refs into seq's blocks from index `first`; returns how many leading blocks are good."""
         if not refs or self.connector is None:
-            self.counters.missing_blocks += len(refs)
+            self.counters.kv_missing_blocks += len(refs)
             return 0
         bs = self.bm.block_size
         upto = (first + len(refs)) * bs
@@ -156,20 +157,20 @@ class KVExchange:
         except Exception as exc:
             log.warning("kv load for %s failed: %s", seq.request_id, exc)
             ok = [False] * len(refs)
-        self.counters.load_seconds += _now() - t0
+        self.counters.kv_load_seconds += _now() - t0
         good = 0
         for ref, b, fine in zip(refs, block_ids, ok):
             if not fine:
-                self.counters.missing_blocks += 1
+                self.counters.kv_missing_blocks += 1
                 break
             if verify and block_checksum(self.cache[b], ref.num_tokens) != ref.checksum:
                 log.warning("block %s of %s failed its checksum; recomputing from there",
                             ref.key, seq.request_id)
-                self.counters.corrupt_blocks += 1
+                self.counters.kv_corrupt_blocks += 1
                 break
             good += 1
-        self.counters.blocks_loaded += good
-        self.counters.bytes_loaded += good * self.layout.block_nbytes
+        self.counters.kv_blocks_loaded += good
+        self.counters.kv_bytes_loaded += good * self.layout.block_nbytes
         return good
 
 

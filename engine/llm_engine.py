@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -246,17 +246,13 @@ class LLMEngine:
             kv_handoff=handoff)
 
     def stats(self) -> EngineStats:
-        bm, kv = self.block_manager, self.kv.counters
+        bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
-            kv_blocks_saved=kv.blocks_saved, kv_blocks_loaded=kv.blocks_loaded,
-            kv_bytes_saved=kv.bytes_saved, kv_bytes_loaded=kv.bytes_loaded,
-            kv_save_seconds=kv.save_seconds, kv_load_seconds=kv.load_seconds,
-            kv_recomputed_tokens=kv.recomputed_tokens, kv_corrupt_blocks=kv.corrupt_blocks,
-            kv_missing_blocks=kv.missing_blocks, store_prefix_hit_tokens=kv.store_prefix_hit_tokens)
+            **asdict(self.kv.counters))
 
 
 def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:
