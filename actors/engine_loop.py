@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pdcluster.engine.outputs import RequestOutput
 from pdcluster.engine.sampling import SamplingParams
@@ -38,7 +39,8 @@ class WorkerInfo:
     num_total_blocks: int
     block_nbytes: int
     max_num_seqs: int
-    kv_store: bool  # connected to the Mooncake store (else decode recomputes prompts)
+    kv_store: bool  # connected to the Mooncake store, every TP rank (else decode recomputes prompts)
+    tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,28 @@ class RequestAborted(Exception):
     """Put in a request's queue when it is aborted, so a consumer still waiting on it wakes up."""
 
 
+class Mirror(Protocol):
+    """The other tensor-parallel ranks of this engine. Each iteration they get the same command
+    batch, applied in the same order, and step when this engine steps, so every collective inside
+    the model (and the KV import/export agreements) has all ranks present."""
+
+    def apply(self, commands: list[tuple], step: bool) -> None:
+        """Forward one iteration without waiting for it; raises if a rank is gone."""
+
+
 class EngineLoop:
     """Runs `engine` on a daemon thread. `submit`/`abort` must be called from the event loop thread
-    that owns the returned queues (the actor's loop); results come back through those queues."""
+    that owns the returned queues (the actor's loop); results come back through those queues.
 
-    def __init__(self, engine, name: str = "engine") -> None:
+    With a `mirror` (tensor parallel) a failed step is fatal — the ranks' process group is broken —
+    and `on_fatal(exc)` is called (the worker exits, so its callers fail over); without one the
+    loop fails every request and stops."""
+
+    def __init__(self, engine, name: str = "engine", mirror: Mirror | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.mirror = mirror
+        self._on_fatal = on_fatal
         self._cond = threading.Condition()
         self._commands: deque[tuple] = deque()
         self._stopped = False
@@ -76,6 +94,7 @@ class EngineLoop:
         # the request (Ray does not order an async actor's calls), and must still win.
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._active: set[str] = set()  # requests inside the engine (engine thread only)
+        self._broken: BaseException | None = None  # set once lockstep with the TP ranks is lost
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -88,6 +107,8 @@ class EngineLoop:
         # validate_prompt only reads fixed sizes (vocab, context, cache), so calling it from this
         # thread is safe; add_request on the engine thread re-checks and reports through the queue.
         self.engine.validate_prompt(prompt_token_ids, params)
+        if self._broken is not None:
+            raise RuntimeError(f"tensor-parallel engine failed: {self._broken}")
         if request_id in self._closed:
             raise RequestAborted(request_id)
         if request_id in self._queues:
@@ -161,10 +182,21 @@ class EngineLoop:
             results: list[tuple[str, RequestOutput | BaseException]] = []
             for cmd in commands:
                 self._apply(cmd, results)
-            if engine.has_unfinished_requests():
+            step = engine.has_unfinished_requests()
+            if self.mirror is not None:
+                try:
+                    self.mirror.apply(commands, step)
+                except Exception as exc:
+                    self._fatal(exc)
+                    return
+            if step:
                 try:
                     outputs = engine.step()
-                except Exception as exc:  # a broken step fails its requests, not the worker
+                except Exception as exc:
+                    if self.mirror is not None:  # the ranks' collectives are out of step for good
+                        self._fatal(exc)
+                        return
+                    # a broken step fails its requests, not the worker
                     log.exception("engine step failed; failing %d requests", len(self._active))
                     for request_id in self._active:
                         engine.abort_request(request_id)
@@ -179,13 +211,38 @@ class EngineLoop:
             if results:
                 self._post(results)
 
+    def _fatal(self, exc: BaseException) -> None:
+        """Lockstep with the other TP ranks is lost (a rank died, or a collective timed out)."""
+        log.error("tensor-parallel ranks out of step (%s: %s): the engine stops",
+                  type(exc).__name__, exc)
+        self._broken = exc
+        if self._on_fatal is not None:
+            # the worker ends itself: its callers see it die and fail over, rather than
+            # getting these requests' errors first
+            self._on_fatal(exc)
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(RuntimeError(f"tensor-parallel engine failed: {exc}"))
+            self._close(request_id)
+        self._queues.clear()
+        self._unprefilled.clear()
+
     def _apply(self, cmd: tuple, results: list) -> None:
         if cmd[0] == "add":
             _, request_id, ids, params, kwargs = cmd
             try:
                 self.engine.add_request(request_id, prompt_token_ids=ids, params=params, **kwargs)
-            except ValueError as exc:
+            except ValueError as exc:  # the request does not fit this engine: the client's 400
                 results.append((request_id, exc))
+            except Exception as exc:  # a bug: fail this request, keep the engine thread alive
+                log.exception("add_request(%s) failed", request_id)
+                results.append((request_id, RuntimeError(f"could not add the request: {exc}")))
             else:
                 self._active.add(request_id)
         else:
@@ -202,22 +259,22 @@ class EngineLoop:
 
 
 class EngineWorker:
-    """Base of the prefill and decode actors: one engine (with its store connector) on one node."""
+    """Base of the prefill and decode actors: one engine (with its store connector) on one node.
+
+    With engine.tp_size N the actor is TP rank 0 and starts ranks 1..N-1 on its node
+    (`TPFollowers`), which step in lockstep with it; if one of them dies the actor exits."""
 
     role: Role
 
     def __init__(self, spec: dict, worker_id: str) -> None:
         import ray
 
+        from pdcluster.actors.tp_followers import TPFollowers
+        from pdcluster.cluster.kv_connector import make_connector
         from pdcluster.cluster.spec import ClusterSpec
         from pdcluster.engine.llm_engine import LLMEngine
 
         self.spec = ClusterSpec.from_dict(spec)
-        if self.spec.engine.tp_size > 1:
-            # Needs one engine process per accelerator stepping in lockstep with this one, and a
-            # handoff manifest per TP rank (each rank's KV lives under its own store keys).
-            raise ValueError(f"engine.tp_size={self.spec.engine.tp_size}: the worker actors run "
-                             "one engine process per node and do not start TP ranks yet")
         self.worker_id = worker_id
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
@@ -225,23 +282,63 @@ class EngineWorker:
         config = self.spec.engine_config()
         if config.threads is None:
             # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which would leave a worker
-            # that owns its whole node on one core.
-            config = replace(config, threads=len(os.sched_getaffinity(0)))
-        self.engine = LLMEngine(config)
-        self.connector = self._connect_store(ctx.gcs_address)
-        self.loop = EngineLoop(self.engine, name=f"{worker_id}-engine")
-        log.info("%s ready on node %s (KV store: %s)", worker_id, self.node_ip,
-                 "connected" if self.connector else "none")
+            # that owns its whole node on one core; TP ranks share the node's cores.
+            config = replace(config, threads=max(1, len(os.sched_getaffinity(0)) // config.tp_size))
+        store_host = self._store_host(ctx.gcs_address)
+        # node mode: attach to the node's store client first, so the KV cache is allocated in memory
+        # it shares (the TP ranks then find it running too)
+        backend = self._node_store(store_host, ctx.gcs_address) if self.spec.store.client == "node" else None
+        if backend is not None:
+            config = replace(config, kv_allocator=backend.allocate)
+        self.followers: TPFollowers | None = None
+        if config.tp_size > 1:
+            self.followers = TPFollowers(spec, worker_id, config.tp_size, config.threads,
+                                         store_host, ctx.gcs_address, on_exit=self._die)
+            os.environ.update(self.followers.env)  # where this rank meets them
+        try:
+            self.engine = LLMEngine(config)
+            self.connector = make_connector(self.spec.store, self.engine, local_hostname=store_host,
+                                            gcs_address=ctx.gcs_address, backend=backend)
+            followers_stored = self.followers.wait_ready() if self.followers else []
+        except BaseException:
+            if self.followers is not None:
+                self.followers.kill()
+            raise
+        self.kv_store = self.connector is not None and all(followers_stored)
+        self.loop = EngineLoop(self.engine, name=f"{worker_id}-engine", mirror=self.followers,
+                               on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
+        log.info("%s ready on node %s (TP %d, KV store: %s)", worker_id, self.node_ip,
+                 config.tp_size, "connected" if self.kv_store else "none")
 
-    def _connect_store(self, gcs_address: str):
-        from pdcluster.cluster.kv_connector import make_connector
+    def _node_store(self, store_host: str, gcs_address: str):
+        """This node's store client (started if no worker here has yet) and a client attached to
+        it; None, and prompts are recomputed, if either fails."""
+        from pdcluster.actors.node_client import ensure_node_client
+        from pdcluster.cluster.kv_connector import open_backend
+
+        try:
+            ensure_node_client(self.spec.store, store_host, self.node_id, gcs_address)
+        except Exception as exc:
+            log.warning("node store client unavailable (%s): decode will recompute prompts", exc)
+            return None
+        return open_backend(self.spec.store, store_host, gcs_address)
+
+    def _store_host(self, gcs_address: str) -> str:
         from pdcluster.cluster.spec import is_loopback
 
-        store = self.spec.store
         # Peers reach this client at the address Mooncake advertises: loopback when the whole store is
         # on one machine, else this node's IP on the cluster network.
-        host = "127.0.0.1" if is_loopback(store.resolve_master_host(gcs_address)) else self.node_ip
-        return make_connector(store, self.engine, local_hostname=host, gcs_address=gcs_address)
+        master = self.spec.store.resolve_master_host(gcs_address)
+        return "127.0.0.1" if is_loopback(master) else self.node_ip
+
+    def _die(self, reason: str) -> None:
+        """A TP rank is gone or out of step: no step can run any more. Exit the process, so the
+        router marks this worker unhealthy and the ingress moves its requests elsewhere, exactly as
+        for a worker that crashed (the followers exit with it)."""
+        log.error("%s: %s; the worker exits", self.worker_id, reason)
+        if self.followers is not None:
+            self.followers.kill()
+        os._exit(1)
 
     async def ready(self) -> WorkerInfo:
         """Answers once the engine is loaded (the actor's constructor has run)."""
@@ -254,7 +351,7 @@ class EngineWorker:
             pid=os.getpid(), max_model_len=e.max_model_len, vocab_size=e.hf_config["vocab_size"],
             block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
             block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
-            kv_store=self.connector is not None)
+            kv_store=self.kv_store, tp_pids=self.followers.pids if self.followers else ())
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

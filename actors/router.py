@@ -18,6 +18,7 @@ import ray
 from pdcluster.actors.decode_worker import DecodeWorker
 from pdcluster.actors.engine_loop import WorkerInfo, WorkerReport
 from pdcluster.actors.master import MasterStatus, MasterSupervisor, master_placement
+from pdcluster.actors.node_client import stop_node_clients
 from pdcluster.actors.prefill_worker import PrefillWorker
 from pdcluster.cluster.admission import AdmissionConfig, AdmissionController, Verdict
 from pdcluster.cluster.routing import PrefixIndex, WorkerLoad, pick_decode, pick_prefill
@@ -38,6 +39,7 @@ GONE_TTL_S = 120.0  # how long a released id is remembered (see Router._gone)
 CANCELLED = "cancelled"
 QUEUE_TIMEOUT = "queue_timeout"
 NO_WORKER = "no_worker"
+DRAINING = "draining"  # the cluster is shutting down: nothing new is admitted (HTTP 503)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class RouterSnapshot:
     rejected_total: dict[str, int]
     prefill_tok_s: float
     workers: list[WorkerState]
+    draining: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Router:
         # Ids released before their admit() ran: Ray does not order an async actor's calls, so a
         # client that left at once may be released first; its late admit() must not take a slot.
         self._gone: OrderedDict[str, float] = OrderedDict()
+        self.draining = False
         self._started = asyncio.create_task(self._start())
         self._poller: asyncio.Task | None = None
 
@@ -187,6 +191,8 @@ class Router:
         await self._started
         if self._gone.pop(request_id, None) is not None:
             return self._reject(request_id, CANCELLED, None, None)
+        if self.draining:
+            return self._reject(request_id, DRAINING, 1.0, None)
         now = time.monotonic()
         d = self.admission.admit(request_id, prompt_len, max_tokens, now, tenant)
         if d.verdict == Verdict.REJECT:
@@ -220,6 +226,28 @@ class Router:
             if worker is not None:
                 self.assigned[worker].discard(request_id)
         self._free_slot(request_id)
+
+    def drain(self) -> int:
+        """Stop admitting: new requests and those still queued are rejected (503, retry elsewhere);
+        admitted ones run to completion. Returns how many are still in flight. Idempotent."""
+        if not self.draining:
+            log.warning("draining: no new requests are admitted")
+        self.draining = True
+        for request_id, req in list(self.requests.items()):
+            if req.waiter is not None and not req.waiter.done():
+                self.admission.cancel(request_id)
+                del self.requests[request_id]
+                req.waiter.set_result(self._reject(request_id, DRAINING, 1.0, None))
+        return self.admission.in_flight if self.admission else 0
+
+    def abort_in_flight(self) -> int:
+        """Stop every admitted request on its workers (the end of a drain that timed out): each
+        client gets an error saying so, and the ingress releases the slots. Returns how many."""
+        placed = [(rid, w) for rid, req in self.requests.items()
+                  for w in (req.prefill, req.decode) if w is not None]
+        for request_id, worker in placed:
+            self.handles[worker].abort.remote(request_id)
+        return len({rid for rid, _ in placed})
 
     def _remember_gone(self, request_id: str) -> None:
         now = time.monotonic()
@@ -337,6 +365,13 @@ class Router:
                 self.worker_failed(worker_id, f"poll: {type(result).__name__}: {result}")
                 continue
             if not self.healthy[worker_id]:
+                # Back (Ray restarted it, or it was only slow): take its info afresh (new pids).
+                try:
+                    self.infos[worker_id] = await asyncio.wait_for(
+                        self.handles[worker_id].ready.remote(), POLL_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("worker %s answers but not ready(): %s", worker_id, exc)
+                    continue
                 log.info("worker %s answers again; marked healthy", worker_id)
             self.healthy[worker_id] = True
             self.reports[worker_id] = result
@@ -349,10 +384,12 @@ class Router:
             admitted_total=self.admitted_total, rejected_total=dict(self.rejected_total),
             prefill_tok_s=adm.prefill_tok_s if adm else 0.0,
             workers=[WorkerState(self.infos[w], self.healthy[w], self.reports.get(w),
-                                 len(self.assigned[w]), self.placed_total[w]) for w in self.infos])
+                                 len(self.assigned[w]), self.placed_total[w]) for w in self.infos],
+            draining=self.draining)
 
     async def shutdown(self) -> None:
-        """Stop the master this cluster started and the workers (before the router is killed)."""
+        """Stop the master this cluster started, the workers and the node store clients (before the
+        router is killed)."""
         if self._poller is not None:
             self._poller.cancel()
         if self.master is not None:
@@ -363,6 +400,8 @@ class Router:
         for handle in [*self.handles.values(), self.master]:
             if handle is not None:
                 ray.kill(handle)
+        if self.spec.store.client == "node":
+            await stop_node_clients()
 
 
 def router_options(spec: ClusterSpec) -> dict[str, Any]:

@@ -1,22 +1,30 @@
 """KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
 
-This process ("prefill") puts blocks; a second one ("decode", own client and segment) gets them.
+This process ("prefill") puts blocks; a second one ("decode") gets them. Store client modes:
+embedded = each process runs its own Mooncake client and segment (the bytes cross loopback TCP);
+node = both attach over shared memory to one node client (`mooncake_client`) that owns the segment
+(two workers on one node); node-2 = each attaches to its own node client (two nodes on one host: the
+hop between the node clients is loopback TCP).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import socket
 import statistics
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pdcluster.cluster.kv_store import MooncakeBackend, StoreConfig
 from pdcluster.cluster.mooncake_master import MooncakeMaster
+from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
+
+MODES = ("embedded", "node", "node-2")
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ def _reader(config: StoreConfig, num_blocks: int, block_nbytes: int, conn) -> No
     bytes from a plain socket (the loopback ceiling for any TCP transport), each with
     (seconds, crc32 of what arrived)."""
     backend = MooncakeBackend(config)
-    cache = torch.zeros(num_blocks, block_nbytes, dtype=torch.uint8)
+    cache = backend.allocate(num_blocks * block_nbytes).view(num_blocks, block_nbytes)
     backend.register_cache(cache)
     ids = list(range(num_blocks))
     conn.send("ready")
@@ -104,20 +112,34 @@ def _raw_tcp_seconds(src: torch.Tensor, conn, want: int) -> float:
     return seconds
 
 
+def segment_bytes(case: Case) -> int:
+    """Room for one round's objects plus slack; objects are removed after each round."""
+    return max(64 << 20, int(case.nbytes * 1.5))
+
+
 def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: int,
-             prefer_local_segment: bool = True) -> dict:
-    # Room for one round's objects plus slack; objects are removed after each round.
-    segment = max(64 << 20, int(case.nbytes * 1.5))
+             prefer_local_segment: bool = True, mode: str = "embedded",
+             nodes: tuple[MooncakeNodeClient, ...] = ()) -> dict:
+    """`nodes`: the node clients the writer and the reader attach to (node: one, node-2: two)."""
     config = StoreConfig(master_server_addr=master.rpc_address, metadata_server=master.metadata_url,
-                         global_segment_size=segment, local_buffer_size=local_buffer_mib << 20,
+                         global_segment_size=segment_bytes(case), local_buffer_size=local_buffer_mib << 20,
                          prefer_local_segment=prefer_local_segment)
+    if mode == "embedded":
+        writer_config = reader_config = config
+    else:
+        writer_node, reader_node = nodes[0], nodes[-1]
+        writer_config, reader_config = (
+            replace(config, client="node", node_client_address=n.rpc_address, node_segment=n.segment_name)
+            for n in (writer_node, reader_node))
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_reader, args=(config, case.num_blocks, case.block_nbytes, child), daemon=True)
+    proc = ctx.Process(target=_reader, args=(reader_config, case.num_blocks, case.block_nbytes, child),
+                       daemon=True)
     proc.start()
-    writer = MooncakeBackend(config)
+    writer = MooncakeBackend(writer_config)
     try:
-        src = torch.randint(0, 256, (case.num_blocks, case.block_nbytes), dtype=torch.uint8)
+        src = writer.allocate(case.nbytes).view(case.num_blocks, case.block_nbytes)
+        src.copy_(torch.randint(0, 256, (case.num_blocks, case.block_nbytes), dtype=torch.uint8))
         writer.register_cache(src)
         want = _crc(src)
         ids = list(range(case.num_blocks))
@@ -149,7 +171,7 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
             proc.join()
     warm = rounds[1:]
     gb = case.nbytes / 1e9
-    return {"case": case,
+    return {"case": case, "mode": mode,
             "put": gb / statistics.median(r[0] for r in warm),
             "get": gb / statistics.median(r[1] for r in warm),
             "handoff": gb / statistics.median(r[0] + r[1] for r in warm),
@@ -162,19 +184,25 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'case':33} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} {'handoff':>7} "
-            f"{'memcpy':>6} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} {'tcp/mc':>6} {'cold hand':>9}")
+    head = (f"{'case':33} {'mode':8} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} "
+            f"{'handoff':>7} {'memcpy':>6} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} {'tcp/mc':>6} "
+            f"{'cold hand':>9} {'vs emb':>6}")
     lines = [head, "-" * len(head)]
+    embedded = {r["case"]: r["handoff"] for r in rows if r["mode"] == "embedded"}
     for r in rows:
         c: Case = r["case"]
-        lines.append(f"{c.name:33} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} {c.nbytes / 1e6:>6.1f} "
-                     f"{r['put']:>6.2f} {r['get']:>6.2f} {r['handoff']:>7.2f} {r['memcpy']:>6.2f} "
-                     f"{r['tcp']:>7.2f} {r['get/mc']:>6.0%} {r['hand/mc']:>7.0%} {r['tcp/mc']:>6.0%} "
-                     f"{r['cold_handoff']:>9.2f}")
+        vs = f"{r['handoff'] / embedded[c]:>5.1f}x" if c in embedded else f"{'-':>6}"
+        lines.append(f"{c.name:33} {r['mode']:8} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} "
+                     f"{c.nbytes / 1e6:>6.1f} {r['put']:>6.2f} {r['get']:>6.2f} {r['handoff']:>7.2f} "
+                     f"{r['memcpy']:>6.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} {r['hand/mc']:>7.0%} "
+                     f"{r['tcp/mc']:>6.0%} {r['cold_handoff']:>9.2f} {vs}")
     lines += ["Bandwidths in GB/s. handoff = put (prefill side) then get (decode side): bytes / (put + get).",
               "memcpy = torch copy_ of the same bytes in this process; raw tcp = the same bytes over one plain",
               "loopback socket between the two processes (what one TCP stream does here). Both timed in every",
-              "round; medians of warm rounds, ratios taken per round; cold = first round (fresh segment pages)."]
+              "round; medians of warm rounds, ratios taken per round; cold = first round (fresh segment pages).",
+              "mode: embedded = a Mooncake client in each process; node = both processes attached over",
+              "shared memory to one node client (mooncake_client); node-2 = one node client each (the hop",
+              "between them is loopback TCP). vs emb = handoff relative to the embedded row of the case."]
     return "\n".join(lines)
 
 
@@ -187,13 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-buffer-mib", type=int, default=16)
     parser.add_argument("--random-placement", action="store_true",
                         help="let the master place objects in any segment (default: the writer's own)")
+    parser.add_argument("--modes", default="embedded,node",
+                        help=f"comma-separated store client modes, from: {', '.join(MODES)}")
     args = parser.parse_args(argv)
-    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    cases = args.cases.split(",")
+    modes = args.modes.split(",")
+    unknown = [c for c in cases if c not in CASES] + [m for m in modes if m not in MODES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    with MooncakeMaster() as master:
-        rows = [run_case(CASES[c], master, args.iters, args.local_buffer_mib, not args.random_placement)
-                for c in args.cases.split(",")]
+        parser.error(f"unknown case(s)/mode(s) {unknown}; choose from {list(CASES)} and {list(MODES)}")
+    with contextlib.ExitStack() as stack:
+        master = stack.enter_context(MooncakeMaster())
+        segment = max(segment_bytes(CASES[c]) for c in cases)
+        n_nodes = 2 if "node-2" in modes else 1 if "node" in modes else 0
+        nodes = tuple(stack.enter_context(MooncakeNodeClient(NodeClientConfig(
+            master.rpc_address, master.metadata_url, global_segment_size=segment))) for _ in range(n_nodes))
+        rows = [run_case(CASES[c], master, args.iters, args.local_buffer_mib, not args.random_placement,
+                         mode, nodes[:1] if mode == "node" else nodes)
+                for c in cases for mode in modes]
     print(format_table(rows))
     return 0
 

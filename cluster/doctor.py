@@ -159,13 +159,15 @@ def check_rdma_libs(spec: ClusterSpec, p: Probes) -> Check:
 
 
 def check_mooncake(spec: ClusterSpec, p: Probes) -> Check:
-    binary = p.which("mooncake_master")
+    # store.client "node" also runs the node's store client process
+    names = ["mooncake_master"] + (["mooncake_client"] if spec.store.client == "node" else [])
+    binaries = {name: p.which(name) for name in names}
     err = p.import_error("mooncake.store")
-    problems = ([] if binary else ["mooncake_master not on PATH"]) + \
+    problems = [f"{name} not on PATH" for name, path in binaries.items() if not path] + \
         ([f"import mooncake.store failed: {err}"] if err else [])
     if problems:
         return Check("mooncake", "fail", "; ".join(problems))
-    return Check("mooncake", "pass", f"{binary}; mooncake.store imports")
+    return Check("mooncake", "pass", f"{', '.join(binaries.values())}; mooncake.store imports")
 
 
 def check_master(spec: ClusterSpec, p: Probes) -> Check:

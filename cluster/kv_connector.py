@@ -1,7 +1,9 @@
 """The engine's `KVConnector` over the Mooncake store: zero-copy block moves by chain-hash key.
 
 `make_connector` is what workers call: it returns None (and the engine recomputes instead of
-loading) when the store cannot be reached, so a dead master never stops serving.
+loading) when the store cannot be reached, so a dead master never stops serving. In the store's
+`node` mode the client is opened first (`open_backend`) and the engine's KV cache allocated from it
+(`EngineConfig.kv_allocator=backend.allocate`), then handed to `make_connector`.
 """
 from __future__ import annotations
 
@@ -54,24 +56,43 @@ class MooncakeConnector(KVConnector):
 
 def store_config(store_spec, local_hostname: str = "127.0.0.1",
                  gcs_address: str | None = None) -> StoreConfig:
-    """StoreConfig for one client from the cluster spec's `store` section."""
+    """StoreConfig for one client from the cluster spec's `store` section. In node mode the node
+    client listens on `local_hostname` too (actors/node_client.py starts it so)."""
+    node = store_spec.client == "node"
     return StoreConfig(
         master_server_addr=store_spec.master_address(gcs_address),
         metadata_server=store_spec.metadata_url(gcs_address),
         local_hostname=local_hostname, protocol=store_spec.protocol,
         device_name=store_spec.device_name,
         global_segment_size=store_spec.global_segment_mib << 20,
-        local_buffer_size=store_spec.local_buffer_mib << 20)
+        local_buffer_size=store_spec.local_buffer_mib << 20, client=store_spec.client,
+        node_client_address=f"{local_hostname}:{store_spec.node_client_port}" if node else "",
+        node_segment=f"{local_hostname}:{store_spec.node_client_transfer_port}" if node else "")
+
+
+def open_backend(store_spec, local_hostname: str = "127.0.0.1",
+                 gcs_address: str | None = None) -> MooncakeBackend | None:
+    """A store client for this process; None (logged) if the store cannot be reached."""
+    try:
+        return MooncakeBackend(store_config(store_spec, local_hostname, gcs_address))
+    except (KVStoreError, OSError, ValueError) as exc:
+        log.warning("KV store unavailable (%s): decode will recompute prompts", exc)
+        return None
 
 
 def make_connector(store_spec, engine, local_hostname: str = "127.0.0.1",
-                   gcs_address: str | None = None) -> MooncakeConnector | None:
-    """Connect `engine` to the store and attach the connector; None if the store is unreachable."""
+                   gcs_address: str | None = None,
+                   backend: MooncakeBackend | None = None) -> MooncakeConnector | None:
+    """Connect `engine` to the store (through `backend` when it was opened before the engine) and
+    attach the connector; None if the store is unreachable."""
+    backend = backend or open_backend(store_spec, local_hostname, gcs_address)
+    if backend is None:
+        return None
     try:
-        backend = MooncakeBackend(store_config(store_spec, local_hostname, gcs_address))
         connector = MooncakeConnector(backend, engine.kv_cache)
-    except (KVStoreError, OSError, ValueError) as exc:
+    except (KVStoreError, ValueError) as exc:
         log.warning("KV store unavailable (%s): decode will recompute prompts", exc)
+        backend.close()
         return None
     engine.set_kv_connector(connector)
     return connector

@@ -137,18 +137,20 @@ def verify_blocks(m: kv_pb2.KVManifest, cache: torch.Tensor, block_ids: Sequence
 
 def handoff_to_manifest(h: KVHandoff, tp_rank: int = 0, tp_size: int = 1) -> kv_pb2.KVManifest:
     """The engine's KVHandoff (prefill export) as a wire manifest. Its blocks cover the prompt from
-    token 0 (a prefix of it when a store write failed); engine checksums are CRC-32."""
+    token 0 (a prefix of it when a store write failed); engine checksums are CRC-32. A TP handoff
+    carries every rank's blocks: this is rank `tp_rank`'s manifest."""
     lay = h.layout
+    blocks = h.blocks_of_rank(tp_rank)
     m = kv_pb2.KVManifest(
         version=MANIFEST_VERSION, request_id=h.request_id, model_fingerprint=h.model_fingerprint,
         block_size=lay.block_size, tp_rank=tp_rank, tp_size=tp_size,
         layout=kv_pb2.KVLayout(kind=lay.kind, num_layers=lay.num_layers, dtype=lay.dtype,
                                token_shape=lay.token_shape, block_nbytes=lay.block_nbytes),
-        blocks=[kv_pb2.BlockRef(key=b.key, num_tokens=b.num_tokens, checksum=b.checksum) for b in h.blocks],
+        blocks=[kv_pb2.BlockRef(key=b.key, num_tokens=b.num_tokens, checksum=b.checksum) for b in blocks],
         token_ids=h.token_ids, first_token=h.first_token,
-        num_computed_tokens=sum(b.num_tokens for b in h.blocks),
+        num_computed_tokens=sum(b.num_tokens for b in blocks),
         # informational; clamped so an export cut short by a failed store write still validates
-        num_cached_tokens=min(h.num_cached_tokens, sum(b.num_tokens for b in h.blocks)),
+        num_cached_tokens=min(h.num_cached_tokens, sum(b.num_tokens for b in blocks)),
         checksum_algo=CHECKSUM_ALGO)
     validate(m)
     return m

@@ -1,12 +1,17 @@
 """KV block transfer through the Mooncake store: a small backend interface and its Mooncake implementation.
 
 Blocks move by key between registered memory (the engine's paged KV cache) and the store, zero-copy.
+Two client modes: `embedded` runs a Mooncake client (and its segment) inside this process; `node`
+attaches over shared memory to the node's one store client process (cluster/mooncake_node_client.py),
+which owns the segment and does the copies itself, reading and writing this process's cache directly.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from pdcluster.cluster.mooncake_master import metadata_answers, tcp_open
 log = logging.getLogger(__name__)
 
 Protocol = Literal["tcp", "rdma", "ascend"]
+ClientMode = Literal["embedded", "node"]
 
 # Mooncake ErrorCode values (mooncake-store types.h); Python calls return them as plain ints.
 BUFFER_OVERFLOW = -10
@@ -44,6 +50,22 @@ _NAMES = {BUFFER_OVERFLOW: "BUFFER_OVERFLOW", NO_AVAILABLE_HANDLE: "NO_AVAILABLE
 
 # health_check() answers
 _HEALTHY, _CLOSED, _MASTER_UNREACHABLE = 0, 1, 2
+
+# mooncake 0.3.13's dummy client keeps its shared mappings in process-wide state: two attached at
+# once in one process can crash the node client. Held by the one open node-mode backend.
+_NODE_ATTACHMENT = threading.Lock()
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def code_name(code: int) -> str:
@@ -75,7 +97,8 @@ class BlockMissing(KVStoreError):
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """One store client. Each client contributes `global_segment_size` bytes to the cluster-wide pool."""
+    """One store client. An embedded client contributes `global_segment_size` bytes to the cluster-wide
+    pool; in `node` mode the node client contributes the segment and this process attaches to it."""
     master_server_addr: str  # "host:rpc_port" of mooncake_master
     metadata_server: str  # "http://host:port/metadata": the master's built-in HTTP metadata server
     # This client's address as peers see it: for tcp on one host 127.0.0.1 is enough (Mooncake adds a
@@ -88,9 +111,21 @@ class StoreConfig:
     # Place put() objects in this client's own segment: the writer then does a local copy and the
     # reader pulls once over the network, instead of the writer pushing to a random peer's segment.
     prefer_local_segment: bool = True
-    connect_timeout_s: float = 2.0  # preflight probe of master and metadata server
+    connect_timeout_s: float = 2.0  # preflight probe of master and metadata server (or node client)
+    # node: attach to the node's store client at `node_client_address` ("host:port" of its RPC
+    # service) over shared memory. Only memory from `MooncakeBackend.allocate` can be registered.
+    client: ClientMode = "embedded"
+    node_client_address: str = ""
+    node_segment: str = ""  # the node client's segment ("host:transfer_port"), where puts go
 
     def __post_init__(self) -> None:
+        if self.client not in ("embedded", "node"):
+            raise ValueError(f"client must be embedded or node, got {self.client!r}")
+        if self.client == "node":
+            host, _, port = self.node_client_address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("client 'node' needs node_client_address host:port, got "
+                                 f"{self.node_client_address!r}")
         if self.protocol not in ("tcp", "rdma", "ascend"):
             raise ValueError(f"protocol must be tcp, rdma or ascend, got {self.protocol!r}")
         if self.protocol == "rdma" and not self.device_name:
@@ -106,6 +141,11 @@ class StoreConfig:
     @property
     def master_host_port(self) -> tuple[str, int]:
         host, _, port = self.master_server_addr.rpartition(":")
+        return host, int(port)
+
+    @property
+    def node_client_host_port(self) -> tuple[str, int]:
+        host, _, port = self.node_client_address.rpartition(":")
         return host, int(port)
 
 
@@ -213,6 +253,16 @@ class MooncakeBackend(KVTransferBackend):
     comes back on the same address the client remounts by itself and calls work again (the store's
     contents are lost). Caveat: close() while the master is down blocks for 5-20 s inside Mooncake
     (it retries unmounting with the GIL held); restart the master first when you can.
+
+    Node mode (`StoreConfig.client == "node"`, Mooncake's "dummy" client): this process holds no
+    segment and moves no bytes; the node client maps the memory `allocate` hands out (memfd shared
+    memory, not /dev/shm) and copies between it and the store. Blocks written this way live in the
+    node client's segment, so they outlive this process. The node client unmaps a dead process's
+    memory about 10 s after it stops pinging. A lost master reads as in embedded mode (StoreUnavailable,
+    calls work again ~2 s after it is back on the same address). If the node client dies, calls raise
+    StoreUnavailable (the first one may take ~9 s to notice) and, in mooncake 0.3.13.post1, keep
+    failing even after it is restarted: re-registering the memory fails there ("Transfer Engine does
+    not support overlapped memory region"), so such a worker recomputes prompts until it restarts.
     """
 
     # Mooncake retries a failed setup 20 times at ~4.5 s each (90 s) by default; the preflight probe
@@ -226,26 +276,68 @@ class MooncakeBackend(KVTransferBackend):
         self._lock = threading.Lock()
         self._regions: dict[int, int] = {}  # registered ptr -> nbytes
         self._preflight()
-        os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", self._SETUP_RETRIES)
         store = MooncakeDistributedStore()
-        rc = store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
-                         config.local_buffer_size, config.protocol, config.device_name,
-                         config.master_server_addr)
-        if rc != 0:
-            # Never call into a store whose setup failed: Mooncake dereferences its missing client.
-            raise StoreUnavailable(f"Mooncake client setup failed ({code_name(rc)}) against "
-                                   f"{config.master_server_addr}")
+        node = config.client == "node"
+        if node:
+            self._attach(store)
+        else:
+            os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", self._SETUP_RETRIES)
+            rc = store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
+                             config.local_buffer_size, config.protocol, config.device_name,
+                             config.master_server_addr)
+            if rc != 0:
+                # Never call into a store whose setup failed: Mooncake dereferences its missing client.
+                raise StoreUnavailable(f"Mooncake client setup failed ({code_name(rc)}) against "
+                                       f"{self._peer}")
         self._store: MooncakeDistributedStore | None = store
-        self.segment_name = store.get_hostname()  # "ip:port": this client's segment in the pool
+        # "ip:port" of the segment this client's puts go to: its own, or (node mode) the node client's
+        self.segment_name = config.node_segment if node else store.get_hostname()
         self._put_config = ReplicateConfig()
-        if config.prefer_local_segment and config.global_segment_size > 0:
+        if config.prefer_local_segment and self.segment_name and (node or config.global_segment_size > 0):
             self._put_config.preferred_segment = self.segment_name
-        log.info("Mooncake client %s up (%s, segment %d MiB) -> master %s", self.segment_name,
-                 config.protocol, config.global_segment_size >> 20, config.master_server_addr)
+        if node:
+            log.info("attached to the node store client %s (segment %s)", config.node_client_address,
+                     self.segment_name or "unknown")
+        else:
+            log.info("Mooncake client %s up (%s, segment %d MiB) -> master %s", self.segment_name,
+                     config.protocol, config.global_segment_size >> 20, config.master_server_addr)
+
+    def _attach(self, store: Any) -> None:
+        """Node mode: attach `store` (a dummy client) to the node client; holds _NODE_ATTACHMENT
+        until close()."""
+        if not _NODE_ATTACHMENT.acquire(blocking=False):
+            raise KVStoreError("this process is already attached to a node store client: close that "
+                               "backend first (one node-mode client per process)")
+        try:
+            # The pool size is unused by 0.3.13's dummy client: each alloc maps its own memfd.
+            rc = store.setup_dummy(0, self.config.local_buffer_size, self.config.node_client_address)
+            if rc != 0:
+                raise StoreUnavailable(f"attaching to the {self._peer} failed ({code_name(rc)})")
+            # health_check() reads "unreachable" until the dummy's first ping answers (a few ms)
+            deadline = time.monotonic() + self.config.connect_timeout_s
+            while store.health_check() != _HEALTHY:
+                if time.monotonic() > deadline:
+                    store.close()
+                    raise StoreUnavailable(f"{self._peer} accepted the attach but answers no ping")
+                time.sleep(0.005)
+        except BaseException:
+            _NODE_ATTACHMENT.release()
+            raise
+
+    @property
+    def _peer(self) -> str:
+        """What this client talks to: the master, or in node mode the node's store client."""
+        if self.config.client == "node":
+            return f"node store client {self.config.node_client_address}"
+        return f"mooncake_master {self.config.master_server_addr}"
 
     def _preflight(self) -> None:
-        host, port = self.config.master_host_port
         t = self.config.connect_timeout_s
+        if self.config.client == "node":  # the node client talks to the master; we only need it
+            if not tcp_open(*self.config.node_client_host_port, t):
+                raise StoreUnavailable(f"{self._peer} unreachable")
+            return
+        host, port = self.config.master_host_port
         if not tcp_open(host, port, t):
             raise StoreUnavailable(f"mooncake_master RPC {self.config.master_server_addr} unreachable")
         if not metadata_answers(self.config.metadata_server, t):
@@ -257,13 +349,38 @@ class MooncakeBackend(KVTransferBackend):
         if store is None:
             raise KVStoreError("store client is closed")
         rc = store.health_check()
-        if rc == _MASTER_UNREACHABLE:
-            raise StoreUnavailable(f"mooncake_master {self.config.master_server_addr} unreachable")
+        if rc == _MASTER_UNREACHABLE:  # in node mode: the node client, or the master behind it
+            raise StoreUnavailable(f"{self._peer} unreachable"
+                                   + (" (or its master)" if self.config.client == "node" else ""))
         if rc != _HEALTHY:
             raise KVStoreError(f"store client not usable (health_check={rc})")
         return store
 
-    # -- memory registration --
+    # -- memory --
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of zero-filled host memory that this client moves zero-copy, as a 1-D uint8 tensor
+        (an engine's `kv_allocator`). Node mode: a shared mapping the node client maps too, registered
+        at once; it stays mapped until this process exits (mooncake 0.3.13 has no way to free it).
+        Embedded mode: ordinary memory, registered by register_cache."""
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be positive, got {nbytes}")
+        if self.config.client == "embedded":
+            return torch.zeros(nbytes, dtype=torch.uint8)
+        available = _mem_available()
+        if available is not None and nbytes > available:
+            # Mooncake populates the whole mapping up front; past free memory it stalls, not fails.
+            raise KVStoreError(f"cannot map {nbytes} bytes of shared memory: {available} available")
+        with self._lock:
+            store = self._live()
+            ptr = store.alloc_from_mem_pool(nbytes)
+            if ptr <= 0:
+                raise KVStoreError(f"shared memory allocation of {nbytes} bytes failed ({ptr})")
+            rc = store.register_buffer(ptr, nbytes)
+            if rc != 0:
+                raise KVStoreError(f"register_buffer of the new mapping failed: {code_name(rc)}")
+            self._regions[ptr] = nbytes
+        return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=torch.uint8)
+
     def register_buffer(self, ptr: int, nbytes: int) -> None:
         with self._lock:
             if ptr in self._regions:
@@ -272,7 +389,9 @@ class MooncakeBackend(KVTransferBackend):
                 return
             rc = self._live().register_buffer(ptr, nbytes)
             if rc != 0:
-                raise KVStoreError(f"register_buffer({ptr:#x}, {nbytes}) failed: {code_name(rc)}")
+                hint = " (node mode registers only whole mappings from allocate())" \
+                    if self.config.client == "node" else ""
+                raise KVStoreError(f"register_buffer({ptr:#x}, {nbytes}) failed: {code_name(rc)}{hint}")
             self._regions[ptr] = nbytes
 
     def unregister_buffer(self, ptr: int) -> None:
@@ -378,9 +497,11 @@ class MooncakeBackend(KVTransferBackend):
             self._regions.clear()
         if store is None:
             return
-        if store.health_check() == _MASTER_UNREACHABLE:
+        if self.config.client == "embedded" and store.health_check() == _MASTER_UNREACHABLE:
             log.warning("closing Mooncake client %s while the master is unreachable: Mooncake's "
                         "teardown retries the unmount and may block for up to ~20 s", self.segment_name)
         rc = store.close()
+        if self.config.client == "node":
+            _NODE_ATTACHMENT.release()
         if rc != 0:
             log.warning("Mooncake client %s close returned %s", self.segment_name, code_name(rc))

@@ -38,6 +38,7 @@ class UpState:
     grpc_address: str
     model: str
     ray_auth_mode: str = "disabled"  # a new local Ray enables token auth (token in ~/.ray/auth_token)
+    drain_timeout_s: float = 30.0  # how long `down` lets it finish the requests in flight
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,19 @@ def read_state() -> UpState | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """The process exists and has not exited (an exited child its parent has not reaped yet is a
+    zombie: signal 0 still reaches it, /proc says Z)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust the signal
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -129,21 +136,55 @@ def wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/health not ok after {timeout_s:.0f}s ({last})")
 
 
-def teardown() -> None:
-    """Remove the app and every pdcluster actor (stopping the master they started) from the Ray
-    cluster this process is connected to."""
+def drain(router, timeout_s: float, force: threading.Event | None = None) -> int:
+    """Stop admitting and give the admitted requests up to `timeout_s` (or until `force` is set) to
+    finish; those still running then are stopped on their workers, and their clients get an error
+    saying so. Returns how many had to be stopped."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    in_flight = ray.get(router.drain.remote(), timeout=30)
+    if in_flight:
+        log.warning("draining: waiting up to %.0fs for %d request(s) in flight", timeout_s, in_flight)
+    while in_flight and time.monotonic() < deadline and not (force and force.is_set()):
+        time.sleep(0.2)
+        in_flight = ray.get(router.snapshot.remote(), timeout=30).in_flight
+    if not in_flight:
+        return 0
+    stopped = ray.get(router.abort_in_flight.remote(), timeout=30)
+    log.warning("drain: stopped %d request(s) still running", stopped)
+    deadline = time.monotonic() + 10.0  # the ingress reports the stop and releases their slots
+    while ray.get(router.snapshot.remote(), timeout=30).in_flight and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return stopped
+
+
+def teardown(drain_timeout_s: float | None = None, force: threading.Event | None = None) -> None:
+    """Drain (the spec's `router.drain_timeout_s` unless given), then remove the app and every
+    pdcluster actor (stopping the master they started) from the Ray cluster this process is
+    connected to."""
     import ray
     from ray import serve
 
     from pdcluster.actors.router import NAMESPACE, ROUTER_NAME
 
     try:
+        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        router = None
+    if router is not None:
+        try:
+            if drain_timeout_s is None:
+                spec = ClusterSpec.from_dict(ray.get(router.spec_dict.remote(), timeout=30))
+                drain_timeout_s = spec.router.drain_timeout_s
+            drain(router, drain_timeout_s, force)
+        except ray.exceptions.RayError as exc:
+            log.warning("drain failed (tearing down anyway): %s", exc)
+    try:
         serve.delete(APP_NAME)
     except Exception as exc:  # Serve not running there: nothing to delete
         log.info("no Serve app to delete: %s", exc)
-    try:
-        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-    except ValueError:
+    if router is None:
         return
     try:
         ray.get(router.shutdown.remote(), timeout=60)
@@ -165,19 +206,28 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
     spec = local_spec(spec)
     resources = {spec.prefill.role_resource: 1, spec.decode.role_resource: 1,
                  **spec.prefill.resources, **spec.decode.resources}
-    ctx = ray.init(namespace=NAMESPACE, resources=resources, num_cpus=max(4, os.cpu_count() or 1),
-                   include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": always a new Ray instance of our own, never a `ray start` cluster that happens
+    # to run on this machine (that is what --address is for).
+    ctx = ray.init(address="local", namespace=NAMESPACE, resources=resources,
+                   num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                   logging_level=logging.WARNING)
+    force = threading.Event()
     if threading.current_thread() is threading.main_thread():
         # After ray.init, which installs its own handlers: SIGTERM (`pdcluster down`) and Ctrl-C
-        # both mean "tear down cleanly", so the mooncake_master child is never orphaned.
+        # both mean "drain, then tear down cleanly" (the mooncake_master child is never orphaned);
+        # a second one cuts the drain short.
+        def on_signal(*_: Any) -> None:
+            (force if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
     try:
         deploy(spec)
         state = UpState(pid=os.getpid(), ray_address=ctx.address_info["gcs_address"],
                         http_url=http_url(spec), grpc_address=f"127.0.0.1:{spec.serve.grpc_port}",
                         model=spec.model.served_name,
-                        ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"))
+                        ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"),
+                        drain_timeout_s=spec.router.drain_timeout_s)
         STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
         STATE_FILE.write_text(json.dumps(asdict(state)))
         if on_ready is not None:
@@ -186,7 +236,7 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
             pass
     finally:
         try:
-            teardown()
+            teardown(spec.router.drain_timeout_s, force)
         finally:
             from ray import serve
             serve.shutdown()
@@ -213,8 +263,9 @@ def up_remote(spec: ClusterSpec, address: str) -> UpState:
 
 
 def down(address: str | None = None, timeout_s: float = 120.0) -> str:
-    """Stop the local cluster (signal its `up` process), or tear pdcluster off the cluster at
-    `address`. Returns what was done."""
+    """Stop the local cluster (signal its `up` process: it drains, then tears down), or drain and
+    tear pdcluster off the cluster at `address`. Waits `timeout_s` beyond the drain timeout.
+    Returns what was done."""
     import ray
 
     from pdcluster.actors.router import NAMESPACE
@@ -225,7 +276,7 @@ def down(address: str | None = None, timeout_s: float = 120.0) -> str:
             STATE_FILE.unlink(missing_ok=True)
             return "no local pdcluster is running"
         os.kill(state.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + state.drain_timeout_s + timeout_s
         while _pid_alive(state.pid):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pdcluster up (pid {state.pid}) still running after {timeout_s:.0f}s")

@@ -18,9 +18,11 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,10 @@ class MasterConfig:
             f"--client_ttl={self.client_ttl_s}",
             *self.extra_args,
         ]
+
+    def env(self) -> dict[str, str]:
+        """Environment variables on top of ours: none."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -178,29 +184,155 @@ def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
             proc.wait(timeout=grace_s)
             return
         except subprocess.TimeoutExpired:
-            log.warning("mooncake_master pid %d ignored SIGTERM for %.1fs; killing", proc.pid, grace_s)
+            log.warning("child pid %d ignored SIGTERM for %.1fs; killing", proc.pid, grace_s)
     proc.kill()
     proc.wait()
 
 
-class MooncakeMaster:
+class SupervisedProcess:
+    """One child process of `config.binary`, run with `config.args()` and `config.env()`: `start()`
+    returns once `healthy()`, `stop()` reaps it. Subclasses name the program and its start error, the
+    ports to pick when 0 (picked once, kept by `restart()`), the health predicate and the ready log line.
+    """
+
+    PROGRAM = ""  # for logs, errors and the temp log file's name
+    StartError: type[RuntimeError] = RuntimeError
+    _PORTS: dict[str, Callable[[str], int]] = {}  # config field -> picker(host) when the field is 0
+    _START_ATTEMPTS = 3  # a picked port can be taken between probe and bind; retry with new ones
+
+    def __init__(self, config) -> None:
+        self._requested = config
+        self.config = config  # ports resolved on start()
+        self._proc: subprocess.Popen | None = None
+        self._log_file = None
+        self._finalizer: weakref.finalize | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        raise NotImplementedError
+
+    def _ready_message(self) -> str:
+        """What the log says after "<program> pid N " once the child is healthy."""
+        return "healthy"
+
+    # -- lifecycle --
+    def start(self: _S) -> _S:
+        if self.running():
+            return self
+        binary = shutil.which(self._requested.binary)
+        if binary is None:
+            raise self.StartError(f"{self._requested.binary!r} not found on PATH "
+                                  "(pip install mooncake-transfer-engine-non-cuda)")
+        pick = any(getattr(self._requested, name) == 0 for name in self._PORTS)
+        attempts = self._START_ATTEMPTS if pick else 1
+        for attempt in range(1, attempts + 1):
+            cfg = self._requested
+            self.config = replace(cfg, **{name: getattr(cfg, name) or picker(cfg.host)
+                                          for name, picker in self._PORTS.items()})
+            try:
+                self._spawn(binary)
+                self._wait_healthy()
+                return self
+            except self.StartError as e:
+                self.stop(grace_s=0)
+                if attempt == attempts:
+                    raise
+                log.warning("%s start attempt %d failed (%s); retrying on new ports",
+                            self.PROGRAM, attempt, e)
+        raise AssertionError("unreachable")
+
+    def restart(self: _S, grace_s: float = 5.0) -> _S:
+        """Stop and start again on the same ports. What the child held in memory is lost."""
+        self.stop(grace_s=grace_s)
+        self._requested = self.config  # keep the resolved ports
+        return self.start()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after grace_s (0: SIGKILL at once). Idempotent; reaps the process."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._proc is not None:
+            _terminate(self._proc, grace_s)
+            log.info("%s pid %d stopped (exit %s)", self.PROGRAM, self._proc.pid, self._proc.returncode)
+            self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals --
+    def _spawn(self, binary: str) -> None:
+        if self.config.log_path:
+            self.log_path = Path(self.config.log_path)
+        elif self.log_path is None:  # one temp file per supervisor, appended across restarts
+            fd, name = tempfile.mkstemp(prefix=f"{self.PROGRAM}_", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        cmd = [binary, *self.config.args()]
+        log.info("starting %s (log: %s)", " ".join(cmd), self.log_path)
+        # Own session: a Ctrl-C aimed at the parent's terminal does not kill the child behind our back;
+        # the parent-death signal still takes it down with us.
+        self._proc = _spawner.popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **self.config.env()})
+        # Reap the child even if stop() is never called (e.g. an exception in a test or an actor).
+        self._finalizer = weakref.finalize(self, _terminate, self._proc, 2.0)
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise self.StartError(f"{self.PROGRAM} exited with {code} during startup; "
+                                      f"last log lines:\n{self._log_tail()}")
+            if self.healthy(timeout_s=0.5):
+                log.info("%s pid %d %s", self.PROGRAM, self._proc.pid, self._ready_message())
+                return
+            time.sleep(0.05)
+        raise self.StartError(f"{self.PROGRAM} not healthy after {self.config.startup_timeout_s}s; "
+                              f"last log lines:\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_bytes()[-8192:].decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+_S = TypeVar("_S", bound=SupervisedProcess)
+
+
+class MooncakeMaster(SupervisedProcess):
     """One `mooncake_master` child process. `start()` returns once it is healthy; `stop()` reaps it.
 
         with MooncakeMaster() as m:          # free ports on 127.0.0.1
             StoreConfig(master_server_addr=m.rpc_address, metadata_server=m.metadata_url)
 
-    Ports picked for port=0 are kept by `restart()`, so clients can reconnect to the same address.
+    Ports picked for port=0 are kept by `restart()`, so clients can reconnect to the same address;
+    the store's contents are lost (no persistence).
     """
 
-    _START_ATTEMPTS = 3  # a picked port can be taken between probe and bind; retry with new ones
+    PROGRAM = BINARY
+    StartError = MasterStartError
+    _PORTS = {"rpc_port": free_port, "metadata_port": free_port, "metrics_port": free_port}
 
     def __init__(self, config: MasterConfig | None = None) -> None:
-        self._requested = config or MasterConfig()
-        self.config = self._requested  # ports resolved on start()
-        self._proc: subprocess.Popen | None = None
-        self._log_file = None
-        self._finalizer: weakref.finalize | None = None
-        self.log_path: Path | None = None
+        super().__init__(config or MasterConfig())
 
     # -- addresses (valid after start) --
     @property
@@ -217,55 +349,6 @@ class MooncakeMaster:
     def metrics_url(self) -> str:
         return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    # -- lifecycle --
-    def start(self) -> MooncakeMaster:
-        if self.running():
-            return self
-        binary = shutil.which(self._requested.binary)
-        if binary is None:
-            raise MasterStartError(f"{self._requested.binary!r} not found on PATH "
-                                   "(pip install mooncake-transfer-engine-non-cuda)")
-        pick = 0 in (self._requested.rpc_port, self._requested.metadata_port, self._requested.metrics_port)
-        attempts = self._START_ATTEMPTS if pick else 1
-        for attempt in range(1, attempts + 1):
-            self.config = self._resolve_ports(self._requested)
-            try:
-                self._spawn(binary)
-                self._wait_healthy()
-                return self
-            except MasterStartError as e:
-                self.stop(grace_s=0)
-                if attempt == attempts:
-                    raise
-                log.warning("mooncake_master start attempt %d failed (%s); retrying on new ports", attempt, e)
-        raise AssertionError("unreachable")
-
-    def restart(self, grace_s: float = 5.0) -> MooncakeMaster:
-        """Stop and start again on the same ports. The store's contents are lost (no persistence)."""
-        self.stop(grace_s=grace_s)
-        self._requested = self.config  # keep the resolved ports
-        return self.start()
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after grace_s (0: SIGKILL at once). Idempotent; reaps the process."""
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if self._proc is not None:
-            _terminate(self._proc, grace_s)
-            log.info("mooncake_master pid %d stopped (exit %s)", self._proc.pid, self._proc.returncode)
-            self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
     def health(self, timeout_s: float = 1.0) -> MasterHealth:
         running = self.running()
         return MasterHealth(
@@ -274,55 +357,8 @@ class MooncakeMaster:
             metadata=running and metadata_answers(self.metadata_url, timeout_s),
         )
 
-    def __enter__(self) -> MooncakeMaster:
-        return self.start()
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        return self.health(timeout_s).ok
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- internals --
-    @staticmethod
-    def _resolve_ports(cfg: MasterConfig) -> MasterConfig:
-        return replace(cfg,
-                       rpc_port=cfg.rpc_port or free_port(cfg.host),
-                       metadata_port=cfg.metadata_port or free_port(cfg.host),
-                       metrics_port=cfg.metrics_port or free_port(cfg.host))
-
-    def _spawn(self, binary: str) -> None:
-        if self.config.log_path:
-            self.log_path = Path(self.config.log_path)
-        elif self.log_path is None:  # one temp file per supervisor, appended across restarts
-            fd, name = tempfile.mkstemp(prefix="mooncake_master_", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "ab")
-        cmd = [binary, *self.config.args()]
-        log.info("starting %s (log: %s)", " ".join(cmd), self.log_path)
-        # Own session: a Ctrl-C aimed at the parent's terminal does not kill the master behind our back;
-        # the parent-death signal still takes it down with us.
-        self._proc = _spawner.popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        # Reap the child even if stop() is never called (e.g. an exception in a test or an actor).
-        self._finalizer = weakref.finalize(self, _terminate, self._proc, 2.0)
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise MasterStartError(f"mooncake_master exited with {code} during startup; "
-                                       f"last log lines:\n{self._log_tail()}")
-            if self.health(timeout_s=0.5).ok:
-                log.info("mooncake_master pid %d healthy: rpc %s, metadata %s",
-                         self._proc.pid, self.rpc_address, self.metadata_url)
-                return
-            time.sleep(0.05)
-        raise MasterStartError(f"mooncake_master not healthy after {self.config.startup_timeout_s}s; "
-                               f"last log lines:\n{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 15) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        text = self.log_path.read_bytes()[-8192:].decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+    def _ready_message(self) -> str:
+        return f"healthy: rpc {self.rpc_address}, metadata {self.metadata_url}"

@@ -1,21 +1,37 @@
 """OpenAI wire format: request models with validation, response/chunk builders, and error bodies.
 
 Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
-"code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 429, 503).
+"code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
+Validation is strict (JSON types as OpenAI documents them, no "1" for 1) and bounds every value the
+engine would otherwise choke on, so no request body can fail a worker's batch.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from pdcluster.engine.sampling import SamplingParams
 
 # OpenAI "type" per HTTP status
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+INT64_MIN, UINT64_MAX, INT32_MAX = -(1 << 63), (1 << 64) - 1, (1 << 31) - 1
+MAX_STOP = 16  # SamplingParams' limit, declared here so the OpenAPI document shows it
+_Stop = Annotated[str, Field(min_length=1)]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), but 2.5, "2" and true are not.
+Int = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX), BeforeValidator(_integral)]  # torch's range
 
 
 class OpenAIError(Exception):
@@ -53,18 +69,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # vLLM extension
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: TopK | None = None  # vLLM extension
+    seed: Seed | None = None
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
+    n: PositiveInt = 1
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
     user: str | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
@@ -118,7 +134,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -138,11 +154,11 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[Int] | list[str] | list[list[Int]]
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [*super()._unsupported(), ("echo", self.echo), ("logprobs", self.logprobs is not None),
@@ -161,31 +177,87 @@ class CompletionRequest(_Request):
         return p
 
 
+def too_large(max_bytes: int, size: int | None = None) -> OpenAIError:
+    got = f"{size} bytes" if size is not None else "larger than that"
+    return OpenAIError(413, f"the request body is {got}; the limit is {max_bytes} bytes",
+                       code="request_too_large")
+
+
+def check_body_headers(content_type: str | None, content_encoding: str | None,
+                       content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body before reading it: not JSON, compressed, or declared over the size limit."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    # Browsers send text/plain and form bodies cross-origin without a preflight: refusing them keeps
+    # a web page from driving a server on localhost. No Content-Type at all is read as JSON.
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise OpenAIError(415, f"Content-Type must be application/json, not {media!r}",
+                          code="unsupported_media_type")
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding != "identity":
+        raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
+                          "uncompressed", code="unsupported_media_type")
+    if content_length and content_length.strip().isdigit() and int(content_length) > max_bytes:
+        raise too_large(max_bytes, int(content_length))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
     """Parse and validate a JSON body into `model`; any problem is an OpenAIError."""
     if len(raw) > max_bytes:
-        raise OpenAIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}",
-                          code="request_too_large")
+        raise too_large(max_bytes, len(raw))
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError covers bad UTF-8, bad JSON, NaN/Infinity and integers of over 4300 digits;
+        # RecursionError a body of deeply nested arrays.
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
         raise OpenAIError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
+    if b"\\u" in raw:  # a \ud800 escape decodes to a lone surrogate, which no tokenizer takes
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise OpenAIError(400, "the body holds a string with an unpaired UTF-16 surrogate "
+                              "escape (\\ud800-\\udfff)") from None
     return validate(model, data)
 
 
 def validate(model: type[_Request], data: dict[str, Any]) -> Any:
     """Validate a decoded request (HTTP JSON or a gRPC message as a dict); raises OpenAIError."""
     try:
-        req = model.model_validate(data)
+        req = model.model_validate(data, strict=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise OpenAIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
+        # Of a union's failed alternatives, the one the client meant got deepest into the body
+        # ("prompt.1: ... valid integer" for [1, "a"], not "prompt: ... valid string"), or took
+        # the value's type and failed a bound (17 stop strings: "at most 16", not "a string").
+        errors = exc.errors()
+        paths = [_body_path(data, err) for err in errors]
+        best = max(range(len(errors)),
+                   key=lambda i: (len(paths[i]), not errors[i]["type"].endswith("_type")))
+        param = ".".join(str(p) for p in paths[best]) or None
+        msg = errors[best]["msg"]
+        raise OpenAIError(400, f"{param}: {msg}" if param else msg, param=param,
                           code="invalid_value") from None
     req.check_supported()
     return req
+
+
+def _body_path(data: Any, err: Any) -> list[str | int]:
+    """An error's location as a path into the body, without pydantic's union-member tags."""
+    path: list[str | int] = []
+    node, loc = data, err["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (err["type"] == "missing" and i == len(loc) - 1):
+            continue  # a union member's tag ("str", "list[int]"), not a place in the body
+        path.append(part)
+    return path
 
 
 # ---------------------------------------------------------------------------- API keys

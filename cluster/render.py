@@ -13,7 +13,7 @@ from pdcluster.cluster.spec import RAY_HEAD, ClusterSpec, Role
 
 APP_NAME = "pdcluster"
 APP_IMPORT_PATH = "pdcluster.cluster.serve_app:build_app"
-GRPC_SERVICER = "pdcluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"
+GRPC_SERVICER = "pdcluster.cluster.grpc_service.add_inference_servicer"
 RAY_VERSION = "2.60.0"  # pinned in pyproject.toml; KubeRay uses it to pick its behaviour
 DEFAULT_IMAGE = "pdcluster:0.1.0"
 # Kubernetes extended resource per device (the Ascend device plugin names 910/910B this way).

@@ -19,9 +19,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdcluster.actors.engine_loop import RequestAborted
 from pdcluster.actors.router import HEAD_NODE, Admission, get_or_create_router
 from pdcluster.cluster import openai_protocol as oai
+from pdcluster.cluster.grpc_service import Undecodable
 from pdcluster.cluster.metrics import CONTENT_TYPE, ServingMetrics
+from pdcluster.cluster.openapi import openapi_document
 from pdcluster.cluster.routing import prefix_block_hashes
 from pdcluster.cluster.spec import ClusterSpec
 from pdcluster.engine.sampling import SamplingParams
@@ -35,7 +38,9 @@ _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUT
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 # Admission reject reasons that are not "busy, retry later"
-_REJECT_STATUS = {"too_long": 400, "no_worker": 503}
+_REJECT_STATUS = {"too_long": 400, "no_worker": 503, "draining": 503}
+_REJECT_MESSAGE = {"draining": "the server is shutting down and admits no new requests; retry "
+                               "on another replica or later"}
 
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -89,6 +94,12 @@ class _WorkerLost(Exception):
     """A worker actor died or cannot be reached during a call."""
 
 
+def _stopped() -> oai.OpenAIError:
+    """A worker aborted the request (the end of a drain that timed out)."""
+    return oai.OpenAIError(503, "the request was stopped before it finished because the server is "
+                           "shutting down; retry", code="aborted", retry_after_s=1.0)
+
+
 def _error(exc: oai.OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
@@ -97,10 +108,26 @@ def _unwrap(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The JSON body, refused by its headers before it is read and cut off once over the limit
+    (a chunked body declares no length)."""
+    headers = request.headers
+    oai.check_body_headers(headers.get("content-type"), headers.get("content-encoding"),
+                           headers.get("content-length"), max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise oai.too_large(max_bytes)
+    return bytes(body)
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    # Unknown routes and methods get OpenAI's error body too.
-    return _error(oai.OpenAIError(exc.status_code, str(exc.detail)))
+    # Unknown routes and methods get OpenAI's error body too (a 405 keeps its Allow header).
+    response = _error(oai.OpenAIError(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 @app.exception_handler(Exception)
@@ -140,6 +167,8 @@ class Ingress:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
         except (TimeoutError, ray.exceptions.RayError) as exc:
             return JSONResponse({"status": "unavailable", "detail": f"router: {exc}"}, 503)
+        if snap.draining:  # load balancers stop sending here; in-flight requests still finish
+            return JSONResponse({"status": "draining", "in_flight": snap.in_flight}, 503)
         roles = {w.info.role for w in snap.workers if w.healthy}
         if roles != ({"decode"} if self.spec.colocated else {"prefill", "decode"}):
             return JSONResponse({"status": "unavailable", "detail": "no healthy worker in a pool"}, 503)
@@ -154,6 +183,11 @@ class Ingress:
         self.metrics.set_cluster(snap)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/openapi.json")
+    async def openapi(self) -> Response:
+        return JSONResponse(openapi_document(self.info.model_name, self.info.vocab_size,
+                                             bool(self.api_keys)))
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
@@ -166,8 +200,8 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             tenant = self._tenant(request.headers.get("authorization"))
-            req = oai.parse(oai.ChatCompletionRequest, await request.body(),
-                            self.spec.serve.max_body_bytes)
+            limit = self.spec.serve.max_body_bytes
+            req = oai.parse(oai.ChatCompletionRequest, await _read_body(request, limit), limit)
             self._check_model(req.model)
             run = self._new_run("chatcmpl", self._chat_ids(req), req, tenant)
         except oai.OpenAIError as exc:
@@ -178,7 +212,8 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         try:
             tenant = self._tenant(request.headers.get("authorization"))
-            req = oai.parse(oai.CompletionRequest, await request.body(), self.spec.serve.max_body_bytes)
+            limit = self.spec.serve.max_body_bytes
+            req = oai.parse(oai.CompletionRequest, await _read_body(request, limit), limit)
             self._check_model(req.model)
             prompt = req.single_prompt()
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -195,6 +230,8 @@ class Ingress:
         try:
             metadata = dict(grpc_context.invocation_metadata())
             tenant = self._tenant(metadata.get("authorization"))
+            if isinstance(request, Undecodable):
+                raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
             run = self._grpc_run(request, tenant)
             steps = self._steps(run)
             await self._admitted(steps)
@@ -265,7 +302,8 @@ class Ingress:
         room = context - len(ids)
         if room < 1:
             raise oai.OpenAIError(400, f"the prompt is {len(ids)} tokens; this model's context is "
-                                  f"{context} tokens", param="messages", code="context_length_exceeded")
+                                  f"{context} tokens", param="messages" if prefix == "chatcmpl"
+                                  else "prompt", code="context_length_exceeded")
         wanted = req.requested_max_tokens()
         if wanted is not None and wanted > room:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
@@ -345,7 +383,8 @@ class Ingress:
                 m.rejections.labels(admission.reason).inc()
                 raise oai.OpenAIError(
                     _REJECT_STATUS.get(admission.reason, 429),
-                    f"the server is at capacity ({admission.reason}); retry later",
+                    _REJECT_MESSAGE.get(admission.reason,
+                                        f"the server is at capacity ({admission.reason}); retry later"),
                     code=admission.reason, retry_after_s=admission.retry_after_s)
             m.admissions.inc()
             yield None
@@ -388,13 +427,15 @@ class Ingress:
                             ids = [t for o in outs for t in o.new_token_ids]
                             generated += ids
                             run.output_tokens += len(ids)
-                            yield _Delta(ids, "".join(o.delta_text for o in outs),
-                                         outs[-1].finish_reason)
+                            finish = outs[-1].finish_reason
+                            yield _Delta(ids, "".join(o.delta_text for o in outs), finish)
                         break
                     except _WorkerLost:
                         decode_gen = None
                         decode_worker = await self._replacement(run, decode_worker, attempt)
                 decode_gen = None
+                if finish is None:  # the worker stopped it (drain timeout): say so, never truncate
+                    raise _stopped()
             status = "ok"
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -427,6 +468,8 @@ class Ingress:
             cause = _unwrap(exc)
             if isinstance(cause, ValueError):
                 raise oai.OpenAIError(400, str(cause)) from None
+            if isinstance(cause, RequestAborted):
+                raise _stopped() from None
             log.error("worker %s failed: %s", worker_id, exc)
             raise oai.OpenAIError(500, f"internal error on worker {worker_id}") from None
         except ray.exceptions.RayError as exc:
@@ -464,5 +507,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ongoing = 2 * (r.max_concurrency + r.max_queue) + 64
     return Ingress.options(
         num_replicas=1, max_ongoing_requests=ongoing,
+        # When Serve itself stops this replica (redeploy, KubeRay upgrade) it waits this long for
+        # the streams in progress, as `pdcluster down` does (local_cluster.teardown).
+        graceful_shutdown_timeout_s=r.drain_timeout_s,
         ray_actor_options={"num_cpus": 0, "resources": dict(HEAD_NODE)},
     ).bind(spec.to_dict())

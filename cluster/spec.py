@@ -110,6 +110,9 @@ class RouterSpec(_Strict):
     max_queue: int = Field(default=64, ge=0)  # waiting beyond that: rejected with 429 / RESOURCE_EXHAUSTED
     ttft_slo_s: float | None = Field(default=None, gt=0)  # reject early when predicted TTFT exceeds it
     per_key_limits: dict[str, int] = Field(default_factory=dict)  # API key/tenant -> max concurrent
+    # On shutdown (`pdcluster down`, SIGTERM, a Serve replica stopping): stop admitting, let admitted
+    # requests finish for up to this long, then stop anyway.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
     @field_validator("per_key_limits")
     @classmethod
@@ -131,11 +134,24 @@ class StoreSpec(_Strict):
     global_segment_mib: int = Field(default=512, ge=1)  # memory each client contributes to the store
     local_buffer_mib: int = Field(default=128, ge=1)
     device_name: str = ""  # RDMA NIC(s) for protocol rdma, e.g. "mlx5_0"
+    # embedded: every worker process runs its own Mooncake client and contributes its own segment.
+    # node: one store client process per node (`mooncake_client`, started by the node's first worker)
+    # contributes the node's segment and does the copies; workers attach to it over shared memory and
+    # allocate their KV cache there, so a handoff between workers on one node is two memcpys instead
+    # of a trip through loopback TCP. Host memory only (engine.device cpu).
+    client: Literal["embedded", "node"] = "embedded"
+    node_client_port: int = Field(default=50052, ge=1, le=65535)  # workers attach to the node client here
+    # the node client's transfer engine (its segment is named host:port); mooncake_client accepts
+    # 1024-32767 or 61000-65535 only
+    node_client_transfer_port: int = Field(default=15052, ge=1024, le=65535)
 
     @model_validator(mode="after")
     def _check(self) -> StoreSpec:
         if self.protocol == "rdma" and not self.device_name:
             raise ValueError("protocol 'rdma' needs device_name (the RDMA NIC, e.g. mlx5_0)")
+        if 32767 < self.node_client_transfer_port < 61000:
+            raise ValueError(f"node_client_transfer_port must be in 1024-32767 or 61000-65535 "
+                             f"(mooncake_client ignores others), got {self.node_client_transfer_port}")
         return self
 
     def resolve_master_host(self, gcs_address: str | None = None) -> str:
@@ -229,9 +245,18 @@ class ClusterSpec(_Strict):
                 errors.append(f"{role}.resources must not set {sorted(clash)}: they are derived")
         if self.store.protocol == "ascend" and device != "npu":
             errors.append(f"store.protocol 'ascend' needs engine.device 'npu', not {device!r}")
+        if self.store.client == "node" and device in ACCELERATOR_RESOURCE:
+            errors.append(f"store.client 'node' shares host memory with the node client; the KV cache "
+                          f"on {device!r} needs store.client 'embedded'")
+        if self.store.client == "node" and tp > 1:
+            errors.append("store.client 'node' with engine.tp_size > 1: only TP rank 0 allocates its "
+                          "KV cache from the node client so far; use store.client 'embedded'")
         ports = {"serve.http_port": self.serve.http_port, "serve.grpc_port": self.serve.grpc_port,
                  "store.rpc_port": self.store.rpc_port, "store.metadata_port": self.store.metadata_port,
                  "store.metrics_port": self.store.metrics_port}
+        if self.store.client == "node":
+            ports |= {"store.node_client_port": self.store.node_client_port,
+                      "store.node_client_transfer_port": self.store.node_client_transfer_port}
         seen: dict[int, str] = {}
         for name, port in ports.items():
             if port in seen:
@@ -292,7 +317,11 @@ class ClusterSpec(_Strict):
     def worker_actor_options(self, role: Role) -> dict[str, Any]:
         """Ray actor options for the one worker per node of this pool: it owns the whole node."""
         pool = self.pool(role)
-        opts: dict[str, Any] = {"resources": {pool.role_resource: 1}}
+        # A worker that dies is restarted by Ray on a node of its pool (its engine reloads, its store
+        # client remounts); calls in flight fail at once and the ingress fails those requests over,
+        # and the router places nothing there until a poll answers again.
+        opts: dict[str, Any] = {"resources": {pool.role_resource: 1}, "max_restarts": -1,
+                                "max_task_retries": 0}
         if self.engine.device == "npu":
             opts["resources"]["NPU"] = pool.accelerators_per_node
         elif self.engine.device == "cuda":

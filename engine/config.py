@@ -1,7 +1,17 @@
 """Engine configuration: which model, where it runs, and how big the paged KV cache is."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Returns zero-filled memory for the KV cache: a 1-D uint8 tensor of at least the given number of
+# bytes on the engine's device, which the engine views as its block-major cache. The store's
+# shared-memory mode uses it so the cache lives where the node's store client can copy from.
+KVAllocator = Callable[[int], "torch.Tensor"]
 
 EMBEDDED_MODEL = "embedded"
 
@@ -21,6 +31,10 @@ class EngineConfig:
     threads: int | None = None            # torch intra-op threads on cpu
     tp_rank: int = 0
     tp_size: int = 1
+    # a TP collective (or the rendezvous) waiting longer than this raises: a hung or dead peer rank
+    # fails the engine instead of blocking it forever
+    tp_timeout_s: float = 120.0
+    kv_allocator: KVAllocator | None = field(default=None, compare=False, repr=False)  # None: torch.zeros
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

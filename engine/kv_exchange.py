@@ -18,6 +18,7 @@ import torch
 from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.kv_transfer import (BlockRef, KVConnector, KVHandoff, KVLayout,
                                           block_checksum, store_key)
+from pdcluster.engine.parallel import gather_objects, get_tp, min_over_ranks
 from pdcluster.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,14 @@ class KVExchange:
                 refs.append(BlockRef(key, n, block_checksum(self.cache[b], n)))
             self.counters.kv_blocks_saved += len(refs)
             self.counters.kv_bytes_saved += len(refs) * self.layout.block_nbytes
+        # TP: every rank saved its own shard; the manifest carries each rank's refs (all ranks
+        # export the same sequence in the same step, so the gather lines up)
+        per_rank = gather_objects(tuple(refs))
         return KVHandoff(
             request_id=seq.request_id, model_fingerprint=self.fingerprint, layout=self.layout,
             token_ids=tuple(seq.token_ids[:seq.num_prompt_tokens]),
-            first_token=seq.token_ids[seq.num_prompt_tokens], blocks=tuple(refs),
-            num_cached_tokens=seq.num_cached_tokens)
+            first_token=seq.token_ids[seq.num_prompt_tokens], blocks=per_rank[0],
+            num_cached_tokens=seq.num_cached_tokens, follower_blocks=tuple(per_rank[1:]))
 
     # ------------------------------------------------------------------ import
     def on_admit(self, seq: Sequence) -> None:
@@ -100,18 +104,21 @@ class KVExchange:
         if seq.kv_import is not None:
             self._import_handoff(seq, seq.kv_import)
             seq.kv_import = None
-        elif self.connector is not None:
+        elif self.connector is not None or get_tp().size > 1:  # TP: every rank joins the agreement
             self._import_store_prefix(seq)
 
     def _import_handoff(self, seq: Sequence, handoff: KVHandoff) -> None:
         prompt_len = seq.num_prompt_tokens
-        if handoff.model_fingerprint != self.fingerprint or handoff.layout != self.layout:
-            log.warning("handoff for %s is from another model/layout; recomputing", seq.request_id)
+        tp = get_tp()
+        if (handoff.model_fingerprint != self.fingerprint or handoff.layout != self.layout
+                or handoff.tp_size != tp.size):
+            log.warning("handoff for %s is from another model/layout/TP size; recomputing",
+                        seq.request_id)
             self.counters.kv_recomputed_tokens += prompt_len - seq.num_computed_tokens
             return
         bs = self.bm.block_size
         first = seq.num_computed_tokens // bs          # blocks already local (prefix cache)
-        refs = list(handoff.blocks[first:])
+        refs = list(handoff.blocks_of_rank(tp.rank)[first:])
         loaded = self._load(seq, first, refs, verify=True)
         covered = first * bs + sum(r.num_tokens for r in refs[:loaded])
         seq.num_computed_tokens = max(seq.num_computed_tokens, min(covered, prompt_len))
@@ -126,11 +133,12 @@ class KVExchange:
         if not hashes:
             return
         keys = [store_key(h) for h in hashes]
-        try:
-            present = self.connector.exists(keys)
-        except Exception as exc:
-            log.warning("store prefix lookup failed: %s", exc)
-            return
+        present: list[bool] = []                      # no store here: load nothing, still agree
+        if self.connector is not None:
+            try:
+                present = self.connector.exists(keys)
+            except Exception as exc:
+                log.warning("store prefix lookup failed: %s", exc)
         run = next((i for i, p in enumerate(present) if not p), len(present))
         refs = [BlockRef(k, bs, 0) for k in keys[:run]]
         loaded = self._load(seq, first, refs, verify=False)
@@ -141,9 +149,16 @@ class KVExchange:
             self.bm.commit(seq)
 
     def _load(self, seq: Sequence, first: int, refs: list[BlockRef], verify: bool) -> int:
-        """Load refs into seq's blocks from index `first`; returns how many leading blocks are good."""
-        if not refs or self.connector is None:
+        """Load refs into seq's blocks from index `first`; returns how many leading blocks are good.
+
+        TP: each rank loads its own shard, and the ranks agree twice — on how many blocks to try
+        before reserving (their block managers must stay identical) and on the shortest good run
+        (a block missing or corrupt on one rank is recomputed by all)."""
+        if self.connector is None:
             self.counters.kv_missing_blocks += len(refs)
+        refs = refs[:min_over_ranks(len(refs) if self.connector is not None else 0,
+                                    self.cache.device)]
+        if not refs:
             return 0
         bs = self.bm.block_size
         upto = (first + len(refs)) * bs
@@ -169,6 +184,7 @@ class KVExchange:
                 self.counters.kv_corrupt_blocks += 1
                 break
             good += 1
+        good = min_over_ranks(good, self.cache.device)
         self.counters.kv_blocks_loaded += good
         self.counters.kv_bytes_loaded += good * self.layout.block_nbytes
         return good

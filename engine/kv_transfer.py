@@ -39,9 +39,19 @@ class KVHandoff:
     layout: KVLayout
     token_ids: tuple[int, ...]
     first_token: int
-    blocks: tuple[BlockRef, ...] = ()
+    blocks: tuple[BlockRef, ...] = ()            # TP rank 0's (the only rank without TP)
     num_cached_tokens: int = 0                   # prompt tokens prefill took from a prefix cache
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # A TP engine's ranks 1..tp_size-1: each rank stores its own shard of every block under its own
+    # keys (the chain hash is salted with the rank), with its own checksums.
+    follower_blocks: tuple[tuple[BlockRef, ...], ...] = ()
+
+    @property
+    def tp_size(self) -> int:
+        return 1 + len(self.follower_blocks)
+
+    def blocks_of_rank(self, tp_rank: int) -> tuple[BlockRef, ...]:
+        return self.blocks if tp_rank == 0 else self.follower_blocks[tp_rank - 1]
 
 
 class KVConnector(ABC):

@@ -102,7 +102,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ setup
     def _build_model(self, hf_config: dict, weights) -> torch.nn.Module:
         cls = model_class(hf_config)
-        init_tensor_parallel(self.config.tp_rank, self.config.tp_size, self.device)
+        init_tensor_parallel(self.config.tp_rank, self.config.tp_size, self.device,
+                             self.config.tp_timeout_s)
         # Tensors are allocated uninitialized, on the device and in the serving dtype (float32-only
         # tensors such as DeepSeek's router bias say so): load_weights fills and checks every one,
         # so random init and a float32 copy of a large model would be wasted.
@@ -123,7 +124,16 @@ class LLMEngine:
         if n < 2:
             raise ValueError(f"kv cache too small: one block needs {per_block} bytes")
         self.block_nbytes = per_block
-        return torch.zeros((n, *shape_tail), dtype=self.dtype, device=self.device)
+        shape = (n, *shape_tail)
+        if self.config.kv_allocator is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        nbytes = n * per_block
+        storage = self.config.kv_allocator(nbytes)
+        if (storage.dtype != torch.uint8 or storage.dim() != 1 or storage.numel() < nbytes
+                or storage.device.type != self.device.type):
+            raise ValueError(f"kv_allocator returned {storage.dtype} {tuple(storage.shape)} on "
+                             f"{storage.device}; need uint8 of {nbytes} bytes on {self.device}")
+        return storage[:nbytes].view(self.dtype).view(shape)
 
     def set_kv_connector(self, connector: KVConnector | None) -> None:
         """Attach the store that KV handoffs and the shared prefix cache go through."""

@@ -10,6 +10,8 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,9 +38,13 @@ def get_tp() -> TPGroup:
     return _tp
 
 
-def init_tensor_parallel(rank: int, size: int, device: torch.device) -> TPGroup:
+def init_tensor_parallel(rank: int, size: int, device: torch.device,
+                         timeout_s: float | None = None) -> TPGroup:
     """Join the node's TP group (torch.distributed over env:// MASTER_ADDR/MASTER_PORT; gloo on cpu,
-    nccl on cuda, hccl on npu). Size 1 needs no process group. Idempotent for the same rank/size."""
+    nccl on cuda, hccl on npu). Size 1 needs no process group. Idempotent for the same rank/size.
+
+    timeout_s bounds the rendezvous and every collective: a rank whose peer hangs raises instead of
+    waiting forever (None: torch's default, 30 min for gloo)."""
     global _tp
     if not 0 <= rank < size:
         raise ValueError(f"tp_rank {rank} is not in [0, {size})")
@@ -57,8 +63,9 @@ def init_tensor_parallel(rank: int, size: int, device: torch.device) -> TPGroup:
                 torch.cuda.set_device(rank % torch.cuda.device_count())
             elif device.type == "npu":
                 torch.npu.set_device(rank % torch.npu.device_count())  # type: ignore[attr-defined]
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
             dist.init_process_group(_BACKENDS[device.type], init_method="env://", rank=rank,
-                                    world_size=size)
+                                    world_size=size, timeout=timeout)
             log.info("tensor parallel rank %d/%d up (%s)", rank, size, _BACKENDS[device.type])
     _tp = TPGroup(rank, size)
     return _tp
@@ -85,6 +92,25 @@ def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
     if _tp.size > 1:
         dist.broadcast(x, src=0)
     return x
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` any rank holds (e.g. how many KV blocks every rank could load), so all
+    ranks take the same decision; `device` is where the collective runs (this rank's cache)."""
+    if _tp.size == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (small metadata only)."""
+    if _tp.size == 1:
+        return [obj]
+    out: list[Any] = [None] * _tp.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -35,9 +35,11 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         ranks = torch.arange(logits.shape[-1])[None, :]
         drop = ranks >= torch.tensor(top_k)[:, None]
         sorted_probs = sorted_logits.softmax(dim=-1)
-        # keep the smallest set whose mass reaches top_p (always at least the first token)
+        # keep the smallest set whose mass reaches top_p, and always the first token (a top_p
+        # that rounds to 0 in float32 would otherwise drop every token)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop |= mass_before >= torch.tensor(top_p, dtype=logits.dtype)[:, None]
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits.softmax(dim=-1)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16          # None: until the context is full
-    temperature: float = 1.0             # 0 means greedy
+    temperature: float = 1.0             # 0 (anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0                       # 0 or -1: disabled
     seed: int | None = None
@@ -47,4 +48,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing logits by a temperature this small overflows float32 (inf/NaN probabilities).
+        return self.temperature < GREEDY_BELOW

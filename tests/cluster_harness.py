@@ -35,6 +35,20 @@ def serve_cluster(spec: ClusterSpec) -> str:
     return http_url(spec)
 
 
+def assert_stream_equals_offline(base: str, llm, messages: list[dict], max_tokens: int = 32) -> None:
+    """A greedy streamed chat completion from the cluster at `base` gives the engine's offline text."""
+    import openai
+
+    from pdcluster.engine.sampling import SamplingParams
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                            max_tokens=max_tokens, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    offline = llm.generate([llm.chat_prompt(messages)], SamplingParams(temperature=0, max_tokens=max_tokens))
+    assert text == offline[0].text
+
+
 def stop_cluster() -> None:
     import ray
     from ray import serve

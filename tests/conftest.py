@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every test cluster is a Ray instance of its own: a bare ray.init() would join a `ray start` cluster
+# running on the same machine.
+os.environ.setdefault("RAY_ADDRESS", "local")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]

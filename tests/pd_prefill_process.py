@@ -3,6 +3,8 @@
 Reads JSON lines on stdin: {"prompts": [[ids...], ...], "max_tokens": n} -> prefills them with
 kv_export and answers {"manifests": [hex of KVManifest bytes], "stats": {...}}; EOF ends it.
 The process must outlive the decode side's reads: its segment holds the blocks it wrote.
+Arguments: RPC_PORT METADATA_PORT [NODE_CLIENT_PORT TRANSFER_PORT]: with the last two it attaches
+to that node client instead (store.client "node"), its KV cache allocated in shared memory.
 """
 from __future__ import annotations
 
@@ -16,15 +18,22 @@ import torch
 def main() -> None:
     rpc_port, metadata_port = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
-    from pdcluster.cluster.kv_connector import make_connector
+    from pdcluster.cluster.kv_connector import make_connector, open_backend
     from pdcluster.cluster.kv_manifest import handoff_to_manifest, to_bytes
     from pdcluster.cluster.spec import StoreSpec
     from pdcluster.engine import LLM, SamplingParams
 
-    llm = LLM(num_kv_blocks=256, enable_prefix_caching=False)
     store = StoreSpec(rpc_port=rpc_port, metadata_port=metadata_port, global_segment_mib=128,
                       local_buffer_mib=16)
-    assert make_connector(store, llm.engine) is not None, "store unreachable"
+    backend = None
+    if len(sys.argv) > 3:
+        store = store.model_copy(update={"client": "node", "node_client_port": int(sys.argv[3]),
+                                         "node_client_transfer_port": int(sys.argv[4])})
+        backend = open_backend(store)
+        assert backend is not None, "node store client unreachable"
+    llm = LLM(num_kv_blocks=256, enable_prefix_caching=False,
+              kv_allocator=backend.allocate if backend is not None else None)
+    assert make_connector(store, llm.engine, backend=backend) is not None, "store unreachable"
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)

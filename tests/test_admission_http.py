@@ -105,3 +105,18 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
         await asyncio.to_thread(h.wait_for, lambda: h.snapshot().queued == Q - 1)
         statuses = await asyncio.gather(*(t for i, t in enumerate(tasks) if i != leaver))
     return list(statuses), code
+
+
+def test_short_soak_at_twice_capacity_is_clean(cluster):
+    """The soak script itself, briefly: 2x (N+Q) closed-loop clients; the excess is turned away
+    early, nothing else fails, and afterwards nothing is in flight and every KV block is free."""
+    from pdcluster.cluster.soak import soak
+
+    clients = 2 * (N + Q)
+    s = asyncio.run(soak(cluster[1] + "/v1", h.MODEL, clients, duration_s=15, max_requests=400,
+                         max_tokens=8, api_key=None, ttft_slo_s=60))
+    assert s.errors == 0, s.error_samples
+    assert s.served >= N and s.rejected_early > 0
+    assert s.sent == s.served + s.rejected_early
+    assert s.free_blocks_before and s.clean, s
+    assert s.ttft_within_slo == 1.0

@@ -177,3 +177,68 @@ def test_client_disconnect_frees_its_slot_and_blocks(cluster):
     after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
     statuses = {k: v for k, v in after.items() if k[0] == "pdcluster_requests_total"}
     assert after.get(cancelled, 0) == before + 1, statuses
+
+
+def _decode_stats() -> dict:
+    (stats,) = [w.report.stats for w in h.snapshot().workers if w.info.role == "decode"]
+    return stats
+
+
+def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
+    """SIGKILL the mooncake_master mid-request: every answer stays the offline greedy one (decode
+    recomputes what it cannot load), the supervisor restarts the master, and handoffs through the
+    store resume (the store clients remount on their own)."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    questions = [[{"role": "user", "content": f"Fact {i}: in one short sentence, describe the colour "
+                                              f"of the sky at noon on a clear summer day."}]
+                 for i in range(40)]
+    offline = llm.generate([llm.chat_prompt(q) for q in questions],
+                           SamplingParams(temperature=0, max_tokens=12))
+    assert len(llm.chat_prompt(questions[0])) > 32  # at least two full KV blocks to hand off
+
+    def ask(i: int) -> None:
+        out = client.chat.completions.create(model=h.MODEL, messages=questions[i], temperature=0,
+                                             max_tokens=12)
+        assert out.choices[0].message.content == offline[i].text, i
+
+    router = h.router()
+    master = ray.get(router.master_status.remote(), timeout=30)
+    assert master.managed and master.healthy
+    ask(0)
+    before = h.wait_for(_decode_stats)
+    stream = client.chat.completions.create(model=h.MODEL, messages=questions[1], temperature=0,
+                                            max_tokens=12, stream=True)
+    text = next(c.choices[0].delta.content for c in stream if c.choices[0].delta.content)
+    os.kill(master.pid, signal.SIGKILL)  # mid-request: its first token is out, decode is running
+    text += "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == offline[1].text
+
+    # While the master is down (and its successor empty, the clients not yet remounted) decode
+    # recomputes the prompts: keep asking until one was.
+    i, deadline = 2, time.monotonic() + 60
+    while _decode_stats()["kv_recomputed_tokens"] == before["kv_recomputed_tokens"]:
+        assert time.monotonic() < deadline, "no request fell back to recomputation"
+        ask(i)
+        i += 1
+        time.sleep(0.5)  # one poll: the router's copy of the worker's counters is fresh
+    status = h.wait_for(lambda: (s := ray.get(router.master_status.remote(), timeout=30)).healthy
+                        and s.restarts >= 1 and s, timeout_s=60)
+    assert status.pid != master.pid
+
+    # Handoff recovers: a new prompt's KV is loaded from the store again, not recomputed.
+    deadline = time.monotonic() + 90
+    while True:
+        loaded, recomputed = _decode_stats()["kv_blocks_loaded"], _decode_stats()["kv_recomputed_tokens"]
+        ask(i)
+        i += 1
+        time.sleep(0.6)
+        now = _decode_stats()
+        if now["kv_blocks_loaded"] > loaded and now["kv_recomputed_tokens"] == recomputed:
+            break
+        assert time.monotonic() < deadline and i < len(questions), "handoff did not recover"
+    h.wait_for(lambda: h.idle(h.snapshot()))

@@ -3,11 +3,9 @@ the same router and API, and give the same greedy text as the engine offline and
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
 import cluster_harness as h
-from pdcluster.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,12 +27,7 @@ def cluster():
 
 def test_colocated_stream_equals_offline_and_uses_no_prefill_worker(cluster, llm):
     spec, base = cluster
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-    stream = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0,
-                                            max_tokens=32, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    offline = llm.generate([llm.chat_prompt(QUESTION)], SamplingParams(temperature=0, max_tokens=32))[0]
-    assert text == offline.text
+    h.assert_stream_equals_offline(base, llm, QUESTION)
     snap = h.snapshot()
     assert {w.info.role for w in snap.workers} == {"decode"}
     assert snap.in_flight == 0

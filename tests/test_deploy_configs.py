@@ -67,7 +67,7 @@ def test_serve_config_is_valid_for_ray_serve_and_carries_the_spec(spec: ClusterS
     assert config["http_options"] == {"host": spec.serve.http_host, "port": spec.serve.http_port}
     assert config["grpc_options"]["port"] == spec.serve.grpc_port
     assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "pdcluster.proto.inference_pb2_grpc.add_InferenceServicer_to_server"]
+        "pdcluster.cluster.grpc_service.add_inference_servicer"]
     (app,) = config["applications"]
     assert app["import_path"] == "pdcluster.cluster.serve_app:build_app"
     assert ClusterSpec.from_dict(app["args"]["spec"]) == spec

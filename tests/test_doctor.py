@@ -74,6 +74,14 @@ def test_cpu_box_with_default_spec_is_ready_and_notes_the_missing_npu() -> None:
     assert checks["model"].status == "pass" and checks["mooncake"].status == "pass"
 
 
+def test_node_store_client_mode_needs_the_mooncake_client_binary() -> None:
+    spec = LOCAL.model_copy(update={"store": LOCAL.store.model_copy(update={"client": "node"})})
+    assert by_name(run_checks(spec, cpu_box()))["mooncake"].status == "pass"
+    checks = by_name(run_checks(spec, cpu_box(which=lambda n: None if n == "mooncake_client" else n)))
+    assert checks["mooncake"].status == "fail"
+    assert checks["mooncake"].detail == "mooncake_client not on PATH"
+
+
 def test_npu_spec_on_a_cpu_box_fails_on_npu_and_cann() -> None:
     results = run_checks(PROD, cpu_box())
     checks = by_name(results)

@@ -1,6 +1,6 @@
 """The engine thread driver with a scripted engine: outputs reach the right request's queue, aborts
 free the request and wake its consumer (even when they arrive first), errors are delivered, and an
-idle loop does not spin."""
+idle loop does not spin; a TP mirror sees every iteration, and losing it is fatal."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from pdcluster.actors.engine_loop import EngineLoop, RequestAborted
+from pdcluster.actors.tp_followers import apply_command
 from pdcluster.engine.outputs import RequestOutput
 from pdcluster.engine.sampling import SamplingParams
 
@@ -40,6 +41,8 @@ class FakeEngine:
         self.thread = threading.current_thread()
         if prompt_token_ids == [666]:
             raise ValueError("refused by the engine")
+        if prompt_token_ids == [667]:
+            raise KeyError("a bug in the engine")
         self.seqs[request_id] = [params.max_tokens, 0]
 
     def abort_request(self, request_id):
@@ -135,10 +138,15 @@ def test_errors_reach_the_request():
     async def run():
         with pytest.raises(ValueError):  # caught before the engine thread sees it
             loop.submit("empty", [], SamplingParams())
-        return await _drain(loop.submit("bad", [666], SamplingParams()))
+        refused = await _drain(loop.submit("bad", [666], SamplingParams()))
+        # any other failure to add fails that request only: the engine thread keeps serving
+        buggy = await _drain(loop.submit("buggy", [667], SamplingParams()))
+        return refused, buggy, await _drain_one(loop)
 
-    (err,) = asyncio.run(run())
+    (err,), (bug,), served = asyncio.run(run())
     assert isinstance(err, ValueError) and "refused" in str(err)
+    assert isinstance(bug, RuntimeError) and "a bug" in str(bug)
+    assert served[-1].finished
     loop.stop()
 
     failing = EngineLoop(FakeEngine(fail_step=True))
@@ -159,3 +167,65 @@ def test_idle_loop_sleeps():
     time.sleep(0.3)
     assert engine.steps == steps  # no work, no steps: the thread waits on its condition
     loop.stop()
+
+
+class ReplayMirror:
+    """A follower rank in miniature: replays every forwarded iteration on an engine of its own."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.engine = FakeEngine()
+        self.fail = fail
+
+    def apply(self, commands, step):
+        if self.fail:
+            raise BrokenPipeError("follower gone")
+        for cmd in commands:
+            apply_command(self.engine, cmd)
+        if step:
+            self.engine.step()
+
+
+def test_a_mirror_gets_every_command_and_step_so_its_engine_stays_in_step():
+    engine, mirror = FakeEngine(), ReplayMirror()
+    loop = EngineLoop(engine, mirror=mirror)
+
+    async def run():
+        done = loop.submit("a", [1], SamplingParams(max_tokens=3))
+        refused = loop.submit("bad", [666], SamplingParams())
+        long = loop.submit("long", [1], SamplingParams(max_tokens=10**6))
+        await _drain(done), await _drain(refused)
+        loop.abort("long")
+        while not isinstance(await long.get(), RequestAborted):
+            pass
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while engine.seqs and time.monotonic() < deadline:  # the abort reaches the engine thread
+        time.sleep(0.01)
+    loop.stop()
+    assert not engine.seqs and not mirror.engine.seqs
+    assert mirror.engine.steps == engine.steps and mirror.engine.aborted == engine.aborted
+
+
+def test_a_lost_rank_is_fatal():
+    fatal: list[BaseException] = []
+    loop = EngineLoop(FakeEngine(), mirror=ReplayMirror(fail=True), on_fatal=fatal.append)
+
+    async def run():
+        loop.submit("x", [1], SamplingParams(max_tokens=3))
+        for _ in range(500):
+            if fatal:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert isinstance(fatal[0], BrokenPipeError)  # the worker ends itself from here
+    loop.stop()
+
+    # without on_fatal every request fails and nothing new is taken
+    broken = EngineLoop(FakeEngine(fail_step=True), mirror=ReplayMirror())
+    (err,) = asyncio.run(_drain_one(broken))
+    assert isinstance(err, RuntimeError) and "tensor-parallel" in str(err)
+    with pytest.raises(RuntimeError):
+        asyncio.run(_drain_one(broken))
+    broken.stop()

@@ -1,5 +1,6 @@
 """Mooncake store layer against a real mooncake_master: cross-process zero-copy handoff, missing keys,
-master loss and restart. Every process started here is stopped and reaped before the module ends.
+master loss and restart, in both client modes (embedded, and attached to a node client over shared
+memory). Every process started here is stopped and reaped before the module ends.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import torch
 from pdcluster.cluster.kv_store import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
                                         StoreUnavailable, block_nbytes)
 from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
+from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -36,6 +39,14 @@ def _keys(tag: str, n: int) -> list[str]:
 
 def _random_cache(seed: int) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _cache_from(backend: MooncakeBackend, seed: int | None = None) -> torch.Tensor:
+    """A cache in memory `backend` can move (node mode: shared with the node client), zeroed or random."""
+    cache = backend.allocate(torch.Size(SHAPE).numel() * 4).view(torch.float32).view(SHAPE)
+    if seed is not None:
+        cache.copy_(_random_cache(seed))
+    return cache
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -135,11 +146,11 @@ def _peer(config: StoreConfig, in_keys: list[str], out_keys: list[str], conn) ->
     when told to, like a crashed worker."""
     try:
         backend = MooncakeBackend(config)
-        cache = torch.zeros(SHAPE)
+        cache = _cache_from(backend)
         backend.register_cache(cache)
         backend.get_cache_blocks(cache, list(range(2, 2 + len(in_keys))), in_keys)
-        conn.send(("loaded", cache))
-        own = _random_cache(seed=2)
+        conn.send(("loaded", cache.clone()))
+        own = _cache_from(backend, seed=2)
         backend.register_cache(own)
         backend.put_cache_blocks(own, list(range(len(out_keys))), out_keys)
         conn.send(("stored", own[: len(out_keys)].clone()))
@@ -309,3 +320,101 @@ def test_master_loss_raises_promptly_and_restart_recovers(tmp_path: Path) -> Non
             c.close()
         m.stop()
     assert not m.running() and not m.health().ok
+
+
+# -- node mode: one mooncake_client per node owns the segment; processes attach over shared memory --
+
+@pytest.fixture(scope="module")
+def node_client(master: MooncakeMaster, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("mooncake") / "node_client.log"
+    node = MooncakeNodeClient(NodeClientConfig(master.rpc_address, master.metadata_url,
+                                               global_segment_size=64 << 20, log_path=str(log))).start()
+    yield node
+    node.stop()
+
+
+def _node_config(master: MooncakeMaster, node: MooncakeNodeClient) -> StoreConfig:
+    return replace(_config(master), client="node", node_client_address=node.rpc_address,
+                   node_segment=node.segment_name)
+
+
+def test_node_client_runs_on_its_ports(node_client: MooncakeNodeClient) -> None:
+    assert node_client.healthy()
+    # the pinned transfer port is what names the segment that puts prefer
+    assert (f"Successfully created client on port {node_client.config.transfer_port} "
+            in node_client.log_path.read_text())
+    with pytest.raises(ValueError, match="transfer_port"):
+        NodeClientConfig("127.0.0.1:1", "http://127.0.0.1:2/metadata", transfer_port=40000)
+
+
+def test_node_mode_handoff_is_byte_exact_and_outlives_the_writer(master: MooncakeMaster,
+                                                                 node_client: MooncakeNodeClient) -> None:
+    config = _node_config(master, node_client)
+    backend = MooncakeBackend(config)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    sent, back = _keys("node-p2d", 3), _keys("node-d2p", 2)
+    proc = ctx.Process(target=_peer, args=(config, sent, back, child), daemon=True)
+    try:
+        cache = _cache_from(backend, seed=1)
+        cache[3, 0, 0, 0, 0, 0] = float("nan")
+        backend.register_cache(cache)  # allocate() registered it already: a no-op
+        backend.put_cache_blocks(cache, [5, 3, 0], sent)
+        proc.start()
+        loaded = _recv(parent, "loaded")
+        assert _bytes(loaded[2:5]) == _bytes(cache[[5, 3, 0]])
+        assert not loaded[[0, 1, 5, 6, 7]].any()
+
+        theirs = _recv(parent, "stored")
+        parent.send("die")  # exits without closing its client, like a crashed worker
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        # the blocks live in the node client's segment, not in the dead process
+        mine = _cache_from(backend)
+        backend.get_cache_blocks(mine, [6, 1], back)
+        assert _bytes(mine[[6, 1]]) == _bytes(theirs)
+
+        with pytest.raises(BlockMissing):
+            backend.get_cache_blocks(mine, [0], _keys("node-absent", 1))
+        with pytest.raises(KVStoreError, match="allocate"):
+            backend.register_cache(torch.zeros(SHAPE))  # the node client cannot see private memory
+        with pytest.raises(KVStoreError, match="one node-mode client per process"):
+            MooncakeBackend(config)
+    finally:
+        backend.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+    MooncakeBackend(config).close()  # attaching again after close() is fine
+
+
+@pytest.mark.slow
+def test_node_client_loss_raises_store_unavailable(master: MooncakeMaster, tmp_path: Path) -> None:
+    node = MooncakeNodeClient(NodeClientConfig(master.rpc_address, master.metadata_url,
+                                               global_segment_size=16 << 20,
+                                               log_path=str(tmp_path / "node.log"))).start()
+    backend = None
+    try:
+        backend = MooncakeBackend(_node_config(master, node))
+        cache = _cache_from(backend, seed=10)
+        keys = _keys("node-loss", 2)
+        backend.put_cache_blocks(cache, [0, 1], keys)
+        node.stop(grace_s=0)
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):  # the first call notices (Mooncake's RPC timeout)
+            backend.get_cache_blocks(cache, [2, 3], keys)
+        while backend.healthy():
+            assert time.monotonic() - t0 < 20, "client never noticed the node client is gone"
+            time.sleep(0.1)
+        for op in (lambda: backend.put_cache_blocks(cache, [4], _keys("node-loss", 1)),
+                   lambda: backend.get_cache_blocks(cache, [5], keys[:1]),
+                   lambda: backend.exists(keys)):
+            t = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                op()
+            assert time.monotonic() - t < 2
+        assert _bytes(cache[[0, 1]]) == _bytes(_random_cache(seed=10)[[0, 1]])
+    finally:
+        if backend is not None:
+            backend.close()
+        node.stop()

@@ -1,7 +1,7 @@
 """The production shape on one machine: a head plus 2 prefill and 4 decode Ray nodes
 (ray.cluster_utils.Cluster). Workers land on the nodes of their pool, the router and the Mooncake master
 on the head, concurrent requests are spread over the whole decode pool, and a stream outlives the
-loss of its decode worker."""
+loss of its decode or prefill worker, which Ray then restarts."""
 from __future__ import annotations
 
 import asyncio
@@ -77,8 +77,6 @@ def test_concurrent_requests_are_spread_over_the_decode_pool(cluster):
 def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
     """Kill the decode worker in the middle of a stream: the request continues on another decode
     worker after the tokens already sent, and the client gets the same greedy text, once."""
-    import ray
-
     _, base, _, _ = cluster
     body = {"model": h.MODEL, "prompt": "The history of the printing press", "max_tokens": 40,
             "ignore_eos": True, "temperature": 0}
@@ -87,7 +85,6 @@ def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
 
     reference = httpx.post(base + "/v1/completions", json=body, timeout=300).json()["choices"][0]["text"]
     placed = decode_placements()
-    handles = ray.get(h.router().ready.remote(), timeout=60).handles
     text, killed = "", None
     with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True},
                       timeout=300) as resp:
@@ -98,9 +95,59 @@ def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
             if killed is None and len(text) > 10:
                 killed = next(w.info.worker_id for w in h.snapshot().workers
                               if w.info.role == "decode" and w.assigned)
-                ray.kill(handles[killed])
+                _crash(killed)
     assert killed is not None
     assert text == reference
     assert decode_placements() == placed + 2  # the stream's own placement and its move
     snap = h.wait_for(lambda: s if h.idle(s := h.snapshot()) else None)
     assert not next(w for w in snap.workers if w.info.worker_id == killed).healthy
+    _wait_restarted(killed)
+
+
+def _crash(worker_id: str) -> None:
+    """SIGKILL the worker's process, as a crash or the OOM killer would (Ray then restarts it)."""
+    import os
+    import signal
+
+    (info,) = [w.info for w in h.snapshot().workers if w.info.worker_id == worker_id]
+    os.kill(info.pid, signal.SIGKILL)
+
+
+def _wait_restarted(worker_id: str) -> None:
+    """Ray restarts a killed worker (its engine reloads); the router's poll marks it healthy again."""
+    h.wait_for(lambda: next(w for w in h.snapshot().workers if w.info.worker_id == worker_id).healthy,
+               timeout_s=240, interval_s=1.0)
+
+
+def test_a_prompt_survives_the_loss_of_its_prefill_worker(cluster):
+    """Kill the prefill worker while it runs a long prompt: the prompt is run again on the other
+    prefill worker and the client gets one normal answer (the same greedy text as a clean run)."""
+    import threading
+
+    _, base, _, _ = cluster
+    body = {"model": h.MODEL, "prompt": " ".join(f"item {i}," for i in range(120)),  # ~500 tokens
+            "max_tokens": 8, "temperature": 0}
+    def prefill_placements() -> int:
+        return sum(w.placed_total for w in h.snapshot().workers if w.info.role == "prefill")
+
+    def running_prefill() -> str | None:
+        return next((w.info.worker_id for w in h.snapshot().workers
+                     if w.info.role == "prefill" and w.assigned), None)
+
+    killed: list[str] = []
+
+    def kill_it() -> None:
+        killed.append(h.wait_for(running_prefill, timeout_s=60, interval_s=0.05))
+        _crash(killed[0])
+
+    placed = prefill_placements()
+    killer = threading.Thread(target=kill_it)
+    killer.start()
+    resp = httpx.post(base + "/v1/completions", json=body, timeout=300)
+    killer.join()
+    assert resp.status_code == 200, resp.text
+    assert prefill_placements() == placed + 2  # its own placement and its move
+    reference = httpx.post(base + "/v1/completions", json=body, timeout=300).json()
+    assert resp.json()["choices"][0]["text"] == reference["choices"][0]["text"]
+    h.wait_for(lambda: h.idle(h.snapshot()))
+    _wait_restarted(killed[0])

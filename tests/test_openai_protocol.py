@@ -120,3 +120,60 @@ def test_api_keys_name_tenants_and_guard_requests():
             oai.tenant_for(bad, keys)
         assert info.value.status == 401 and info.value.body()["error"]["type"] == "authentication_error"
     assert oai.tenant_for(None, {}) is None  # no keys configured: open
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b'{"prompt": "x", "temperature": NaN}', "NaN"),
+    (b'{"prompt": "x", "top_p": Infinity}', "Infinity"),
+    (b'{"prompt": ' + b"[" * 100_000, "recursion"),
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
+    (b'{"prompt": "\xff"}', "utf-8"),
+    (b'{"prompt": "a\\udc00"}', "surrogate"),
+])
+def test_bodies_python_would_choke_on_are_400(raw, says):
+    err = _parse_error(oai.CompletionRequest, raw)
+    assert err.status == 400 and says.lower() in err.message.lower()
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("max_tokens", True, "max_tokens"), ("max_tokens", "5", "max_tokens"),
+    ("max_tokens", 2.5, "max_tokens"), ("temperature", "0.5", "temperature"),
+    ("stream", "yes", "stream"), ("model", 7, "model"), ("seed", 1 << 64, "seed"),
+    ("top_k", 1 << 40, "top_k"), ("stop", [f"s{i}" for i in range(17)], "stop"),
+    ("stop", ["ok", ""], "stop.1"), ("prompt", [1, "a"], "prompt.1"),
+])
+def test_types_are_strict_and_values_bounded(field, value, param):
+    err = _parse_error(oai.CompletionRequest, {"prompt": "x", field: value})
+    assert (err.status, err.param) == (400, param), err.message
+
+
+def test_an_integral_json_number_is_an_integer():
+    req = oai.validate(oai.CompletionRequest, {"prompt": [1.0, 2], "max_tokens": 3.0, "seed": 7.0})
+    assert (req.prompt, req.max_tokens, req.seed) == ([1, 2], 3, 7)
+
+
+@pytest.mark.parametrize("content_type, encoding, length, status", [
+    ("text/plain", None, None, 415), ("application/x-www-form-urlencoded", None, None, 415),
+    ("application/json", "gzip", None, 415), ("application/json", None, str(2 << 20), 413),
+])
+def test_body_headers_are_checked_before_the_body_is_read(content_type, encoding, length, status):
+    with pytest.raises(oai.OpenAIError) as info:
+        oai.check_body_headers(content_type, encoding, length, 1 << 20)
+    assert info.value.status == status and info.value.body()["error"]["type"] == "invalid_request_error"
+    for ok in ("application/json", "application/json; charset=utf-8", None, "application/vnd.x+json"):
+        oai.check_body_headers(ok, None, "10", 1 << 20)
+
+
+def test_openapi_document_describes_the_validated_models():
+    from pdcluster.cluster.openapi import openapi_document
+
+    doc = openapi_document("m", 100, auth=True)
+    schemas = doc["components"]["schemas"]
+    assert schemas["CompletionRequest"]["required"] == ["prompt"]
+    assert schemas["ChatCompletionRequest"]["properties"]["model"]["anyOf"][0] == {"const": "m"}
+    ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["items"]
+    assert (ids["minimum"], ids["maximum"]) == (0, 99)
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "415", "429"} <= set(chat["responses"])
+    open_doc = openapi_document("m", 100, auth=False)
+    assert "401" not in open_doc["paths"]["/v1/completions"]["post"]["responses"]

@@ -1,7 +1,8 @@
 """Prefill in one process, decode in another, KV through a real mooncake_master: same greedy tokens.
 
 Also: the store as a cluster-wide prefix cache, a corrupt block caught by its checksum, and a dead
-master falling back to recomputation — never a wrong token.
+master falling back to recomputation — never a wrong token. The handoff tests run in both store
+client modes: each process with its own embedded client, and both attached to one node client.
 """
 from __future__ import annotations
 
@@ -13,21 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcluster.cluster.kv_connector import make_connector
+from pdcluster.cluster.kv_connector import make_connector, open_backend
 from pdcluster.cluster.kv_manifest import from_bytes, manifest_to_handoff
 from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
+from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
 from pdcluster.cluster.spec import StoreSpec
-from pdcluster.engine import SamplingParams
+from pdcluster.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.integration
 MAX_TOKENS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
-def store_spec(master: MooncakeMaster) -> StoreSpec:
+def store_spec(master: MooncakeMaster, node: MooncakeNodeClient | None = None) -> StoreSpec:
     cfg = master.config
-    return StoreSpec(rpc_port=cfg.rpc_port, metadata_port=cfg.metadata_port,
+    spec = StoreSpec(rpc_port=cfg.rpc_port, metadata_port=cfg.metadata_port,
                      global_segment_mib=128, local_buffer_mib=16)
+    if node is None:
+        return spec
+    return spec.model_copy(update={"client": "node", "node_client_port": node.config.port,
+                                   "node_client_transfer_port": node.config.transfer_port})
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +42,25 @@ def master():
         yield m
 
 
+@pytest.fixture(scope="module", params=["embedded", "node"])
+def node_client(request, master):
+    """None (each process runs its own client), or the node client both processes attach to."""
+    if request.param == "embedded":
+        yield None
+        return
+    with MooncakeNodeClient(NodeClientConfig(master.rpc_address, master.metadata_url,
+                                             global_segment_size=256 << 20)) as node:
+        yield node
+
+
 @pytest.fixture(scope="module")
-def prefill_proc(master):
+def prefill_proc(master, node_client):
     cfg = master.config
+    node_ports = [] if node_client is None else [str(node_client.config.port),
+                                                 str(node_client.config.transfer_port)]
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("pd_prefill_process.py")),
-         str(cfg.rpc_port), str(cfg.metadata_port)],
+         str(cfg.rpc_port), str(cfg.metadata_port), *node_ports],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert json.loads(proc.stdout.readline())["ready"]
     yield proc
@@ -57,12 +76,23 @@ def prefill(proc, prompts: list[list[int]], tag: str) -> tuple[list, dict]:
 
 
 @pytest.fixture(scope="module")
-def decoder(llm, master):
-    """The session's engine acting as a decode worker with its own store client and segment."""
-    connector = make_connector(store_spec(master), llm.engine)
-    assert connector is not None
-    yield llm
-    llm.engine.set_kv_connector(None)
+def decoder(llm, master, node_client):
+    """The session's engine acting as a decode worker with its own store client and segment; in node
+    mode an engine of its own, its KV cache allocated in memory shared with the node client."""
+    spec = store_spec(master, node_client)
+    if node_client is None:
+        connector = make_connector(spec, llm.engine)
+        assert connector is not None
+        yield llm
+        llm.engine.set_kv_connector(None)
+        return
+    backend = open_backend(spec)
+    assert backend is not None
+    node_llm = LLM(num_kv_blocks=512, max_num_batched_tokens=96, max_num_seqs=16,
+                   kv_allocator=backend.allocate)
+    assert make_connector(spec, node_llm.engine, backend=backend) is not None
+    yield node_llm
+    backend.close()
 
 
 def decode(llm, manifests, local_hits: dict | None = None) -> dict[str, list[int]]:

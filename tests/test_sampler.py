@@ -27,6 +27,16 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     assert torch.allclose(probs, torch.tensor([1.0, 0, 0, 0]))
 
 
+def test_extreme_values_sample_the_top_token_instead_of_nan():
+    # top_p 1e-300 is 0 in float32 and 1e-45 a subnormal temperature: both once gave NaN
+    # probabilities, failing the step of every sequence in the batch.
+    ss = [seq(top_p=1e-300, seed=1), seq(temperature=1e-45, seed=2), seq(temperature=1e-5, seed=3)]
+    assert not ss[0].params.greedy and ss[1].params.greedy and not ss[2].params.greedy
+    assert torch.equal(_filtered_probs(logits(), ss[:1])[0], torch.tensor([1.0, 0, 0, 0]))
+    tokens, _ = sample(logits().repeat(3, 1), ss)
+    assert tokens == [0, 0, tokens[2]] and 0 <= tokens[2] < len(PROBS)
+
+
 def test_top_k_and_temperature():
     probs = _filtered_probs(logits(), [seq(top_k=3)])[0]
     assert torch.allclose(probs, torch.tensor([0.4, 0.3, 0.2, 0]) / 0.9)

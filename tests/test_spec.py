@@ -83,6 +83,13 @@ def test_remote_code_cannot_be_enabled() -> None:
     ({"engine": {"device": "tpu"}}, "engine.device"),
     ({"serve": {"http_port": 70000}}, "serve.http_port"),
     ({"router": {"per_key_limits": {"tenant-a": 0}}}, "per-key limits must be >= 1"),
+    ({"store": {"client": "shared"}}, "store.client"),
+    ({"store": {"node_client_transfer_port": 40000}}, "node_client_transfer_port must be in 1024-32767"),
+    ({**NPU8, "engine": {"device": "npu"}, "store": {"client": "node"}},
+     "store.client 'node' shares host memory"),
+    ({"engine": {"tp_size": 2}, "store": {"client": "node"}}, "store.client 'node' with engine.tp_size > 1"),
+    ({"store": {"client": "node", "node_client_port": 50051}},
+     "store.node_client_port and store.rpc_port both use port 50051"),
 ])
 def test_invalid_specs_fail_with_a_message_naming_the_problem(data: dict, needle: str) -> None:
     with pytest.raises(SpecError) as err:
@@ -139,9 +146,12 @@ def test_worker_actor_options_per_device() -> None:
     cuda = ClusterSpec.from_dict({"engine": {"device": "cuda", "tp_size": 2},
                                   "prefill": {"accelerators_per_node": 2},
                                   "decode": {"accelerators_per_node": 4}})
-    assert cuda.worker_actor_options("decode") == {"resources": {"pd_decode": 1}, "num_gpus": 4}
+    restarts = {"max_restarts": -1, "max_task_retries": 0}  # Ray restarts a dead worker
+    assert cuda.worker_actor_options("decode") == {"resources": {"pd_decode": 1}, "num_gpus": 4,
+                                                   **restarts}
     assert "NPU" not in cuda.node_resources("decode")
-    assert ClusterSpec.default().worker_actor_options("prefill") == {"resources": {"pd_prefill": 1}}
+    assert ClusterSpec.default().worker_actor_options("prefill") == {"resources": {"pd_prefill": 1},
+                                                                     **restarts}
 
 
 def test_engine_config_carries_the_engine_fields() -> None:

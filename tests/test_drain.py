@@ -1,0 +1,122 @@
+"""Graceful drain through the real CLI: `pdcluster up` serves, `pdcluster down` (SIGTERM to it) stops
+admitting at once (503 + Retry-After, /health says draining), lets a request in flight finish, stops
+one that outlives the drain timeout with an error event (never a silently cut stream), then exits
+leaving no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+import cluster_harness as h
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DRAIN_TIMEOUT_S = 10.0
+SHORT, LONG = 16, 1000  # output tokens: done well inside the drain timeout / never within it
+
+
+def _cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Run a CLI verb; its output goes to `log` (a pipe nobody reads would block it)."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pdcluster.cluster.cli", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _stream(base: str, max_tokens: int, events: list, first: threading.Event) -> None:
+    """Stream a completion, keeping every SSE payload (decoded JSON, or "[DONE]")."""
+    body = {"model": h.MODEL, "prompt": f"Count from {max_tokens}:", "max_tokens": max_tokens,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
+        events.append(resp.status_code)
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+                first.set()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    """`pdcluster up --config` in its own process (its own Ray), state file in a private TMPDIR."""
+    tmp = tmp_path_factory.mktemp("drain")
+    spec = h.small_spec(router={"drain_timeout_s": DRAIN_TIMEOUT_S},
+                        engine={"num_kv_blocks": 128, "threads": 1})
+    spec_file = tmp / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TMPDIR"] = str(tmp)
+    proc = _cli("up", "--config", str(spec_file), env=env, log=tmp / "up.log")
+    base = f"http://127.0.0.1:{spec.serve.http_port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "pdcluster up did not become healthy"
+            time.sleep(1)
+        yield proc, base, env, tmp, spec
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_down_drains_in_flight_requests_then_exits(up):
+    proc, base, env, tmp, spec = up
+    short, long_ = [], []
+    short_started, long_started = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=_stream, args=(base, LONG, long_, long_started)),
+               threading.Thread(target=_stream, args=(base, SHORT, short, short_started))]
+    threads[0].start()
+    assert long_started.wait(120), long_
+    threads[1].start()
+    assert short_started.wait(120), short
+
+    t0 = time.monotonic()
+    down = _cli("down", env=env, log=tmp / "down.log")
+    # Draining: the health check turns away load balancers, new requests get 503 + Retry-After.
+    h_deadline = time.monotonic() + 30
+    while (health := httpx.get(base + "/health", timeout=10)).status_code == 200:
+        assert time.monotonic() < h_deadline, "never reported draining"
+        time.sleep(0.2)
+    assert (health.status_code, health.json()["status"]) == (503, "draining")
+    refused = httpx.post(base + "/v1/completions", timeout=30,
+                         json={"model": h.MODEL, "prompt": "hi", "max_tokens": 4})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "draining"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+    for t in threads:
+        t.join(DRAIN_TIMEOUT_S + 60)
+    assert down.wait(DRAIN_TIMEOUT_S + 150) == 0, (tmp / "down.log").read_text()
+    assert proc.wait(60) == 0, (tmp / "up.log").read_text()[-3000:]
+    elapsed = time.monotonic() - t0
+
+    # The short request finished normally while the cluster drained.
+    assert short[0] == 200 and short[-1] == "[DONE]"
+    chunks = [e for e in short[1:-1] if isinstance(e, dict)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # The long one was stopped at the timeout, and told so in the stream (not cut off silently).
+    assert long_[0] == 200 and long_[-1] == "[DONE]"
+    errors = [e["error"] for e in long_[1:-1] if isinstance(e, dict) and "error" in e]
+    assert [e["code"] for e in errors] == ["aborted"], long_[-3:]
+    assert not any(c["choices"][0]["finish_reason"] for c in long_[1:-1] if "choices" in c)
+    assert DRAIN_TIMEOUT_S - 1 < elapsed < DRAIN_TIMEOUT_S + 150
+    # Nothing left behind: the state file is gone and no mooncake_master of ours runs.
+    assert not (tmp / "pdcluster" / "up.json").exists()
+    port = str(spec.store.rpc_port)
+    masters = subprocess.run(["pgrep", "-af", "mooncake_master"], capture_output=True, text=True).stdout
+    assert not [line for line in masters.splitlines() if port in line], masters
