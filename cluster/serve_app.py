@@ -199,10 +199,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         try:
-            tenant = self._tenant(request.headers.get("authorization"))
-            limit = self.spec.serve.max_body_bytes
-            req = oai.parse(oai.ChatCompletionRequest, await _read_body(request, limit), limit)
-            self._check_model(req.model)
+            req, tenant = await self._parse(request, oai.ChatCompletionRequest)
             run = self._new_run("chatcmpl", self._chat_ids(req), req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
@@ -211,10 +208,7 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         try:
-            tenant = self._tenant(request.headers.get("authorization"))
-            limit = self.spec.serve.max_body_bytes
-            req = oai.parse(oai.CompletionRequest, await _read_body(request, limit), limit)
-            self._check_model(req.model)
+            req, tenant = await self._parse(request, oai.CompletionRequest)
             prompt = req.single_prompt()
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             run = self._new_run("cmpl", ids, req, tenant)
@@ -278,6 +272,14 @@ class Ingress:
         return self._new_run("grpc", ids, req, tenant)
 
     # ------------------------------------------------------------------ request plumbing
+    async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
+        """Authenticate, read (within the size limit) and validate a request body for this model."""
+        tenant = self._tenant(request.headers.get("authorization"))
+        limit = self.spec.serve.max_body_bytes
+        req = oai.parse(model, await _read_body(request, limit), limit)
+        self._check_model(req.model)
+        return req, tenant
+
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 

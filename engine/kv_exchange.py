@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KVCounters:
-    """KV traffic of one engine; the names are those of `EngineStats`, which embeds them."""
+    """KV traffic of one engine (`EngineStats` extends it, so its fields appear there by name)."""
     kv_blocks_saved: int = 0
     kv_blocks_loaded: int = 0
     kv_bytes_saved: int = 0

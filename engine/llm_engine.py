@@ -16,7 +16,7 @@ from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.detokenizer import IncrementalDetokenizer
 from pdcluster.engine.device import select_device, select_dtype
-from pdcluster.engine.kv_exchange import KVExchange
+from pdcluster.engine.kv_exchange import KVCounters, KVExchange
 from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
 from pdcluster.engine.model_runner import ModelRunner
 from pdcluster.engine.models import model_class
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 MAX_DEFAULT_MODEL_LEN = 8192
 
 
-@dataclass(frozen=True)
-class EngineStats:
+@dataclass(kw_only=True)
+class EngineStats(KVCounters):
+    """A snapshot of the engine's load and totals, with its KV traffic counters (flat, by name)."""
     num_running: int
     num_waiting: int
     num_free_blocks: int
@@ -44,16 +45,6 @@ class EngineStats:
     computed_tokens_total: int
     prefix_hit_tokens_total: int
     preemptions_total: int
-    kv_blocks_saved: int = 0
-    kv_blocks_loaded: int = 0
-    kv_bytes_saved: int = 0
-    kv_bytes_loaded: int = 0
-    kv_save_seconds: float = 0.0
-    kv_load_seconds: float = 0.0
-    kv_recomputed_tokens: int = 0
-    kv_corrupt_blocks: int = 0
-    kv_missing_blocks: int = 0
-    store_prefix_hit_tokens: int = 0
 
 
 class LLMEngine:
