@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Mooncake's wheel links against the RDMA userspace libraries even for its TCP transport.
-debs=(libibverbs1 librdmacm1 libnuma1)
+# Mooncake's wheel links against the RDMA userspace libraries even for its TCP transport; gcc builds
+# the engine's CPU decode-attention kernel on first use (without it the torch path runs).
+debs=(libibverbs1 librdmacm1 libnuma1 gcc)
 if ! dpkg -s "${debs[@]}" >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -qq

@@ -3,7 +3,9 @@
 Cache layout (one tensor, see DESIGN "KV in the store"): `cache[num_blocks, num_layers, block_size,
 *token_shape]`; one block holds every layer's KV for `block_size` tokens contiguously, so it can be
 shipped to the store as one object. Fused device kernels (NPU/GPU) would replace `paged_attention`
-behind the same signature; none is verified on hardware here.
+behind the same signature; none is verified on hardware here. On the CPU, decode reads the cache in
+place through cpu_kernels.py's compiled kernel when one could be built; this file's torch code is the
+reference for it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pdcluster.engine.cpu_kernels import paged_decode_kernel
 
 
 @dataclass
@@ -29,6 +33,7 @@ class AttentionMetadata:
     num_decode: int                      # the first num_decode tokens are single-token decodes
     decode_block_tables: torch.Tensor    # [num_decode, max_blocks]
     decode_mask: torch.Tensor            # [num_decode, 1, 1, max_blocks * block_size] True = attend
+    decode_lens: torch.Tensor            # [num_decode] context length of each decode (its new token included)
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 
@@ -59,7 +64,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     write_kv(cache, layer, torch.stack((k, v), dim=1), meta)
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
+    kernel = paged_decode_kernel() if nd and q.device.type == "cpu" else None
+    if kernel is not None and kernel.supports(q, cache):
+        out[:nd] = kernel(q[:nd], cache, layer, meta.decode_block_tables, meta.decode_lens, scale)
+    elif nd:
         kv = gather_kv(cache, layer, meta.decode_block_tables).to(q.dtype)  # [B, L, 2, KVH, d]
         out[:nd] = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),

@@ -5,6 +5,9 @@ npu/cuda paths run the same portable torch code (unverified on 910B hardware in 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import importlib.util
 import logging
 
@@ -48,3 +51,26 @@ def select_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+@functools.cache
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Keep activation buffers in the process's heap between steps instead of returning them to the
+    OS, where glibc's defaults unmap every buffer over a few MiB and the next step faults the same
+    pages in again (on a VM that costs up to half of a long prefill step). Allocations under
+    `mmap_threshold` (32 MiB is glibc's ceiling) come from the heap, and up to `trim_threshold` of
+    free heap is kept. Process-wide; the same effect as running under tcmalloc or jemalloc.
+    Returns whether glibc took the settings (False elsewhere, e.g. musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold),
+        (_M_TOP_PAD, 64 << 20)))

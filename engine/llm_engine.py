@@ -15,7 +15,7 @@ import torch
 from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.detokenizer import IncrementalDetokenizer
-from pdcluster.engine.device import select_device, select_dtype
+from pdcluster.engine.device import keep_freed_memory, select_device, select_dtype
 from pdcluster.engine.kv_exchange import KVCounters, KVExchange
 from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
 from pdcluster.engine.model_runner import ModelRunner
@@ -53,6 +53,8 @@ class LLMEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = select_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = select_dtype(config.dtype, self.device)
         path = resolve_model_path(config.model)
         self.model_path = path

@@ -68,9 +68,10 @@ class ModelRunner:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         width = max((len(t) for t in decode_tables), default=0)
         tables = as_long([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
-        mask = (torch.arange(width * bs, device=dev)[None, :] < as_long(decode_lens)[:, None])
+        lens = as_long(decode_lens)
+        mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])
         meta = AttentionMetadata(
             slot_blocks=as_long(slot_blocks), slot_offsets=as_long(slot_offsets),
             num_decode=len(decode_tables), decode_block_tables=tables,
-            decode_mask=mask[:, None, None, :], prefills=prefills)
+            decode_mask=mask[:, None, None, :], decode_lens=lens, prefills=prefills)
         return as_long(ids), as_long(pos), meta, as_long(sample_rows)

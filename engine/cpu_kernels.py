@@ -1,0 +1,124 @@
+"""CPU kernels built on first use with the machine's C compiler, called through ctypes.
+
+Only what the torch path cannot do without copies lives here: decode attention that reads the paged
+KV cache in place (csrc/paged_decode_attention.c). The library is compiled once per source, compiler
+and CPU (it uses -march=native) into a cache folder and shared by every process on the machine. No
+compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path in charge,
+which is also the reference the kernel is tested against (tests/test_cpu_kernels.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+ENV_SWITCH = "PDCLUSTER_CPU_KERNELS"
+ENV_CACHE = "PDCLUSTER_KERNEL_CACHE"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdcluster", "kernels")
+    return Path(root)
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256(source + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"paged_decode_attention-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP
+    # thread pool for torch's ops and this kernel, so neither spins against the other.
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared",
+                        "-fPIC", "-o", str(out), str(_SOURCE), "-lmvec", "-lm"],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(out, lib)  # atomic: concurrent builders each land a complete file
+    return lib
+
+
+class PagedDecodeKernel:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.paged_decode_attention_f32
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
+                       ctypes.c_float, ctypes.c_int]
+        fn.restype = None
+        self._fn = fn
+        for name in ("max_group", "max_head_dim", "max_block"):
+            getter = getattr(lib, f"paged_decode_{name}")
+            getter.restype = i64
+            setattr(self, name, getter())
+
+    def supports(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
+        """fp32 q and cache on the CPU, an MHA/GQA cache ([blocks, layers, block, 2, kvh, d]) within
+        the kernel's fixed limits."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype != torch.float32:
+            return False
+        if cache.dim() != 6 or cache.shape[3] != 2 or not cache.is_contiguous():
+            return False
+        heads, kv_heads, head_dim = q.shape[1], cache.shape[4], cache.shape[5]
+        return (heads % kv_heads == 0 and heads // kv_heads <= self.max_group
+                and head_dim <= self.max_head_dim and cache.shape[2] <= self.max_block)
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, layer: int,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [num_seqs, heads, head_dim] -> attention output of the same shape."""
+        q = q.contiguous()
+        tables = block_tables.to(torch.int64).contiguous()
+        lens = context_lens.to(torch.int64).contiguous()
+        if tables.shape[0] != q.shape[0] or lens.shape[0] != q.shape[0]:
+            raise ValueError("block_tables and context_lens need one row per query")
+        num_blocks = cache.shape[0]
+        if tables.numel() and (int(lens.max()) > tables.shape[1] * cache.shape[2]
+                               or int(tables.max()) >= num_blocks or int(tables.min()) < 0):
+            raise ValueError("a block table or context length points outside the cache")
+        out = torch.empty_like(q)
+        _, num_layers, block_size, _, kv_heads, head_dim = cache.shape
+        self._fn(q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                 lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim, block_size,
+                 num_layers, layer, scale, torch.get_num_threads())
+        return out
+
+
+@functools.cache
+def paged_decode_kernel() -> PagedDecodeKernel | None:
+    """The compiled kernel, or None (then callers use the torch path). Built once per process."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        log.info("no C compiler found: decode attention uses the torch path")
+        return None
+    try:
+        return PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", detail)
+        return None

@@ -1,0 +1,115 @@
+/* Decode attention straight from the block-major paged KV cache, for the CPU.
+ *
+ * One query token per sequence; grouped-query heads share their KV head's reads. Each (sequence,
+ * KV head) pair is one OpenMP task that walks the sequence's block table and keeps an online
+ * (flash-decoding style) softmax per block, so the KV is read once and never copied into a
+ * gathered tensor. It is built by cpu_kernels.py with the compiler found on the machine and shares
+ * torch's OpenMP runtime (torch loads libgomp.so.1 first); attention.py's torch path is the
+ * reference it is tested against.
+ *
+ * cache layout (attention.py): [num_blocks, num_layers, block_size, 2, kv_heads, head_dim]
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* glibc's libmvec has vector expf; math.h only declares it under -ffast-math, whose crtfastmath.o
+ * would switch the whole process to flush-to-zero. Declare it here instead (linked with -lmvec). */
+__attribute__((simd("notinbranch"))) float expf(float);
+
+#define MAX_GROUP 32     /* query heads per KV head */
+#define MAX_HEAD_DIM 512
+#define MAX_BLOCK 128    /* tokens per block */
+
+/* One (sequence, KV head) task. Inlined with head_dim a compile-time constant for the common sizes,
+ * so the accumulators stay in vector registers. */
+static inline __attribute__((always_inline)) void decode_task(
+    const float *qs, float *os, const float *cache, const int64_t *table, int64_t len,
+    int64_t group, const int64_t head_dim, int64_t block_size, int64_t token_stride,
+    int64_t block_stride, int64_t layer_offset, int64_t v_offset, float scale)
+{
+    float acc[MAX_GROUP][MAX_HEAD_DIM];
+    float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][MAX_BLOCK];
+    for (int64_t g = 0; g < group; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) acc[g][d] = 0.0f;
+    }
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const float *kv = cache + table[start / block_size] * block_stride + layer_offset;
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = qs + g * head_dim;
+            float block_max = -INFINITY;
+            for (int64_t t = 0; t < n; t++) {
+                const float *k = kv + t * token_stride;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * k[d];
+                p[g][t] = dot * scale;
+                block_max = p[g][t] > block_max ? p[g][t] : block_max;
+            }
+            const float new_max = block_max > m[g] ? block_max : m[g];
+            const float correction = expf(m[g] - new_max);  /* 0 on the first block */
+            m[g] = new_max;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) {
+                p[g][t] = expf(p[g][t] - new_max);
+                sum += p[g][t];
+            }
+            l[g] = l[g] * correction + sum;
+            float *a = acc[g];
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) a[d] *= correction;
+            for (int64_t t = 0; t < n; t++) {
+                const float *v = kv + t * token_stride + v_offset;
+                const float w = p[g][t];
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) a[d] += w * v[d];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *o = os + g * head_dim;
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g][d] * inv;
+    }
+}
+
+void paged_decode_attention_f32(
+    const float *q,           /* [num_seqs, num_heads, head_dim] */
+    float *out,               /* [num_seqs, num_heads, head_dim] */
+    const float *cache,
+    const int64_t *block_tables, int64_t table_width,   /* [num_seqs, table_width] */
+    const int64_t *context_lens,                        /* [num_seqs] */
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, int64_t num_layers, int64_t layer, float scale, int num_threads)
+{
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t token_stride = 2 * num_kv_heads * head_dim;
+    const int64_t layer_stride = block_size * token_stride;
+    const int64_t block_stride = num_layers * layer_stride;
+    const int64_t v_offset = num_kv_heads * head_dim;
+
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads)
+    for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const int64_t first = s * num_heads + h * group;
+            const float *qs = q + first * head_dim;
+            float *os = out + first * head_dim;
+            const int64_t *table = block_tables + s * table_width;
+            const int64_t layer_offset = layer * layer_stride + h * head_dim;
+#define TASK(D) decode_task(qs, os, cache, table, context_lens[s], group, D, block_size, \
+                            token_stride, block_stride, layer_offset, v_offset, scale)
+            if (head_dim == 64) TASK(64);
+            else if (head_dim == 128) TASK(128);
+            else TASK(head_dim);
+#undef TASK
+        }
+    }
+}
+
+/* limits the Python side checks before calling */
+int64_t paged_decode_max_group(void) { return MAX_GROUP; }
+int64_t paged_decode_max_head_dim(void) { return MAX_HEAD_DIM; }
+int64_t paged_decode_max_block(void) { return MAX_BLOCK; }

@@ -1,0 +1,150 @@
+"""CPU speed plumbing: the compiled decode-attention kernel against the torch reference path of
+paged_attention, and the allocator setting the engine applies on the CPU."""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pdcluster.engine import attention, cpu_kernels
+from pdcluster.engine.attention import AttentionMetadata, paged_attention
+
+needs_compiler = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                                    reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def kernel():
+    k = cpu_kernels.paged_decode_kernel()
+    assert k is not None, "a C compiler is present, so the kernel must build"
+    return k
+
+
+def _decode_case(seed, lens, heads, kv_heads, head_dim, block_size, num_layers=3, num_blocks=64):
+    """A random cache with the sequences' blocks scattered (and the first block shared)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(num_blocks, num_layers, block_size, 2, kv_heads, head_dim, generator=g)
+    width = max(-(-n // block_size) for n in lens)
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables = perm[: len(lens) * width].view(len(lens), width).clone()
+    tables[:, 0] = 0                       # a shared prefix block, as prefix caching makes
+    lens_t = torch.tensor(lens)
+    t = len(lens)
+    meta = AttentionMetadata(
+        slot_blocks=tables[torch.arange(t), (lens_t - 1) // block_size],
+        slot_offsets=(lens_t - 1) % block_size, num_decode=t, decode_block_tables=tables,
+        decode_mask=(torch.arange(width * block_size)[None, :] < lens_t[:, None])[:, None, None, :],
+        decode_lens=lens_t)
+    q = torch.randn(t, heads, head_dim, generator=g)
+    k = torch.randn(t, kv_heads, head_dim, generator=g)
+    v = torch.randn(t, kv_heads, head_dim, generator=g)
+    return cache, meta, q, k, v
+
+
+def _both_paths(monkeypatch, cache, meta, q, k, v, layer):
+    scale = q.shape[-1] ** -0.5
+    fast_cache = cache.clone()
+    fast = paged_attention(q, k, v, fast_cache, layer, meta, scale)
+    with monkeypatch.context() as m:
+        m.setattr(attention, "paged_decode_kernel", lambda: None)
+        ref = paged_attention(q, k, v, cache, layer, meta, scale)
+    assert torch.equal(fast_cache, cache)          # both wrote this step's k/v the same way
+    return fast, ref
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),      # SmolLM2: grouped-query, the inlined head_dim-64 path
+    (8, 8, 128, 16),     # plain multi-head, head_dim 128
+    (16, 2, 32, 8),      # group of 8, a head_dim the kernel handles generically, small blocks
+])
+def test_kernel_matches_torch_path(monkeypatch, kernel, heads, kv_heads, head_dim, block_size):
+    lens = [1, block_size, block_size + 1, 3 * block_size - 1, 5 * block_size, 37]
+    cache, meta, q, k, v = _decode_case(0, lens, heads, kv_heads, head_dim, block_size)
+    for layer in range(cache.shape[1]):
+        fast, ref = _both_paths(monkeypatch, cache, meta, q, k, v, layer)
+        # same math, different summation order (online softmax per block vs one softmax)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_kernel_reads_the_cache_in_place_with_extreme_scores(monkeypatch, kernel):
+    """Large logits (online-softmax rescaling across blocks) stay finite and match."""
+    cache, meta, q, k, v = _decode_case(1, [70, 3, 33], 4, 2, 64, 16)
+    fast, ref = _both_paths(monkeypatch, cache * 30, meta, q * 30, k * 30, v, 1)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_bad_tables_raise_instead_of_reading_outside_the_cache(kernel):
+    cache, meta, q, _, _ = _decode_case(2, [20, 5], 4, 2, 64, 16)
+    bad = meta.decode_block_tables.clone()
+    bad[0, 1] = cache.shape[0]
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernel(q, cache, 0, bad, meta.decode_lens, 0.125)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernel(q, cache, 0, meta.decode_block_tables, torch.tensor([20, 999]), 0.125)
+
+
+@needs_compiler
+def test_unsupported_inputs_fall_back_to_torch(kernel):
+    cache, meta, q, _, _ = _decode_case(3, [5], 4, 2, 64, 16)
+    assert kernel.supports(q, cache)
+    assert not kernel.supports(q, cache.to(torch.bfloat16))
+    assert not kernel.supports(q.to(torch.bfloat16), cache)
+    assert not kernel.supports(q[:, :3], cache)               # 3 heads over 2 kv heads
+
+
+def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):
+    cpu_kernels.paged_decode_kernel.cache_clear()
+    try:
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        assert cpu_kernels.paged_decode_kernel() is None
+        cpu_kernels.paged_decode_kernel.cache_clear()
+        monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+        assert cpu_kernels.paged_decode_kernel() is None
+    finally:
+        cpu_kernels.paged_decode_kernel.cache_clear()
+
+
+@needs_compiler
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    first = cpu_kernels._build(compiler)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == stamp
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from pdcluster.engine.device import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+t = torch.ones(24 << 18)       # 24 MiB, touched
+before = rss()
+del t
+print((before - rss()) >> 20)  # MiB given back to the OS by the free
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_keeps_a_freed_activation_in_the_process():
+    """glibc by default unmaps a freed 24 MiB buffer (the next step faults it back in); with the
+    engine's setting it stays in the heap for the next allocation."""
+    def returned(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, mode], capture_output=True,
+                             text=True, check=True, timeout=120)
+        return int(out.stdout.split()[-1])
+    assert returned("default") >= 20
+    assert returned("keep") <= 4
