@@ -43,11 +43,16 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+_LIBS = ["-lmvec", "-lm"]
+
+
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256(source + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(),
+                                      " ".join(_CFLAGS + _LIBS).encode()])).hexdigest()[:16]
     lib = _cache_dir() / f"paged_decode_attention-{key}.so"
     if lib.exists():
         return lib
@@ -56,8 +61,7 @@ def _build(compiler: str) -> Path:
     # thread pool for torch's ops and this kernel, so neither spins against the other.
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared",
-                        "-fPIC", "-o", str(out), str(_SOURCE), "-lmvec", "-lm"],
+        subprocess.run([compiler, *_CFLAGS, "-o", str(out), str(_SOURCE), *_LIBS],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(out, lib)  # atomic: concurrent builders each land a complete file
     return lib
@@ -81,23 +85,36 @@ class PagedDecodeKernel:
         the kernel's fixed limits."""
         if q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype != torch.float32:
             return False
+        return self._shape_problem(q, cache) is None
+
+    def _shape_problem(self, q: torch.Tensor, cache: torch.Tensor) -> str | None:
         if cache.dim() != 6 or cache.shape[3] != 2 or not cache.is_contiguous():
-            return False
-        heads, kv_heads, head_dim = q.shape[1], cache.shape[4], cache.shape[5]
-        return (heads % kv_heads == 0 and heads // kv_heads <= self.max_group
-                and head_dim <= self.max_head_dim and cache.shape[2] <= self.max_block)
+            return "the cache is not a contiguous [blocks, layers, block, 2, kv_heads, head_dim] tensor"
+        if q.dim() != 3 or q.shape[2] != cache.shape[5]:
+            return "q is not [seqs, heads, head_dim] with the cache's head_dim"
+        heads, kv_heads = q.shape[1], cache.shape[4]
+        if heads % kv_heads or heads // kv_heads > self.max_group:
+            return f"{heads} heads over {kv_heads} kv heads (at most {self.max_group} per kv head)"
+        if cache.shape[5] > self.max_head_dim or cache.shape[2] > self.max_block:
+            return f"head_dim {cache.shape[5]} / block {cache.shape[2]} above the kernel's limits"
+        return None
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, layer: int,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         """q [num_seqs, heads, head_dim] -> attention output of the same shape."""
+        if (problem := self._shape_problem(q, cache)) is not None or q.dtype != cache.dtype:
+            raise ValueError(f"unsupported input: {problem or 'q and cache dtypes differ'}")
         q = q.contiguous()
         tables = block_tables.to(torch.int64).contiguous()
         lens = context_lens.to(torch.int64).contiguous()
-        if tables.shape[0] != q.shape[0] or lens.shape[0] != q.shape[0]:
+        if tables.dim() != 2 or tables.shape[0] != q.shape[0] or lens.shape != (q.shape[0],):
             raise ValueError("block_tables and context_lens need one row per query")
         num_blocks = cache.shape[0]
-        if tables.numel() and (int(lens.max()) > tables.shape[1] * cache.shape[2]
-                               or int(tables.max()) >= num_blocks or int(tables.min()) < 0):
+        if not 0 <= layer < cache.shape[1]:
+            raise ValueError(f"layer {layer} outside the cache's {cache.shape[1]} layers")
+        if lens.numel() and (int(lens.max()) > tables.shape[1] * cache.shape[2] or int(lens.min()) < 0
+                             or (tables.numel() and (int(tables.max()) >= num_blocks
+                                                     or int(tables.min()) < 0))):
             raise ValueError("a block table or context length points outside the cache")
         out = torch.empty_like(q)
         _, num_layers, block_size, _, kv_heads, head_dim = cache.shape

@@ -15,6 +15,7 @@ import torch
 from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.detokenizer import IncrementalDetokenizer
+from pdcluster.engine.cpu_kernels import paged_decode_kernel
 from pdcluster.engine.device import keep_freed_memory, select_device, select_dtype
 from pdcluster.engine.kv_exchange import KVCounters, KVExchange
 from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
@@ -53,8 +54,6 @@ class LLMEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = select_device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.dtype = select_dtype(config.dtype, self.device)
         path = resolve_model_path(config.model)
         self.model_path = path
@@ -80,6 +79,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, on_admit=self.kv.on_admit)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        if self.device.type == "cpu":
+            # after loading, so the weights' load-time temporaries were returned the usual way
+            keep_freed_memory()
+            paged_decode_kernel()  # built (or found) now rather than in the first request's step
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         eos = hf_config.get("eos_token_id")
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -65,6 +65,7 @@ def _both_paths(monkeypatch, cache, meta, q, k, v, layer):
 def test_kernel_matches_torch_path(monkeypatch, kernel, heads, kv_heads, head_dim, block_size):
     lens = [1, block_size, block_size + 1, 3 * block_size - 1, 5 * block_size, 37]
     cache, meta, q, k, v = _decode_case(0, lens, heads, kv_heads, head_dim, block_size)
+    assert kernel.supports(q, cache)      # or both sides would be the torch path
     for layer in range(cache.shape[1]):
         fast, ref = _both_paths(monkeypatch, cache, meta, q, k, v, layer)
         # same math, different summation order (online softmax per block vs one softmax)
@@ -89,6 +90,14 @@ def test_bad_tables_raise_instead_of_reading_outside_the_cache(kernel):
         kernel(q, cache, 0, bad, meta.decode_lens, 0.125)
     with pytest.raises(ValueError, match="outside the cache"):
         kernel(q, cache, 0, meta.decode_block_tables, torch.tensor([20, 999]), 0.125)
+    with pytest.raises(ValueError, match="outside the cache"):      # no blocks for a non-empty context
+        kernel(q, cache, 0, meta.decode_block_tables[:, :0], meta.decode_lens, 0.125)
+    for layer in (-1, cache.shape[1]):
+        with pytest.raises(ValueError, match="layer"):
+            kernel(q, cache, layer, meta.decode_block_tables, meta.decode_lens, 0.125)
+    for bad_q in (q[..., :16], q[:, :3], q.reshape(2, -1), q[:1]):
+        with pytest.raises(ValueError):
+            kernel(bad_q, cache, 0, meta.decode_block_tables, meta.decode_lens, 0.125)
 
 
 @needs_compiler
@@ -98,6 +107,8 @@ def test_unsupported_inputs_fall_back_to_torch(kernel):
     assert not kernel.supports(q, cache.to(torch.bfloat16))
     assert not kernel.supports(q.to(torch.bfloat16), cache)
     assert not kernel.supports(q[:, :3], cache)               # 3 heads over 2 kv heads
+    assert not kernel.supports(q[..., :32], cache)            # head_dim differs from the cache's
+    assert not kernel.supports(q.reshape(q.shape[0], -1), cache)
 
 
 def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):

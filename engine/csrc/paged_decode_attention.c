@@ -17,11 +17,12 @@
 __attribute__((simd("notinbranch"))) float expf(float);
 
 #define MAX_GROUP 32     /* query heads per KV head */
-#define MAX_HEAD_DIM 512
+#define MAX_HEAD_DIM 256
 #define MAX_BLOCK 128    /* tokens per block */
 
-/* One (sequence, KV head) task. Inlined with head_dim a compile-time constant for the common sizes,
- * so the accumulators stay in vector registers. */
+/* One (sequence, KV head) task. Inlined into one small function per head_dim that is a compile-time
+ * constant for the common sizes (so the accumulators stay in vector registers); those are kept out of
+ * line so an OpenMP thread's stack holds one task's arrays (~48 KiB), not one per variant. */
 static inline __attribute__((always_inline)) void decode_task(
     const float *qs, float *os, const float *cache, const int64_t *table, int64_t len,
     int64_t group, const int64_t head_dim, int64_t block_size, int64_t token_stride,
@@ -76,6 +77,15 @@ static inline __attribute__((always_inline)) void decode_task(
     }
 }
 
+#define TASK_ARGS const float *qs, float *os, const float *cache, const int64_t *table, int64_t len, \
+    int64_t group, int64_t head_dim, int64_t block_size, int64_t token_stride, int64_t block_stride, \
+    int64_t layer_offset, int64_t v_offset, float scale
+#define TASK_CALL(D) decode_task(qs, os, cache, table, len, group, D, block_size, token_stride, \
+                                 block_stride, layer_offset, v_offset, scale)
+static __attribute__((noinline)) void decode_task_d64(TASK_ARGS) { (void)head_dim; TASK_CALL(64); }
+static __attribute__((noinline)) void decode_task_d128(TASK_ARGS) { (void)head_dim; TASK_CALL(128); }
+static __attribute__((noinline)) void decode_task_any(TASK_ARGS) { TASK_CALL(head_dim); }
+
 void paged_decode_attention_f32(
     const float *q,           /* [num_seqs, num_heads, head_dim] */
     float *out,               /* [num_seqs, num_heads, head_dim] */
@@ -99,12 +109,10 @@ void paged_decode_attention_f32(
             float *os = out + first * head_dim;
             const int64_t *table = block_tables + s * table_width;
             const int64_t layer_offset = layer * layer_stride + h * head_dim;
-#define TASK(D) decode_task(qs, os, cache, table, context_lens[s], group, D, block_size, \
-                            token_stride, block_stride, layer_offset, v_offset, scale)
-            if (head_dim == 64) TASK(64);
-            else if (head_dim == 128) TASK(128);
-            else TASK(head_dim);
-#undef TASK
+            void (*task)(TASK_ARGS) = head_dim == 64 ? decode_task_d64
+                                      : head_dim == 128 ? decode_task_d128 : decode_task_any;
+            task(qs, os, cache, table, context_lens[s], group, head_dim, block_size, token_stride,
+                 block_stride, layer_offset, v_offset, scale);
         }
     }
 }
