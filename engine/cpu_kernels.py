@@ -75,6 +75,7 @@ class PagedDecodeKernel:
                        ctypes.c_float, ctypes.c_int]
         fn.restype = None
         self._fn = fn
+        self._last_checked: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         for name in ("max_group", "max_head_dim", "max_block"):
             getter = getattr(lib, f"paged_decode_{name}")
             getter.restype = i64
@@ -104,24 +105,37 @@ class PagedDecodeKernel:
         """q [num_seqs, heads, head_dim] -> attention output of the same shape."""
         if (problem := self._shape_problem(q, cache)) is not None or q.dtype != cache.dtype:
             raise ValueError(f"unsupported input: {problem or 'q and cache dtypes differ'}")
-        q = q.contiguous()
-        tables = block_tables.to(torch.int64).contiguous()
-        lens = context_lens.to(torch.int64).contiguous()
-        if tables.dim() != 2 or tables.shape[0] != q.shape[0] or lens.shape != (q.shape[0],):
-            raise ValueError("block_tables and context_lens need one row per query")
-        num_blocks = cache.shape[0]
         if not 0 <= layer < cache.shape[1]:
             raise ValueError(f"layer {layer} outside the cache's {cache.shape[1]} layers")
-        if lens.numel() and (int(lens.max()) > tables.shape[1] * cache.shape[2] or int(lens.min()) < 0
-                             or (tables.numel() and (int(tables.max()) >= num_blocks
-                                                     or int(tables.min()) < 0))):
-            raise ValueError("a block table or context length points outside the cache")
+        q = q.contiguous()
+        tables, lens = self._checked_tables(block_tables, context_lens, q.shape[0], cache)
         out = torch.empty_like(q)
         _, num_layers, block_size, _, kv_heads, head_dim = cache.shape
         self._fn(q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
                  lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim, block_size,
                  num_layers, layer, scale, torch.get_num_threads())
         return out
+
+
+    def _checked_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_seqs: int,
+                        cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 copies of the tables and lengths, checked to stay inside the cache. Every layer of a
+        step passes the same two tensors, so they are checked once per step (the references held
+        here keep them alive, so identity cannot match new tensors)."""
+        key = (block_tables, context_lens, num_seqs, cache.shape)
+        last = self._last_checked
+        if last is not None and all(a is b for a, b in zip(key[:2], last[0][:2])) and key[2:] == last[0][2:]:
+            return last[1]
+        tables = block_tables.to(torch.int64).contiguous()
+        lens = context_lens.to(torch.int64).contiguous()
+        if tables.dim() != 2 or tables.shape[0] != num_seqs or lens.shape != (num_seqs,):
+            raise ValueError("block_tables and context_lens need one row per query")
+        if lens.numel() and (int(lens.max()) > tables.shape[1] * cache.shape[2] or int(lens.min()) < 0
+                             or (tables.numel() and (int(tables.max()) >= cache.shape[0]
+                                                     or int(tables.min()) < 0))):
+            raise ValueError("a block table or context length points outside the cache")
+        self._last_checked = (key, (tables, lens))
+        return tables, lens
 
 
 @functools.cache

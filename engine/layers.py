@@ -62,6 +62,8 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = attention_factor
+        self._last_positions: torch.Tensor | None = None
+        self._last_cos_sin: tuple[torch.Tensor, torch.Tensor] = ()  # type: ignore[assignment]
         self._build(max_positions)
 
     def _build(self, n: int) -> None:
@@ -72,9 +74,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotate each x of shape [tokens, heads, head_dim] at the given positions."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._cos_sin(positions)
         return tuple(_apply_rotary(x, cos, sin, self.rot_dim) for x in xs)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # every layer of a step passes the same positions tensor: look the tables up once per step
+        # (the reference held here keeps that tensor alive, so `is` cannot match a new one)
+        if self._last_positions is not positions:
+            self._last_positions = positions
+            self._last_cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        return self._last_cos_sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

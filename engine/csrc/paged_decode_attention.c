@@ -38,6 +38,16 @@ static inline __attribute__((always_inline)) void decode_task(
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
         const float *kv = cache + table[start / block_size] * block_stride + layer_offset;
+        if (start + block_size < len) {
+            /* the KV is read from DRAM (a step's cache does not fit in L3): ask for the next block's
+             * rows of this head while this block is computed */
+            const float *next = cache + table[start / block_size + 1] * block_stride + layer_offset;
+            for (int64_t t = 0; t < block_size; t++)
+                for (int64_t d = 0; d < head_dim; d += 16) {
+                    __builtin_prefetch(next + t * token_stride + d);
+                    __builtin_prefetch(next + t * token_stride + v_offset + d);
+                }
+        }
         for (int64_t g = 0; g < group; g++) {
             const float *qg = qs + g * head_dim;
             float block_max = -INFINITY;

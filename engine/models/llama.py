@@ -56,14 +56,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        v = qkv[:, h + kvh:]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = self.rotary(positions, self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + kvh]))
+        else:  # q and k heads are adjacent: rotate them in one pass
+            (qk,) = self.rotary(positions, qkv[:, :h + kvh])
+            q, k = qk[:, :h], qk[:, h:]
         o = paged_attention(q, k, v, kv_cache, self.layer, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
