@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -148,8 +149,25 @@ def paged_decode_kernel() -> PagedDecodeKernel | None:
         log.info("no C compiler found: decode attention uses the torch path")
         return None
     try:
-        return PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
+        kernel = PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", detail)
         return None
+    if len(runtimes := openmp_runtimes()) > 1:
+        # torch's wheel brought its OpenMP under another name: two thread pools would spin
+        # against each other on the same cores
+        log.warning("CPU decode-attention kernel not used: it loaded a second OpenMP runtime "
+                    "next to torch's (%s); using the torch path", ", ".join(runtimes))
+        return None
+    return kernel
+
+
+def openmp_runtimes() -> list[str]:
+    """Files of the OpenMP runtimes mapped into this process (GNU, LLVM or Intel)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line.split(maxsplit=5)[5] for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
+    return sorted(path for path in paths if re.match(r"lib(g|i)?omp[-.]", os.path.basename(path)))
