@@ -13,7 +13,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -70,6 +69,7 @@ def _build(compiler: str) -> Path:
 
 class PagedDecodeKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
         fn = lib.paged_decode_attention_f32
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
@@ -154,20 +154,39 @@ def paged_decode_kernel() -> PagedDecodeKernel | None:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", detail)
         return None
-    if len(runtimes := openmp_runtimes()) > 1:
-        # torch's wheel brought its OpenMP under another name: two thread pools would spin
-        # against each other on the same cores
-        log.warning("CPU decode-attention kernel not used: it loaded a second OpenMP runtime "
-                    "next to torch's (%s); using the torch path", ", ".join(runtimes))
+    ours, torchs = openmp_runtimes(kernel.lib)
+    if ours and torchs and ours != torchs:
+        # torch's wheel brought its OpenMP under another name, so the kernel linked a second
+        # runtime: two thread pools would spin against each other on the same cores
+        log.warning("CPU decode-attention kernel not used: its OpenMP runtime (%s) is not torch's "
+                    "(%s); using the torch path", ours, torchs)
         return None
     return kernel
 
 
-def openmp_runtimes() -> list[str]:
-    """Files of the OpenMP runtimes mapped into this process (GNU, LLVM or Intel)."""
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _defining_file(lib: ctypes.CDLL, symbol: str) -> str | None:
+    """The file whose definition of `symbol` `lib` uses (dlsym searches lib and its dependencies)."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        addr = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+        dladdr = ctypes.CDLL(None).dladdr
+    except (AttributeError, OSError):
+        return None
+    info = _DlInfo()
+    if not addr or not dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def openmp_runtimes(lib: ctypes.CDLL) -> tuple[str | None, str | None]:
+    """(the OpenMP runtime `lib` calls, the one torch's ops call); None where unknown."""
+    libtorch = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        torch_lib = ctypes.CDLL(str(libtorch))   # already loaded: this only takes a handle
     except OSError:
-        return []
-    paths = {line.split(maxsplit=5)[5] for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
-    return sorted(path for path in paths if re.match(r"lib(g|i)?omp[-.]", os.path.basename(path)))
+        return _defining_file(lib, "GOMP_parallel"), None
+    return _defining_file(lib, "GOMP_parallel"), _defining_file(torch_lib, "GOMP_parallel")

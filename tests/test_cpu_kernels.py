@@ -128,11 +128,12 @@ def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):
 @needs_compiler
 def test_one_openmp_runtime_shared_with_torch_or_no_kernel(monkeypatch, kernel):
     # torch's wheel ships libgomp.so.1, which the kernel's -fopenmp link resolves to
-    assert len(cpu_kernels.openmp_runtimes()) == 1
+    ours, torchs = cpu_kernels.openmp_runtimes(kernel.lib)
+    assert ours is not None and ours == torchs
     cpu_kernels.paged_decode_kernel.cache_clear()
     try:
         monkeypatch.setattr(cpu_kernels, "openmp_runtimes",
-                            lambda: ["/usr/lib/libgomp.so.1", "/wheel/torch.libs/libgomp-a34b3233.so.1"])
+                            lambda lib: ("/usr/lib/libgomp.so.1", "/torch.libs/libgomp-a34b3233.so.1"))
         assert cpu_kernels.paged_decode_kernel() is None
     finally:
         cpu_kernels.paged_decode_kernel.cache_clear()
