@@ -76,7 +76,7 @@ class PagedDecodeKernel:
                        ctypes.c_float, ctypes.c_int]
         fn.restype = None
         self._fn = fn
-        self._last_checked: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._last_checked: tuple | None = None  # (tables, lens, shapes, their checked int64 copies)
         for name in ("max_group", "max_head_dim", "max_block"):
             getter = getattr(lib, f"paged_decode_{name}")
             getter.restype = i64
@@ -117,16 +117,15 @@ class PagedDecodeKernel:
                  num_layers, layer, scale, torch.get_num_threads())
         return out
 
-
     def _checked_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_seqs: int,
                         cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 copies of the tables and lengths, checked to stay inside the cache. Every layer of a
         step passes the same two tensors, so they are checked once per step (the references held
         here keep them alive, so identity cannot match new tensors)."""
-        key = (block_tables, context_lens, num_seqs, cache.shape)
         last = self._last_checked
-        if last is not None and all(a is b for a, b in zip(key[:2], last[0][:2])) and key[2:] == last[0][2:]:
-            return last[1]
+        if (last is not None and last[0] is block_tables and last[1] is context_lens
+                and last[2] == (num_seqs, cache.shape)):
+            return last[3]
         tables = block_tables.to(torch.int64).contiguous()
         lens = context_lens.to(torch.int64).contiguous()
         if tables.dim() != 2 or tables.shape[0] != num_seqs or lens.shape != (num_seqs,):
@@ -135,7 +134,7 @@ class PagedDecodeKernel:
                              or (tables.numel() and (int(tables.max()) >= cache.shape[0]
                                                      or int(tables.min()) < 0))):
             raise ValueError("a block table or context length points outside the cache")
-        self._last_checked = (key, (tables, lens))
+        self._last_checked = (block_tables, context_lens, (num_seqs, cache.shape), (tables, lens))
         return tables, lens
 
 
