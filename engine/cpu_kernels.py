@@ -1,10 +1,11 @@
 """CPU kernels built on first use with the machine's C compiler, called through ctypes.
 
-Only what the torch path cannot do without copies lives here: decode attention that reads the paged
-KV cache in place (csrc/paged_decode_attention.c). The library is compiled once per source, compiler
-and CPU (it uses -march=native) into a cache folder and shared by every process on the machine. No
-compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path in charge,
-which is also the reference the kernel is tested against (tests/test_cpu_kernels.py).
+Only what the torch path cannot do well lives here: decode attention that reads the paged KV cache
+in place (csrc/paged_decode_attention.c), and decode-sized matmuls over weights kept in GGUF's
+32-wide quantized blocks (csrc/block_linear.c, see block_quant.py). The library is compiled once per
+source, compiler and CPU (it uses -march=native) into a cache folder and shared by every process on
+the machine. No compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path
+in charge, which is also the reference the kernels are tested against (tests/test_cpu_kernels.py).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ from pathlib import Path
 
 import torch
 
+from pdcluster.engine.block_quant import QBLOCK, BlockWeights
+
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+_SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                 for name in ("paged_decode_attention.c", "block_linear.c"))
 ENV_SWITCH = "PDCLUSTER_CPU_KERNELS"
 ENV_CACHE = "PDCLUSTER_KERNEL_CACHE"
 
@@ -48,12 +52,12 @@ _LIBS = ["-lmvec", "-lm"]
 
 
 def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(),
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in _SOURCES), version.encode(),
+                                      _cpu_flags().encode(),
                                       " ".join(_CFLAGS + _LIBS).encode()])).hexdigest()[:16]
-    lib = _cache_dir() / f"paged_decode_attention-{key}.so"
+    lib = _cache_dir() / f"pdcluster_cpu_kernels-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,7 @@ def _build(compiler: str) -> Path:
     # thread pool for torch's ops and this kernel, so neither spins against the other.
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        subprocess.run([compiler, *_CFLAGS, "-o", str(out), str(_SOURCE), *_LIBS],
+        subprocess.run([compiler, *_CFLAGS, "-o", str(out), *map(str, _SOURCES), *_LIBS],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(out, lib)  # atomic: concurrent builders each land a complete file
     return lib
@@ -69,7 +73,6 @@ def _build(compiler: str) -> Path:
 
 class PagedDecodeKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self.lib = lib
         fn = lib.paged_decode_attention_f32
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
@@ -138,29 +141,107 @@ class PagedDecodeKernel:
         return tables, lens
 
 
+class BlockLinearKernel:
+    """y = x W^T with W in GGUF blocks (block_quant.BlockWeights), for a few dozen rows of x: where
+    BLAS streams the dense fp32 weight, this reads 4.5 / 8.5 bits per weight (csrc/block_linear.c)."""
+
+    QTYPES = {"q4_1": 1, "q8_0": 2}
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn = lib.block_linear_f32
+        fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+        fn.restype = None
+        self._fn = fn
+        self._scratch = lib.block_linear_scratch
+        self._scratch.argtypes = [i64, i64, ctypes.c_int]
+        self._scratch.restype = i64
+        lib.block_linear_qblock.restype = i64
+        if lib.block_linear_qblock() != QBLOCK:
+            raise AttributeError("block_linear.c and block_quant.py disagree on the block size")
+
+    def check(self, bw: BlockWeights) -> None:
+        """Raise ValueError unless `bw` is laid out as the kernel reads it (checked once per layer,
+        not per call)."""
+        n, k = bw.shape
+        per_block = {"q4_1": QBLOCK // 2, "q8_0": QBLOCK}.get(bw.qtype)
+        if per_block is None:
+            raise ValueError(f"block format {bw.qtype!r} has no kernel")
+        parts = [bw.qs, bw.d] + ([bw.m] if bw.qtype == "q4_1" else [])
+        if (bw.qs.shape != (n, k // QBLOCK, per_block) or bw.qs.element_size() != 1
+                or bw.d.dtype != torch.float32 or (bw.m is not None and bw.m.shape != bw.d.shape)
+                or (bw.qtype == "q4_1" and bw.m.dtype != torch.float32)
+                or any(not t.is_contiguous() or t.device.type != "cpu" for t in parts)):
+            raise ValueError(f"{bw.qtype} blocks of a {n}x{k} weight are not in the kernel's layout")
+
+    def __call__(self, bw: BlockWeights, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 -> [M, N]; `bw` must have passed `check`."""
+        n, k = bw.shape
+        if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"x must be a float32 CPU [rows, {k}] tensor, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+        x = x.contiguous()
+        rows, threads = x.shape[0], torch.get_num_threads()
+        y = torch.empty(rows, n)
+        if rows == 0:
+            return y
+        scratch = torch.empty(self._scratch(rows, k, threads))  # torch's CPU buffers: 64-aligned
+        m = bw.m if bw.m is not None else bw.d
+        self._fn(self.QTYPES[bw.qtype], x.data_ptr(), rows, k, bw.qs.data_ptr(), bw.d.data_ptr(),
+                 m.data_ptr(), n, None, y.data_ptr(), scratch.data_ptr(), threads)
+        return y
+
+
 @functools.cache
-def paged_decode_kernel() -> PagedDecodeKernel | None:
-    """The compiled kernel, or None (then callers use the torch path). Built once per process."""
+def kernel_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (then callers use the torch path). Built once per process."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        log.info("no C compiler found: decode attention uses the torch path")
+        log.info("no C compiler found: the torch path runs decode attention and matmuls")
         return None
     try:
-        kernel = PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
-    except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        log.warning("CPU decode-attention kernel unavailable, using the torch path: %s", detail)
+        log.warning("CPU kernels unavailable, using the torch path: %s", detail)
         return None
-    ours, torchs = openmp_runtimes(kernel.lib)
+    ours, torchs = openmp_runtimes(lib)
     if ours and torchs and ours != torchs:
-        # torch's wheel brought its OpenMP under another name, so the kernel linked a second
+        # torch's wheel brought its OpenMP under another name, so the kernels linked a second
         # runtime: two thread pools would spin against each other on the same cores
-        log.warning("CPU decode-attention kernel not used: its OpenMP runtime (%s) is not torch's "
-                    "(%s); using the torch path", ours, torchs)
+        log.warning("CPU kernels not used: their OpenMP runtime (%s) is not torch's (%s); using "
+                    "the torch path", ours, torchs)
         return None
-    return kernel
+    return lib
+
+
+def _wrap(cls):
+    lib = kernel_library()
+    if lib is None:
+        return None
+    try:
+        return cls(lib)
+    except AttributeError as exc:   # a library without this kernel's symbols
+        log.warning("CPU kernel %s unavailable, using the torch path: %s", cls.__name__, exc)
+        return None
+
+
+@functools.cache
+def paged_decode_kernel() -> PagedDecodeKernel | None:
+    return _wrap(PagedDecodeKernel)
+
+
+@functools.cache
+def block_linear_kernel() -> BlockLinearKernel | None:
+    return _wrap(BlockLinearKernel)
+
+
+def reset() -> None:
+    """Forget the loaded kernels (tests switch them off and on)."""
+    for cached in (kernel_library, paged_decode_kernel, block_linear_kernel):
+        cached.cache_clear()
 
 
 class _DlInfo(ctypes.Structure):

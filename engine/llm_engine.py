@@ -16,6 +16,7 @@ from pdcluster.engine.block_manager import BlockManager
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.detokenizer import IncrementalDetokenizer
 from pdcluster.engine.cpu_kernels import paged_decode_kernel
+from pdcluster.engine.cpu_linear import use_block_kernels
 from pdcluster.engine.device import keep_freed_memory, select_device, select_dtype
 from pdcluster.engine.kv_exchange import KVCounters, KVExchange
 from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
@@ -63,6 +64,8 @@ class LLMEngine:
         if not hf_config.get("vocab_size"):
             hf_config["vocab_size"] = self.tokenizer.vocab_size
         self.model = self._build_model(hf_config, weights)
+        if self.device.type == "cpu":
+            use_block_kernels(self.model)   # before sizing the KV cache: the blocks take memory
         self.fingerprint = _fingerprint(path, hf_config, self.dtype)
         self.max_model_len = config.max_model_len or min(
             hf_config.get("max_position_embeddings", MAX_DEFAULT_MODEL_LEN), MAX_DEFAULT_MODEL_LEN)

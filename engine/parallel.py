@@ -325,9 +325,11 @@ class ParallelLMHead(nn.Module):
         self.tied = tied is not None
         self.rows = tied if tied is not None else VocabParallelEmbedding(vocab_size, hidden)
         self.vocab_size = vocab_size
+        self.method = LinearMethod()   # how the rows multiply (a CPU kernel may take over)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather(F.linear(x, self.rows.weight), dim=-1)[..., : self.vocab_size]
+        logits = self.method.apply({"weight": self.rows.weight}, x)
+        return all_gather(logits, dim=-1)[..., : self.vocab_size]
 
     def load_shard(self, param: str, tensor: torch.Tensor, shard: int = 0,
                    expert: int | None = None) -> None:

@@ -111,32 +111,36 @@ def test_unsupported_inputs_fall_back_to_torch(kernel):
     assert not kernel.supports(q.reshape(q.shape[0], -1), cache)
 
 
+def _no_kernels() -> bool:
+    return cpu_kernels.paged_decode_kernel() is None and cpu_kernels.block_linear_kernel() is None
+
+
 def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):
-    cpu_kernels.paged_decode_kernel.cache_clear()
+    cpu_kernels.reset()
     try:
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-        assert cpu_kernels.paged_decode_kernel() is None
-        cpu_kernels.paged_decode_kernel.cache_clear()
+        assert _no_kernels()
+        cpu_kernels.reset()
         monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
         monkeypatch.delenv("CC", raising=False)
         monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
-        assert cpu_kernels.paged_decode_kernel() is None
+        assert _no_kernels()
     finally:
-        cpu_kernels.paged_decode_kernel.cache_clear()
+        cpu_kernels.reset()
 
 
 @needs_compiler
 def test_one_openmp_runtime_shared_with_torch_or_no_kernel(monkeypatch, kernel):
     # torch's wheel ships libgomp.so.1, which the kernel's -fopenmp link resolves to
-    ours, torchs = cpu_kernels.openmp_runtimes(kernel.lib)
+    ours, torchs = cpu_kernels.openmp_runtimes(cpu_kernels.kernel_library())
     assert ours is not None and ours == torchs
-    cpu_kernels.paged_decode_kernel.cache_clear()
+    cpu_kernels.reset()
     try:
         monkeypatch.setattr(cpu_kernels, "openmp_runtimes",
                             lambda lib: ("/usr/lib/libgomp.so.1", "/torch.libs/libgomp-a34b3233.so.1"))
-        assert cpu_kernels.paged_decode_kernel() is None
+        assert _no_kernels()
     finally:
-        cpu_kernels.paged_decode_kernel.cache_clear()
+        cpu_kernels.reset()
 
 
 @needs_compiler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdcluster.engine import SamplingParams
+from pdcluster.engine import SamplingParams, cpu_linear
 
 NEW_TOKENS = 24
 
@@ -43,12 +43,31 @@ def _hf_greedy(hf_model, prompt: list[int], eos: int) -> tuple[list[int], list[t
     return tokens, [torch.log_softmax(l[0].float(), -1) for l in out.logits]
 
 
-def test_batched_greedy_matches_transformers(llm, hf_model, prompts):
+@pytest.fixture(scope="module")
+def hf_greedy(llm, hf_model, prompts) -> list[tuple[list[int], list[torch.Tensor]]]:
     eos = next(iter(llm.engine.eos_token_ids))
+    return [_hf_greedy(hf_model, p, eos) for p in prompts]
+
+
+@pytest.fixture(params=["as served", "blocks for every matmul"])
+def matmuls(request, llm, monkeypatch) -> str:
+    """As served: the block kernel takes decode-sized matmuls when it is built (the 96-token prefill
+    chunks here), BLAS the rest. Blocks for every matmul: the kernel takes all of them, the
+    8-sequence decode steps and the LM head included."""
+    if request.param != "as served":
+        methods = [m.method for m in llm.engine.model.modules()
+                   if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod)]
+        if not methods:
+            pytest.skip("the block kernel is not built here")
+        for method in methods:
+            monkeypatch.setattr(method, "rows", (1, 1 << 30))
+    return request.param
+
+
+def test_batched_greedy_matches_transformers(llm, hf_greedy, prompts, matmuls):
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5))
     max_err = 0.0
-    for prompt, got in zip(prompts, ours):
-        ref_tokens, ref_logprobs = _hf_greedy(hf_model, prompt, eos)
+    for prompt, got, (ref_tokens, ref_logprobs) in zip(prompts, ours, hf_greedy):
         assert got.token_ids == ref_tokens, llm.tokenizer.decode(prompt)[-60:]
         for lp, ref in zip(got.logprobs, ref_logprobs):
             max_err = max(max_err, abs(lp.logprob - ref[lp.token_id].item()))
@@ -57,8 +76,9 @@ def test_batched_greedy_matches_transformers(llm, hf_model, prompts):
             ref_top = ref[torch.tensor(top_ids)]
             assert torch.allclose(torch.tensor([v for _, v in lp.top]), ref_top, atol=2e-3)
     # Both sides compute in float32 from the same dequantized weights; they differ only in summation
-    # order (packed batches, stacked q/k/v and gate/up matmuls, paged attention), which over 30
-    # layers moves log-probabilities by ~1e-5..1e-4. 2e-3 is far below any gap that flips a token.
+    # order (packed batches, stacked q/k/v and gate/up matmuls, the block kernel's tiles, paged
+    # attention), which over 30 layers moves log-probabilities by ~1e-5..1e-4. 2e-3 is far below
+    # any gap that flips a token.
     assert max_err < 2e-3
     assert llm.engine.stats().num_running == 0
 

@@ -1,0 +1,75 @@
+"""Decode-sized matmuls on the CPU through the block-quantized kernel.
+
+After loading, `use_block_kernels` gives every dense float32 linear layer (and the LM head) whose
+weight is exactly a GGUF Q4_1/Q8_0 encoding (block_quant.pack_exact) a `BlockLinearMethod`: steps
+with a few dozen rows (decode batches) read the blocks, 4.5 / 8.5 bits per weight; bigger ones
+(prefill chunks) keep BLAS on the dense weight, which it multiplies faster at large M. Both multiply
+by bit-identical weights.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pdcluster.engine.block_quant import BlockWeights, pack_exact
+from pdcluster.engine.cpu_kernels import BlockLinearKernel, block_linear_kernel
+from pdcluster.engine.parallel import Linear, ParallelLMHead
+from pdcluster.engine.quant import LinearMethod
+
+log = logging.getLogger(__name__)
+
+# rows of x for which the kernel beats BLAS on the dense weight (2-core AVX-512 measurements: BLAS
+# wins below ~16 rows, where it streams the weight once at memory speed anyway, and above ~256)
+MIN_ROWS = 16
+MAX_ROWS = 256
+
+
+class BlockLinearMethod(LinearMethod):
+    def __init__(self, blocks: BlockWeights, kernel: BlockLinearKernel,
+                 rows: tuple[int, int] = (MIN_ROWS, MAX_ROWS)) -> None:
+        kernel.check(blocks)
+        self.blocks = blocks
+        self.kernel = kernel
+        self.rows = rows
+
+    def apply(self, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (self.rows[0] <= rows <= self.rows[1] and x.dtype == torch.float32
+                and x.device.type == "cpu"):
+            y = self.kernel(self.blocks, x.reshape(rows, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return super().apply(w, x)
+
+
+def _candidates(model: nn.Module):
+    """(module, its dense weight) for every plain linear layer and LM head."""
+    for mod in model.modules():
+        if isinstance(mod, Linear) and type(mod.method) is LinearMethod and not mod.num_experts:
+            yield mod, mod.weight
+        elif isinstance(mod, ParallelLMHead) and type(mod.method) is LinearMethod:
+            yield mod, mod.rows.weight
+
+
+@torch.no_grad()
+def use_block_kernels(model: nn.Module) -> int:
+    """Switch the layers whose weights are GGUF blocks to the kernel; returns how many were."""
+    kernel = block_linear_kernel()
+    if kernel is None:
+        return 0
+    switched, nbytes = 0, 0
+    for mod, weight in _candidates(model):
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            continue
+        blocks = pack_exact(weight)
+        if blocks is None:
+            continue
+        mod.method = BlockLinearMethod(blocks, kernel)
+        switched += 1
+        nbytes += blocks.nbytes
+    if switched:
+        log.info("%d linear layers also kept as GGUF blocks (%.0f MiB) for decode-sized matmuls",
+                 switched, nbytes / 2**20)
+    return switched

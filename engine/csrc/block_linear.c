@@ -1,0 +1,181 @@
+/* y = x W^T + bias for the CPU, with W kept in 32-wide quantized blocks (GGUF Q4_1 / Q8_0) or fp32.
+ *
+ * A decode step multiplies a few dozen rows of activations by every weight of the model. There the
+ * weights' bytes, not the arithmetic, bound the matmul (fp32 weights stream from DRAM each step, and
+ * BLAS at M=32 reaches about a fifth of the FMA peak). Kept as 4.5 (Q4_1) or 8.5 (Q8_0) bits per
+ * weight they are 7x / 3.8x fewer bytes; each thread dequantizes a panel of NR weight rows once into
+ * a small buffer and multiplies every row tile of x against it with a register-blocked micro-kernel
+ * (MR rows of x by NR weight rows, all accumulators in vector registers).
+ *
+ * Dequantization reproduces gguf's own exactly (the float32 product is rounded before the add, as
+ * numpy does it), so the kernel multiplies by bit-identical weights to the dense model's; only the
+ * summation order differs from BLAS. cpu_kernels.py packs a layer only after checking that.
+ *
+ * Layouts (row n of W, block b = weights 32b .. 32b+31 of that row):
+ *   fp32: w [N][K]
+ *   q4_1: qs [N][K/32][16] uint8 (element i in the low nibble of byte i, element 16+i in the high),
+ *         d, m [N][K/32] float; w = d * q + m
+ *   q8_0: qs [N][K/32][32] int8, d [N][K/32] float; w = d * q
+ */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__AVX512F__)
+#define VL 16          /* floats per vector register */
+#define NR 12          /* weight rows per tile: 2 x NR accumulators of 32 registers */
+#elif defined(__AVX__) || defined(__aarch64__)
+#define VL 8
+#define NR 6
+#else
+#define VL 4
+#define NR 4
+#endif
+#define MR (2 * VL)    /* rows of x per tile */
+#define QBLOCK 32
+
+#if defined(__x86_64__)
+#define ROUNDED(v) __asm__("" : "+v"(v))   /* the compiler may not fuse across this into an FMA */
+#elif defined(__aarch64__)
+#define ROUNDED(v) __asm__("" : "+w"(v))
+#else
+#error "block_linear.c: no rounding barrier for this architecture"
+#endif
+
+enum { QTYPE_F32 = 0, QTYPE_Q4_1 = 1, QTYPE_Q8_0 = 2 };
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint8_t vu8 __attribute__((vector_size(VL)));
+
+/* rows [n0, n0 + nr) of W, all K, as float32 into out[nr][K] */
+static void dequant_rows(int qtype, const void *w, const float *d, const float *m, int64_t n0,
+                         int64_t nr, int64_t K, float *panel)
+{
+    const int64_t nb = K / QBLOCK;
+    for (int64_t j = 0; j < nr; j++) {
+        float *out = panel + j * K;
+        const int64_t row = n0 + j;
+        if (qtype == QTYPE_F32) {
+            memcpy(out, (const float *)w + row * K, K * sizeof(float));
+            continue;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            const float db = d[row * nb + b];
+            float *o = out + b * QBLOCK;
+            if (qtype == QTYPE_Q4_1) {
+                const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * (QBLOCK / 2);
+                const float mb = m[row * nb + b];
+                for (int h = 0; h < QBLOCK / 2; h += VL) {
+                    vu8 bytes;
+                    memcpy(&bytes, qs + h, sizeof bytes);
+                    const vu8 nib[2] = {bytes & 0x0F, bytes >> 4};
+                    for (int half = 0; half < 2; half++) {
+                        vf prod = __builtin_convertvector(__builtin_convertvector(nib[half], vi), vf) * db;
+                        ROUNDED(prod);
+                        *(vf_u *)(o + half * (QBLOCK / 2) + h) = prod + mb;
+                    }
+                }
+            } else {
+                const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * QBLOCK;
+                for (int h = 0; h < QBLOCK; h += VL) {
+                    vu8 biased;  /* q + 128: gcc widens unsigned bytes in one instruction */
+                    memcpy(&biased, qs + h, sizeof biased);
+                    const vi q = __builtin_convertvector(biased ^ 0x80, vi) - 128;
+                    *(vf_u *)(o + h) = __builtin_convertvector(q, vf) * db;
+                }
+            }
+        }
+    }
+}
+
+/* the same into panel[NR][K], rows nr.. zero (a tile always multiplies NR rows) */
+static void dequant_panel(int qtype, const void *w, const float *d, const float *m, int64_t n0,
+                          int64_t nr, int64_t K, float *panel)
+{
+    dequant_rows(qtype, w, d, m, n0, nr, K, panel);
+    if (nr < NR) memset(panel + nr * K, 0, (NR - nr) * K * sizeof(float));
+}
+
+/* out[NR][MR] = panel[NR][K] . xt[K][MR] */
+static inline __attribute__((always_inline)) void tile(const float *restrict xt,
+    const float *restrict panel, int64_t K, float *restrict out)
+{
+    vf c0[NR], c1[NR];
+    for (int j = 0; j < NR; j++) c0[j] = c1[j] = (vf){0};
+    for (int64_t k = 0; k < K; k++) {
+        const vf a0 = *(const vf *)(xt + k * MR), a1 = *(const vf *)(xt + k * MR + VL);
+        for (int j = 0; j < NR; j++) {
+            const float b = panel[j * K + k];
+            c0[j] += a0 * b;
+            c1[j] += a1 * b;
+        }
+    }
+    for (int j = 0; j < NR; j++) {
+        *(vf *)(out + j * MR) = c0[j];
+        *(vf *)(out + j * MR + VL) = c1[j];
+    }
+}
+
+/* Scratch floats the caller provides (64-byte aligned): the transposed x tiles of one row block and
+ * one weight panel per thread. */
+int64_t block_linear_scratch(int64_t M, int64_t K, int num_threads)
+{
+    const int64_t tiles = (M + MR - 1) / MR;
+    return tiles * K * MR + (int64_t)num_threads * NR * K;
+}
+
+int64_t block_linear_qblock(void) { return QBLOCK; }
+int64_t block_linear_tile_rows(void) { return MR; }
+
+void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
+                      const void *w, const float *d, const float *m, int64_t N,
+                      const float *bias, float *y, float *scratch, int num_threads)
+{
+    const int64_t tiles = (M + MR - 1) / MR;
+    float *xt = scratch;                               /* [tiles][K][MR] */
+    float *panels = scratch + tiles * K * MR;          /* [threads][NR][K] */
+    /* row blocks of x small enough to stay in L2 while every weight panel passes by */
+    int64_t per_block = (256 * 1024) / (K * MR * (int64_t)sizeof(float));
+    if (per_block < 1) per_block = 1;
+    const int64_t panels_n = (N + NR - 1) / NR;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++)
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t i = 0; i < MR; i++) {
+                    const int64_t row = t * MR + i;
+                    xt[(t * K + k) * MR + i] = row < M ? x[row * K + k] : 0.0f;
+                }
+        float *panel = panels + (int64_t)omp_get_thread_num() * NR * K;
+        float out[NR * MR] __attribute__((aligned(64)));
+        for (int64_t t0 = 0; t0 < tiles; t0 += per_block) {
+            const int64_t t1 = t0 + per_block < tiles ? t0 + per_block : tiles;
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < panels_n; p++) {
+                const int64_t n0 = p * NR, nr = N - n0 < NR ? N - n0 : NR;
+                dequant_panel(qtype, w, d, m, n0, nr, K, panel);
+                for (int64_t t = t0; t < t1; t++) {
+                    tile(xt + t * K * MR, panel, K, out);
+                    const int64_t mr = M - t * MR < MR ? M - t * MR : MR;
+                    for (int64_t i = 0; i < mr; i++) {
+                        float *yr = y + (t * MR + i) * N + n0;
+                        for (int64_t j = 0; j < nr; j++)
+                            yr[j] = out[j * MR + i] + (bias ? bias[n0 + j] : 0.0f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The dequantized rows [n0, n0 + nr) into out[nr][K]: lets the packer check that the blocks
+ * reproduce the dense weight bit for bit. */
+void block_linear_dequant(int qtype, const void *w, const float *d, const float *m, int64_t n0,
+                          int64_t nr, int64_t K, float *out)
+{
+    dequant_rows(qtype, w, d, m, n0, nr, K, out);
+}
