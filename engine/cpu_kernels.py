@@ -156,9 +156,13 @@ class BlockLinearKernel:
         self._scratch = lib.block_linear_scratch
         self._scratch.argtypes = [i64, i64, ctypes.c_int]
         self._scratch.restype = i64
-        lib.block_linear_qblock.restype = i64
+        for name in ("qblock", "small_rows", "tile_rows"):
+            getattr(lib, f"block_linear_{name}").restype = i64
         if lib.block_linear_qblock() != QBLOCK:
             raise AttributeError("block_linear.c and block_quant.py disagree on the block size")
+        # fewest rows of x worth the kernel: from one row where it has its dot-product path (AVX-512
+        # builds); otherwise its tiles would mostly multiply padding, and BLAS takes small batches
+        self.min_rows = 1 if lib.block_linear_small_rows() else lib.block_linear_tile_rows() // 2
 
     def check(self, bw: BlockWeights) -> None:
         """Raise ValueError unless `bw` is laid out as the kernel reads it (checked once per layer,

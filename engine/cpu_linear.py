@@ -2,9 +2,9 @@
 
 After loading, `use_block_kernels` gives every dense float32 linear layer (and the LM head) whose
 weight is exactly a GGUF Q4_1/Q8_0 encoding (block_quant.pack_exact) a `BlockLinearMethod`: steps
-with a few dozen rows (decode batches) read the blocks, 4.5 / 8.5 bits per weight; bigger ones
-(prefill chunks) keep BLAS on the dense weight, which it multiplies faster at large M. Both multiply
-by bit-identical weights.
+of up to a few hundred rows (decode batches, small prefill chunks) read the blocks, 4.5 / 8.5 bits
+per weight; bigger ones keep BLAS on the dense weight, which it multiplies faster at large M. Both
+multiply by bit-identical weights.
 """
 from __future__ import annotations
 
@@ -21,19 +21,18 @@ from pdcluster.engine.quant import LinearMethod
 
 log = logging.getLogger(__name__)
 
-# rows of x for which the kernel beats BLAS on the dense weight (2-core AVX-512 measurements: BLAS
-# wins below ~16 rows, where it streams the weight once at memory speed anyway, and above ~256)
-MIN_ROWS = 16
+# most rows of x for which the kernel beats BLAS on the dense weight (2-core AVX-512: above ~256
+# rows BLAS's blocking wins, the weight's bytes no longer matter)
 MAX_ROWS = 256
 
 
 class BlockLinearMethod(LinearMethod):
     def __init__(self, blocks: BlockWeights, kernel: BlockLinearKernel,
-                 rows: tuple[int, int] = (MIN_ROWS, MAX_ROWS)) -> None:
+                 rows: tuple[int, int] | None = None) -> None:
         kernel.check(blocks)
         self.blocks = blocks
         self.kernel = kernel
-        self.rows = rows
+        self.rows = rows or (kernel.min_rows, MAX_ROWS)
 
     def apply(self, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() else 0

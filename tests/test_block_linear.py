@@ -72,7 +72,7 @@ def kernel():
 
 @needs_compiler
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("rows", [1, 5, 16, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 32, 33, 70])
 @pytest.mark.parametrize("out_features,in_features", [(100, 64), (24, 576), (7, 32)])
 def test_kernel_matches_blas_on_the_dense_weight(kernel, qtype, rows, out_features, in_features):
     w = gguf_dense(out_features, in_features, qtype, seed=rows)

@@ -49,18 +49,15 @@ def hf_greedy(llm, hf_model, prompts) -> list[tuple[list[int], list[torch.Tensor
     return [_hf_greedy(hf_model, p, eos) for p in prompts]
 
 
-@pytest.fixture(params=["as served", "blocks for every matmul"])
+@pytest.fixture(params=["as served", "BLAS only"])
 def matmuls(request, llm, monkeypatch) -> str:
-    """As served: the block kernel takes decode-sized matmuls when it is built (the 96-token prefill
-    chunks here), BLAS the rest. Blocks for every matmul: the kernel takes all of them, the
-    8-sequence decode steps and the LM head included."""
-    if request.param != "as served":
-        methods = [m.method for m in llm.engine.model.modules()
-                   if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod)]
-        if not methods:
-            pytest.skip("the block kernel is not built here")
+    """As served: where the block kernel is built it takes every matmul here (8-sequence decode
+    steps, 96-token prefill chunks, the LM head). BLAS only: the dense weights, the reference path."""
+    methods = [m.method for m in llm.engine.model.modules()
+               if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod)]
+    if request.param == "BLAS only":
         for method in methods:
-            monkeypatch.setattr(method, "rows", (1, 1 << 30))
+            monkeypatch.setattr(method, "rows", (1 << 30, 1 << 30))
     return request.param
 
 

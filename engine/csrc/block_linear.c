@@ -5,7 +5,8 @@
  * BLAS at M=32 reaches about a fifth of the FMA peak). Kept as 4.5 (Q4_1) or 8.5 (Q8_0) bits per
  * weight they are 7x / 3.8x fewer bytes; each thread dequantizes a panel of NR weight rows once into
  * a small buffer and multiplies every row tile of x against it with a register-blocked micro-kernel
- * (MR rows of x by NR weight rows, all accumulators in vector registers).
+ * (MR rows of x by NR weight rows, all accumulators in vector registers). Fewer than SMALL_ROWS
+ * rows of x (batch-1 decode) take a dot-product path that dequantizes straight into registers.
  *
  * Dequantization reproduces gguf's own exactly (the float32 product is rounded before the add, as
  * numpy does it), so the kernel multiplies by bit-identical weights to the dense model's; only the
@@ -49,43 +50,53 @@ typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint8_t vu8 __attribute__((vector_size(VL)));
 
+#define BLOCK_VECS (QBLOCK / VL)
+
+/* block b of row `row`, dequantized into out[BLOCK_VECS] (kept in registers when inlined) */
+static inline __attribute__((always_inline)) void dequant_block(
+    int qtype, const void *w, const float *d, const float *m, int64_t row, int64_t nb, int64_t b,
+    vf out[BLOCK_VECS])
+{
+    const float db = d[row * nb + b];
+    if (qtype == QTYPE_Q4_1) {
+        const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * (QBLOCK / 2);
+        const float mb = m[row * nb + b];
+        for (int h = 0; h < QBLOCK / 2; h += VL) {
+            vu8 bytes;
+            memcpy(&bytes, qs + h, sizeof bytes);
+            const vu8 nib[2] = {bytes & 0x0F, bytes >> 4};
+            for (int half = 0; half < 2; half++) {
+                vf prod = __builtin_convertvector(__builtin_convertvector(nib[half], vi), vf) * db;
+                ROUNDED(prod);
+                out[(half * (QBLOCK / 2) + h) / VL] = prod + mb;
+            }
+        }
+    } else {
+        const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * QBLOCK;
+        for (int h = 0; h < QBLOCK; h += VL) {
+            vu8 biased;  /* q + 128: gcc widens unsigned bytes in one instruction */
+            memcpy(&biased, qs + h, sizeof biased);
+            const vi q = __builtin_convertvector(biased ^ 0x80, vi) - 128;
+            out[h / VL] = __builtin_convertvector(q, vf) * db;
+        }
+    }
+}
+
 /* rows [n0, n0 + nr) of W, all K, as float32 into out[nr][K] */
 static void dequant_rows(int qtype, const void *w, const float *d, const float *m, int64_t n0,
-                         int64_t nr, int64_t K, float *panel)
+                         int64_t nr, int64_t K, float *out)
 {
     const int64_t nb = K / QBLOCK;
     for (int64_t j = 0; j < nr; j++) {
-        float *out = panel + j * K;
-        const int64_t row = n0 + j;
+        float *o = out + j * K;
         if (qtype == QTYPE_F32) {
-            memcpy(out, (const float *)w + row * K, K * sizeof(float));
+            memcpy(o, (const float *)w + (n0 + j) * K, K * sizeof(float));
             continue;
         }
         for (int64_t b = 0; b < nb; b++) {
-            const float db = d[row * nb + b];
-            float *o = out + b * QBLOCK;
-            if (qtype == QTYPE_Q4_1) {
-                const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * (QBLOCK / 2);
-                const float mb = m[row * nb + b];
-                for (int h = 0; h < QBLOCK / 2; h += VL) {
-                    vu8 bytes;
-                    memcpy(&bytes, qs + h, sizeof bytes);
-                    const vu8 nib[2] = {bytes & 0x0F, bytes >> 4};
-                    for (int half = 0; half < 2; half++) {
-                        vf prod = __builtin_convertvector(__builtin_convertvector(nib[half], vi), vf) * db;
-                        ROUNDED(prod);
-                        *(vf_u *)(o + half * (QBLOCK / 2) + h) = prod + mb;
-                    }
-                }
-            } else {
-                const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * QBLOCK;
-                for (int h = 0; h < QBLOCK; h += VL) {
-                    vu8 biased;  /* q + 128: gcc widens unsigned bytes in one instruction */
-                    memcpy(&biased, qs + h, sizeof biased);
-                    const vi q = __builtin_convertvector(biased ^ 0x80, vi) - 128;
-                    *(vf_u *)(o + h) = __builtin_convertvector(q, vf) * db;
-                }
-            }
+            vf v[BLOCK_VECS];
+            dequant_block(qtype, w, d, m, n0 + j, nb, b, v);
+            memcpy(o + b * QBLOCK, v, sizeof v);
         }
     }
 }
@@ -118,6 +129,75 @@ static inline __attribute__((always_inline)) void tile(const float *restrict xt,
     }
 }
 
+/* A few rows of x (batch-1/small-batch decode): the register tile above would multiply mostly
+ * padding, so each weight row is instead dotted with each x row along k, dequantized block by block
+ * straight into registers. MS rows of x by SNR rows of W; acc[r][j] holds VL-lane partial sums. */
+#define SNR 4
+#if VL == 16
+#define SMALL_ROWS 7      /* fewer x rows than this take the dot-product path (from 7 the tile wins) */
+#else
+#define SMALL_ROWS 0      /* (with 8-lane vectors its accumulators would not fit in registers) */
+#endif
+
+static inline float lane_sum(vf v)
+{
+    float half[VL / 2];
+    for (int width = VL / 2; width >= 1; width /= 2) {   /* pairwise: log2(VL) dependent adds */
+        for (int l = 0; l < width; l++) half[l] = v[l] + v[l + width];
+        for (int l = 0; l < width; l++) v[l] = half[l];
+    }
+    return v[0];
+}
+
+static inline __attribute__((always_inline)) void small_tile(
+    int qtype, const float *x, int64_t K, const void *w, const float *d, const float *m,
+    int64_t n0, int64_t nr, int64_t N, const float *bias, float *y, const int MS)
+{
+    const int64_t nb = K / QBLOCK;
+    vf acc[MS][SNR];
+    for (int r = 0; r < MS; r++)
+        for (int j = 0; j < SNR; j++) acc[r][j] = (vf){0};
+    for (int64_t b = 0; b < nb; b++) {
+        vf wv[SNR][BLOCK_VECS];
+        for (int j = 0; j < SNR; j++)   /* past the last row: recompute row n0, never stored */
+            dequant_block(qtype, w, d, m, n0 + (j < nr ? j : 0), nb, b, wv[j]);
+        for (int v = 0; v < BLOCK_VECS; v++)
+            for (int r = 0; r < MS; r++) {
+                vf xv;
+                memcpy(&xv, x + r * K + b * QBLOCK + v * VL, sizeof xv);
+                for (int j = 0; j < SNR; j++) acc[r][j] += xv * wv[j][v];
+            }
+    }
+    for (int r = 0; r < MS; r++)
+        for (int64_t j = 0; j < nr; j++)
+            y[r * N + n0 + j] = lane_sum(acc[r][j]) + (bias ? bias[n0 + j] : 0.0f);
+}
+
+#define SMALL_ARGS int qtype, const float *x, int64_t K, const void *w, const float *d, \
+    const float *m, int64_t n0, int64_t nr, int64_t N, const float *bias, float *y
+#define SMALL_CALL(MS) small_tile(qtype, x, K, w, d, m, n0, nr, N, bias, y, MS)
+static __attribute__((noinline)) void small_tile_4(SMALL_ARGS) { SMALL_CALL(4); }
+static __attribute__((noinline)) void small_tile_2(SMALL_ARGS) { SMALL_CALL(2); }
+static __attribute__((noinline)) void small_tile_1(SMALL_ARGS) { SMALL_CALL(1); }
+
+static void block_linear_small(int qtype, const float *x, int64_t M, int64_t K, const void *w,
+                               const float *d, const float *m, int64_t N, const float *bias,
+                               float *y, int num_threads)
+{
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t n0 = 0; n0 < N; n0 += SNR) {
+        const int64_t nr = N - n0 < SNR ? N - n0 : SNR;
+        for (int64_t r0 = 0; r0 < M;) {
+            const int64_t left = M - r0;
+            void (*tile_fn)(SMALL_ARGS) = left >= 4 ? small_tile_4 : left >= 2 ? small_tile_2
+                                                                         : small_tile_1;
+            const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            tile_fn(qtype, x + r0 * K, K, w, d, m, n0, nr, N, bias, y + r0 * N);
+            r0 += rows;
+        }
+    }
+}
+
 /* Scratch floats the caller provides (64-byte aligned): the transposed x tiles of one row block and
  * one weight panel per thread. */
 int64_t block_linear_scratch(int64_t M, int64_t K, int num_threads)
@@ -127,12 +207,17 @@ int64_t block_linear_scratch(int64_t M, int64_t K, int num_threads)
 }
 
 int64_t block_linear_qblock(void) { return QBLOCK; }
+int64_t block_linear_small_rows(void) { return SMALL_ROWS; }
 int64_t block_linear_tile_rows(void) { return MR; }
 
 void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
                       const void *w, const float *d, const float *m, int64_t N,
                       const float *bias, float *y, float *scratch, int num_threads)
 {
+    if (M < SMALL_ROWS && qtype != QTYPE_F32) {
+        block_linear_small(qtype, x, M, K, w, d, m, N, bias, y, num_threads);
+        return;
+    }
     const int64_t tiles = (M + MR - 1) / MR;
     float *xt = scratch;                               /* [tiles][K][MR] */
     float *panels = scratch + tiles * K * MR;          /* [threads][NR][K] */
