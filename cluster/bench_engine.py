@@ -1,16 +1,19 @@
 """Engine throughput next to `transformers` generate, same model, same threads, one run.
 
     python -m pdcluster.cluster.bench_engine [--input-len 128] [--output-len 128] [--concurrency 1 8 32]
+                                             [--rounds 3]
 
 Prints decode tokens/s at batch 1 and aggregate output tokens/s at each concurrency for our engine
 (all requests in one continuous batch) and for transformers run sequentially (its per-request rate
-is its aggregate rate, so it is measured on a few requests), and the ratios.
+is its aggregate rate, so it is measured on a few requests), and the ratios. Both sides are measured
+back to back in each of several rounds, so a slow spell of a shared machine hits both.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--baseline-requests", type=int, default=3,
                     help="sequential transformers requests measured (its rate does not depend on count)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="both sides measured back to back this many times (shared machines drift)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations, the same for both sides")
@@ -98,24 +103,31 @@ def main(argv: list[str] | None = None) -> int:
     warm = _prompts(1, 16, vocab, 0)
     _ours_generate(llm, warm, 4), _hf_generate(hf, warm[0], 4)  # first-call costs out of the way
 
-    # batch-1 decode rate: token times after the first, so prefill is excluded on both sides
     p1 = _prompts(1, n_in, vocab, 1)
-    ours_dec = _decode_rate(_ours_generate(llm, p1, n_out)[1])
-    hf_dec = _decode_rate(_hf_generate(hf, p1[0], n_out)[1])
-
     base = _prompts(args.baseline_requests, n_in, vocab, 2)
-    hf_agg = len(base) * n_out / sum(_hf_generate(hf, p, n_out)[0] for p in base)
+    rows: dict[str, list[tuple[float, float]]] = {}   # measure -> (ours, transformers) per round
+    for _ in range(args.rounds):
+        # batch-1 decode rate: token times after the first, so prefill is excluded on both sides
+        rows.setdefault("decode tok/s, batch 1", []).append(
+            (_decode_rate(_ours_generate(llm, p1, n_out)[1]),
+             _decode_rate(_hf_generate(hf, p1[0], n_out)[1])))
+        hf_agg = len(base) * n_out / sum(_hf_generate(hf, p, n_out)[0] for p in base)
+        for c in args.concurrency:
+            agg = c * n_out / _ours_generate(llm, _prompts(c, n_in, vocab, 100 + c), n_out)[0]
+            rows.setdefault(f"output tok/s, {c} concurrent", []).append((agg, hf_agg))
 
     print(f"model {llm.engine.model_path.name}  {args.dtype}  threads {args.threads}  "
-          f"input {n_in}  output {n_out}")
-    print(f"{'measure':<34}{'pdcluster':>12}{'transformers':>14}{'ratio':>8}")
-    print(f"{'decode tok/s, batch 1':<34}{ours_dec:>12.1f}{hf_dec:>14.1f}{ours_dec / hf_dec:>8.2f}")
-    for c in args.concurrency:
-        agg = c * n_out / _ours_generate(llm, _prompts(c, n_in, vocab, 100 + c), n_out)[0]
-        label = f"output tok/s, {c} concurrent"
-        print(f"{label:<34}{agg:>12.1f}{hf_agg:>14.1f}{agg / hf_agg:>8.2f}")
+          f"input {n_in}  output {n_out}  rounds {args.rounds}")
+    print(f"{'measure':<34}{'pdcluster':>12}{'transformers':>14}{'ratio':>8}{'ratio range':>16}")
+    med = statistics.median
+    for label, pairs in rows.items():
+        ratios = [a / b for a, b in pairs]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{label:<34}{med([a for a, _ in pairs]):>12.1f}{med([b for _, b in pairs]):>14.1f}"
+              f"{med(ratios):>8.2f}{spread:>16}")
     print("transformers runs the requests one after another (generate, batch 1, greedy); "
-          "pdcluster runs them as one continuous batch.")
+          "pdcluster runs them as one continuous batch. Each round measures both sides back to "
+          "back; columns are medians over rounds, the ratio is the median of the rounds' ratios.")
     return 0
 
 
