@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations, the same for both sides")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     torch.set_num_threads(args.threads)
     from pdcluster.engine import LLM
     llm = LLM(max_num_seqs=max(args.concurrency), max_num_batched_tokens=2048,
@@ -103,17 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     warm = _prompts(1, 16, vocab, 0)
     _ours_generate(llm, warm, 4), _hf_generate(hf, warm[0], 4)  # first-call costs out of the way
 
-    p1 = _prompts(1, n_in, vocab, 1)
     base = _prompts(args.baseline_requests, n_in, vocab, 2)
     rows: dict[str, list[tuple[float, float]]] = {}   # measure -> (ours, transformers) per round
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         # batch-1 decode rate: token times after the first, so prefill is excluded on both sides
+        p1 = _prompts(1, n_in, vocab, 1000 * (r + 1))
         rows.setdefault("decode tok/s, batch 1", []).append(
             (_decode_rate(_ours_generate(llm, p1, n_out)[1]),
              _decode_rate(_hf_generate(hf, p1[0], n_out)[1])))
         hf_agg = len(base) * n_out / sum(_hf_generate(hf, p, n_out)[0] for p in base)
         for c in args.concurrency:
-            agg = c * n_out / _ours_generate(llm, _prompts(c, n_in, vocab, 100 + c), n_out)[0]
+            # new prompts every round: the prefix cache must not serve a round from the last one
+            prompts = _prompts(c, n_in, vocab, 1000 * (r + 1) + c)
+            agg = c * n_out / _ours_generate(llm, prompts, n_out)[0]
             rows.setdefault(f"output tok/s, {c} concurrent", []).append((agg, hf_agg))
 
     print(f"model {llm.engine.model_path.name}  {args.dtype}  threads {args.threads}  "

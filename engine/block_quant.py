@@ -93,8 +93,13 @@ def _search(blocks: torch.Tensor, estimate: torch.Tensor, lo: int, hi: int,
         x = blocks[idx]
         offset = m[idx].unsqueeze(-1) if m is not None else 0.0
         d = _fp16_near(estimate[idx], ulps).unsqueeze(-1)
-        q = torch.where(d > 0, torch.round((x - offset) / torch.where(d > 0, d, 1)), 0).clamp(lo, hi)
-        ok = ((d * q) + offset == x).all(-1)   # two roundings, as gguf's numpy dequantization
+        # a zero scale (a constant block, or fp16 underflow) gives -0.0 where gguf's code is negative
+        zero_code = torch.where(torch.signbit(x), -1.0, 0.0) if lo < 0 else 0.0
+        q = torch.where(d > 0, torch.round((x - offset) / torch.where(d > 0, d, 1)),
+                        zero_code).clamp(lo, hi)
+        # bit for bit (so -0.0 != 0.0), with gguf's numpy arithmetic: the product rounded, then +m
+        rebuilt = d * q if m is None else (d * q) + offset   # (+0.0 would turn -0.0 into 0.0)
+        ok = (rebuilt.view(torch.int32) == x.view(torch.int32)).all(-1)
         hit = tuple(i[ok] for i in idx)
         codes[hit] = q[ok].to(torch.int32)
         scales[hit] = d[ok].squeeze(-1)

@@ -25,8 +25,7 @@ from pdcluster.engine.block_quant import QBLOCK, BlockWeights
 
 log = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                 for name in ("paged_decode_attention.c", "block_linear.c"))
+_CSRC = Path(__file__).parent / "csrc"
 ENV_SWITCH = "PDCLUSTER_CPU_KERNELS"
 ENV_CACHE = "PDCLUSTER_KERNEL_CACHE"
 
@@ -51,13 +50,15 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-f
 _LIBS = ["-lmvec", "-lm"]
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, name: str) -> Path:
+    """csrc/<name>.c compiled into the cache (one library per source, so a source this machine's
+    compiler or architecture cannot build leaves the other kernels in service)."""
+    source = _CSRC / f"{name}.c"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in _SOURCES), version.encode(),
-                                      _cpu_flags().encode(),
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), _cpu_flags().encode(),
                                       " ".join(_CFLAGS + _LIBS).encode()])).hexdigest()[:16]
-    lib = _cache_dir() / f"pdcluster_cpu_kernels-{key}.so"
+    lib = _cache_dir() / f"{name}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def _build(compiler: str) -> Path:
     # thread pool for torch's ops and this kernel, so neither spins against the other.
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        subprocess.run([compiler, *_CFLAGS, "-o", str(out), *map(str, _SOURCES), *_LIBS],
+        subprocess.run([compiler, *_CFLAGS, "-o", str(out), str(source), *_LIBS],
                        check=True, capture_output=True, text=True, timeout=120)
         os.replace(out, lib)  # atomic: concurrent builders each land a complete file
     return lib
@@ -150,7 +151,7 @@ class BlockLinearKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn = lib.block_linear_f32
-        fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+        fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
         fn.restype = None
         self._fn = fn
         self._scratch = lib.block_linear_scratch
@@ -167,16 +168,16 @@ class BlockLinearKernel:
     def check(self, bw: BlockWeights) -> None:
         """Raise ValueError unless `bw` is laid out as the kernel reads it (checked once per layer,
         not per call)."""
-        n, k = bw.shape
         per_block = {"q4_1": QBLOCK // 2, "q8_0": QBLOCK}.get(bw.qtype)
         if per_block is None:
             raise ValueError(f"block format {bw.qtype!r} has no kernel")
         parts = [bw.qs, bw.d] + ([bw.m] if bw.qtype == "q4_1" else [])
-        if (bw.qs.shape != (n, k // QBLOCK, per_block) or bw.qs.element_size() != 1
-                or bw.d.dtype != torch.float32 or (bw.m is not None and bw.m.shape != bw.d.shape)
-                or (bw.qtype == "q4_1" and bw.m.dtype != torch.float32)
+        n, k = bw.shape if bw.d.dim() == 2 else (0, 0)
+        if (n < 1 or k < 1 or bw.qs.shape != (n, k // QBLOCK, per_block)
+                or bw.qs.element_size() != 1 or any(t is None for t in parts)
+                or any(t.dtype != torch.float32 or t.shape != bw.d.shape for t in parts[1:])
                 or any(not t.is_contiguous() or t.device.type != "cpu" for t in parts)):
-            raise ValueError(f"{bw.qtype} blocks of a {n}x{k} weight are not in the kernel's layout")
+            raise ValueError(f"{bw.qtype} blocks {tuple(bw.qs.shape)} are not in the kernel's layout")
 
     def __call__(self, bw: BlockWeights, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> [M, N]; `bw` must have passed `check`."""
@@ -186,19 +187,20 @@ class BlockLinearKernel:
                              f"{tuple(x.shape)} on {x.device}")
         x = x.contiguous()
         rows, threads = x.shape[0], torch.get_num_threads()
-        y = torch.empty(rows, n)
+        y = torch.empty(rows, n, dtype=torch.float32, device="cpu")
         if rows == 0:
             return y
-        scratch = torch.empty(self._scratch(rows, k, threads))  # torch's CPU buffers: 64-aligned
+        scratch = torch.empty(self._scratch(rows, k, threads), dtype=torch.float32, device="cpu")
         m = bw.m if bw.m is not None else bw.d
         self._fn(self.QTYPES[bw.qtype], x.data_ptr(), rows, k, bw.qs.data_ptr(), bw.d.data_ptr(),
-                 m.data_ptr(), n, None, y.data_ptr(), scratch.data_ptr(), threads)
+                 m.data_ptr(), n, y.data_ptr(), scratch.data_ptr(), threads)
         return y
 
 
 @functools.cache
-def kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (then callers use the torch path). Built once per process."""
+def kernel_library(name: str) -> ctypes.CDLL | None:
+    """csrc/<name>.c compiled and loaded, or None (then callers use the torch path). Built once
+    per process."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -206,23 +208,23 @@ def kernel_library() -> ctypes.CDLL | None:
         log.info("no C compiler found: the torch path runs decode attention and matmuls")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, name)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        log.warning("CPU kernels unavailable, using the torch path: %s", detail)
+        log.warning("CPU kernel %s unavailable, using the torch path: %s", name, detail)
         return None
     ours, torchs = openmp_runtimes(lib)
     if ours and torchs and ours != torchs:
-        # torch's wheel brought its OpenMP under another name, so the kernels linked a second
+        # torch's wheel brought its OpenMP under another name, so the kernel linked a second
         # runtime: two thread pools would spin against each other on the same cores
-        log.warning("CPU kernels not used: their OpenMP runtime (%s) is not torch's (%s); using "
-                    "the torch path", ours, torchs)
+        log.warning("CPU kernel %s not used: its OpenMP runtime (%s) is not torch's (%s); using "
+                    "the torch path", name, ours, torchs)
         return None
     return lib
 
 
-def _wrap(cls):
-    lib = kernel_library()
+def _wrap(cls, name: str):
+    lib = kernel_library(name)
     if lib is None:
         return None
     try:
@@ -234,12 +236,12 @@ def _wrap(cls):
 
 @functools.cache
 def paged_decode_kernel() -> PagedDecodeKernel | None:
-    return _wrap(PagedDecodeKernel)
+    return _wrap(PagedDecodeKernel, "paged_decode_attention")
 
 
 @functools.cache
 def block_linear_kernel() -> BlockLinearKernel | None:
-    return _wrap(BlockLinearKernel)
+    return _wrap(BlockLinearKernel, "block_linear")
 
 
 def reset() -> None:

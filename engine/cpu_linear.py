@@ -44,12 +44,12 @@ class BlockLinearMethod(LinearMethod):
 
 
 def _candidates(model: nn.Module):
-    """(module, its dense weight) for every plain linear layer and LM head."""
-    for mod in model.modules():
+    """(name, module, its dense weight) for every plain linear layer and LM head."""
+    for name, mod in model.named_modules():
         if isinstance(mod, Linear) and type(mod.method) is LinearMethod and not mod.num_experts:
-            yield mod, mod.weight
+            yield name, mod, mod.weight
         elif isinstance(mod, ParallelLMHead) and type(mod.method) is LinearMethod:
-            yield mod, mod.rows.weight
+            yield name, mod, mod.rows.weight
 
 
 @torch.no_grad()
@@ -58,12 +58,13 @@ def use_block_kernels(model: nn.Module) -> int:
     kernel = block_linear_kernel()
     if kernel is None:
         return 0
-    switched, nbytes = 0, 0
-    for mod, weight in _candidates(model):
+    switched, nbytes, dense = 0, 0, []
+    for name, mod, weight in _candidates(model):
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             continue
         blocks = pack_exact(weight)
         if blocks is None:
+            dense.append(name)
             continue
         mod.method = BlockLinearMethod(blocks, kernel)
         switched += 1
@@ -71,4 +72,7 @@ def use_block_kernels(model: nn.Module) -> int:
     if switched:
         log.info("%d linear layers also kept as GGUF blocks (%.0f MiB) for decode-sized matmuls",
                  switched, nbytes / 2**20)
+        if dense:   # e.g. a GGUF quantized with an importance matrix: its codes need not span 0..15
+            log.info("%d layers stay dense (no exact Q4_1/Q8_0 encoding found), e.g. %s",
+                     len(dense), ", ".join(dense[:3]))
     return switched

@@ -32,12 +32,18 @@ def gguf_dense(rows: int, cols: int, qtype: str, seed: int = 0, scale: float = 0
     return torch.from_numpy(np.array(quants.dequantize(quants.quantize(w, t), t), dtype=np.float32))
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal takes -0.0 for 0.0)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 @pytest.mark.parametrize("qtype", FORMATS)
-def test_pack_recovers_gguf_blocks_exactly(qtype):
-    w = gguf_dense(24, 96, qtype)
+@pytest.mark.parametrize("scale", [0.05, 1e-6])   # 1e-6: fp16 scales underflow, gguf gives -0.0
+def test_pack_recovers_gguf_blocks_exactly(qtype, scale):
+    w = gguf_dense(24, 96, qtype, scale=scale)
     bw = pack_exact(w)
     assert bw is not None and bw.qtype == qtype and bw.shape == (24, 96)
-    assert torch.equal(block_quant.dequantize(bw), w)          # bit for bit
+    assert same_bits(block_quant.dequantize(bw), w)
     bytes_per_weight = bw.nbytes / w.numel()
     assert bytes_per_weight < {"q4_1": 0.8, "q8_0": 1.2}[qtype]   # vs 4 for float32
 
@@ -48,7 +54,7 @@ def test_pack_survives_stacking_and_slicing():
     stacked = torch.cat(parts)
     for w in (stacked, stacked[8:40], stacked[:, 32:96].contiguous()):
         bw = pack_exact(w)
-        assert bw is not None and torch.equal(block_quant.dequantize(bw), w)
+        assert bw is not None and same_bits(block_quant.dequantize(bw), w)
 
 
 def test_pack_refuses_what_blocks_cannot_reproduce():
@@ -73,7 +79,8 @@ def kernel():
 @needs_compiler
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 32, 33, 70])
-@pytest.mark.parametrize("out_features,in_features", [(100, 64), (24, 576), (7, 32)])
+@pytest.mark.parametrize("out_features,in_features", [(100, 64), (24, 576), (7, 32),
+                                                      (13, 4096)])  # x in several L2-sized row blocks
 def test_kernel_matches_blas_on_the_dense_weight(kernel, qtype, rows, out_features, in_features):
     w = gguf_dense(out_features, in_features, qtype, seed=rows)
     bw = pack_exact(w)
@@ -95,6 +102,10 @@ def test_kernel_rejects_what_it_cannot_read(kernel):
         kernel.check(BlockWeights("q4_1", bw.qs[:, :1], bw.d, bw.m))
     with pytest.raises(ValueError, match="layout"):
         kernel.check(BlockWeights("q4_1", bw.qs, bw.d.double(), bw.m))
+    with pytest.raises(ValueError, match="layout"):
+        kernel.check(BlockWeights("q4_1", bw.qs, bw.d, None))       # Q4_1 without its minimums
+    with pytest.raises(ValueError, match="layout"):
+        kernel.check(BlockWeights("q4_1", bw.qs[:, :0], bw.d[:, :0], bw.m[:, :0]))   # K = 0
     with pytest.raises(ValueError, match="no kernel"):
         kernel.check(BlockWeights("q5_k", bw.qs, bw.d, bw.m))
 
@@ -124,4 +135,4 @@ def test_embedded_model_runs_its_linears_from_blocks(llm):
     layer = model.model.layers[0]
     for mod in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
         assert mod.method.blocks.qtype == "q4_1"
-        assert torch.equal(block_quant.dequantize(mod.method.blocks), mod.weight)
+        assert same_bits(block_quant.dequantize(mod.method.blocks), mod.weight)

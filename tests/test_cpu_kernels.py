@@ -132,7 +132,7 @@ def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):
 @needs_compiler
 def test_one_openmp_runtime_shared_with_torch_or_no_kernel(monkeypatch, kernel):
     # torch's wheel ships libgomp.so.1, which the kernel's -fopenmp link resolves to
-    ours, torchs = cpu_kernels.openmp_runtimes(cpu_kernels.kernel_library())
+    ours, torchs = cpu_kernels.openmp_runtimes(cpu_kernels.kernel_library("paged_decode_attention"))
     assert ours is not None and ours == torchs
     cpu_kernels.reset()
     try:
@@ -147,10 +147,11 @@ def test_one_openmp_runtime_shared_with_torch_or_no_kernel(monkeypatch, kernel):
 def test_build_is_cached_per_source(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
     compiler = shutil.which("gcc") or shutil.which("cc")
-    first = cpu_kernels._build(compiler)
+    first = cpu_kernels._build(compiler, "paged_decode_attention")
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_kernels._build(compiler, "paged_decode_attention") == first
+    assert first.stat().st_mtime_ns == stamp
 
 
 _RSS_AFTER_FREE = """

@@ -1,4 +1,4 @@
-/* y = x W^T + bias for the CPU, with W kept in 32-wide quantized blocks (GGUF Q4_1 / Q8_0) or fp32.
+/* y = x W^T for the CPU, with W kept in 32-wide quantized blocks (GGUF Q4_1 / Q8_0).
  *
  * A decode step multiplies a few dozen rows of activations by every weight of the model. There the
  * weights' bytes, not the arithmetic, bound the matmul (fp32 weights stream from DRAM each step, and
@@ -10,10 +10,10 @@
  *
  * Dequantization reproduces gguf's own exactly (the float32 product is rounded before the add, as
  * numpy does it), so the kernel multiplies by bit-identical weights to the dense model's; only the
- * summation order differs from BLAS. cpu_kernels.py packs a layer only after checking that.
+ * summation order differs from BLAS. block_quant.py packs a layer only if its blocks dequantize to
+ * the dense weight bit for bit, and tests/test_block_linear.py checks the kernel against BLAS.
  *
  * Layouts (row n of W, block b = weights 32b .. 32b+31 of that row):
- *   fp32: w [N][K]
  *   q4_1: qs [N][K/32][16] uint8 (element i in the low nibble of byte i, element 16+i in the high),
  *         d, m [N][K/32] float; w = d * q + m
  *   q8_0: qs [N][K/32][32] int8, d [N][K/32] float; w = d * q
@@ -25,10 +25,10 @@
 #if defined(__AVX512F__)
 #define VL 16          /* floats per vector register */
 #define NR 12          /* weight rows per tile: 2 x NR accumulators of 32 registers */
-#elif defined(__AVX__) || defined(__aarch64__)
+#elif defined(__AVX__)
 #define VL 8
 #define NR 6
-#else
+#else                  /* NEON / SSE: 16-byte vectors */
 #define VL 4
 #define NR 4
 #endif
@@ -43,10 +43,10 @@
 #error "block_linear.c: no rounding barrier for this architecture"
 #endif
 
-enum { QTYPE_F32 = 0, QTYPE_Q4_1 = 1, QTYPE_Q8_0 = 2 };
+enum { QTYPE_Q4_1 = 1, QTYPE_Q8_0 = 2 };
 
 typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));   /* no alignment assumed */
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint8_t vu8 __attribute__((vector_size(VL)));
 
@@ -89,10 +89,6 @@ static void dequant_rows(int qtype, const void *w, const float *d, const float *
     const int64_t nb = K / QBLOCK;
     for (int64_t j = 0; j < nr; j++) {
         float *o = out + j * K;
-        if (qtype == QTYPE_F32) {
-            memcpy(o, (const float *)w + (n0 + j) * K, K * sizeof(float));
-            continue;
-        }
         for (int64_t b = 0; b < nb; b++) {
             vf v[BLOCK_VECS];
             dequant_block(qtype, w, d, m, n0 + j, nb, b, v);
@@ -116,7 +112,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict xt,
     vf c0[NR], c1[NR];
     for (int j = 0; j < NR; j++) c0[j] = c1[j] = (vf){0};
     for (int64_t k = 0; k < K; k++) {
-        const vf a0 = *(const vf *)(xt + k * MR), a1 = *(const vf *)(xt + k * MR + VL);
+        const vf a0 = *(const vf_u *)(xt + k * MR), a1 = *(const vf_u *)(xt + k * MR + VL);
         for (int j = 0; j < NR; j++) {
             const float b = panel[j * K + k];
             c0[j] += a0 * b;
@@ -136,7 +132,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict xt,
 #if VL == 16
 #define SMALL_ROWS 7      /* fewer x rows than this take the dot-product path (from 7 the tile wins) */
 #else
-#define SMALL_ROWS 0      /* (with 8-lane vectors its accumulators would not fit in registers) */
+#define SMALL_ROWS 0      /* (narrower vectors: too few registers for its accumulators) */
 #endif
 
 static inline float lane_sum(vf v)
@@ -151,7 +147,7 @@ static inline float lane_sum(vf v)
 
 static inline __attribute__((always_inline)) void small_tile(
     int qtype, const float *x, int64_t K, const void *w, const float *d, const float *m,
-    int64_t n0, int64_t nr, int64_t N, const float *bias, float *y, const int MS)
+    int64_t n0, int64_t nr, int64_t N, float *y, const int MS)
 {
     const int64_t nb = K / QBLOCK;
     vf acc[MS][SNR];
@@ -170,19 +166,18 @@ static inline __attribute__((always_inline)) void small_tile(
     }
     for (int r = 0; r < MS; r++)
         for (int64_t j = 0; j < nr; j++)
-            y[r * N + n0 + j] = lane_sum(acc[r][j]) + (bias ? bias[n0 + j] : 0.0f);
+            y[r * N + n0 + j] = lane_sum(acc[r][j]);
 }
 
 #define SMALL_ARGS int qtype, const float *x, int64_t K, const void *w, const float *d, \
-    const float *m, int64_t n0, int64_t nr, int64_t N, const float *bias, float *y
-#define SMALL_CALL(MS) small_tile(qtype, x, K, w, d, m, n0, nr, N, bias, y, MS)
+    const float *m, int64_t n0, int64_t nr, int64_t N, float *y
+#define SMALL_CALL(MS) small_tile(qtype, x, K, w, d, m, n0, nr, N, y, MS)
 static __attribute__((noinline)) void small_tile_4(SMALL_ARGS) { SMALL_CALL(4); }
 static __attribute__((noinline)) void small_tile_2(SMALL_ARGS) { SMALL_CALL(2); }
 static __attribute__((noinline)) void small_tile_1(SMALL_ARGS) { SMALL_CALL(1); }
 
 static void block_linear_small(int qtype, const float *x, int64_t M, int64_t K, const void *w,
-                               const float *d, const float *m, int64_t N, const float *bias,
-                               float *y, int num_threads)
+                               const float *d, const float *m, int64_t N, float *y, int num_threads)
 {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t n0 = 0; n0 < N; n0 += SNR) {
@@ -192,16 +187,18 @@ static void block_linear_small(int qtype, const float *x, int64_t M, int64_t K, 
             void (*tile_fn)(SMALL_ARGS) = left >= 4 ? small_tile_4 : left >= 2 ? small_tile_2
                                                                          : small_tile_1;
             const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            tile_fn(qtype, x + r0 * K, K, w, d, m, n0, nr, N, bias, y + r0 * N);
+            tile_fn(qtype, x + r0 * K, K, w, d, m, n0, nr, N, y + r0 * N);
             r0 += rows;
         }
     }
 }
 
-/* Scratch floats the caller provides (64-byte aligned): the transposed x tiles of one row block and
- * one weight panel per thread. */
+/* Scratch floats the caller provides (any alignment): the transposed x tiles and one weight panel
+ * per thread; none for the dot-product path. */
 int64_t block_linear_scratch(int64_t M, int64_t K, int num_threads)
 {
+    if (M < SMALL_ROWS) return 0;
+    if (num_threads < 1) num_threads = 1;
     const int64_t tiles = (M + MR - 1) / MR;
     return tiles * K * MR + (int64_t)num_threads * NR * K;
 }
@@ -210,19 +207,22 @@ int64_t block_linear_qblock(void) { return QBLOCK; }
 int64_t block_linear_small_rows(void) { return SMALL_ROWS; }
 int64_t block_linear_tile_rows(void) { return MR; }
 
+/* y[M][N] = x[M][K] W^T. K must be a positive multiple of QBLOCK (the Python side checks). */
 void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
                       const void *w, const float *d, const float *m, int64_t N,
-                      const float *bias, float *y, float *scratch, int num_threads)
+                      float *y, float *scratch, int num_threads)
 {
-    if (M < SMALL_ROWS && qtype != QTYPE_F32) {
-        block_linear_small(qtype, x, M, K, w, d, m, N, bias, y, num_threads);
+    if (K <= 0 || K % QBLOCK || M <= 0 || N <= 0) return;
+    if (num_threads < 1) num_threads = 1;   /* the scratch holds one panel per thread */
+    if (M < SMALL_ROWS) {
+        block_linear_small(qtype, x, M, K, w, d, m, N, y, num_threads);
         return;
     }
     const int64_t tiles = (M + MR - 1) / MR;
     float *xt = scratch;                               /* [tiles][K][MR] */
     float *panels = scratch + tiles * K * MR;          /* [threads][NR][K] */
-    /* row blocks of x small enough to stay in L2 while every weight panel passes by */
-    int64_t per_block = (256 * 1024) / (K * MR * (int64_t)sizeof(float));
+    /* row blocks of x small enough to stay in L2 (>= 1 MiB per core) while the panels pass by */
+    int64_t per_block = (1024 * 1024) / (K * MR * (int64_t)sizeof(float));
     if (per_block < 1) per_block = 1;
     const int64_t panels_n = (N + NR - 1) / NR;
 
@@ -249,18 +249,10 @@ void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
                     for (int64_t i = 0; i < mr; i++) {
                         float *yr = y + (t * MR + i) * N + n0;
                         for (int64_t j = 0; j < nr; j++)
-                            yr[j] = out[j * MR + i] + (bias ? bias[n0 + j] : 0.0f);
+                            yr[j] = out[j * MR + i];
                     }
                 }
             }
         }
     }
-}
-
-/* The dequantized rows [n0, n0 + nr) into out[nr][K]: lets the packer check that the blocks
- * reproduce the dense weight bit for bit. */
-void block_linear_dequant(int qtype, const void *w, const float *d, const float *m, int64_t n0,
-                          int64_t nr, int64_t K, float *out)
-{
-    dequant_rows(qtype, w, d, m, n0, nr, K, out);
 }
