@@ -97,6 +97,24 @@ static void dequant_rows(int qtype, const void *w, const float *d, const float *
     }
 }
 
+/* ask for the blocks of rows [n0, n0 + NR) while this panel is multiplied: a decode step's weights
+ * come from DRAM (the step's KV stream pushes them out of L3), in short bursts the hardware
+ * prefetchers do not ramp up for */
+static void prefetch_rows(int qtype, const void *w, const float *d, const float *m, int64_t n0,
+                          int64_t N, int64_t K)
+{
+    const int64_t nb = K / QBLOCK, row_bytes = nb * (qtype == QTYPE_Q4_1 ? QBLOCK / 2 : QBLOCK);
+    const int64_t n1 = n0 + NR < N ? n0 + NR : N;
+    for (int64_t row = n0; row < n1; row++) {
+        const char *q = (const char *)w + row * row_bytes;
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(q + off);
+        for (int64_t off = 0; off < nb; off += 16) {
+            __builtin_prefetch(d + row * nb + off);
+            if (qtype == QTYPE_Q4_1) __builtin_prefetch(m + row * nb + off);
+        }
+    }
+}
+
 /* the same into panel[NR][K], rows nr.. zero (a tile always multiplies NR rows) */
 static void dequant_panel(int qtype, const void *w, const float *d, const float *m, int64_t n0,
                           int64_t nr, int64_t K, float *panel)
@@ -243,6 +261,7 @@ void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
             for (int64_t p = 0; p < panels_n; p++) {
                 const int64_t n0 = p * NR, nr = N - n0 < NR ? N - n0 : NR;
                 dequant_panel(qtype, w, d, m, n0, nr, K, panel);
+                if (p + 1 < panels_n) prefetch_rows(qtype, w, d, m, n0 + NR, N, K);
                 for (int64_t t = t0; t < t1; t++) {
                     tile(xt + t * K * MR, panel, K, out);
                     const int64_t mr = M - t * MR < MR ? M - t * MR : MR;
