@@ -143,6 +143,39 @@ static inline __attribute__((always_inline)) void tile(const float *restrict xt,
     }
 }
 
+/* The same for a single row tile (M <= MR, a decode batch): each weight is used once, so instead of
+ * a whole dequantized panel, one block of NR rows at a time is dequantized into a small buffer that
+ * stays in L1 and multiplied at once, the accumulators staying in registers throughout. */
+static inline __attribute__((always_inline)) void tile_fused(
+    int qtype, const float *restrict xt, const void *w, const float *d, const float *m,
+    int64_t n0, int64_t nr, int64_t K, float *restrict out)
+{
+    const int64_t nb = K / QBLOCK;
+    float buf[NR][QBLOCK] __attribute__((aligned(64)));
+    vf c0[NR], c1[NR];
+    for (int j = 0; j < NR; j++) c0[j] = c1[j] = (vf){0};
+    for (int64_t b = 0; b < nb; b++) {
+        for (int j = 0; j < NR; j++) {   /* past the last row: row n0 again, never stored */
+            vf v[BLOCK_VECS];
+            dequant_block(qtype, w, d, m, n0 + (j < nr ? j : 0), nb, b, v);
+            memcpy(buf[j], v, sizeof v);
+        }
+        const float *x = xt + b * QBLOCK * MR;
+        for (int kk = 0; kk < QBLOCK; kk++) {
+            const vf a0 = *(const vf_u *)(x + kk * MR), a1 = *(const vf_u *)(x + kk * MR + VL);
+            for (int j = 0; j < NR; j++) {
+                const float bj = buf[j][kk];
+                c0[j] += a0 * bj;
+                c1[j] += a1 * bj;
+            }
+        }
+    }
+    for (int j = 0; j < NR; j++) {
+        *(vf *)(out + j * MR) = c0[j];
+        *(vf *)(out + j * MR + VL) = c1[j];
+    }
+}
+
 /* A few rows of x (batch-1/small-batch decode): the register tile above would multiply mostly
  * padding, so each weight row is instead dotted with each x row along k, dequantized block by block
  * straight into registers. MS rows of x by SNR rows of W; acc[r][j] holds VL-lane partial sums. */
@@ -246,7 +279,7 @@ void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
 
 #pragma omp parallel num_threads(num_threads)
     {
-#pragma omp for schedule(static)
+#pragma omp for collapse(2) schedule(static)
         for (int64_t t = 0; t < tiles; t++)
             for (int64_t k = 0; k < K; k++)
                 for (int64_t i = 0; i < MR; i++) {
@@ -260,10 +293,11 @@ void block_linear_f32(int qtype, const float *x, int64_t M, int64_t K,
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < panels_n; p++) {
                 const int64_t n0 = p * NR, nr = N - n0 < NR ? N - n0 : NR;
-                dequant_panel(qtype, w, d, m, n0, nr, K, panel);
                 if (p + 1 < panels_n) prefetch_rows(qtype, w, d, m, n0 + NR, N, K);
+                if (tiles > 1) dequant_panel(qtype, w, d, m, n0, nr, K, panel);
                 for (int64_t t = t0; t < t1; t++) {
-                    tile(xt + t * K * MR, panel, K, out);
+                    if (tiles > 1) tile(xt + t * K * MR, panel, K, out);
+                    else tile_fused(qtype, xt, w, d, m, n0, nr, K, out);
                     const int64_t mr = M - t * MR < MR ? M - t * MR : MR;
                     for (int64_t i = 0; i < mr; i++) {
                         float *yr = y + (t * MR + i) * N + n0;
