@@ -3,9 +3,10 @@
  * A decode step multiplies a few dozen rows of activations by every weight of the model. There the
  * weights' bytes, not the arithmetic, bound the matmul (fp32 weights stream from DRAM each step, and
  * BLAS at M=32 reaches about a fifth of the FMA peak). Kept as 4.5 (Q4_1) or 8.5 (Q8_0) bits per
- * weight they are 7x / 3.8x fewer bytes; each thread dequantizes a panel of NR weight rows once into
- * a small buffer and multiplies every row tile of x against it with a register-blocked micro-kernel
- * (MR rows of x by NR weight rows, all accumulators in vector registers). Fewer than SMALL_ROWS
+ * weight they are 7x / 3.8x fewer bytes. A register-blocked micro-kernel multiplies MR rows of x by
+ * NR weight rows (all accumulators in vector registers), reading the weights dequantized into a small
+ * buffer: a whole panel of NR rows, reused by every row tile of x, or for a single row tile (a decode
+ * batch) one 32-wide block of them at a time. Fewer than SMALL_ROWS
  * rows of x (batch-1 decode) take a dot-product path that dequantizes straight into registers.
  *
  * Dequantization reproduces gguf's own exactly (the float32 product is rounded before the add, as
@@ -97,9 +98,8 @@ static void dequant_rows(int qtype, const void *w, const float *d, const float *
     }
 }
 
-/* ask for the blocks of rows [n0, n0 + NR) while this panel is multiplied: a decode step's weights
- * come from DRAM (the step's KV stream pushes them out of L3), in short bursts the hardware
- * prefetchers do not ramp up for */
+/* ask for the blocks of rows [n0, n0 + NR) while this panel is multiplied: a panel's blocks are a
+ * short burst of reads that the hardware prefetchers barely ramp up for */
 static void prefetch_rows(int qtype, const void *w, const float *d, const float *m, int64_t n0,
                           int64_t N, int64_t K)
 {
@@ -123,24 +123,38 @@ static void dequant_panel(int qtype, const void *w, const float *d, const float 
     if (nr < NR) memset(panel + nr * K, 0, (NR - nr) * K * sizeof(float));
 }
 
+/* c += rows[NR][k] . xt[k][MR] for k in [0, kn); row j of W at rows + j * ld */
+static inline __attribute__((always_inline)) void tile_accumulate(
+    vf c0[NR], vf c1[NR], const float *restrict xt, const float *restrict rows, int64_t ld,
+    int64_t kn)
+{
+    for (int64_t k = 0; k < kn; k++) {
+        const vf a0 = *(const vf_u *)(xt + k * MR), a1 = *(const vf_u *)(xt + k * MR + VL);
+        for (int j = 0; j < NR; j++) {
+            const float b = rows[j * ld + k];
+            c0[j] += a0 * b;
+            c1[j] += a1 * b;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_store(const vf c0[NR], const vf c1[NR],
+                                                             float *restrict out)
+{
+    for (int j = 0; j < NR; j++) {
+        *(vf *)(out + j * MR) = c0[j];
+        *(vf *)(out + j * MR + VL) = c1[j];
+    }
+}
+
 /* out[NR][MR] = panel[NR][K] . xt[K][MR] */
 static inline __attribute__((always_inline)) void tile(const float *restrict xt,
     const float *restrict panel, int64_t K, float *restrict out)
 {
     vf c0[NR], c1[NR];
     for (int j = 0; j < NR; j++) c0[j] = c1[j] = (vf){0};
-    for (int64_t k = 0; k < K; k++) {
-        const vf a0 = *(const vf_u *)(xt + k * MR), a1 = *(const vf_u *)(xt + k * MR + VL);
-        for (int j = 0; j < NR; j++) {
-            const float b = panel[j * K + k];
-            c0[j] += a0 * b;
-            c1[j] += a1 * b;
-        }
-    }
-    for (int j = 0; j < NR; j++) {
-        *(vf *)(out + j * MR) = c0[j];
-        *(vf *)(out + j * MR + VL) = c1[j];
-    }
+    tile_accumulate(c0, c1, xt, panel, K, K);
+    tile_store(c0, c1, out);
 }
 
 /* The same for a single row tile (M <= MR, a decode batch): each weight is used once, so instead of
@@ -160,20 +174,9 @@ static inline __attribute__((always_inline)) void tile_fused(
             dequant_block(qtype, w, d, m, n0 + (j < nr ? j : 0), nb, b, v);
             memcpy(buf[j], v, sizeof v);
         }
-        const float *x = xt + b * QBLOCK * MR;
-        for (int kk = 0; kk < QBLOCK; kk++) {
-            const vf a0 = *(const vf_u *)(x + kk * MR), a1 = *(const vf_u *)(x + kk * MR + VL);
-            for (int j = 0; j < NR; j++) {
-                const float bj = buf[j][kk];
-                c0[j] += a0 * bj;
-                c1[j] += a1 * bj;
-            }
-        }
+        tile_accumulate(c0, c1, xt + b * QBLOCK * MR, &buf[0][0], QBLOCK, QBLOCK);
     }
-    for (int j = 0; j < NR; j++) {
-        *(vf *)(out + j * MR) = c0[j];
-        *(vf *)(out + j * MR + VL) = c1[j];
-    }
+    tile_store(c0, c1, out);
 }
 
 /* A few rows of x (batch-1/small-batch decode): the register tile above would multiply mostly
