@@ -1,15 +1,21 @@
 """KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
 
 This process ("prefill") puts blocks; a second one ("decode") gets them. Store client modes:
-embedded = each process runs its own Mooncake client and segment (the bytes cross loopback TCP);
-node = both attach over shared memory to one node client (`mooncake_client`) that owns the segment
-(two workers on one node); node-2 = each attaches to its own node client (two nodes on one host: the
-hop between the node clients is loopback TCP).
+embedded = each process runs its own Mooncake client and segment, in shared memory, and the reader
+copies same-host replicas straight out of the writer's segment (the default); embedded-tcp = the same
+without same-host reads (the bytes cross Mooncake's TCP transport, as between hosts); node = both
+attach over shared memory to one node client (`mooncake_client`) that owns the segment and does the
+copies (two workers on one node); node-2 = each attaches to its own node client (two nodes on one
+host: the hop between the node clients is loopback TCP).
+
+The baseline is a plain memcpy of the same bytes in one process: one memcpy call, one thread. An
+all-core copy (torch's parallel copy_) is shown beside it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import multiprocessing as mp
 import socket
 import statistics
@@ -24,7 +30,7 @@ from pdcluster.cluster.kv_store import MooncakeBackend, StoreConfig
 from pdcluster.cluster.mooncake_master import MooncakeMaster
 from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
 
-MODES = ("embedded", "node", "node-2")
+MODES = ("embedded", "embedded-tcp", "node", "node-2")
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def _recv_all(port: int, into: memoryview) -> None:
 def _reader(config: StoreConfig, num_blocks: int, block_nbytes: int, conn) -> None:
     """The decode side: answers ("get", keys) by a store get, and ("tcp", port) by reading the same
     bytes from a plain socket (the loopback ceiling for any TCP transport), each with
-    (seconds, crc32 of what arrived)."""
+    (seconds, crc32 of what arrived, blocks copied from a same-host segment)."""
     backend = MooncakeBackend(config)
     cache = backend.allocate(num_blocks * block_nbytes).view(num_blocks, block_nbytes)
     backend.register_cache(cache)
@@ -75,19 +81,30 @@ def _reader(config: StoreConfig, num_blocks: int, block_nbytes: int, conn) -> No
     conn.send("ready")
     while (msg := conn.recv()) != "stop":
         kind, arg = msg
+        direct = backend.blocks_read_same_host
         t = time.perf_counter()
         if kind == "get":
             backend.get_cache_blocks(cache, ids, arg)
         else:
             _recv_all(arg, memoryview(cache.view(-1).numpy()))
         dt = time.perf_counter() - t
-        conn.send((dt, _crc(cache)))
-        cache.zero_()  # the next round must really arrive, not be left over
+        crc = _crc(cache)
+        cache.zero_()  # the next round must really arrive, not be left over; before the answer, so
+        # that nothing runs beside the memcpy the writer times next
+        conn.send((dt, crc, backend.blocks_read_same_host - direct))
     backend.close()
     conn.send("closed")
 
 
 def _memcpy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """One plain memcpy of all the bytes (one call, one thread)."""
+    t = time.perf_counter()
+    ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    return time.perf_counter() - t
+
+
+def _all_core_copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """torch's copy_, which splits a large copy over all its threads."""
     t = time.perf_counter()
     dst.copy_(src)
     return time.perf_counter() - t
@@ -106,7 +123,7 @@ def _raw_tcp_seconds(src: torch.Tensor, conn, want: int) -> float:
         peer, _ = server.accept()
         with peer:
             peer.sendall(memoryview(src.view(-1).numpy()))
-    seconds, crc = _recv(conn)
+    seconds, crc, _ = _recv(conn)
     if crc != want:
         raise RuntimeError("raw TCP baseline delivered different bytes")
     return seconds
@@ -124,8 +141,8 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
     config = StoreConfig(master_server_addr=master.rpc_address, metadata_server=master.metadata_url,
                          global_segment_size=segment_bytes(case), local_buffer_size=local_buffer_mib << 20,
                          prefer_local_segment=prefer_local_segment)
-    if mode == "embedded":
-        writer_config = reader_config = config
+    if mode.startswith("embedded"):
+        writer_config = reader_config = replace(config, same_host_reads=mode == "embedded")
     else:
         writer_node, reader_node = nodes[0], nodes[-1]
         writer_config, reader_config = (
@@ -154,13 +171,14 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
             writer.put_cache_blocks(src, ids, keys)
             put_s = time.perf_counter() - t
             conn.send(("get", keys))
-            get_s, crc = _recv(conn)
+            get_s, crc, direct = _recv(conn)
             if crc != want:
                 raise RuntimeError(f"{case.name}: the reader got different bytes")
             writer.remove(keys, force=True)
             tcp_s = _raw_tcp_seconds(src, conn, want)
             # memcpy in every round, so a busy neighbour slows both sides of the ratio alike
-            rounds.append((put_s, get_s, _memcpy_seconds(src, dst), tcp_s))
+            rounds.append((put_s, get_s, _memcpy_seconds(src, dst), tcp_s, _all_core_copy_seconds(src, dst),
+                           direct / case.num_blocks))
         conn.send("stop")
         _recv(conn)  # "closed"
     finally:
@@ -178,31 +196,38 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
             "memcpy": gb / statistics.median(r[2] for r in warm),
             "tcp": gb / statistics.median(r[3] for r in warm),
             "tcp/mc": statistics.median(r[2] / r[3] for r in warm),
+            "allcore": gb / statistics.median(r[4] for r in warm),
+            "hand/all": statistics.median(r[4] / (r[0] + r[1]) for r in warm),
+            "direct": statistics.median(r[5] for r in warm),
             "get/mc": statistics.median(r[2] / r[1] for r in warm),
             "hand/mc": statistics.median(r[2] / (r[0] + r[1]) for r in warm),
             "cold_handoff": gb / (rounds[0][0] + rounds[0][1])}
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'case':33} {'mode':8} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} "
-            f"{'handoff':>7} {'memcpy':>6} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} {'tcp/mc':>6} "
-            f"{'cold hand':>9} {'vs emb':>6}")
+    head = (f"{'case':33} {'mode':12} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} "
+            f"{'handoff':>7} {'memcpy':>6} {'all-core':>8} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} "
+            f"{'hand/all':>8} {'tcp/mc':>6} {'direct':>6} {'cold hand':>9} {'vs tcp':>6}")
     lines = [head, "-" * len(head)]
-    embedded = {r["case"]: r["handoff"] for r in rows if r["mode"] == "embedded"}
+    over_tcp = {r["case"]: r["handoff"] for r in rows if r["mode"] == "embedded-tcp"}
     for r in rows:
         c: Case = r["case"]
-        vs = f"{r['handoff'] / embedded[c]:>5.1f}x" if c in embedded else f"{'-':>6}"
-        lines.append(f"{c.name:33} {r['mode']:8} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} "
+        vs = f"{r['handoff'] / over_tcp[c]:>5.1f}x" if c in over_tcp else f"{'-':>6}"
+        lines.append(f"{c.name:33} {r['mode']:12} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} "
                      f"{c.nbytes / 1e6:>6.1f} {r['put']:>6.2f} {r['get']:>6.2f} {r['handoff']:>7.2f} "
-                     f"{r['memcpy']:>6.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} {r['hand/mc']:>7.0%} "
-                     f"{r['tcp/mc']:>6.0%} {r['cold_handoff']:>9.2f} {vs}")
+                     f"{r['memcpy']:>6.2f} {r['allcore']:>8.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} "
+                     f"{r['hand/mc']:>7.0%} {r['hand/all']:>8.0%} {r['tcp/mc']:>6.0%} {r['direct']:>6.0%} "
+                     f"{r['cold_handoff']:>9.2f} {vs}")
     lines += ["Bandwidths in GB/s. handoff = put (prefill side) then get (decode side): bytes / (put + get).",
-              "memcpy = torch copy_ of the same bytes in this process; raw tcp = the same bytes over one plain",
-              "loopback socket between the two processes (what one TCP stream does here). Both timed in every",
-              "round; medians of warm rounds, ratios taken per round; cold = first round (fresh segment pages).",
-              "mode: embedded = a Mooncake client in each process; node = both processes attached over",
-              "shared memory to one node client (mooncake_client); node-2 = one node client each (the hop",
-              "between them is loopback TCP). vs emb = handoff relative to the embedded row of the case."]
+              "memcpy = one plain memcpy of the same bytes in this process (one thread); all-core = torch's",
+              "parallel copy_ of them; raw tcp = the same bytes over one plain loopback socket between the",
+              "two processes. All timed in every round with the other process idle; medians of warm rounds,",
+              "ratios taken per round; cold = first round (fresh segment pages). direct = share of blocks",
+              "the reader copied straight out of a same-host segment.",
+              "mode: embedded = a Mooncake client in each process, same-host reads on (the default);",
+              "embedded-tcp = same-host reads off (Mooncake's TCP transport); node = both processes",
+              "attached over shared memory to one node client (mooncake_client); node-2 = one node client",
+              "each (the hop between them is loopback TCP). vs tcp = handoff relative to embedded-tcp."]
     return "\n".join(lines)
 
 
@@ -215,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-buffer-mib", type=int, default=16)
     parser.add_argument("--random-placement", action="store_true",
                         help="let the master place objects in any segment (default: the writer's own)")
-    parser.add_argument("--modes", default="embedded,node",
+    parser.add_argument("--modes", default="embedded,embedded-tcp,node",
                         help=f"comma-separated store client modes, from: {', '.join(MODES)}")
     args = parser.parse_args(argv)
     cases = args.cases.split(",")

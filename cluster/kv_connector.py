@@ -66,6 +66,7 @@ def store_config(store_spec, local_hostname: str = "127.0.0.1",
         device_name=store_spec.device_name,
         global_segment_size=store_spec.global_segment_mib << 20,
         local_buffer_size=store_spec.local_buffer_mib << 20, client=store_spec.client,
+        same_host_reads=store_spec.same_host_reads,
         node_client_address=f"{local_hostname}:{store_spec.node_client_port}" if node else "",
         node_segment=f"{local_hostname}:{store_spec.node_client_transfer_port}" if node else "")
 

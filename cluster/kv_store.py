@@ -4,6 +4,8 @@ Blocks move by key between registered memory (the engine's paged KV cache) and t
 Two client modes: `embedded` runs a Mooncake client (and its segment) inside this process; `node`
 attaches over shared memory to the node's one store client process (cluster/mooncake_node_client.py),
 which owns the segment and does the copies itself, reading and writing this process's cache directly.
+Embedded clients on `tcp` keep their segment in shared memory, and a get whose replica sits in a
+same-host client's segment is copied straight out of it (cluster/kv_shm.py) instead of crossing TCP.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from pdcluster.cluster import kv_shm
 from pdcluster.cluster.mooncake_master import metadata_answers, tcp_open
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,9 @@ class StoreConfig:
     client: ClientMode = "embedded"
     node_client_address: str = ""
     node_segment: str = ""  # the node client's segment ("host:transfer_port"), where puts go
+    # embedded + tcp: the segment is shared memory, advertised to same-host clients, and gets copy
+    # replicas out of same-host segments directly (kv_shm.py); the transport carries the rest.
+    same_host_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.client not in ("embedded", "node"):
@@ -254,6 +260,11 @@ class MooncakeBackend(KVTransferBackend):
     contents are lost). Caveat: close() while the master is down blocks for 5-20 s inside Mooncake
     (it retries unmounting with the GIL held); restart the master first when you can.
 
+    Same-host reads (embedded + tcp, `StoreConfig.same_host_reads`, on by default): the segment is a
+    memfd mounted with `mount_segment` and advertised on the metadata server; a get first asks the
+    master where each replica is, copies those in a same-host segment directly (kv_shm.py), and sends
+    the rest through the transport. Counted in `blocks_read_same_host` / `blocks_read_transport`.
+
     Node mode (`StoreConfig.client == "node"`, Mooncake's "dummy" client): this process holds no
     segment and moves no bytes; the node client maps the memory `allocate` hands out (memfd shared
     memory, not /dev/shm) and copies between it and the store. Blocks written this way live in the
@@ -282,9 +293,11 @@ class MooncakeBackend(KVTransferBackend):
             self._attach(store)
         else:
             os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", self._SETUP_RETRIES)
-            rc = store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
-                             config.local_buffer_size, config.protocol, config.device_name,
-                             config.master_server_addr)
+            shm = self._reads_same_host
+            # With same-host reads the segment is mounted after setup, from shared memory.
+            rc = store.setup(config.local_hostname, config.metadata_server,
+                             0 if shm else config.global_segment_size, config.local_buffer_size,
+                             config.protocol, config.device_name, config.master_server_addr)
             if rc != 0:
                 # Never call into a store whose setup failed: Mooncake dereferences its missing client.
                 raise StoreUnavailable(f"Mooncake client setup failed ({code_name(rc)}) against "
@@ -292,6 +305,17 @@ class MooncakeBackend(KVTransferBackend):
         self._store: MooncakeDistributedStore | None = store
         # "ip:port" of the segment this client's puts go to: its own, or (node mode) the node client's
         self.segment_name = config.node_segment if node else store.get_hostname()
+        self._segment: kv_shm.SharedSegment | None = None
+        self._advertised = False
+        self._peers: kv_shm.PeerSegments | None = None
+        self.blocks_read_same_host = 0  # gets copied out of a same-host segment
+        self.blocks_read_transport = 0  # gets through Mooncake's transport
+        if not node and self._reads_same_host:
+            try:
+                self._mount_shared_segment(store)
+            except BaseException:
+                store.close()
+                raise
         self._put_config = ReplicateConfig()
         if config.prefer_local_segment and self.segment_name and (node or config.global_segment_size > 0):
             self._put_config.preferred_segment = self.segment_name
@@ -323,6 +347,44 @@ class MooncakeBackend(KVTransferBackend):
         except BaseException:
             _NODE_ATTACHMENT.release()
             raise
+
+    @property
+    def _reads_same_host(self) -> bool:
+        c = self.config
+        return c.client == "embedded" and c.protocol == "tcp" and c.same_host_reads
+
+    def _mount_shared_segment(self, store: Any) -> None:
+        """Embedded + same-host reads: mount the segment from shared memory and advertise it; where
+        shared memory cannot be had, mount Mooncake's own (this client then only reads directly)."""
+        size, own = self.config.global_segment_size, None
+        if size > 0:
+            try:
+                segment = kv_shm.SharedSegment(size)
+            except OSError as e:
+                log.warning("no shared memory for the store segment (%s): same-host peers will read "
+                            "it over TCP", e)
+                segment = None
+            if segment is not None:
+                res = store.mount_segment(segment.path, size, 0, "tcp", "")
+                if res.get("ret") == 0:
+                    self._segment = segment
+                    own = (self.segment_name, segment.advert())
+                else:
+                    segment.close()
+                    log.warning("mounting the shared-memory segment failed (%s): same-host peers will "
+                                "read it over TCP", code_name(res.get("ret", -1)))
+            if self._segment is None:
+                res = store.allocate_and_mount_segment(size, "tcp", "")
+                if res.get("ret") != 0:
+                    raise StoreUnavailable(f"mounting a {size >> 20} MiB segment failed "
+                                           f"({code_name(res.get('ret', -1))})")
+        if own is not None:
+            try:
+                kv_shm.publish(self.config.metadata_server, *own)
+                self._advertised = True
+            except OSError as e:
+                log.warning("advertising the segment failed (%s): same-host peers will read it over TCP", e)
+        self._peers = kv_shm.PeerSegments(self.config.metadata_server, own)
 
     @property
     def _peer(self) -> str:
@@ -440,7 +502,14 @@ class MooncakeBackend(KVTransferBackend):
         self._check_spans(keys, ptrs, sizes)
         if not keys:
             return
-        codes = self._live().batch_get_into(list(keys), list(ptrs), list(sizes))
+        store = self._live()
+        if self._peers is not None:
+            rest = self._read_same_host(store, keys, ptrs, sizes)
+            keys, ptrs, sizes = ([seq[i] for i in rest] for seq in (keys, ptrs, sizes))
+            if not keys:
+                return
+        self.blocks_read_transport += len(keys)
+        codes = store.batch_get_into(list(keys), list(ptrs), list(sizes))
         missing, reasons, wrong = [], [], []
         for key, size, code in zip(keys, sizes, codes):
             if code == size:
@@ -460,6 +529,35 @@ class MooncakeBackend(KVTransferBackend):
                                f"got {code_name(c) if c < 0 else f'{c} bytes'}, expected {s} bytes")
         if missing:
             raise BlockMissing(missing, reasons)
+
+    def _read_same_host(self, store: Any, keys: Sequence[str], ptrs: Sequence[int],
+                        sizes: Sequence[int]) -> list[int]:
+        """Copy every block whose replica is in a same-host segment straight out of it; returns the
+        indices left for the transport (remote, missing, or not the expected size: the transport
+        path reports those). Looking the replicas up takes the same read lease a transport get does."""
+        from mooncake.store import ReplicaStatus
+
+        assert self._peers is not None
+        descs = store.batch_get_replica_desc(list(keys))
+        spans, rest = [], []
+        for i, (key, ptr, size) in enumerate(zip(keys, ptrs, sizes)):
+            src = None
+            for replica in descs.get(key, ()):
+                if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
+                    continue
+                where = replica.get_memory_descriptor().buffer_descriptor
+                if where.size != size:
+                    break
+                mapping = self._peers.resolve(where.transport_endpoint)
+                if mapping is not None and (src := mapping.translate(where.buffer_address, size)):
+                    break
+            if src:
+                spans.append((ptr, src, size))
+            else:
+                rest.append(i)
+        kv_shm.copy_spans(spans)
+        self.blocks_read_same_host += len(spans)
+        return rest
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
@@ -497,10 +595,16 @@ class MooncakeBackend(KVTransferBackend):
             self._regions.clear()
         if store is None:
             return
+        if self._advertised:
+            kv_shm.withdraw(self.config.metadata_server, self.segment_name)
+        if self._peers is not None:
+            self._peers.close()
         if self.config.client == "embedded" and store.health_check() == _MASTER_UNREACHABLE:
             log.warning("closing Mooncake client %s while the master is unreachable: Mooncake's "
                         "teardown retries the unmount and may block for up to ~20 s", self.segment_name)
         rc = store.close()
+        if self._segment is not None:
+            self._segment.close()  # the memory goes once Mooncake (and same-host readers) unmap it
         if self.config.client == "node":
             _NODE_ATTACHMENT.release()
         if rc != 0:

@@ -206,6 +206,45 @@ def test_handoff_between_processes_is_byte_exact(master: MooncakeMaster, backend
         proc.join(timeout=10)
 
 
+def _reader(config: StoreConfig, keys: list[str], conn) -> None:
+    """Another process with its own client: loads `keys` into blocks 0.. of a zeroed cache and sends
+    back what arrived and how (blocks copied from a same-host segment, blocks through the transport)."""
+    try:
+        backend = MooncakeBackend(config)
+        cache = _cache_from(backend)
+        backend.register_cache(cache)
+        backend.get_cache_blocks(cache, list(range(len(keys))), keys)
+        conn.send(("loaded", (cache[: len(keys)].clone(), backend.blocks_read_same_host,
+                              backend.blocks_read_transport)))
+        backend.close()
+    except Exception as e:
+        conn.send(("error", repr(e)))
+
+
+@pytest.mark.parametrize("same_host_reads", [True, False])
+def test_same_host_reader_copies_from_the_writers_segment(master: MooncakeMaster, backend: MooncakeBackend,
+                                                          register, same_host_reads: bool) -> None:
+    cache = _random_cache(seed=11)
+    register(cache)
+    keys = _keys("direct", 4)
+    backend.put_cache_blocks(cache, [6, 1, 4, 2], keys)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    config = replace(_config(master), same_host_reads=same_host_reads)
+    proc = ctx.Process(target=_reader, args=(config, keys, child), daemon=True)
+    proc.start()
+    try:
+        loaded, direct, transport = _recv(parent, "loaded")
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    assert _bytes(loaded) == _bytes(cache[[6, 1, 4, 2]])
+    # on: every block straight out of this process's shared segment; off: all over TCP
+    assert (direct, transport) == ((4, 0) if same_host_reads else (0, 4))
+    assert backend.remove(keys) == [False] * 4  # either way the read took the master's lease
+
+
 def test_missing_key_is_reported_not_garbage(backend: MooncakeBackend, register) -> None:
     src = _random_cache(seed=3)
     register(src)

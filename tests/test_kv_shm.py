@@ -1,0 +1,71 @@
+"""Same-host store reads (cluster/kv_shm.py) without a store: a segment advert is honoured only for the
+very memfd it names, on this host, and replica addresses translate only inside the segment."""
+from __future__ import annotations
+
+import mmap
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pdcluster.cluster import kv_shm
+
+
+@pytest.fixture
+def segment():
+    seg = kv_shm.SharedSegment(1 << 20)
+    view = mmap.mmap(seg.fd, seg.size)  # stands in for Mooncake's mapping of the mounted segment
+    yield seg, view
+    view.close()
+    seg.close()
+
+
+def test_advert_names_the_mapping_and_a_reader_sees_the_owners_bytes(segment) -> None:
+    seg, view = segment
+    advert = seg.advert()
+    view[4096:4100] = b"kv!!"
+    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
+    try:
+        m = peers.resolve("127.0.0.1:1234")
+        assert m is not None
+        src = m.translate(advert.base + 4096, 4)
+        out = torch.zeros(4, dtype=torch.uint8)
+        kv_shm.copy_spans([(out.data_ptr(), src, 4)])
+        assert bytes(out.numpy()) == b"kv!!"
+        view[4096:4100] = b"new!"  # a shared mapping, not a snapshot
+        kv_shm.copy_spans([(out.data_ptr(), src, 4)])
+        assert bytes(out.numpy()) == b"new!"
+        # only whole spans inside the segment translate
+        assert m.translate(advert.base - 1, 4) is None
+        assert m.translate(advert.base + seg.size - 3, 4) is None
+        assert m.translate(advert.base + seg.size - 4, 4) is not None
+    finally:
+        peers.close()
+
+
+@pytest.mark.parametrize("change", [dict(ino=1), dict(boot_id="another-host"), dict(fd=9999),
+                                    dict(size=2 << 20)])
+def test_an_advert_that_does_not_name_this_memfd_here_is_not_mapped(segment, change) -> None:
+    seg, _ = segment
+    wrong = replace(seg.advert(), **change)
+    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", wrong))
+    try:
+        assert peers.resolve("127.0.0.1:1234") is None
+    finally:
+        peers.close()
+
+
+def test_an_endpoint_without_an_advert_is_remote() -> None:
+    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata")  # nothing listens there
+    assert peers.resolve("10.0.0.7:12345") is None
+    peers.close()
+
+
+def test_copy_spans_splits_large_copies_and_lands_every_byte() -> None:
+    blocks, size = 24, 737_280  # ~17.7 MB: above the threshold for the thread pool
+    src = torch.randint(0, 256, (blocks, size), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    order = torch.randperm(blocks).tolist()
+    spans = [(dst[i].data_ptr(), src[j].data_ptr(), size) for i, j in enumerate(order)]
+    kv_shm.copy_spans(spans)
+    assert torch.equal(dst, src[order])
