@@ -40,7 +40,9 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_PROT_READ, _MAP_SHARED = 0x1, 0x01
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_PROT_READ, _MAP_SHARED, _MAP_POPULATE = 0x1, 0x01, 0x8000
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -96,6 +98,13 @@ class SharedSegment:
         """Call after Mooncake has mounted (mapped) the segment."""
         return SegmentAdvert(boot_id(), os.getpid(), self.fd, self._dev, self._ino,
                              self._mapped_base(), self.size)
+
+    def populate(self, base: int) -> None:
+        """Fault Mooncake's mapping of the segment in now. Shared memory gets no transparent huge
+        pages by default, so otherwise the first put into each 4 KiB page takes a page fault: puts into
+        fresh parts of the segment ran at ~0.3 GB/s instead of ~4. Best effort (older kernels lack it)."""
+        if _libc.madvise(base, self.size, _MADV_POPULATE_WRITE) != 0:
+            log.debug("MADV_POPULATE_WRITE failed: errno %d", ctypes.get_errno())
 
     def _mapped_base(self) -> int:
         with open("/proc/self/maps") as f:
@@ -211,7 +220,8 @@ class PeerSegments:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (advert.dev, advert.ino) or st.st_size < advert.size:
                 return None
-            addr = _libc.mmap(None, advert.size, _PROT_READ, _MAP_SHARED, fd, 0)
+            # populated up front, for the same reason as SharedSegment.populate
+            addr = _libc.mmap(None, advert.size, _PROT_READ, _MAP_SHARED | _MAP_POPULATE, fd, 0)
             if addr in (None, _MAP_FAILED):
                 log.warning("mapping the segment of %s failed: errno %d", endpoint, ctypes.get_errno())
                 return None

@@ -369,6 +369,7 @@ class MooncakeBackend(KVTransferBackend):
                 if res.get("ret") == 0:
                     self._segment = segment
                     own = (self.segment_name, segment.advert())
+                    segment.populate(own[1].base)
                 else:
                     segment.close()
                     log.warning("mounting the shared-memory segment failed (%s): same-host peers will "
