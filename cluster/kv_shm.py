@@ -157,6 +157,8 @@ def lookup(metadata_url: str, endpoint: str, timeout_s: float = 2.0) -> SegmentA
 class _Mapping:
     advert: SegmentAdvert
     addr: int  # where the segment is mapped in this process
+    users: int = 0  # copies in flight from it: it is unmapped only when none are
+    stale: bool = False  # its owner is gone: no new users; unmapped by the last one
 
     def translate(self, owner_addr: int, size: int) -> int | None:
         """This process's address of [owner_addr, +size) in the owner's segment, if inside it."""
@@ -178,10 +180,11 @@ def _same_file(advert: SegmentAdvert) -> bool:
 class PeerSegments:
     """Maps same-host peers' segments on first use and translates replica addresses into them.
 
-    `resolve(endpoint)` is checked on every use: a peer that died (or closed its client) is dropped,
-    so its replicas go to the transport like any other unreadable segment. Endpoints without a usable
-    advert are remembered as remote until `forget()`; a restarted peer on the same endpoint gets a
-    new advert and is picked up when its old mapping fails the check.
+    `acquire(endpoint)` checks the owner on every use: a peer that died (or closed its client) is
+    dropped, so its replicas go to the transport like any other unreadable segment. Each acquired
+    mapping must be `release`d after copying from it; a dropped mapping is unmapped only once no copy
+    uses it. Endpoints without a usable advert are remembered as remote until `forget()`; a restarted
+    peer on the same endpoint gets a new advert and is picked up when its old mapping fails the check.
     """
 
     def __init__(self, metadata_url: str, own: tuple[str, SegmentAdvert] | None = None) -> None:
@@ -192,21 +195,28 @@ class PeerSegments:
         self._remote: set[str] = set()
         self._own = own
 
-    def resolve(self, endpoint: str) -> _Mapping | None:
+    def acquire(self, endpoint: str) -> _Mapping | None:
         with self._lock:
             m = self._maps.get(endpoint)
-            if m is not None:
-                if _same_file(m.advert):
-                    return m
-                self._unmap(endpoint)
-            elif endpoint in self._remote:
-                return None
-            m = self._map(endpoint)
+            if m is not None and not _same_file(m.advert):
+                self._drop(endpoint)
+                m = None
             if m is None:
-                self._remote.add(endpoint)
-            else:
+                if endpoint in self._remote:
+                    return None
+                m = self._map(endpoint)
+                if m is None:
+                    self._remote.add(endpoint)
+                    return None
                 self._maps[endpoint] = m
+            m.users += 1
             return m
+
+    def release(self, m: _Mapping) -> None:
+        with self._lock:
+            m.users -= 1
+            if m.stale and m.users == 0:
+                _libc.munmap(m.addr, m.advert.size)
 
     def _map(self, endpoint: str) -> _Mapping | None:
         advert = self._own[1] if self._own and self._own[0] == endpoint else lookup(self._url, endpoint)
@@ -230,15 +240,17 @@ class PeerSegments:
         log.info("reading %s's segment (%d MiB) through shared memory", endpoint, advert.size >> 20)
         return _Mapping(advert, addr)
 
-    def _unmap(self, endpoint: str) -> None:
+    def _drop(self, endpoint: str) -> None:
         m = self._maps.pop(endpoint)
-        _libc.munmap(m.addr, m.advert.size)
+        m.stale = True
+        if m.users == 0:
+            _libc.munmap(m.addr, m.advert.size)
 
     def forget(self) -> None:
-        """Drop every mapping and every 'remote' verdict."""
+        """Drop every mapping (each unmapped once no copy uses it) and every 'remote' verdict."""
         with self._lock:
             for endpoint in list(self._maps):
-                self._unmap(endpoint)
+                self._drop(endpoint)
             self._remote.clear()
 
     close = forget

@@ -539,24 +539,33 @@ class MooncakeBackend(KVTransferBackend):
         from mooncake.store import ReplicaStatus
 
         assert self._peers is not None
+        peers = self._peers
         descs = store.batch_get_replica_desc(list(keys))
-        spans, rest = [], []
-        for i, (key, ptr, size) in enumerate(zip(keys, ptrs, sizes)):
-            src = None
-            for replica in descs.get(key, ()):
-                if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
-                    continue
-                where = replica.get_memory_descriptor().buffer_descriptor
-                if where.size != size:
-                    break
-                mapping = self._peers.resolve(where.transport_endpoint)
-                if mapping is not None and (src := mapping.translate(where.buffer_address, size)):
-                    break
-            if src:
-                spans.append((ptr, src, size))
-            else:
-                rest.append(i)
-        kv_shm.copy_spans(spans)
+        spans, rest, held = [], [], {}
+        try:
+            for i, (key, ptr, size) in enumerate(zip(keys, ptrs, sizes)):
+                src = None
+                for replica in descs.get(key, ()):
+                    if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
+                        continue
+                    where = replica.get_memory_descriptor().buffer_descriptor
+                    if where.size != size:
+                        break
+                    endpoint = where.transport_endpoint
+                    if endpoint not in held:
+                        held[endpoint] = peers.acquire(endpoint)
+                    mapping = held[endpoint]
+                    if mapping is not None and (src := mapping.translate(where.buffer_address, size)):
+                        break
+                if src:
+                    spans.append((ptr, src, size))
+                else:
+                    rest.append(i)
+            kv_shm.copy_spans(spans)
+        finally:
+            for mapping in held.values():
+                if mapping is not None:
+                    peers.release(mapping)
         self.blocks_read_same_host += len(spans)
         return rest
 

@@ -26,8 +26,9 @@ def test_advert_names_the_mapping_and_a_reader_sees_the_owners_bytes(segment) ->
     view[4096:4100] = b"kv!!"
     peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
     try:
-        m = peers.resolve("127.0.0.1:1234")
+        m = peers.acquire("127.0.0.1:1234")
         assert m is not None
+        peers.release(m)
         src = m.translate(advert.base + 4096, 4)
         out = torch.zeros(4, dtype=torch.uint8)
         kv_shm.copy_spans([(out.data_ptr(), src, 4)])
@@ -50,14 +51,14 @@ def test_an_advert_that_does_not_name_this_memfd_here_is_not_mapped(segment, cha
     wrong = replace(seg.advert(), **change)
     peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", wrong))
     try:
-        assert peers.resolve("127.0.0.1:1234") is None
+        assert peers.acquire("127.0.0.1:1234") is None
     finally:
         peers.close()
 
 
 def test_an_endpoint_without_an_advert_is_remote() -> None:
     peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata")  # nothing listens there
-    assert peers.resolve("10.0.0.7:12345") is None
+    assert peers.acquire("10.0.0.7:12345") is None
     peers.close()
 
 
@@ -69,3 +70,25 @@ def test_copy_spans_splits_large_copies_and_lands_every_byte() -> None:
     spans = [(dst[i].data_ptr(), src[j].data_ptr(), size) for i, j in enumerate(order)]
     kv_shm.copy_spans(spans)
     assert torch.equal(dst, src[order])
+
+
+def _mappings_of(ino: int) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if len(line.split()) >= 6 and int(line.split()[4]) == ino)
+
+
+def test_a_dropped_segment_stays_mapped_while_a_copy_uses_it(segment) -> None:
+    seg, view = segment
+    advert = seg.advert()
+    view[0:4] = b"live"
+    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
+    held = peers.acquire("127.0.0.1:1234")
+    assert held is not None and _mappings_of(advert.ino) == 2  # the owner's and the reader's
+    seg.close()  # the owner lets go of the memfd: /proc/<pid>/fd/<fd> no longer names it
+    assert peers.acquire("127.0.0.1:1234") is None  # dropped for new copies...
+    out = torch.zeros(4, dtype=torch.uint8)
+    kv_shm.copy_spans([(out.data_ptr(), held.translate(advert.base, 4), 4)])
+    assert bytes(out.numpy()) == b"live"  # ...but the copy in flight still reads it
+    peers.release(held)
+    assert _mappings_of(advert.ino) == 1  # unmapped by its last user
+    peers.close()
