@@ -23,17 +23,17 @@ import json
 import logging
 import os
 import threading
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from pdcluster.cluster.mooncake_master import METADATA_OPENER
+
 log = logging.getLogger(__name__)
 
 ADVERT_PREFIX = "pdcluster/shm-segment/"
 _MEMFD_NAME = "pdcluster-kv-segment"
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -129,25 +129,25 @@ class SharedSegment:
 def publish(metadata_url: str, endpoint: str, advert: SegmentAdvert, timeout_s: float = 2.0) -> None:
     req = urllib.request.Request(f"{metadata_url}?key={ADVERT_PREFIX}{endpoint}", data=advert.to_json(),
                                  method="PUT")
-    with _DIRECT.open(req, timeout=timeout_s):
+    with METADATA_OPENER.open(req, timeout=timeout_s):
         pass
 
 
 def withdraw(metadata_url: str, endpoint: str, timeout_s: float = 2.0) -> None:
     req = urllib.request.Request(f"{metadata_url}?key={ADVERT_PREFIX}{endpoint}", method="DELETE")
     try:
-        with _DIRECT.open(req, timeout=timeout_s):
+        with METADATA_OPENER.open(req, timeout=timeout_s):
             pass
-    except (OSError, urllib.error.HTTPError) as e:  # best effort: readers verify every advert anyway
+    except OSError as e:  # HTTP errors included; best effort: readers verify every advert anyway
         log.debug("withdrawing the segment advert of %s failed: %s", endpoint, e)
 
 
 def lookup(metadata_url: str, endpoint: str, timeout_s: float = 2.0) -> SegmentAdvert | None:
     """The advert of `endpoint`'s segment, or None where it has none (or the server cannot say)."""
     try:
-        with _DIRECT.open(f"{metadata_url}?key={ADVERT_PREFIX}{endpoint}", timeout=timeout_s) as r:
+        with METADATA_OPENER.open(f"{metadata_url}?key={ADVERT_PREFIX}{endpoint}", timeout=timeout_s) as r:
             return SegmentAdvert.from_json(r.read())
-    except (OSError, ValueError, TypeError, urllib.error.HTTPError):
+    except (OSError, ValueError, TypeError):  # unreachable, 404, or not an advert
         return None
 
 
@@ -252,8 +252,6 @@ class PeerSegments:
             for endpoint in list(self._maps):
                 self._drop(endpoint)
             self._remote.clear()
-
-    close = forget
 
 
 # -- copying ----------------------------------------------------------------------------------------

@@ -608,7 +608,7 @@ class MooncakeBackend(KVTransferBackend):
         if self._advertised:
             kv_shm.withdraw(self.config.metadata_server, self.segment_name)
         if self._peers is not None:
-            self._peers.close()
+            self._peers.forget()
         if self.config.client == "embedded" and store.health_check() == _MASTER_UNREACHABLE:
             log.warning("closing Mooncake client %s while the master is unreachable: Mooncake's "
                         "teardown retries the unmount and may block for up to ~20 s", self.segment_name)

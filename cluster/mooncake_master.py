@@ -114,14 +114,15 @@ def tcp_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-# The master is an internal address: never route the probe through an HTTP(S)_PROXY from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The master (and its metadata server) is an internal address: never route requests to it through an
+# HTTP(S)_PROXY from the environment.
+METADATA_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def metadata_answers(url: str, timeout_s: float = 1.0) -> bool:
     """True when the HTTP metadata server at `url` (".../metadata") answers at all, 404 included."""
     try:
-        with _DIRECT.open(f"{url}?key={_PROBE_KEY}", timeout=timeout_s):
+        with METADATA_OPENER.open(f"{url}?key={_PROBE_KEY}", timeout=timeout_s):
             return True
     except urllib.error.HTTPError:
         return True  # an HTTP status is an answer; 404 "metadata not found" is the expected one

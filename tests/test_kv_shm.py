@@ -41,7 +41,7 @@ def test_advert_names_the_mapping_and_a_reader_sees_the_owners_bytes(segment) ->
         assert m.translate(advert.base + seg.size - 3, 4) is None
         assert m.translate(advert.base + seg.size - 4, 4) is not None
     finally:
-        peers.close()
+        peers.forget()
 
 
 @pytest.mark.parametrize("change", [dict(ino=1), dict(boot_id="another-host"), dict(fd=9999),
@@ -53,13 +53,13 @@ def test_an_advert_that_does_not_name_this_memfd_here_is_not_mapped(segment, cha
     try:
         assert peers.acquire("127.0.0.1:1234") is None
     finally:
-        peers.close()
+        peers.forget()
 
 
 def test_an_endpoint_without_an_advert_is_remote() -> None:
     peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata")  # nothing listens there
     assert peers.acquire("10.0.0.7:12345") is None
-    peers.close()
+    peers.forget()
 
 
 def test_copy_spans_splits_large_copies_and_lands_every_byte() -> None:
@@ -91,4 +91,4 @@ def test_a_dropped_segment_stays_mapped_while_a_copy_uses_it(segment) -> None:
     assert bytes(out.numpy()) == b"live"  # ...but the copy in flight still reads it
     peers.release(held)
     assert _mappings_of(advert.ino) == 1  # unmapped by its last user
-    peers.close()
+    peers.forget()
