@@ -14,17 +14,20 @@ it straight out of that client's memory instead:
 Mooncake still places the objects and guards them: the reader learns each replica's address from the
 master, which takes a read lease (the object is not evicted while it is copied). Anything that does
 not map (another host, a peer that died, a size that does not match) goes through the transport.
+The owner writes its own puts into the segment the same way (kv_store.MooncakeBackend._put_direct).
+Large copies use streaming stores on all cores (`copy_spans`, engine/csrc/stream_copy.c).
 Only host memory over `tcp` is covered; rdma/ascend keep Mooncake's own transports.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
 import threading
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -257,6 +260,7 @@ class PeerSegments:
 # -- copying ----------------------------------------------------------------------------------------
 
 _PARALLEL_MIN_BYTES = 8 << 20  # below this one thread copies: a hand-off to the pool costs more
+_STREAM_MIN_BYTES = 8 << 20  # from here on streaming stores: the copy is far larger than a core's caches
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -265,18 +269,39 @@ def _copy_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
-def _copy_all(spans: Sequence[tuple[int, int, int]]) -> None:
+@functools.cache
+def stream_copier() -> Callable[[Sequence[tuple[int, int, int]]], None] | None:
+    """engine/csrc/stream_copy.c's copy_spans_nt (streaming stores, one ctypes call per group of
+    spans), or None where no kernel can be built (PDCLUSTER_CPU_KERNELS=0, no compiler)."""
+    from pdcluster.engine.cpu_kernels import kernel_library
+
+    lib = kernel_library("stream_copy")
+    if lib is None:
+        return None
+    fn = lib.copy_spans_nt
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.restype = None
+
+    def copy(spans: Sequence[tuple[int, int, int]]) -> None:
+        cols = [(ctypes.c_uint64 * len(spans))(*col) for col in zip(*spans)]
+        fn(*cols, len(spans))  # ctypes releases the GIL for the call
+    return copy
+
+
+def _memmove_all(spans: Sequence[tuple[int, int, int]]) -> None:
     for dst, src, n in spans:
         ctypes.memmove(dst, src, n)  # ctypes releases the GIL for the call
 
 
 def copy_spans(spans: Sequence[tuple[int, int, int]]) -> None:
-    """memmove each (dst, src, nbytes), split over up to four threads when there is enough to copy."""
+    """Copy each (dst, src, nbytes): memmove for small totals; above 8 MiB streaming stores (where
+    the kernel builds) split over up to four threads. The bytes land either way before it returns."""
     global _pool
-    threads = _copy_threads()
     total = sum(n for _, _, n in spans)
+    copy = (stream_copier() if total >= _STREAM_MIN_BYTES else None) or _memmove_all
+    threads = _copy_threads()
     if threads == 1 or len(spans) < 2 or total < _PARALLEL_MIN_BYTES:
-        _copy_all(spans)
+        copy(spans)
         return
     with _pool_lock:
         if _pool is None:
@@ -287,5 +312,5 @@ def copy_spans(spans: Sequence[tuple[int, int, int]]) -> None:
         i = loads.index(min(loads))
         groups[i].append(span)
         loads[i] += span[2]
-    for f in [_pool.submit(_copy_all, g) for g in groups if g]:
+    for f in [_pool.submit(copy, g) for g in groups if g]:
         f.result()

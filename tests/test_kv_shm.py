@@ -62,14 +62,36 @@ def test_an_endpoint_without_an_advert_is_remote() -> None:
     peers.forget()
 
 
-def test_copy_spans_splits_large_copies_and_lands_every_byte() -> None:
-    blocks, size = 24, 737_280  # ~17.7 MB: above the threshold for the thread pool
-    src = torch.randint(0, 256, (blocks, size), dtype=torch.uint8)
-    dst = torch.zeros_like(src)
-    order = torch.randperm(blocks).tolist()
-    spans = [(dst[i].data_ptr(), src[j].data_ptr(), size) for i, j in enumerate(order)]
-    kv_shm.copy_spans(spans)
-    assert torch.equal(dst, src[order])
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["streaming", "memmove"])
+def test_copy_spans_splits_large_copies_and_lands_every_byte(kernels, monkeypatch) -> None:
+    monkeypatch.setenv("PDCLUSTER_CPU_KERNELS", kernels)
+    kv_shm.stream_copier.cache_clear()
+    try:
+        if kernels == "1" and kv_shm.stream_copier() is None:
+            pytest.skip("no C compiler to build the streaming-copy kernel")
+        blocks, size = 24, 737_280  # ~17.7 MB: above the thresholds for the pool and streaming stores
+        src = torch.randint(0, 256, (blocks, size), dtype=torch.uint8)
+        dst = torch.zeros_like(src)
+        order = torch.randperm(blocks).tolist()
+        spans = [(dst[i].data_ptr(), src[j].data_ptr(), size) for i, j in enumerate(order)]
+        kv_shm.copy_spans(spans)
+        assert torch.equal(dst, src[order])
+    finally:
+        kv_shm.stream_copier.cache_clear()
+
+
+def test_streaming_copy_handles_unaligned_ends_and_leaves_neighbours_alone() -> None:
+    copy = kv_shm.stream_copier()
+    if copy is None:
+        pytest.skip("no C compiler to build the streaming-copy kernel")
+    src = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)
+    for dst_off, src_off, n in [(0, 0, 0), (1, 3, 1), (7, 0, 63), (13, 5, 255), (63, 1, 257),
+                                (64, 64, 4096), (3, 9, 40_001)]:
+        dst = torch.zeros(n + 256, dtype=torch.uint8)
+        at = 128 + dst_off
+        copy([(dst.data_ptr() + at, src.data_ptr() + src_off, n)])
+        assert torch.equal(dst[at:at + n], src[src_off:src_off + n]), (dst_off, src_off, n)
+        assert not dst[:at].any() and not dst[at + n:].any(), "wrote outside the span"
 
 
 def _mappings_of(ino: int) -> int:
