@@ -1,9 +1,11 @@
 """KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
 
-This process ("prefill") puts blocks; a second one ("decode") gets them. Store client modes:
-embedded = each process runs its own Mooncake client and segment, in shared memory, and the reader
-copies same-host replicas straight out of the writer's segment (the default); embedded-tcp = the same
-without same-host reads (the bytes cross Mooncake's TCP transport, as between hosts); node = both
+This process ("prefill") puts blocks the way a prefill worker does (the blocks, then their commit
+records: MooncakeConnector.save); a second one ("decode") gets them. Store client modes:
+embedded = each process runs its own Mooncake client and segment, in shared memory: the writer copies
+its blocks straight into its own segment and the reader copies same-host replicas straight out of it
+(the default); embedded-tcp = the same with `same_host_reads` off (the bytes cross Mooncake's transfer
+both ways, TCP for the get, as between hosts); node = both
 attach over shared memory to one node client (`mooncake_client`) that owns the segment and does the
 copies (two workers on one node); node-2 = each attaches to its own node client (two nodes on one
 host: the hop between the node clients is loopback TCP).
@@ -26,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pdcluster.cluster.kv_connector import MooncakeConnector, commit_key
 from pdcluster.cluster.kv_store import MooncakeBackend, StoreConfig
 from pdcluster.cluster.mooncake_master import MooncakeMaster
 from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
@@ -157,9 +160,10 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
     try:
         src = writer.allocate(case.nbytes).view(case.num_blocks, case.block_nbytes)
         src.copy_(torch.randint(0, 256, (case.num_blocks, case.block_nbytes), dtype=torch.uint8))
-        writer.register_cache(src)
+        connector = MooncakeConnector(writer, src)  # registers src
         want = _crc(src)
         ids = list(range(case.num_blocks))
+        sums = [_crc(block) for block in src]  # the engine's checksums, computed before the put
         dst = torch.empty_like(src)
         dst.copy_(src)  # touch dst once so memcpy is not timed on first-touch page faults
         if _recv(conn) != "ready":
@@ -168,13 +172,15 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
         for _ in range(iters + 1):  # round 0 is cold: the segments' pages are touched for the first time
             keys = [f"bench/{uuid.uuid4().hex}/{i}" for i in ids]
             t = time.perf_counter()
-            writer.put_cache_blocks(src, ids, keys)
+            if not all(connector.save(keys, ids, sums)):
+                raise RuntimeError(f"{case.name}: the put failed")
             put_s = time.perf_counter() - t
             conn.send(("get", keys))
             get_s, crc, direct = _recv(conn)
             if crc != want:
                 raise RuntimeError(f"{case.name}: the reader got different bytes")
-            writer.remove(keys, force=True)
+            connector.flush()  # the commit records, written in the background: gone before the next round
+            writer.remove(keys + [commit_key(k) for k in keys], force=True)
             tcp_s = _raw_tcp_seconds(src, conn, want)
             # memcpy in every round, so a busy neighbour slows both sides of the ratio alike
             rounds.append((put_s, get_s, _memcpy_seconds(src, dst), tcp_s, _all_core_copy_seconds(src, dst),
@@ -218,14 +224,16 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['memcpy']:>6.2f} {r['allcore']:>8.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} "
                      f"{r['hand/mc']:>7.0%} {r['hand/all']:>8.0%} {r['tcp/mc']:>6.0%} {r['direct']:>6.0%} "
                      f"{r['cold_handoff']:>9.2f} {vs}")
-    lines += ["Bandwidths in GB/s. handoff = put (prefill side) then get (decode side): bytes / (put + get).",
+    lines += ["Bandwidths in GB/s. handoff = put (prefill side: blocks and their commit records) then get",
+              "(decode side): bytes / (put + get).",
               "memcpy = one plain memcpy of the same bytes in this process (one thread); all-core = torch's",
               "parallel copy_ of them; raw tcp = the same bytes over one plain loopback socket between the",
               "two processes. All timed in every round with the other process idle; medians of warm rounds,",
               "ratios taken per round; cold = first round (fresh segment pages). direct = share of blocks",
               "the reader copied straight out of a same-host segment.",
-              "mode: embedded = a Mooncake client in each process, same-host reads on (the default);",
-              "embedded-tcp = same-host reads off (Mooncake's TCP transport); node = both processes",
+              "mode: embedded = a Mooncake client in each process, puts copied into the writer's own segment",
+              "and gets out of it directly (the default); embedded-tcp = same_host_reads off (Mooncake's",
+              "transfer both ways, TCP for the get); node = both processes",
               "attached over shared memory to one node client (mooncake_client); node-2 = one node client",
               "each (the hop between them is loopback TCP). vs tcp = handoff relative to embedded-tcp."]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ loading) when the store cannot be reached, so a dead master never stops serving.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdcluster.cluster.kv_store import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
                                         block_spans)
@@ -16,20 +17,48 @@ from pdcluster.engine.kv_transfer import KVConnector
 log = logging.getLogger(__name__)
 
 
+def commit_key(key: str) -> str:
+    """Where a block's commit record (its CRC-32, 4 bytes little-endian) is stored."""
+    return key + "/commit"
+
+
 class MooncakeConnector(KVConnector):
+    """Commit records are written on a background thread once a save's blocks are in the store: the
+    handoff does not wait for them (its manifest carries the checksums); only a later request's
+    prefix lookup needs them, and until they land it misses and computes."""
+
     def __init__(self, backend: MooncakeBackend, cache) -> None:
         self.backend = backend
         self.cache = cache
         backend.register_cache(cache)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
+        self._last_commit: Future | None = None
 
-    def save(self, keys: list[str], block_ids: list[int]) -> list[bool]:
+    def save(self, keys: list[str], block_ids: list[int], checksums: list[int]) -> list[bool]:
         ptrs, sizes = block_spans(self.cache, block_ids)
         try:
-            self.backend.put_blocks(keys, ptrs, sizes)
+            stored = self.backend.put_blocks(keys, ptrs, sizes)
         except KVStoreError as exc:
             log.warning("store put of %d blocks failed: %s", len(keys), exc)
             return [False] * len(keys)
+        # Commit only what this call stored: a block that was already there keeps the record its
+        # writer gave it, which describes the bytes it holds (the same tokens computed in another
+        # batch can differ in the last bits).
+        mine = [(commit_key(k), c.to_bytes(4, "little")) for k, c, s in zip(keys, checksums, stored) if s]
+        if mine:
+            self._last_commit = self._committer.submit(self._commit, mine)
         return [True] * len(keys)
+
+    def _commit(self, records: list[tuple[str, bytes]]) -> None:
+        try:
+            self.backend.put_values(*zip(*records))
+        except KVStoreError as exc:  # the handoffs still work; the prefix cache misses these blocks
+            log.warning("committing %d stored blocks failed: %s", len(records), exc)
+
+    def flush(self) -> None:
+        """Wait until the commit records of every save so far are written (or have failed)."""
+        if (last := self._last_commit) is not None:
+            last.result()  # one worker thread: the last submitted finishes last
 
     def load(self, keys: list[str], block_ids: list[int]) -> list[bool]:
         ptrs, sizes = block_spans(self.cache, block_ids)
@@ -43,14 +72,16 @@ class MooncakeConnector(KVConnector):
             return [False] * len(keys)
         return [True] * len(keys)
 
-    def exists(self, keys: list[str]) -> list[bool]:
+    def committed(self, keys: list[str]) -> list[int | None]:
         try:
-            return self.backend.exists(keys)
+            values = self.backend.get_values([commit_key(k) for k in keys])
         except KVStoreError as exc:
             log.warning("store lookup failed: %s", exc)
-            return [False] * len(keys)
+            return [None] * len(keys)
+        return [int.from_bytes(v, "little") if v is not None and len(v) == 4 else None for v in values]
 
     def close(self) -> None:
+        self._committer.shutdown(wait=True)
         self.backend.close()
 
 

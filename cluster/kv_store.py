@@ -4,8 +4,9 @@ Blocks move by key between registered memory (the engine's paged KV cache) and t
 Two client modes: `embedded` runs a Mooncake client (and its segment) inside this process; `node`
 attaches over shared memory to the node's one store client process (cluster/mooncake_node_client.py),
 which owns the segment and does the copies itself, reading and writing this process's cache directly.
-Embedded clients on `tcp` keep their segment in shared memory, and a get whose replica sits in a
-same-host client's segment is copied straight out of it (cluster/kv_shm.py) instead of crossing TCP.
+Embedded clients on `tcp` keep their segment in shared memory: a put is copied straight into it, and
+a get whose replica sits in a same-host client's segment is copied straight out of it
+(cluster/kv_shm.py) instead of crossing TCP.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -181,6 +182,7 @@ class KVTransferBackend(ABC):
     Byte-level calls take raw addresses inside registered memory; the *_cache_blocks helpers turn
     (cache tensor, block ids) into those addresses. put/get are all-or-error: a failed put raises,
     a get that cannot read every key raises BlockMissing naming the keys (the others were written).
+    Small values (a few bytes per key, e.g. commit records) go by put_values/get_values.
     """
 
     @abstractmethod
@@ -190,10 +192,19 @@ class KVTransferBackend(ABC):
     def unregister_buffer(self, ptr: int) -> None: ...
 
     @abstractmethod
-    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None: ...
+    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> list[bool]:
+        """Per key: True where this call stored it, False where the store already held the key."""
 
     @abstractmethod
     def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def put_values(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        """Store small values, replacing what the keys held."""
+
+    @abstractmethod
+    def get_values(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values stored under keys; None where a key is missing."""
 
     @abstractmethod
     def exists(self, keys: Sequence[str]) -> list[bool]:
@@ -218,10 +229,11 @@ class KVTransferBackend(ABC):
     def unregister_cache(self, cache: torch.Tensor) -> None:
         self.unregister_buffer(cache.data_ptr())
 
-    def put_cache_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], keys: Sequence[str]) -> None:
-        """Store `cache[b]` for each block id under the matching key."""
+    def put_cache_blocks(self, cache: torch.Tensor, block_ids: Sequence[int],
+                         keys: Sequence[str]) -> list[bool]:
+        """Store `cache[b]` for each block id under the matching key (see put_blocks)."""
         _same_length(keys, block_ids)
-        self.put_blocks(keys, *block_spans(cache, block_ids))
+        return self.put_blocks(keys, *block_spans(cache, block_ids))
 
     def get_cache_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], keys: Sequence[str]) -> None:
         """Load each key into `cache[b]`; raises BlockMissing if any key is not readable."""
@@ -233,6 +245,20 @@ class KVTransferBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _runs_of_bytes(indices: list[int], sizes: Sequence[int], limit: int) -> Iterator[list[int]]:
+    """`indices` in order, cut into runs of at most `limit` bytes (a larger item is a run alone)."""
+    run: list[int] = []
+    total = 0
+    for i in indices:
+        if run and total + sizes[i] > limit:
+            yield run
+            run, total = [], 0
+        run.append(i)
+        total += sizes[i]
+    if run:
+        yield run
 
 
 def _same_length(keys: Sequence[str], other: Sequence[object]) -> None:
@@ -264,6 +290,8 @@ class MooncakeBackend(KVTransferBackend):
     memfd mounted with `mount_segment` and advertised on the metadata server; a get first asks the
     master where each replica is, copies those in a same-host segment directly (kv_shm.py), and sends
     the rest through the transport. Counted in `blocks_read_same_host` / `blocks_read_transport`.
+    Puts then go straight into the own segment too (`_put_direct`), counted in
+    `blocks_written_direct` / `blocks_written_transport`.
 
     Node mode (`StoreConfig.client == "node"`, Mooncake's "dummy" client): this process holds no
     segment and moves no bytes; the node client maps the memory `allocate` hands out (memfd shared
@@ -310,12 +338,16 @@ class MooncakeBackend(KVTransferBackend):
         self._peers: kv_shm.PeerSegments | None = None
         self.blocks_read_same_host = 0  # gets copied out of a same-host segment
         self.blocks_read_transport = 0  # gets through Mooncake's transport
+        self._own_span: tuple[int, int] | None = None  # (base, size) of this client's shared segment
+        self.blocks_written_direct = 0  # puts copied straight into this client's segment
+        self.blocks_written_transport = 0  # puts through Mooncake's transfer (batch_put_from)
         if not node and self._reads_same_host:
             try:
                 self._mount_shared_segment(store)
             except BaseException:
                 store.close()
                 raise
+            kv_shm.stream_copier()  # built (or loaded) now, not inside the first large handoff
         self._put_config = ReplicateConfig()
         if config.prefer_local_segment and self.segment_name and (node or config.global_segment_size > 0):
             self._put_config.preferred_segment = self.segment_name
@@ -370,6 +402,7 @@ class MooncakeBackend(KVTransferBackend):
                     self._segment = segment
                     own = (self.segment_name, segment.advert())
                     segment.populate(own[1].base)
+                    self._own_span = (own[1].base, size)
                 else:
                     segment.close()
                     log.warning("mounting the shared-memory segment failed (%s): same-host peers will "
@@ -482,15 +515,20 @@ class MooncakeBackend(KVTransferBackend):
                 raise ValueError(f"[{ptr:#x}, +{size}) is not inside a registered buffer")
 
     # -- data --
-    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
+    def put_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> list[bool]:
         self._check_spans(keys, ptrs, sizes)
         if not keys:
-            return
-        codes = self._live().batch_put_from(list(keys), list(ptrs), list(sizes), self._put_config)
+            return []
+        store = self._live()
+        if self._own_span is not None and self._put_config.preferred_segment:
+            codes = self._put_direct(store, list(keys), list(ptrs), list(sizes))
+        else:
+            codes = store.batch_put_from(list(keys), list(ptrs), list(sizes), self._put_config)
+            self.blocks_written_transport += len(keys)
         # An existing key holds the same bytes (keys are content hashes), so it counts as written.
         failed = [(k, c) for k, c in zip(keys, codes) if c != 0 and c != OBJECT_ALREADY_EXISTS]
         if not failed:
-            return
+            return [c == 0 for c in codes]
         first = ", ".join(f"{k}: {code_name(c)}" for k, c in failed[:4])
         msg = f"put failed for {len(failed)}/{len(keys)} block(s): {first}"
         if any(c in _UNAVAILABLE for _, c in failed):
@@ -498,6 +536,70 @@ class MooncakeBackend(KVTransferBackend):
         if any(c in (NO_AVAILABLE_HANDLE, BUFFER_OVERFLOW) for _, c in failed):
             raise StoreFull(msg)
         raise KVStoreError(msg)
+
+    # Bytes written straight into the segment per replica lookup: each lookup's lease (the master's
+    # kv_lease_ttl, seconds) must outlast the copies made under it, even at a slow 1 GB/s.
+    _DIRECT_CHUNK_BYTES = 256 << 20
+
+    def _put_direct(self, store: Any, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+        """Put by copying the bytes straight into this client's own segment (one copy, on all cores,
+        with streaming stores) instead of through Mooncake's transfer; per-key codes as
+        batch_put_from's.
+
+        Mooncake tells where an object lives only once it is complete, so the objects are reserved
+        and completed first (`batch_put_session_start` / `_end`), then looked up (which takes the
+        read lease that keeps them from eviction while they are written) and filled. Until the
+        copy lands such an object holds stale bytes under its key; nothing reads it unchecked: a
+        decode learns the keys from a manifest sent after this returns and checks every block's
+        checksum, and the prefix cache finds a block only through its commit record, written after
+        (kv_connector.py). An object the master placed elsewhere (this segment full) is rewritten
+        through the transport (`batch_upsert_from`)."""
+        codes = list(store.batch_put_session_start(keys, sizes, self._put_config))
+        started = [i for i, c in enumerate(codes) if c == 0]
+        if not started:
+            return codes
+        ended = store.batch_put_session_end([keys[i] for i in started])
+        done = []
+        for i, c in zip(started, ended):
+            codes[i] = c
+            if c == 0:
+                done.append(i)
+        if len(done) < len(started):
+            store.batch_put_session_revoke([keys[i] for i in started if codes[i] != 0])
+        unwritten = set(done)  # complete objects whose bytes have not landed yet
+        try:
+            elsewhere: list[int] = []
+            for chunk in _runs_of_bytes(done, sizes, self._DIRECT_CHUNK_BYTES):
+                descs = store.batch_get_replica_desc([keys[i] for i in chunk])
+                at = {i: self._own_address(descs.get(keys[i], ()), sizes[i]) for i in chunk}
+                here = [i for i in chunk if at[i] is not None]
+                elsewhere += [i for i in chunk if at[i] is None]
+                kv_shm.copy_spans([(at[i], ptrs[i], sizes[i]) for i in here])
+                unwritten.difference_update(here)
+                self.blocks_written_direct += len(here)
+            if elsewhere:
+                upserted = store.batch_upsert_from([keys[i] for i in elsewhere], [ptrs[i] for i in elsewhere],
+                                                   [sizes[i] for i in elsewhere], self._put_config)
+                for i, c in zip(elsewhere, upserted):
+                    codes[i] = c
+                    if c == 0:
+                        unwritten.discard(i)
+                self.blocks_written_transport += len(elsewhere)
+        finally:
+            if unwritten:  # never leave stale bytes under a content key for a later writer to trust
+                store.batch_remove([keys[i] for i in unwritten], True)
+        return codes
+
+    def _own_address(self, replicas: Sequence[Any], size: int) -> int | None:
+        """Where in this client's own segment the object with these replicas lives, or None."""
+        base, span = self._own_span
+        for replica in replicas:
+            if replica.is_memory_replica():
+                where = replica.get_memory_descriptor().buffer_descriptor
+                if (where.transport_endpoint == self.segment_name and where.size == size
+                        and base <= where.buffer_address and where.buffer_address + size <= base + span):
+                    return where.buffer_address
+        return None
 
     def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
         self._check_spans(keys, ptrs, sizes)
@@ -568,6 +670,25 @@ class MooncakeBackend(KVTransferBackend):
                     peers.release(mapping)
         self.blocks_read_same_host += len(spans)
         return rest
+
+    def put_values(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        _same_length(keys, values)
+        if not keys:
+            return
+        rc = self._live().upsert_batch(list(keys), list(values), self._put_config)
+        if rc in _UNAVAILABLE:
+            raise StoreUnavailable(f"put of {len(keys)} value(s) failed: {code_name(rc)}")
+        if rc != 0:
+            raise KVStoreError(f"put of {len(keys)} value(s) failed: {code_name(rc)}")
+
+    def get_values(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        store = self._live()
+        values = store.get_batch(list(keys))  # b"" for a key it cannot read
+        if not any(values) and not self.healthy():
+            raise StoreUnavailable(f"get of {len(keys)} value(s) failed: {self._peer} unreachable")
+        return [v or None for v in values]
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         if not keys:

@@ -140,9 +140,10 @@ class StoreSpec(_Strict):
     # allocate their KV cache there, so a handoff between workers on one node is two memcpys instead
     # of a trip through loopback TCP. Host memory only (engine.device cpu).
     client: Literal["embedded", "node"] = "embedded"
-    # embedded + tcp: each client's segment is shared memory, and a worker copies replicas held by a
-    # worker on the same host straight out of its segment instead of through loopback TCP
-    # (cluster/kv_shm.py); other hosts are read through the transport as before.
+    # embedded + tcp: each client's segment is shared memory; a worker copies its puts straight into
+    # its own segment, and replicas held by a worker on the same host straight out of that one's,
+    # instead of through Mooncake's transfer and loopback TCP (cluster/kv_shm.py); other hosts are
+    # read through the transport as before.
     same_host_reads: bool = True
     node_client_port: int = Field(default=50052, ge=1, le=65535)  # workers attach to the node client here
     # the node client's transfer engine (its segment is named host:port); mooncake_client accepts

@@ -76,17 +76,18 @@ class KVExchange:
         block_ids = seq.block_table[:len(keys)]
         refs: list[BlockRef] = []
         if self.connector is not None and keys:
+            sums = [block_checksum(self.cache[b], n) for (_, n), b in zip(keys, block_ids)]
             t0 = _now()
             try:
-                ok = self.connector.save([k for k, _ in keys], block_ids)
+                ok = self.connector.save([k for k, _ in keys], block_ids, sums)
             except Exception as exc:           # store down: decode will recompute the prompt
                 log.warning("kv export of %s failed: %s", seq.request_id, exc)
                 ok = [False] * len(keys)
             self.counters.kv_save_seconds += _now() - t0
-            for (key, n), b, good in zip(keys, block_ids, ok):
+            for (key, n), crc, good in zip(keys, sums, ok):
                 if not good:
                     break                      # a gap would be useless: decode loads a prefix
-                refs.append(BlockRef(key, n, block_checksum(self.cache[b], n)))
+                refs.append(BlockRef(key, n, crc))
             self.counters.kv_blocks_saved += len(refs)
             self.counters.kv_bytes_saved += len(refs) * self.layout.block_nbytes
         # TP: every rank saved its own shard; the manifest carries each rank's refs (all ranks
@@ -119,7 +120,7 @@ class KVExchange:
         bs = self.bm.block_size
         first = seq.num_computed_tokens // bs          # blocks already local (prefix cache)
         refs = list(handoff.blocks_of_rank(tp.rank)[first:])
-        loaded = self._load(seq, first, refs, verify=True)
+        loaded = self._load(seq, first, refs)
         covered = first * bs + sum(r.num_tokens for r in refs[:loaded])
         seq.num_computed_tokens = max(seq.num_computed_tokens, min(covered, prompt_len))
         self.counters.kv_recomputed_tokens += prompt_len - seq.num_computed_tokens
@@ -133,23 +134,24 @@ class KVExchange:
         if not hashes:
             return
         keys = [store_key(h) for h in hashes]
-        present: list[bool] = []                      # no store here: load nothing, still agree
+        sums: list[int | None] = []                   # no store here: load nothing, still agree
         if self.connector is not None:
             try:
-                present = self.connector.exists(keys)
+                sums = self.connector.committed(keys)
             except Exception as exc:
                 log.warning("store prefix lookup failed: %s", exc)
-        run = next((i for i, p in enumerate(present) if not p), len(present))
-        refs = [BlockRef(k, bs, 0) for k in keys[:run]]
-        loaded = self._load(seq, first, refs, verify=False)
+        run = next((i for i, c in enumerate(sums) if c is None), len(sums))
+        refs = [BlockRef(k, bs, c) for k, c in zip(keys[:run], sums)]
+        loaded = self._load(seq, first, refs)
         if loaded:
             seq.num_computed_tokens = (first + loaded) * bs
             seq.num_cached_tokens = seq.num_computed_tokens
             self.counters.store_prefix_hit_tokens += loaded * bs
             self.bm.commit(seq)
 
-    def _load(self, seq: Sequence, first: int, refs: list[BlockRef], verify: bool) -> int:
-        """Load refs into seq's blocks from index `first`; returns how many leading blocks are good.
+    def _load(self, seq: Sequence, first: int, refs: list[BlockRef]) -> int:
+        """Load refs into seq's blocks from index `first`; returns how many leading blocks are good:
+        loaded and matching their checksum (the manifest's, or for a store prefix the commit record's).
 
         TP: each rank loads its own shard, and the ranks agree twice — on how many blocks to try
         before reserving (their block managers must stay identical) and on the shortest good run
@@ -178,7 +180,7 @@ class KVExchange:
             if not fine:
                 self.counters.kv_missing_blocks += 1
                 break
-            if verify and block_checksum(self.cache[b], ref.num_tokens) != ref.checksum:
+            if block_checksum(self.cache[b], ref.num_tokens) != ref.checksum:
                 log.warning("block %s of %s failed its checksum; recomputing from there",
                             ref.key, seq.request_id)
                 self.counters.kv_corrupt_blocks += 1

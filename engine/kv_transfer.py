@@ -55,19 +55,26 @@ class KVHandoff:
 
 
 class KVConnector(ABC):
-    """Moves whole cache blocks between this engine's KV memory and a shared store."""
+    """Moves whole cache blocks between this engine's KV memory and a shared store.
+
+    A block is found by later requests (the cluster-wide prefix cache) only through its commit
+    record: its checksum, stored once the block's bytes are complete. Loads through `committed`
+    are checked against it like a handoff's are against the manifest, so no block is trusted on
+    its key alone."""
 
     @abstractmethod
-    def save(self, keys: list[str], block_ids: list[int]) -> list[bool]:
-        """Write blocks `block_ids` of the cache under `keys`; per-block success."""
+    def save(self, keys: list[str], block_ids: list[int], checksums: list[int]) -> list[bool]:
+        """Write blocks `block_ids` of the cache under `keys`, then commit each block this call
+        stored with its checksum; per-block success."""
 
     @abstractmethod
     def load(self, keys: list[str], block_ids: list[int]) -> list[bool]:
         """Read `keys` into cache blocks `block_ids`; per-block success (False: missing/failed)."""
 
     @abstractmethod
-    def exists(self, keys: list[str]) -> list[bool]:
-        ...
+    def committed(self, keys: list[str]) -> list[int | None]:
+        """The checksum each key was committed with; None where there is no commit record (never
+        completely written, or evicted). Advisory: a block can still vanish before it is loaded."""
 
 
 def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:

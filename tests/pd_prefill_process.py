@@ -33,7 +33,8 @@ def main() -> None:
         assert backend is not None, "node store client unreachable"
     llm = LLM(num_kv_blocks=256, enable_prefix_caching=False,
               kv_allocator=backend.allocate if backend is not None else None)
-    assert make_connector(store, llm.engine, backend=backend) is not None, "store unreachable"
+    connector = make_connector(store, llm.engine, backend=backend)
+    assert connector is not None, "store unreachable"
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -48,6 +49,7 @@ def main() -> None:
                 outs[out.request_id] = out
         manifests = [to_bytes(handoff_to_manifest(outs[f"{req.get('tag', 'p')}-{i}"].kv_handoff)).hex()
                      for i in range(len(req["prompts"]))]
+        connector.flush()  # the blocks' commit records, for the tests of the prefix cache
         print(json.dumps({"manifests": manifests, "stats": dataclasses.asdict(eng.stats())}),
               flush=True)
 

@@ -227,7 +227,9 @@ def test_same_host_reader_copies_from_the_writers_segment(master: MooncakeMaster
     cache = _random_cache(seed=11)
     register(cache)
     keys = _keys("direct", 4)
-    backend.put_cache_blocks(cache, [6, 1, 4, 2], keys)
+    written = backend.blocks_written_direct
+    assert backend.put_cache_blocks(cache, [6, 1, 4, 2], keys) == [True] * 4
+    assert backend.blocks_written_direct - written == 4  # copied straight into its own segment
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     config = replace(_config(master), same_host_reads=same_host_reads)
@@ -279,8 +281,9 @@ def test_same_key_keeps_first_write_and_lease_blocks_remove(backend: MooncakeBac
     register(a)
     register(b)
     key = _keys("dup", 1)
-    backend.put_cache_blocks(a, [0], key)
-    backend.put_cache_blocks(b, [0], key)  # keys name content: a second write is a no-op, not an error
+    assert backend.put_cache_blocks(a, [0], key) == [True]
+    # keys name content: a second write is a no-op, not an error, and says it stored nothing
+    assert backend.put_cache_blocks(b, [0], key) == [False]
     out = torch.zeros(SHAPE)
     register(out)
     backend.get_cache_blocks(out, [0], key)
@@ -290,6 +293,32 @@ def test_same_key_keeps_first_write_and_lease_blocks_remove(backend: MooncakeBac
     assert backend.remove(key, force=True) == [True]
     assert backend.exists(key) == [False]
     assert backend.remove(key) == [True]  # already gone counts as removed
+
+
+def test_put_past_a_full_own_segment_lands_elsewhere_intact(tmp_path: Path) -> None:
+    """A writer's own segment holds 1 MiB: the blocks the master places in the other client's
+    segment instead cannot be copied in directly and go through the transport, byte-exact. (Own
+    master: the module's has segments of peers other tests killed, which a put could land in.)"""
+    blocks = torch.randint(0, 256, (48, 32 << 10), dtype=torch.uint8)  # 1.5 MiB
+    keys = _keys("spill", len(blocks))
+    with (MooncakeMaster(MasterConfig(log_path=str(tmp_path / "master.log"))) as master,
+          MooncakeBackend(_config(master)) as other,
+          MooncakeBackend(_config(master, segment_mib=1)) as small):
+        small.register_cache(blocks)
+        assert small.put_cache_blocks(blocks, list(range(len(blocks))), keys) == [True] * len(blocks)
+        assert small.blocks_written_direct > 0 and small.blocks_written_transport > 0
+        assert small.blocks_written_direct + small.blocks_written_transport == len(blocks)
+        out = torch.zeros_like(blocks)
+        other.register_cache(out)
+        other.get_cache_blocks(out, list(range(len(blocks))), keys)
+        assert torch.equal(out, blocks)
+
+
+def test_small_values_round_trip_and_are_replaced(backend: MooncakeBackend) -> None:
+    a, b, absent = _keys("value", 3)
+    backend.put_values([a, b], [b"\x01\x02\x03\x04", b"abcd"])
+    backend.put_values([b], [b"efgh"])
+    assert backend.get_values([a, b, absent]) == [b"\x01\x02\x03\x04", b"efgh", None]
 
 
 def test_unregistered_memory_is_rejected(backend: MooncakeBackend, register) -> None:
@@ -415,6 +444,9 @@ def test_node_mode_handoff_is_byte_exact_and_outlives_the_writer(master: Mooncak
 
         with pytest.raises(BlockMissing):
             backend.get_cache_blocks(mine, [0], _keys("node-absent", 1))
+        value, absent = _keys("node-value", 2)
+        backend.put_values([value], [b"abcd"])  # commit records work through the node client too
+        assert backend.get_values([value, absent]) == [b"abcd", None]
         with pytest.raises(KVStoreError, match="allocate"):
             backend.register_cache(torch.zeros(SHAPE))  # the node client cannot see private memory
         with pytest.raises(KVStoreError, match="one node-mode client per process"):

@@ -163,6 +163,34 @@ def test_store_prefix_cache_computes_only_new_blocks(decoder, prefill_proc):
     assert out.new_token_ids == reference.token_ids
 
 
+def test_corrupt_prefix_block_is_caught_by_its_commit_record(decoder, prefill_proc):
+    llm = decoder
+    shared = "Our support desk answers billing questions in plain words. " * 8
+    first = llm.tokenizer.encode(shared + "Why was I charged twice?")
+    second = llm.tokenizer.encode(shared + "How do I get a refund for May?")
+    manifests, _ = prefill(prefill_proc, [first], "prefix-corrupt")
+    common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert common // 16 >= 4
+    # the third block's bytes are replaced; its commit record (written by the prefill) stays
+    victim = manifests[0].blocks[2].key
+    backend = llm.engine.kv.connector.backend
+    scratch = llm.engine.block_manager.num_blocks - 1
+    llm.engine.kv_cache[scratch].normal_()
+    assert backend.remove([victim], force=True) == [True]
+    assert backend.put_cache_blocks(llm.engine.kv_cache, [scratch], [victim]) == [True]
+    eng = llm.engine
+    before = eng.stats()
+    eng.add_request("prefix-corrupt-b", prompt_token_ids=second, params=GREEDY, kv_export=True)
+    while eng.has_unfinished_requests():
+        (out,) = eng.step() or (None,)
+    after = eng.stats()
+    assert after.kv_corrupt_blocks - before.kv_corrupt_blocks == 1
+    assert after.store_prefix_hit_tokens - before.store_prefix_hit_tokens == 2 * 16
+    assert after.computed_tokens_total - before.computed_tokens_total == len(second) - 2 * 16
+    reference = llm.generate([second], SamplingParams(temperature=0, max_tokens=1))[0]
+    assert out.new_token_ids == reference.token_ids
+
+
 def test_corrupt_block_is_caught_and_recomputed(decoder, prefill_proc):
     llm = decoder
     prompts = prompts_for(llm, "corrupt")[1:2]
@@ -173,7 +201,7 @@ def test_corrupt_block_is_caught_and_recomputed(decoder, prefill_proc):
     scratch = llm.engine.block_manager.num_blocks - 1
     llm.engine.kv_cache[scratch].normal_()
     assert connector.backend.remove([victim], force=True) == [True]
-    assert connector.save([victim], [scratch]) == [True]
+    assert connector.save([victim], [scratch], [0]) == [True]
     before = llm.engine.stats()
     got = decode(llm, manifests)
     after = llm.engine.stats()

@@ -86,11 +86,12 @@ class DictStore(KVConnector):
     """An in-process store; each rank has its own (its keys are its own anyway)."""
 
     def __init__(self, cache: torch.Tensor) -> None:
-        self.cache, self.blocks = cache, {}
+        self.cache, self.blocks, self.commits = cache, {}, {}
 
-    def save(self, keys, block_ids):
-        for key, b in zip(keys, block_ids):
+    def save(self, keys, block_ids, checksums):
+        for key, b, crc in zip(keys, block_ids, checksums):
             self.blocks[key] = self.cache[b].clone()
+            self.commits[key] = crc
         return [True] * len(keys)
 
     def load(self, keys, block_ids):
@@ -99,8 +100,8 @@ class DictStore(KVConnector):
                 self.cache[b].copy_(self.blocks[key])
         return [key in self.blocks for key in keys]
 
-    def exists(self, keys):
-        return [key in self.blocks for key in keys]
+    def committed(self, keys):
+        return [self.commits.get(key) if key in self.blocks else None for key in keys]
 
 
 def _run(engine, request_id: str, prompt: list[int], **kwargs) -> tuple[list[int], object]:
