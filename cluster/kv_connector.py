@@ -23,9 +23,10 @@ def commit_key(key: str) -> str:
 
 
 class MooncakeConnector(KVConnector):
-    """Commit records are written on a background thread once a save's blocks are in the store: the
-    handoff does not wait for them (its manifest carries the checksums); only a later request's
-    prefix lookup needs them, and until they land it misses and computes."""
+    """Commit records are written on a background thread once a save's blocks are in the store (or a
+    load has verified them): the handoff does not wait for them (its manifest carries the
+    checksums); only a later request's prefix lookup needs them, and until they land it misses and
+    computes."""
 
     def __init__(self, backend: MooncakeBackend, cache) -> None:
         self.backend = backend
@@ -34,7 +35,7 @@ class MooncakeConnector(KVConnector):
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         self._last_commit: Future | None = None
 
-    def save(self, keys: list[str], block_ids: list[int], checksums: list[int]) -> list[bool]:
+    def save(self, keys: list[str], block_ids: list[int], checksums: list[int | None]) -> list[bool]:
         ptrs, sizes = block_spans(self.cache, block_ids)
         try:
             stored = self.backend.put_blocks(keys, ptrs, sizes)
@@ -44,15 +45,23 @@ class MooncakeConnector(KVConnector):
         # Commit only what this call stored: a block that was already there keeps the record its
         # writer gave it, which describes the bytes it holds (the same tokens computed in another
         # batch can differ in the last bits).
-        mine = [(commit_key(k), c.to_bytes(4, "little")) for k, c, s in zip(keys, checksums, stored) if s]
-        if mine:
-            self._last_commit = self._committer.submit(self._commit, mine)
+        self._submit([k for k, s in zip(keys, stored) if s],
+                     [c for c, s in zip(checksums, stored) if s], replace=True)
         return [True] * len(keys)
 
-    def _commit(self, records: list[tuple[str, bytes]]) -> None:
+    def commit(self, keys: list[str], checksums: list[int]) -> None:
+        self._submit(keys, checksums, replace=False)  # a record already there stays
+
+    def _submit(self, keys: list[str], checksums: list[int | None], replace: bool) -> None:
+        records = [(commit_key(k), c.to_bytes(4, "little")) for k, c in zip(keys, checksums) if c is not None]
+        if records:
+            self._last_commit = self._committer.submit(self._commit, records, replace)
+
+    def _commit(self, records: list[tuple[str, bytes]], replace: bool) -> None:
+        keys, values = zip(*records)
         try:
-            self.backend.put_values(*zip(*records))
-        except KVStoreError as exc:  # the handoffs still work; the prefix cache misses these blocks
+            self.backend.put_values(keys, values, replace=replace)
+        except Exception as exc:  # noqa: BLE001 - nobody waits on it: the prefix cache just misses
             log.warning("committing %d stored blocks failed: %s", len(records), exc)
 
     def flush(self) -> None:
@@ -73,15 +82,19 @@ class MooncakeConnector(KVConnector):
         return [True] * len(keys)
 
     def committed(self, keys: list[str]) -> list[int | None]:
-        try:
-            values = self.backend.get_values([commit_key(k) for k in keys])
+        records = [commit_key(k) for k in keys]
+        try:  # one cheap lookup first: most prompts find nothing, and only a leading run is used
+            there = self.backend.exists(records)
+            run = next((i for i, t in enumerate(there) if not t), len(there))
+            values = self.backend.get_values(records[:run])
         except KVStoreError as exc:
             log.warning("store lookup failed: %s", exc)
             return [None] * len(keys)
-        return [int.from_bytes(v, "little") if v is not None and len(v) == 4 else None for v in values]
+        sums = [int.from_bytes(v, "little") if v is not None and len(v) == 4 else None for v in values]
+        return sums + [None] * (len(keys) - len(sums))
 
     def close(self) -> None:
-        self._committer.shutdown(wait=True)
+        self._committer.shutdown(wait=True, cancel_futures=True)  # records are best effort
         self.backend.close()
 
 

@@ -15,7 +15,7 @@ Mooncake still places the objects and guards them: the reader learns each replic
 master, which takes a read lease (the object is not evicted while it is copied). Anything that does
 not map (another host, a peer that died, a size that does not match) goes through the transport.
 The owner writes its own puts into the segment the same way (kv_store.MooncakeBackend._put_direct).
-Large copies use streaming stores on all cores (`copy_spans`, engine/csrc/stream_copy.c).
+Large copies use streaming stores on up to four threads (`copy_spans`, engine/csrc/stream_copy.c).
 Only host memory over `tcp` is covered; rdma/ascend keep Mooncake's own transports.
 """
 from __future__ import annotations
@@ -283,8 +283,9 @@ def stream_copier() -> Callable[[Sequence[tuple[int, int, int]]], None] | None:
     fn.restype = None
 
     def copy(spans: Sequence[tuple[int, int, int]]) -> None:
-        cols = [(ctypes.c_uint64 * len(spans))(*col) for col in zip(*spans)]
-        fn(*cols, len(spans))  # ctypes releases the GIL for the call
+        if spans:
+            cols = [(ctypes.c_uint64 * len(spans))(*col) for col in zip(*spans)]
+            fn(*cols, len(spans))  # ctypes releases the GIL for the call
     return copy
 
 
@@ -294,8 +295,9 @@ def _memmove_all(spans: Sequence[tuple[int, int, int]]) -> None:
 
 
 def copy_spans(spans: Sequence[tuple[int, int, int]]) -> None:
-    """Copy each (dst, src, nbytes): memmove for small totals; above 8 MiB streaming stores (where
-    the kernel builds) split over up to four threads. The bytes land either way before it returns."""
+    """Copy each (dst, src, nbytes) (spans must not overlap): memmove for small totals; from 8 MiB
+    streaming stores (where the kernel builds) split over up to four threads. The bytes land either
+    way before it returns."""
     global _pool
     total = sum(n for _, _, n in spans)
     copy = (stream_copier() if total >= _STREAM_MIN_BYTES else None) or _memmove_all

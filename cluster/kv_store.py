@@ -199,8 +199,8 @@ class KVTransferBackend(ABC):
     def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None: ...
 
     @abstractmethod
-    def put_values(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
-        """Store small values, replacing what the keys held."""
+    def put_values(self, keys: Sequence[str], values: Sequence[bytes], replace: bool = True) -> None:
+        """Store small values; a key that already holds one is replaced, or with `replace` False kept."""
 
     @abstractmethod
     def get_values(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -259,6 +259,18 @@ def _runs_of_bytes(indices: list[int], sizes: Sequence[int], limit: int) -> Iter
         total += sizes[i]
     if run:
         yield run
+
+
+def _discard(store: Any, keys: list[str]) -> None:
+    """Force-remove objects a put completed but never wrote; a failure is logged (such an object
+    fails every reader's checksum until it is evicted). Called from a finally: raises nothing."""
+    try:
+        failed = [k for k, c in zip(keys, store.batch_remove(keys, True)) if c not in (0, OBJECT_NOT_FOUND)]
+    except Exception as exc:  # noqa: BLE001 - must not mask the error being handled
+        log.error("removing %d unwritten store objects failed: %s", len(keys), exc)
+        return
+    if failed:
+        log.error("%d unwritten store objects could not be removed, e.g. %s", len(failed), failed[0])
 
 
 def _same_length(keys: Sequence[str], other: Sequence[object]) -> None:
@@ -340,7 +352,7 @@ class MooncakeBackend(KVTransferBackend):
         self.blocks_read_transport = 0  # gets through Mooncake's transport
         self._own_span: tuple[int, int] | None = None  # (base, size) of this client's shared segment
         self.blocks_written_direct = 0  # puts copied straight into this client's segment
-        self.blocks_written_transport = 0  # puts through Mooncake's transfer (batch_put_from)
+        self.blocks_written_transport = 0  # puts through Mooncake's transfer (batch_put_from/upsert)
         if not node and self._reads_same_host:
             try:
                 self._mount_shared_segment(store)
@@ -525,7 +537,9 @@ class MooncakeBackend(KVTransferBackend):
         else:
             codes = store.batch_put_from(list(keys), list(ptrs), list(sizes), self._put_config)
             self.blocks_written_transport += len(keys)
-        # An existing key holds the same bytes (keys are content hashes), so it counts as written.
+        # An existing key names the same content (keys are content hashes): not an error. Its bytes
+        # may differ in the last bits (or, mid-put by another writer, not be there yet); readers
+        # check them against a checksum either way.
         failed = [(k, c) for k, c in zip(keys, codes) if c != 0 and c != OBJECT_ALREADY_EXISTS]
         if not failed:
             return [c == 0 for c in codes]
@@ -542,9 +556,10 @@ class MooncakeBackend(KVTransferBackend):
     _DIRECT_CHUNK_BYTES = 256 << 20
 
     def _put_direct(self, store: Any, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
-        """Put by copying the bytes straight into this client's own segment (one copy, on all cores,
-        with streaming stores) instead of through Mooncake's transfer; per-key codes as
-        batch_put_from's.
+        """Put by copying the bytes straight into this client's own segment (kv_shm.copy_spans: up to
+        four threads and streaming stores for large puts) instead of through Mooncake's transfer;
+        per-key codes as batch_put_from's. Needs replica_num 1 (the default): only the replica in
+        this segment is written.
 
         Mooncake tells where an object lives only once it is complete, so the objects are reserved
         and completed first (`batch_put_session_start` / `_end`), then looked up (which takes the
@@ -558,16 +573,16 @@ class MooncakeBackend(KVTransferBackend):
         started = [i for i, c in enumerate(codes) if c == 0]
         if not started:
             return codes
-        ended = store.batch_put_session_end([keys[i] for i in started])
-        done = []
-        for i, c in zip(started, ended):
-            codes[i] = c
-            if c == 0:
-                done.append(i)
-        if len(done) < len(started):
-            store.batch_put_session_revoke([keys[i] for i in started if codes[i] != 0])
-        unwritten = set(done)  # complete objects whose bytes have not landed yet
+        unwritten: set[int] = set()  # complete objects whose bytes have not landed
         try:
+            ended = list(store.batch_put_session_end([keys[i] for i in started]))
+            ended += [TRANSFER_FAIL] * (len(started) - len(ended))
+            for i, c in zip(started, ended):
+                codes[i] = c
+            done = [i for i in started if codes[i] == 0]
+            unwritten.update(done)
+            if len(done) < len(started):
+                store.batch_put_session_revoke([keys[i] for i in started if codes[i] != 0])
             elsewhere: list[int] = []
             for chunk in _runs_of_bytes(done, sizes, self._DIRECT_CHUNK_BYTES):
                 descs = store.batch_get_replica_desc([keys[i] for i in chunk])
@@ -584,17 +599,22 @@ class MooncakeBackend(KVTransferBackend):
                     codes[i] = c
                     if c == 0:
                         unwritten.discard(i)
-                self.blocks_written_transport += len(elsewhere)
+                        self.blocks_written_transport += 1
         finally:
             if unwritten:  # never leave stale bytes under a content key for a later writer to trust
-                store.batch_remove([keys[i] for i in unwritten], True)
+                _discard(store, [keys[i] for i in unwritten])
+                for i in unwritten:
+                    if codes[i] == 0:
+                        codes[i] = TRANSFER_FAIL
         return codes
 
     def _own_address(self, replicas: Sequence[Any], size: int) -> int | None:
         """Where in this client's own segment the object with these replicas lives, or None."""
+        from mooncake.store import ReplicaStatus
+
         base, span = self._own_span
         for replica in replicas:
-            if replica.is_memory_replica():
+            if replica.is_memory_replica() and replica.status == ReplicaStatus.COMPLETE:
                 where = replica.get_memory_descriptor().buffer_descriptor
                 if (where.transport_endpoint == self.segment_name and where.size == size
                         and base <= where.buffer_address and where.buffer_address + size <= base + span):
@@ -671,11 +691,13 @@ class MooncakeBackend(KVTransferBackend):
         self.blocks_read_same_host += len(spans)
         return rest
 
-    def put_values(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+    def put_values(self, keys: Sequence[str], values: Sequence[bytes], replace: bool = True) -> None:
         _same_length(keys, values)
         if not keys:
             return
-        rc = self._live().upsert_batch(list(keys), list(values), self._put_config)
+        store = self._live()
+        put = store.upsert_batch if replace else store.put_batch  # put_batch keeps existing keys
+        rc = put(list(keys), list(values), self._put_config)
         if rc in _UNAVAILABLE:
             raise StoreUnavailable(f"put of {len(keys)} value(s) failed: {code_name(rc)}")
         if rc != 0:

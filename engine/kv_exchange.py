@@ -77,9 +77,11 @@ class KVExchange:
         refs: list[BlockRef] = []
         if self.connector is not None and keys:
             sums = [block_checksum(self.cache[b], n) for (_, n), b in zip(keys, block_ids)]
+            bs = self.bm.block_size
             t0 = _now()
-            try:
-                ok = self.connector.save([k for k, _ in keys], block_ids, sums)
+            try:  # a partial last block is never a prefix hit: no commit record for it
+                ok = self.connector.save([k for k, _ in keys], block_ids,
+                                         [c if n == bs else None for (_, n), c in zip(keys, sums)])
             except Exception as exc:           # store down: decode will recompute the prompt
                 log.warning("kv export of %s failed: %s", seq.request_id, exc)
                 ok = [False] * len(keys)
@@ -121,6 +123,12 @@ class KVExchange:
         first = seq.num_computed_tokens // bs          # blocks already local (prefix cache)
         refs = list(handoff.blocks_of_rank(tp.rank)[first:])
         loaded = self._load(seq, first, refs)
+        full = [r for r in refs[:loaded] if r.num_tokens == bs]
+        if full:  # verified: their records (if lost) can be restored for the prefix cache
+            try:
+                self.connector.commit([r.key for r in full], [r.checksum for r in full])
+            except Exception as exc:
+                log.warning("committing the blocks of %s failed: %s", seq.request_id, exc)
         covered = first * bs + sum(r.num_tokens for r in refs[:loaded])
         seq.num_computed_tokens = max(seq.num_computed_tokens, min(covered, prompt_len))
         self.counters.kv_recomputed_tokens += prompt_len - seq.num_computed_tokens

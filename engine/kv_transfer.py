@@ -63,13 +63,18 @@ class KVConnector(ABC):
     its key alone."""
 
     @abstractmethod
-    def save(self, keys: list[str], block_ids: list[int], checksums: list[int]) -> list[bool]:
+    def save(self, keys: list[str], block_ids: list[int], checksums: list[int | None]) -> list[bool]:
         """Write blocks `block_ids` of the cache under `keys`, then commit each block this call
-        stored with its checksum; per-block success."""
+        stored with its checksum (None: never looked up as a prefix, no record); per-block success."""
 
     @abstractmethod
     def load(self, keys: list[str], block_ids: list[int]) -> list[bool]:
         """Read `keys` into cache blocks `block_ids`; per-block success (False: missing/failed)."""
+
+    @abstractmethod
+    def commit(self, keys: list[str], checksums: list[int]) -> None:
+        """Record checksums of stored blocks a load has just verified, where no record exists yet: a
+        block whose record was lost (evicted, or its writer died first) is found again."""
 
     @abstractmethod
     def committed(self, keys: list[str]) -> list[int | None]:

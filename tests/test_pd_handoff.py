@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcluster.cluster.kv_connector import make_connector, open_backend
+from pdcluster.cluster.kv_connector import commit_key, make_connector, open_backend
 from pdcluster.cluster.kv_manifest import from_bytes, manifest_to_handoff
 from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
 from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
@@ -201,12 +201,31 @@ def test_corrupt_block_is_caught_and_recomputed(decoder, prefill_proc):
     scratch = llm.engine.block_manager.num_blocks - 1
     llm.engine.kv_cache[scratch].normal_()
     assert connector.backend.remove([victim], force=True) == [True]
-    assert connector.save([victim], [scratch], [0]) == [True]
+    assert connector.backend.put_cache_blocks(llm.engine.kv_cache, [scratch], [victim]) == [True]
     before = llm.engine.stats()
     got = decode(llm, manifests)
     after = llm.engine.stats()
     assert after.kv_corrupt_blocks - before.kv_corrupt_blocks == 1
     assert after.kv_recomputed_tokens - before.kv_recomputed_tokens == len(prompts[0]) - 16
+    assert got[manifests[0].request_id] == llm.generate(prompts, GREEDY)[0].token_ids
+
+
+def test_a_lost_commit_record_is_restored_by_a_verified_handoff(decoder, prefill_proc):
+    """A block whose record is gone (evicted apart from it) is invisible to the prefix cache, and a
+    later writer finds the block there and commits nothing; the decode that verifies it restores it."""
+    llm = decoder
+    prompts = prompts_for(llm, "lost-record")[2:3]
+    manifests, _ = prefill(prefill_proc, prompts, "lost-record")
+    full = [r for r in manifests[0].blocks if r.num_tokens == 16]
+    connector = llm.engine.kv.connector
+    keys = [r.key for r in full]
+    assert connector.backend.remove([commit_key(k) for k in keys], force=True) == [True] * len(keys)
+    hits: dict = {}
+    got = decode(llm, manifests, hits)
+    connector.flush()
+    loaded = full[hits[manifests[0].request_id] // 16:]  # not those the decoder held already
+    assert len(loaded) >= 2
+    assert connector.committed([r.key for r in loaded]) == [r.checksum for r in loaded]
     assert got[manifests[0].request_id] == llm.generate(prompts, GREEDY)[0].token_ids
 
 

@@ -90,9 +90,15 @@ class DictStore(KVConnector):
 
     def save(self, keys, block_ids, checksums):
         for key, b, crc in zip(keys, block_ids, checksums):
-            self.blocks[key] = self.cache[b].clone()
-            self.commits[key] = crc
+            if key not in self.blocks:  # commit only what this call stored
+                self.blocks[key] = self.cache[b].clone()
+                if crc is not None:
+                    self.commits[key] = crc
         return [True] * len(keys)
+
+    def commit(self, keys, checksums):
+        for key, crc in zip(keys, checksums):
+            self.commits.setdefault(key, crc)
 
     def load(self, keys, block_ids):
         for key, b in zip(keys, block_ids):
