@@ -1,7 +1,7 @@
 """KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
 
-This process ("prefill") puts blocks the way a prefill worker does (the blocks, then their commit
-records: MooncakeConnector.save); a second one ("decode") gets them. Store client modes:
+This process ("prefill") puts blocks the way a prefill worker does (MooncakeConnector.save: the blocks;
+their commit records follow in the background, as in the product); a second one ("decode") gets them. Store client modes:
 embedded = each process runs its own Mooncake client and segment, in shared memory: the writer copies
 its blocks straight into its own segment and the reader copies same-host replicas straight out of it
 (the default); embedded-tcp = the same with `same_host_reads` off (the bytes cross Mooncake's transfer
@@ -224,8 +224,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['memcpy']:>6.2f} {r['allcore']:>8.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} "
                      f"{r['hand/mc']:>7.0%} {r['hand/all']:>8.0%} {r['tcp/mc']:>6.0%} {r['direct']:>6.0%} "
                      f"{r['cold_handoff']:>9.2f} {vs}")
-    lines += ["Bandwidths in GB/s. handoff = put (prefill side: blocks and their commit records) then get",
-              "(decode side): bytes / (put + get).",
+    lines += ["Bandwidths in GB/s. handoff = put (prefill side: MooncakeConnector.save, whose commit records",
+              "follow in the background) then get (decode side): bytes / (put + get).",
               "memcpy = one plain memcpy of the same bytes in this process (one thread); all-core = torch's",
               "parallel copy_ of them; raw tcp = the same bytes over one plain loopback socket between the",
               "two processes. All timed in every round with the other process idle; medians of warm rounds,",
