@@ -111,6 +111,17 @@ def decode(llm, manifests, local_hits: dict | None = None) -> dict[str, list[int
     return tokens
 
 
+def prefill_here(llm, request_id: str, ids: list[int]):
+    """Prefill `ids` on the decoder's own engine (exporting, as a prefill worker does): the engine's
+    stats before, the handoff output, the stats after."""
+    eng = llm.engine
+    before = eng.stats()
+    eng.add_request(request_id, prompt_token_ids=ids, params=GREEDY, kv_export=True)
+    while eng.has_unfinished_requests():
+        (out,) = eng.step() or (None,)
+    return before, out, eng.stats()
+
+
 def prompts_for(llm, tag: str) -> list[list[int]]:
     questions = [f"[{tag}] What is the capital of Italy?",
                  f"[{tag}] Explain in two sentences why the sky is blue, for a curious child.",
@@ -151,12 +162,7 @@ def test_store_prefix_cache_computes_only_new_blocks(decoder, prefill_proc):
     common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     store_blocks = common // 16
     assert store_blocks >= 4
-    eng = llm.engine
-    before = eng.stats()
-    eng.add_request("prefix-b", prompt_token_ids=second, params=GREEDY, kv_export=True)
-    while eng.has_unfinished_requests():
-        (out,) = eng.step() or (None,)
-    after = eng.stats()
+    before, out, after = prefill_here(llm, "prefix-b", second)
     assert after.store_prefix_hit_tokens - before.store_prefix_hit_tokens == store_blocks * 16
     assert after.computed_tokens_total - before.computed_tokens_total == len(second) - store_blocks * 16
     reference = llm.generate([second], SamplingParams(temperature=0, max_tokens=1))[0]
@@ -178,12 +184,7 @@ def test_corrupt_prefix_block_is_caught_by_its_commit_record(decoder, prefill_pr
     llm.engine.kv_cache[scratch].normal_()
     assert backend.remove([victim], force=True) == [True]
     assert backend.put_cache_blocks(llm.engine.kv_cache, [scratch], [victim]) == [True]
-    eng = llm.engine
-    before = eng.stats()
-    eng.add_request("prefix-corrupt-b", prompt_token_ids=second, params=GREEDY, kv_export=True)
-    while eng.has_unfinished_requests():
-        (out,) = eng.step() or (None,)
-    after = eng.stats()
+    before, out, after = prefill_here(llm, "prefix-corrupt-b", second)
     assert after.kv_corrupt_blocks - before.kv_corrupt_blocks == 1
     assert after.store_prefix_hit_tokens - before.store_prefix_hit_tokens == 2 * 16
     assert after.computed_tokens_total - before.computed_tokens_total == len(second) - 2 * 16
