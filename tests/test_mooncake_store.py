@@ -314,6 +314,39 @@ def test_put_past_a_full_own_segment_lands_elsewhere_intact(tmp_path: Path) -> N
         assert torch.equal(out, blocks)
 
 
+class _LookupFails:
+    """The real Mooncake client, except that the replica lookup after a put's session raises."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def batch_get_replica_desc(self, keys):
+        raise RuntimeError("lookup lost")
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_put_that_fails_after_completing_leaves_no_stale_object(backend: MooncakeBackend,
+                                                                   register) -> None:
+    """Once completed, an object holds stale bytes until the copy lands: a put that fails in between
+    must remove it, or a later writer of the same key would store nothing and readers find garbage."""
+    cache = register(_random_cache(seed=12))
+    keys = _keys("torn", 3)
+    real = backend._store
+    backend._store = _LookupFails(real)
+    try:
+        with pytest.raises(RuntimeError, match="lookup lost"):
+            backend.put_cache_blocks(cache, [0, 1, 2], keys)
+    finally:
+        backend._store = real
+    assert backend.exists(keys) == [False] * 3
+    assert backend.put_cache_blocks(cache, [0, 1, 2], keys) == [True] * 3  # stored afresh
+    out = register(torch.zeros(SHAPE))
+    backend.get_cache_blocks(out, [0, 1, 2], keys)
+    assert _bytes(out[:3]) == _bytes(cache[:3])
+
+
 def test_small_values_round_trip_and_are_replaced(backend: MooncakeBackend) -> None:
     a, b, absent = _keys("value", 3)
     backend.put_values([a, b], [b"\x01\x02\x03\x04", b"abcd"])
