@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from pdcluster.cluster.mooncake_master import METADATA_OPENER
 log = logging.getLogger(__name__)
 
 ADVERT_PREFIX = "pdcluster/shm-segment/"
+ADVERT_CHECK_S = 5.0  # an owner puts its advert back this soon after it is lost (e.g. master restart)
+REMOTE_RECHECK_S = 10.0  # a reader asks again this long after an endpoint had no usable advert
 _MEMFD_NAME = "pdcluster-kv-segment"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -145,6 +148,42 @@ def withdraw(metadata_url: str, endpoint: str, timeout_s: float = 2.0) -> None:
         log.debug("withdrawing the segment advert of %s failed: %s", endpoint, e)
 
 
+class AdvertKeeper:
+    """Keeps an owner's advert on the metadata server: published now, and put back whenever a check
+    (every ADVERT_CHECK_S) finds it gone or different: the master's built-in metadata server forgets
+    everything when it restarts, and a first publish can fail. A daemon thread; `stop()` ends it."""
+
+    def __init__(self, metadata_url: str, endpoint: str, advert: SegmentAdvert,
+                 interval_s: float | None = None) -> None:
+        self._args = (metadata_url, endpoint, advert)
+        self._interval = ADVERT_CHECK_S if interval_s is None else interval_s
+        self._stop = threading.Event()
+        self.published = 0  # how many times the advert was (re)published
+        self._ensure()
+        self._thread = threading.Thread(target=self._run, name="kv-advert", daemon=True)
+        self._thread.start()
+
+    def _ensure(self) -> None:
+        url, endpoint, advert = self._args
+        if lookup(url, endpoint) == advert:
+            return
+        try:
+            publish(url, endpoint, advert)
+        except OSError as e:
+            log.warning("advertising the segment of %s failed (%s): same-host peers read it over "
+                        "TCP until a later try succeeds", endpoint, e)
+            return
+        self.published += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._ensure()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def lookup(metadata_url: str, endpoint: str, timeout_s: float = 2.0) -> SegmentAdvert | None:
     """The advert of `endpoint`'s segment, or None where it has none (or the server cannot say)."""
     try:
@@ -186,8 +225,9 @@ class PeerSegments:
     `acquire(endpoint)` checks the owner on every use: a peer that died (or closed its client) is
     dropped, so its replicas go to the transport like any other unreadable segment. Each acquired
     mapping must be `release`d after copying from it; a dropped mapping is unmapped only once no copy
-    uses it. Endpoints without a usable advert are remembered as remote until `forget()`; a restarted
-    peer on the same endpoint gets a new advert and is picked up when its old mapping fails the check.
+    uses it. Endpoints without a usable advert are taken as remote for REMOTE_RECHECK_S, then asked
+    about again (an advert can come late: a master restart, a failed publish); a restarted peer on
+    the same endpoint gets a new advert and is picked up when its old mapping fails the check.
     """
 
     def __init__(self, metadata_url: str, own: tuple[str, SegmentAdvert] | None = None) -> None:
@@ -195,7 +235,7 @@ class PeerSegments:
         self._boot_id = boot_id()
         self._lock = threading.Lock()
         self._maps: dict[str, _Mapping] = {}
-        self._remote: set[str] = set()
+        self._remote: dict[str, float] = {}  # endpoint -> when it was found to have no usable advert
         self._own = own
 
     def acquire(self, endpoint: str) -> _Mapping | None:
@@ -205,12 +245,15 @@ class PeerSegments:
                 self._drop(endpoint)
                 m = None
             if m is None:
-                if endpoint in self._remote:
+                now = time.monotonic()
+                seen = self._remote.get(endpoint)
+                if seen is not None and now - seen < REMOTE_RECHECK_S:
                     return None
                 m = self._map(endpoint)
                 if m is None:
-                    self._remote.add(endpoint)
+                    self._remote[endpoint] = now
                     return None
+                self._remote.pop(endpoint, None)
                 self._maps[endpoint] = m
             m.users += 1
             return m

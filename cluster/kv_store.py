@@ -346,7 +346,7 @@ class MooncakeBackend(KVTransferBackend):
         # "ip:port" of the segment this client's puts go to: its own, or (node mode) the node client's
         self.segment_name = config.node_segment if node else store.get_hostname()
         self._segment: kv_shm.SharedSegment | None = None
-        self._advertised = False
+        self._advert: kv_shm.AdvertKeeper | None = None  # keeps this segment advertised
         self._peers: kv_shm.PeerSegments | None = None
         self.blocks_read_same_host = 0  # gets copied out of a same-host segment
         self.blocks_read_transport = 0  # gets through Mooncake's transport
@@ -357,6 +357,8 @@ class MooncakeBackend(KVTransferBackend):
             try:
                 self._mount_shared_segment(store)
             except BaseException:
+                if self._advert is not None:
+                    self._advert.stop()
                 store.close()
                 raise
             kv_shm.stream_copier()  # built (or loaded) now, not inside the first large handoff
@@ -425,11 +427,7 @@ class MooncakeBackend(KVTransferBackend):
                     raise StoreUnavailable(f"mounting a {size >> 20} MiB segment failed "
                                            f"({code_name(res.get('ret', -1))})")
         if own is not None:
-            try:
-                kv_shm.publish(self.config.metadata_server, *own)
-                self._advertised = True
-            except OSError as e:
-                log.warning("advertising the segment failed (%s): same-host peers will read it over TCP", e)
+            self._advert = kv_shm.AdvertKeeper(self.config.metadata_server, *own)
         self._peers = kv_shm.PeerSegments(self.config.metadata_server, own)
 
     @property
@@ -748,7 +746,8 @@ class MooncakeBackend(KVTransferBackend):
             self._regions.clear()
         if store is None:
             return
-        if self._advertised:
+        if self._advert is not None:
+            self._advert.stop()
             kv_shm.withdraw(self.config.metadata_server, self.segment_name)
         if self._peers is not None:
             self._peers.forget()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdcluster.cluster import kv_shm
 from pdcluster.cluster.kv_store import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
                                         StoreUnavailable, block_nbytes)
 from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
@@ -245,6 +246,36 @@ def test_same_host_reader_copies_from_the_writers_segment(master: MooncakeMaster
     # on: every block straight out of this process's shared segment; off: all over TCP
     assert (direct, transport) == ((4, 0) if same_host_reads else (0, 4))
     assert backend.remove(keys) == [False] * 4  # either way the read took the master's lease
+
+
+def test_a_lost_advert_is_put_back_and_readers_ask_again(master: MooncakeMaster, backend: MooncakeBackend,
+                                                         register, monkeypatch) -> None:
+    """The master's metadata server forgets adverts when it restarts: the owner puts its advert back,
+    and a reader that found none reads through the transport meanwhile, then directly again."""
+    monkeypatch.setattr(kv_shm, "ADVERT_CHECK_S", 0.2)
+    monkeypatch.setattr(kv_shm, "REMOTE_RECHECK_S", 0.5)
+    cache = _random_cache(seed=13)
+    keys = _keys("advert", 2)
+    with MooncakeBackend(_config(master)) as owner:
+        owner.register_cache(cache)
+        owner.put_cache_blocks(cache, [3, 4], keys)
+        advert = kv_shm.lookup(master.metadata_url, owner.segment_name)
+        assert advert is not None and advert.pid == os.getpid()
+        kv_shm.withdraw(master.metadata_url, owner.segment_name)  # as a restarted master would have
+        out = register(torch.zeros(SHAPE))
+        direct, transport = backend.blocks_read_same_host, backend.blocks_read_transport
+        backend.get_cache_blocks(out, [0, 1], keys)
+        assert (backend.blocks_read_same_host - direct, backend.blocks_read_transport - transport) == (0, 2)
+        deadline = time.monotonic() + 5
+        while kv_shm.lookup(master.metadata_url, owner.segment_name) != advert:
+            assert time.monotonic() < deadline, "the owner did not put its advert back"
+            time.sleep(0.05)
+        time.sleep(0.6)  # past the reader's recheck interval
+        out.zero_()
+        direct = backend.blocks_read_same_host
+        backend.get_cache_blocks(out, [0, 1], keys)
+        assert backend.blocks_read_same_host - direct == 2
+        assert _bytes(out[:2]) == _bytes(cache[[3, 4]])
 
 
 def test_missing_key_is_reported_not_garbage(backend: MooncakeBackend, register) -> None:
