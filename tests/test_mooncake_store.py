@@ -215,7 +215,9 @@ def _reader(config: StoreConfig, keys: list[str], conn) -> None:
         cache = _cache_from(backend)
         backend.register_cache(cache)
         backend.get_cache_blocks(cache, list(range(len(keys))), keys)
-        conn.send(("loaded", (cache[: len(keys)].clone(), backend.blocks_read_same_host,
+        # bytes, not a tensor: torch would pass its storage as an fd, which this process (exiting
+        # right after) may no longer hold when the parent asks for it
+        conn.send(("loaded", (_bytes(cache[: len(keys)]), backend.blocks_read_same_host,
                               backend.blocks_read_transport)))
         backend.close()
     except Exception as e:
@@ -242,7 +244,7 @@ def test_same_host_reader_copies_from_the_writers_segment(master: MooncakeMaster
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    assert _bytes(loaded) == _bytes(cache[[6, 1, 4, 2]])
+    assert loaded == _bytes(cache[[6, 1, 4, 2]])
     # on: every block straight out of this process's shared segment; off: all over TCP
     assert (direct, transport) == ((4, 0) if same_host_reads else (0, 4))
     assert backend.remove(keys) == [False] * 4  # either way the read took the master's lease
