@@ -159,6 +159,7 @@ class AdvertKeeper:
         self._interval = ADVERT_CHECK_S if interval_s is None else interval_s
         self._stop = threading.Event()
         self.published = 0  # how many times the advert was (re)published
+        self._failing = False
         self._ensure()
         self._thread = threading.Thread(target=self._run, name="kv-advert", daemon=True)
         self._thread.start()
@@ -169,10 +170,13 @@ class AdvertKeeper:
             return
         try:
             publish(url, endpoint, advert)
-        except OSError as e:
-            log.warning("advertising the segment of %s failed (%s): same-host peers read it over "
-                        "TCP until a later try succeeds", endpoint, e)
+        except OSError as e:  # warned once per outage, not every interval while the master is down
+            (log.debug if self._failing else log.warning)(
+                "advertising the segment of %s failed (%s): same-host peers read it over TCP until a "
+                "later try succeeds", endpoint, e)
+            self._failing = True
             return
+        self._failing = False
         self.published += 1
 
     def _run(self) -> None:
