@@ -261,6 +261,18 @@ def _runs_of_bytes(indices: list[int], sizes: Sequence[int], limit: int) -> Iter
         yield run
 
 
+def _memory_buffers(replicas: Sequence[Any], size: int) -> Iterator[Any]:
+    """The buffer descriptors of an object's complete in-memory replicas of `size` bytes (one of
+    another size means the stored layout differs: none is yielded, and the transport reports it)."""
+    from mooncake.store import ReplicaStatus
+
+    for replica in replicas:
+        if replica.is_memory_replica() and replica.status == ReplicaStatus.COMPLETE:
+            where = replica.get_memory_descriptor().buffer_descriptor
+            if where.size == size:
+                yield where
+
+
 def _discard(store: Any, keys: list[str]) -> None:
     """Force-remove objects a put completed but never wrote; a failure is logged (such an object
     fails every reader's checksum until it is evicted). Called from a finally: raises nothing."""
@@ -608,15 +620,11 @@ class MooncakeBackend(KVTransferBackend):
 
     def _own_address(self, replicas: Sequence[Any], size: int) -> int | None:
         """Where in this client's own segment the object with these replicas lives, or None."""
-        from mooncake.store import ReplicaStatus
-
         base, span = self._own_span
-        for replica in replicas:
-            if replica.is_memory_replica() and replica.status == ReplicaStatus.COMPLETE:
-                where = replica.get_memory_descriptor().buffer_descriptor
-                if (where.transport_endpoint == self.segment_name and where.size == size
-                        and base <= where.buffer_address and where.buffer_address + size <= base + span):
-                    return where.buffer_address
+        for where in _memory_buffers(replicas, size):
+            if (where.transport_endpoint == self.segment_name and base <= where.buffer_address
+                    and where.buffer_address + size <= base + span):
+                return where.buffer_address
         return None
 
     def get_blocks(self, keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int]) -> None:
@@ -656,8 +664,6 @@ class MooncakeBackend(KVTransferBackend):
         """Copy every block whose replica is in a same-host segment straight out of it; returns the
         indices left for the transport (remote, missing, or not the expected size: the transport
         path reports those). Looking the replicas up takes the same read lease a transport get does."""
-        from mooncake.store import ReplicaStatus
-
         assert self._peers is not None
         peers = self._peers
         descs = store.batch_get_replica_desc(list(keys))
@@ -665,12 +671,7 @@ class MooncakeBackend(KVTransferBackend):
         try:
             for i, (key, ptr, size) in enumerate(zip(keys, ptrs, sizes)):
                 src = None
-                for replica in descs.get(key, ()):
-                    if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
-                        continue
-                    where = replica.get_memory_descriptor().buffer_descriptor
-                    if where.size != size:
-                        break
+                for where in _memory_buffers(descs.get(key, ()), size):
                     endpoint = where.transport_endpoint
                     if endpoint not in held:
                         held[endpoint] = peers.acquire(endpoint)
