@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pdcluster.cluster.kv_connector import MooncakeConnector, commit_key
+from pdcluster.cluster.kv_shm import copy_spans
 from pdcluster.cluster.kv_store import MooncakeBackend, StoreConfig
 from pdcluster.cluster.mooncake_master import MooncakeMaster
 from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
@@ -113,6 +114,15 @@ def _all_core_copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
+def _kv_copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """The copy the store's direct puts and same-host reads make (kv_shm.copy_spans: block by block,
+    streaming stores on up to four threads from 8 MiB), of the same bytes in this process."""
+    spans = [(d.data_ptr(), s.data_ptr(), s.numel()) for d, s in zip(dst, src)]
+    t = time.perf_counter()
+    copy_spans(spans)
+    return time.perf_counter() - t
+
+
 def _recv(conn, timeout_s: float = 120.0):
     """The reader's next answer; a reader that died or hangs fails the run instead of stalling it."""
     if not conn.poll(timeout_s):
@@ -184,7 +194,7 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
             tcp_s = _raw_tcp_seconds(src, conn, want)
             # memcpy in every round, so a busy neighbour slows both sides of the ratio alike
             rounds.append((put_s, get_s, _memcpy_seconds(src, dst), tcp_s, _all_core_copy_seconds(src, dst),
-                           direct / case.num_blocks))
+                           direct / case.num_blocks, _kv_copy_seconds(src, dst)))
         conn.send("stop")
         _recv(conn)  # "closed"
     finally:
@@ -203,6 +213,7 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
             "tcp": gb / statistics.median(r[3] for r in warm),
             "tcp/mc": statistics.median(r[2] / r[3] for r in warm),
             "allcore": gb / statistics.median(r[4] for r in warm),
+            "kvcopy": gb / statistics.median(r[6] for r in warm),
             "hand/all": statistics.median(r[4] / (r[0] + r[1]) for r in warm),
             "direct": statistics.median(r[5] for r in warm),
             "get/mc": statistics.median(r[2] / r[1] for r in warm),
@@ -212,7 +223,7 @@ def run_case(case: Case, master: MooncakeMaster, iters: int, local_buffer_mib: i
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'case':33} {'mode':12} {'blocks':>6} {'block KB':>8} {'MB':>6} {'put':>6} {'get':>6} "
-            f"{'handoff':>7} {'memcpy':>6} {'all-core':>8} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} "
+            f"{'handoff':>7} {'memcpy':>6} {'all-core':>8} {'kv copy':>7} {'raw tcp':>7} {'get/mc':>6} {'hand/mc':>7} "
             f"{'hand/all':>8} {'tcp/mc':>6} {'direct':>6} {'cold hand':>9} {'vs tcp':>6}")
     lines = [head, "-" * len(head)]
     over_tcp = {r["case"]: r["handoff"] for r in rows if r["mode"] == "embedded-tcp"}
@@ -221,13 +232,14 @@ def format_table(rows: list[dict]) -> str:
         vs = f"{r['handoff'] / over_tcp[c]:>5.1f}x" if c in over_tcp else f"{'-':>6}"
         lines.append(f"{c.name:33} {r['mode']:12} {c.num_blocks:>6} {c.block_nbytes / 1e3:>8.1f} "
                      f"{c.nbytes / 1e6:>6.1f} {r['put']:>6.2f} {r['get']:>6.2f} {r['handoff']:>7.2f} "
-                     f"{r['memcpy']:>6.2f} {r['allcore']:>8.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} "
+                     f"{r['memcpy']:>6.2f} {r['allcore']:>8.2f} {r['kvcopy']:>7.2f} {r['tcp']:>7.2f} {r['get/mc']:>6.0%} "
                      f"{r['hand/mc']:>7.0%} {r['hand/all']:>8.0%} {r['tcp/mc']:>6.0%} {r['direct']:>6.0%} "
                      f"{r['cold_handoff']:>9.2f} {vs}")
     lines += ["Bandwidths in GB/s. handoff = put (prefill side: MooncakeConnector.save, whose commit records",
               "follow in the background) then get (decode side): bytes / (put + get).",
               "memcpy = one plain memcpy of the same bytes in this process (one thread); all-core = torch's",
-              "parallel copy_ of them; raw tcp = the same bytes over one plain loopback socket between the",
+              "parallel copy_ of them; kv copy = the copy direct puts and same-host reads make (block by",
+              "block, streaming stores on up to four threads); raw tcp = the same bytes over one plain loopback socket between the",
               "two processes. All timed in every round with the other process idle; medians of warm rounds,",
               "ratios taken per round; cold = first round (fresh segment pages). direct = share of blocks",
               "the reader copied straight out of a same-host segment.",
