@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import ray
 
-from pdcluster.actors.engine_loop import EngineWorker, RequestAborted
-from pdcluster.engine.kv_transfer import KVHandoff
-from pdcluster.engine.outputs import RequestOutput
-from pdcluster.engine.sampling import SamplingParams
+from .worker import EngineWorker
+from .engine_loop import RequestAborted
+from ..engine.kv_handoff import KVHandoff
+from ..engine.outputs import RequestOutput
+from ..engine.sampling import SamplingParams
 
 
 class DecodeWorker(EngineWorker):

@@ -7,10 +7,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from pdcluster.actors.engine_loop import EngineWorker
-from pdcluster.engine.kv_transfer import KVHandoff
-from pdcluster.engine.outputs import TokenLogprob
-from pdcluster.engine.sampling import SamplingParams
+from .worker import EngineWorker
+from ..engine.kv_handoff import KVHandoff
+from ..engine.outputs import TokenLogprob
+from ..engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

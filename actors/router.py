@@ -1,7 +1,7 @@
 """Router actor: owns the worker pools and the Mooncake master supervisor, admits requests and picks
 their (prefill, decode) pair. It only decides and counts; tokens never pass through it.
 
-Policies are the pure ones in `pdcluster.cluster.admission` / `routing`; this wrapper adds the state
+Policies are the pure ones in `pdcluster.cluster.policy.admission` / `routing`; this wrapper adds the state
 they need (what is placed where, polled worker load, queued requests waiting for a slot).
 """
 from __future__ import annotations
@@ -15,14 +15,15 @@ from typing import Any
 
 import ray
 
-from pdcluster.actors.decode_worker import DecodeWorker
-from pdcluster.actors.engine_loop import WorkerInfo, WorkerReport
-from pdcluster.actors.master import MasterStatus, MasterSupervisor, master_placement
-from pdcluster.actors.node_client import stop_node_clients
-from pdcluster.actors.prefill_worker import PrefillWorker
-from pdcluster.cluster.admission import AdmissionConfig, AdmissionController, Verdict
-from pdcluster.cluster.routing import PrefixIndex, WorkerLoad, pick_decode, pick_prefill
-from pdcluster.cluster.spec import ClusterSpec
+from .decode_worker import DecodeWorker
+from .worker import WorkerInfo, WorkerReport
+from .master_supervisor import MasterStatus, MasterSupervisor, master_placement
+from .node_client_supervisor import stop_node_clients
+from .prefill_worker import PrefillWorker
+from ..cluster.policy.admission import AdmissionConfig, AdmissionController, Verdict
+from ..cluster.policy.prefix_affinity import PrefixIndex
+from ..cluster.policy.placement import WorkerLoad, pick_decode, pick_prefill
+from ..cluster.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ class TPFollowers:
 
     def __init__(self, spec: dict, worker_id: str, tp_size: int, threads: int, store_host: str,
                  gcs_address: str, on_exit: Callable[[str], None]) -> None:
-        from pdcluster.cluster.mooncake_master import free_port
+        from ..cluster.supervised_process import free_port
 
         self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         self._on_exit = on_exit
@@ -116,9 +116,9 @@ def apply_command(engine, cmd: tuple) -> None:
 def serve(conn: Connection) -> None:
     """Build this rank's engine and store client, then apply every iteration the worker sends
     until the pipe closes. Any exception ends the process: the worker then fails as a whole."""
-    from pdcluster.cluster.kv_connector import make_connector, open_backend
-    from pdcluster.cluster.spec import ClusterSpec
-    from pdcluster.engine.llm_engine import LLMEngine
+    from ..cluster.kvstore.connector import make_connector, open_backend
+    from ..cluster.spec import ClusterSpec
+    from ..engine.llm_engine import LLMEngine
 
     setup: FollowerSetup = conn.recv()
     spec = ClusterSpec.from_dict(setup.spec)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from pdcluster.engine.config import EngineConfig
+    from ..engine.config import EngineConfig
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -337,7 +337,7 @@ class ClusterSpec(_Strict):
 
     def engine_config(self, tp_rank: int = 0) -> EngineConfig:
         """The single-process engine's config for one TP rank of a worker."""
-        from pdcluster.engine.config import EngineConfig
+        from ..engine.config import EngineConfig
 
         e = self.engine
         kv = {"kv_cache_gib": e.kv_cache_gib} if e.kv_cache_gib is not None else {}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from pdcluster.engine.prefix_hash import block_hashes
-from pdcluster.engine.sequence import Sequence
+from .prefix_hash import block_hashes
+from .sequence import Sequence
 
 
 class BlockManager:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pdcluster.engine.block_quant import QBLOCK, BlockWeights
+from .layers.block_quant import QBLOCK, BlockWeights
 
 log = logging.getLogger(__name__)
 

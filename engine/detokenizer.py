@@ -5,7 +5,7 @@ tail that could still become the start of a stop string.
 """
 from __future__ import annotations
 
-from pdcluster.engine.tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 _CONTEXT_TOKENS = 6   # prompt tail decoded with the output, so the first words get their spaces
 

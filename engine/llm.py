@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdcluster.engine.config import EngineConfig
-from pdcluster.engine.llm_engine import LLMEngine
-from pdcluster.engine.outputs import TokenLogprob
-from pdcluster.engine.sampling import SamplingParams
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import TokenLogprob
+from .sampling import SamplingParams
 
 
 @dataclass

@@ -12,24 +12,25 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pdcluster.engine.block_manager import BlockManager
-from pdcluster.engine.config import EngineConfig
-from pdcluster.engine.detokenizer import IncrementalDetokenizer
-from pdcluster.engine.cpu_kernels import paged_decode_kernel
-from pdcluster.engine.cpu_linear import use_block_kernels
-from pdcluster.engine.device import keep_freed_memory, select_device, select_dtype
-from pdcluster.engine.kv_exchange import KVCounters, KVExchange
-from pdcluster.engine.kv_transfer import KVConnector, KVHandoff, KVLayout
-from pdcluster.engine.model_runner import ModelRunner
-from pdcluster.engine.models import model_class
-from pdcluster.engine.outputs import RequestOutput
-from pdcluster.engine.parallel import init_tensor_parallel
-from pdcluster.engine.prefix_hash import model_salt
-from pdcluster.engine.sampling import SamplingParams
-from pdcluster.engine.scheduler import Scheduler
-from pdcluster.engine.sequence import Sequence
-from pdcluster.engine.tokenizer import Tokenizer
-from pdcluster.engine.weights import load_checkpoint, resolve_model_path
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .cpu_kernels import paged_decode_kernel
+from .layers.cpu_linear import use_block_kernels
+from .device import keep_freed_memory, select_device, select_dtype
+from .kv_io import KVCounters, KVExchange
+from .kv_connector import KVConnector
+from .kv_handoff import KVHandoff, KVLayout
+from .model_runner import ModelRunner
+from .models import model_class
+from .outputs import RequestOutput
+from .distributed import init_tensor_parallel
+from .prefix_hash import model_salt
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+from .weights import load_checkpoint, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from pdcluster.engine.attention import AttentionMetadata, PrefillSegment
-from pdcluster.engine.outputs import TokenLogprob
-from pdcluster.engine.parallel import broadcast_from_first
-from pdcluster.engine.sampler import sample
-from pdcluster.engine.scheduler import ScheduledSeq
+from .layers.attention import AttentionMetadata, PrefillSegment
+from .outputs import TokenLogprob
+from .distributed import broadcast_from_first
+from .sampler import sample
+from .scheduler import ScheduledSeq
 
 
 class ModelRunner:

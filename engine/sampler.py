@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from pdcluster.engine.outputs import TokenLogprob
-from pdcluster.engine.sequence import Sequence
+from .outputs import TokenLogprob
+from .sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

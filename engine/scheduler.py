@@ -10,8 +10,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdcluster.engine.block_manager import BlockManager
-from pdcluster.engine.sequence import Sequence, SequenceStatus
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from pdcluster.engine.sampling import SamplingParams
+from .sampling import SamplingParams
 
 _arrival = itertools.count()
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pdcluster.cluster.mooncake_master import free_port
+from pdcluster.cluster.supervised_process import free_port
 from pdcluster.cluster.spec import ClusterSpec
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -29,7 +29,7 @@ def small_spec(**sections: dict[str, Any]) -> ClusterSpec:
 def serve_cluster(spec: ClusterSpec) -> str:
     """Deploy pdcluster for `spec` on the Ray instance this process is connected to; returns the
     HTTP base URL once /health is ok."""
-    from pdcluster.cluster.local_cluster import deploy, http_url
+    from pdcluster.cluster.launch.deployment import deploy, http_url
 
     deploy(spec, timeout_s=300)
     return http_url(spec)
@@ -53,7 +53,7 @@ def stop_cluster() -> None:
     import ray
     from ray import serve
 
-    from pdcluster.cluster.local_cluster import teardown
+    from pdcluster.cluster.launch.deployment import teardown
 
     try:
         teardown()

@@ -18,8 +18,8 @@ import torch
 def main() -> None:
     rpc_port, metadata_port = int(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)
-    from pdcluster.cluster.kv_connector import make_connector, open_backend
-    from pdcluster.cluster.kv_manifest import handoff_to_manifest, to_bytes
+    from pdcluster.cluster.kvstore.connector import make_connector, open_backend
+    from pdcluster.cluster.kvstore.manifest import handoff_to_manifest, to_bytes
     from pdcluster.cluster.spec import StoreSpec
     from pdcluster.engine import LLM, SamplingParams
 

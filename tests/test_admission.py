@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdcluster.cluster.admission import (QUEUE_FULL, TENANT_LIMIT, TOO_LONG, TTFT_SLO, AdmissionConfig,
+from pdcluster.cluster.policy.admission import (QUEUE_FULL, TENANT_LIMIT, TOO_LONG, TTFT_SLO, AdmissionConfig,
                                          AdmissionController, Verdict)
 
 

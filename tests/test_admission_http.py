@@ -110,7 +110,7 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
 def test_short_soak_at_twice_capacity_is_clean(cluster):
     """The soak script itself, briefly: 2x (N+Q) closed-loop clients; the excess is turned away
     early, nothing else fails, and afterwards nothing is in flight and every KV block is free."""
-    from pdcluster.cluster.soak import soak
+    from pdcluster.cluster.tools.soak import soak
 
     clients = 2 * (N + Q)
     s = asyncio.run(soak(cluster[1] + "/v1", h.MODEL, clients, duration_s=15, max_requests=400,

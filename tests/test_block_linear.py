@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine import block_quant, cpu_kernels, cpu_linear
-from pdcluster.engine.block_quant import BlockWeights, pack_exact
+from pdcluster.engine.layers import block_quant, cpu_linear
+from pdcluster.engine import cpu_kernels
+from pdcluster.engine.layers.block_quant import BlockWeights, pack_exact
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402

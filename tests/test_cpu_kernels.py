@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from pdcluster.engine import attention, cpu_kernels
-from pdcluster.engine.attention import AttentionMetadata, paged_attention
+from pdcluster.engine.layers import attention
+from pdcluster.engine import cpu_kernels
+from pdcluster.engine.layers.attention import AttentionMetadata, paged_attention
 
 needs_compiler = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                                     reason="no C compiler on this machine")

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pdcluster.cluster import render
-from pdcluster.cluster.metric_names import METRIC_NAMES, METRICS_BY_NAME
+from pdcluster.cluster.launch import render
+from pdcluster.cluster.serve.metric_names import METRIC_NAMES, METRICS_BY_NAME
 from pdcluster.cluster.spec import ClusterSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +67,9 @@ def test_serve_config_is_valid_for_ray_serve_and_carries_the_spec(spec: ClusterS
     assert config["http_options"] == {"host": spec.serve.http_host, "port": spec.serve.http_port}
     assert config["grpc_options"]["port"] == spec.serve.grpc_port
     assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "pdcluster.cluster.grpc_service.add_inference_servicer"]
+        "pdcluster.cluster.serve.grpc_service.add_inference_servicer"]
     (app,) = config["applications"]
-    assert app["import_path"] == "pdcluster.cluster.serve_app:build_app"
+    assert app["import_path"] == "pdcluster.cluster.serve.app:build_app"
     assert ClusterSpec.from_dict(app["args"]["spec"]) == spec
 
 
@@ -86,7 +86,7 @@ def test_committed_serve_config_is_current() -> None:
 
 
 def test_render_cli_writes_what_the_function_renders(tmp_path: Path) -> None:
-    from pdcluster.cluster.cli import main
+    from pdcluster.cluster.cli.main import main
 
     out = tmp_path / "serve.yaml"
     assert main(["render", "serve-config", "--spec", str(REPO / "deploy/spec-local.yaml"), "-o", str(out)]) == 0

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from pdcluster.cluster.doctor import Check, Probes, exit_code, run_checks
-from pdcluster.cluster.doctor import _port_state, _tcp_connect  # the real probes
+from pdcluster.cluster.tools.doctor import Check, Probes, exit_code, run_checks
+from pdcluster.cluster.tools.doctor import _port_state, _tcp_connect  # the real probes
 from pdcluster.cluster.spec import ClusterSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_real_port_and_connect_probes() -> None:
 
 
 def _doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pdcluster.cluster.cli", "doctor", *args],
+    return subprocess.run([sys.executable, "-m", "pdcluster.cluster.cli.main", "doctor", *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 

@@ -27,7 +27,7 @@ SHORT, LONG = 16, 1000  # output tokens: done well inside the drain timeout / ne
 def _cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     """Run a CLI verb; its output goes to `log` (a pipe nobody reads would block it)."""
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "pdcluster.cluster.cli", *args], env=env,
+        return subprocess.Popen([sys.executable, "-m", "pdcluster.cluster.cli.main", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
 

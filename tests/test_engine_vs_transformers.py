@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdcluster.engine import SamplingParams, cpu_linear
+from pdcluster.engine import SamplingParams
+from pdcluster.engine.layers import cpu_linear
 
 NEW_TOKENS = 24
 

@@ -6,8 +6,8 @@ import zlib
 import pytest
 import torch
 
-from pdcluster.cluster import kv_manifest as km
-from pdcluster.engine import kv_transfer as kt
+from pdcluster.cluster.kvstore import manifest as km
+from pdcluster.engine import kv_handoff as kt
 from pdcluster.proto import kv_pb2
 
 BS = 16  # tokens per block

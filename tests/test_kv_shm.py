@@ -1,4 +1,4 @@
-"""Same-host store reads (cluster/kv_shm.py) without a store: a segment advert is honoured only for the
+"""Same-host store reads (cluster/same_host.py) without a store: a segment advert is honoured only for the
 very memfd it names, on this host, and replica addresses translate only inside the segment."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pdcluster.cluster import kv_shm
+from pdcluster.cluster.kvstore import same_host
 
 
 @pytest.fixture
 def segment():
-    seg = kv_shm.SharedSegment(1 << 20)
+    seg = same_host.SharedSegment(1 << 20)
     view = mmap.mmap(seg.fd, seg.size)  # stands in for Mooncake's mapping of the mounted segment
     yield seg, view
     view.close()
@@ -24,17 +24,17 @@ def test_advert_names_the_mapping_and_a_reader_sees_the_owners_bytes(segment) ->
     seg, view = segment
     advert = seg.advert()
     view[4096:4100] = b"kv!!"
-    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
+    peers = same_host.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
     try:
         m = peers.acquire("127.0.0.1:1234")
         assert m is not None
         peers.release(m)
         src = m.translate(advert.base + 4096, 4)
         out = torch.zeros(4, dtype=torch.uint8)
-        kv_shm.copy_spans([(out.data_ptr(), src, 4)])
+        same_host.copy_spans([(out.data_ptr(), src, 4)])
         assert bytes(out.numpy()) == b"kv!!"
         view[4096:4100] = b"new!"  # a shared mapping, not a snapshot
-        kv_shm.copy_spans([(out.data_ptr(), src, 4)])
+        same_host.copy_spans([(out.data_ptr(), src, 4)])
         assert bytes(out.numpy()) == b"new!"
         # only whole spans inside the segment translate
         assert m.translate(advert.base - 1, 4) is None
@@ -49,7 +49,7 @@ def test_advert_names_the_mapping_and_a_reader_sees_the_owners_bytes(segment) ->
 def test_an_advert_that_does_not_name_this_memfd_here_is_not_mapped(segment, change) -> None:
     seg, _ = segment
     wrong = replace(seg.advert(), **change)
-    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", wrong))
+    peers = same_host.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", wrong))
     try:
         assert peers.acquire("127.0.0.1:1234") is None
     finally:
@@ -57,7 +57,7 @@ def test_an_advert_that_does_not_name_this_memfd_here_is_not_mapped(segment, cha
 
 
 def test_an_endpoint_without_an_advert_is_remote() -> None:
-    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata")  # nothing listens there
+    peers = same_host.PeerSegments("http://127.0.0.1:9/metadata")  # nothing listens there
     assert peers.acquire("10.0.0.7:12345") is None
     peers.forget()
 
@@ -65,23 +65,23 @@ def test_an_endpoint_without_an_advert_is_remote() -> None:
 @pytest.mark.parametrize("kernels", ["1", "0"], ids=["streaming", "memmove"])
 def test_copy_spans_splits_large_copies_and_lands_every_byte(kernels, monkeypatch) -> None:
     monkeypatch.setenv("PDCLUSTER_CPU_KERNELS", kernels)
-    kv_shm.stream_copier.cache_clear()
+    same_host.stream_copier.cache_clear()
     try:
-        if kernels == "1" and kv_shm.stream_copier() is None:
+        if kernels == "1" and same_host.stream_copier() is None:
             pytest.skip("no C compiler to build the streaming-copy kernel")
         blocks, size = 24, 737_280  # ~17.7 MB: above the thresholds for the pool and streaming stores
         src = torch.randint(0, 256, (blocks, size), dtype=torch.uint8)
         dst = torch.zeros_like(src)
         order = torch.randperm(blocks).tolist()
         spans = [(dst[i].data_ptr(), src[j].data_ptr(), size) for i, j in enumerate(order)]
-        kv_shm.copy_spans(spans)
+        same_host.copy_spans(spans)
         assert torch.equal(dst, src[order])
     finally:
-        kv_shm.stream_copier.cache_clear()
+        same_host.stream_copier.cache_clear()
 
 
 def test_streaming_copy_handles_unaligned_ends_and_leaves_neighbours_alone() -> None:
-    copy = kv_shm.stream_copier()
+    copy = same_host.stream_copier()
     if copy is None:
         pytest.skip("no C compiler to build the streaming-copy kernel")
     src = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)
@@ -103,13 +103,13 @@ def test_a_dropped_segment_stays_mapped_while_a_copy_uses_it(segment) -> None:
     seg, view = segment
     advert = seg.advert()
     view[0:4] = b"live"
-    peers = kv_shm.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
+    peers = same_host.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
     held = peers.acquire("127.0.0.1:1234")
     assert held is not None and _mappings_of(advert.ino) == 2  # the owner's and the reader's
     seg.close()  # the owner lets go of the memfd: /proc/<pid>/fd/<fd> no longer names it
     assert peers.acquire("127.0.0.1:1234") is None  # dropped for new copies...
     out = torch.zeros(4, dtype=torch.uint8)
-    kv_shm.copy_spans([(out.data_ptr(), held.translate(advert.base, 4), 4)])
+    same_host.copy_spans([(out.data_ptr(), held.translate(advert.base, 4), 4)])
     assert bytes(out.numpy()) == b"live"  # ...but the copy in flight still reads it
     peers.release(held)
     assert _mappings_of(advert.ino) == 1  # unmapped by its last user

@@ -57,7 +57,7 @@ def test_cache_holds_only_latent_and_rope(checkpoint):
 def test_grouped_topk_matches_transformers_router():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    from pdcluster.engine.moe import grouped_topk
+    from pdcluster.engine.layers.moe import grouped_topk
     cfg = mf.deepseek_config(n_routed_experts=32, n_group=8, topk_group=3, num_experts_per_tok=6)
     router = DeepseekV3TopkRouter(cfg)
     torch.manual_seed(0)

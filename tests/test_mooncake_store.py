@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcluster.cluster import kv_shm
-from pdcluster.cluster.kv_store import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
+from pdcluster.cluster.kvstore import same_host
+from pdcluster.cluster.kvstore.mooncake_client import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
                                         StoreUnavailable, block_nbytes)
-from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
-from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
+from pdcluster.cluster.kvstore.master import MasterConfig, MooncakeMaster
+from pdcluster.cluster.kvstore.node_client import MooncakeNodeClient, NodeClientConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -125,7 +125,7 @@ def _gone(pid: int) -> bool:
 def test_master_dies_with_a_crashed_supervisor() -> None:
     # Started from a thread that exits at once (like asyncio.to_thread), then the process is SIGKILLed.
     code = ("import os, threading\n"
-            "from pdcluster.cluster.mooncake_master import MooncakeMaster\n"
+            "from pdcluster.cluster.kvstore.master import MooncakeMaster\n"
             "box = []\n"
             "t = threading.Thread(target=lambda: box.append(MooncakeMaster().start()))\n"
             "t.start(); t.join()\n"
@@ -254,22 +254,22 @@ def test_a_lost_advert_is_put_back_and_readers_ask_again(master: MooncakeMaster,
                                                          register, monkeypatch) -> None:
     """The master's metadata server forgets adverts when it restarts: the owner puts its advert back,
     and a reader that found none reads through the transport meanwhile, then directly again."""
-    monkeypatch.setattr(kv_shm, "ADVERT_CHECK_S", 0.2)
-    monkeypatch.setattr(kv_shm, "REMOTE_RECHECK_S", 0.5)
+    monkeypatch.setattr(same_host, "ADVERT_CHECK_S", 0.2)
+    monkeypatch.setattr(same_host, "REMOTE_RECHECK_S", 0.5)
     cache = _random_cache(seed=13)
     keys = _keys("advert", 2)
     with MooncakeBackend(_config(master)) as owner:
         owner.register_cache(cache)
         owner.put_cache_blocks(cache, [3, 4], keys)
-        advert = kv_shm.lookup(master.metadata_url, owner.segment_name)
+        advert = same_host.lookup(master.metadata_url, owner.segment_name)
         assert advert is not None and advert.pid == os.getpid()
-        kv_shm.withdraw(master.metadata_url, owner.segment_name)  # as a restarted master would have
+        same_host.withdraw(master.metadata_url, owner.segment_name)  # as a restarted master would have
         out = register(torch.zeros(SHAPE))
         direct, transport = backend.blocks_read_same_host, backend.blocks_read_transport
         backend.get_cache_blocks(out, [0, 1], keys)
         assert (backend.blocks_read_same_host - direct, backend.blocks_read_transport - transport) == (0, 2)
         deadline = time.monotonic() + 5
-        while kv_shm.lookup(master.metadata_url, owner.segment_name) != advert:
+        while same_host.lookup(master.metadata_url, owner.segment_name) != advert:
             assert time.monotonic() < deadline, "the owner did not put its advert back"
             time.sleep(0.05)
         time.sleep(0.6)  # past the reader's recheck interval

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 import cluster_harness as h
-from pdcluster.actors.node_client import node_client_name
+from pdcluster.actors.node_client_supervisor import node_client_name
 from pdcluster.actors.router import NAMESPACE
-from pdcluster.cluster.mooncake_master import free_port
-from pdcluster.cluster.mooncake_node_client import free_transfer_port
+from pdcluster.cluster.supervised_process import free_port
+from pdcluster.cluster.kvstore.node_client import free_transfer_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from pdcluster.cluster import openai_protocol as oai
+from pdcluster.cluster.serve import openai_protocol as oai
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -165,7 +165,7 @@ def test_body_headers_are_checked_before_the_body_is_read(content_type, encoding
 
 
 def test_openapi_document_describes_the_validated_models():
-    from pdcluster.cluster.openapi import openapi_document
+    from pdcluster.cluster.serve.openapi import openapi_document
 
     doc = openapi_document("m", 100, auth=True)
     schemas = doc["components"]["schemas"]

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcluster.cluster.kv_connector import commit_key, make_connector, open_backend
-from pdcluster.cluster.kv_manifest import from_bytes, manifest_to_handoff
-from pdcluster.cluster.mooncake_master import MasterConfig, MooncakeMaster
-from pdcluster.cluster.mooncake_node_client import MooncakeNodeClient, NodeClientConfig
+from pdcluster.cluster.kvstore.connector import commit_key, make_connector, open_backend
+from pdcluster.cluster.kvstore.manifest import from_bytes, manifest_to_handoff
+from pdcluster.cluster.kvstore.master import MasterConfig, MooncakeMaster
+from pdcluster.cluster.kvstore.node_client import MooncakeNodeClient, NodeClientConfig
 from pdcluster.cluster.spec import StoreSpec
 from pdcluster.engine import LLM, SamplingParams
 

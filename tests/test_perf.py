@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from pdcluster.cluster.perf import (LevelStats, RequestTrace, format_comparison, format_table,
+from pdcluster.cluster.tools.perf_metrics import (LevelStats, RequestTrace, format_comparison, format_table,
                                     largest_concurrency_meeting_tps, levels_to_json, percentile, summarize)
 
 # A: starts at 0, 5 tokens 0.1 s apart from 0.5 s.  B: starts at 1.0, 3 tokens 0.05 s apart from 1.2 s.

@@ -8,7 +8,7 @@ import torch
 
 import model_factory as mf
 from pdcluster.engine import LLM
-from pdcluster.engine.quant import (AWQLinearMethod, LinearMethod, PackQuantizedLinearMethod,
+from pdcluster.engine.layers.quant import (AWQLinearMethod, LinearMethod, PackQuantizedLinearMethod,
                                     QuantConfig, dequantize_awq, unpack_int32)
 
 # The reference holds exactly the values the packed tensors encode (dequantized in float32 by the

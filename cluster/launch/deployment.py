@@ -1,0 +1,331 @@
+"""Bring a pdcluster up, down, and report on it: on this machine (a Ray instance owned by the `up`
+process) or on an existing Ray cluster (`ray up`, KubeRay) given by its address.
+
+Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
+app and keeps running until SIGINT/SIGTERM, then tears everything down (Serve, workers, the
+mooncake_master it started, Ray). It records itself in a state file so `down` (which signals it) and
+`status` (which connects to its Ray) work from another shell.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .render import APP_NAME, serve_config
+from ..spec import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = Path(tempfile.gettempdir()) / "pdcluster" / "up.json"
+READY_TIMEOUT_S = 900.0  # model loading on a big cluster takes minutes
+
+
+@dataclass(frozen=True)
+class UpState:
+    pid: int  # the `pdcluster up` process that owns the local Ray instance (0: an existing cluster)
+    ray_address: str
+    http_url: str
+    grpc_address: str
+    model: str
+    ray_auth_mode: str = "disabled"  # a new local Ray enables token auth (token in ~/.ray/auth_token)
+    drain_timeout_s: float = 30.0  # how long `down` lets it finish the requests in flight
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    role: str
+    node_ip: str
+    healthy: bool
+    running_seqs: int
+    free_blocks: int
+    total_blocks: int
+    placed_total: int
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    ray_address: str
+    serve_status: str
+    in_flight: int
+    queued: int
+    admitted_total: int
+    rejected_total: dict[str, int]
+    workers: list[WorkerStatus]
+    master: dict[str, Any] | None
+
+
+def local_spec(spec: ClusterSpec) -> ClusterSpec:
+    """Both workers share this machine's cores: give each half of them unless the spec says."""
+    if spec.engine.threads is not None or spec.engine.device not in ("cpu", "auto"):
+        return spec
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
+
+
+def read_state() -> UpState | None:
+    try:
+        return UpState(**json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """The process exists and has not exited (an exited child its parent has not reaped yet is a
+    zombie: signal 0 still reaches it, /proc says Z)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust the signal
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Deploy the Serve app for `spec` on the Ray cluster this process is connected to; returns once
+    /health answers ok (the router, the master and every worker are up)."""
+    import importlib
+
+    from ray import serve
+
+    # Apply exactly the Serve config that `pdcluster render serve-config` writes for `serve deploy`
+    # and KubeRay's serveConfigV2: one source of truth, exercised by every cluster test.
+    config = serve_config(spec)
+    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"],
+                grpc_options=config["grpc_options"])
+    for app in config["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+    wait_healthy(http_url(spec), timeout_s)
+
+
+def http_url(spec: ClusterSpec) -> str:
+    host = "127.0.0.1" if spec.serve.http_host in ("0.0.0.0", "::") else spec.serve.http_host
+    return f"http://{host}:{spec.serve.http_port}"
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/health not ok after {timeout_s:.0f}s ({last})")
+
+
+def drain(router, timeout_s: float, force: threading.Event | None = None) -> int:
+    """Stop admitting and give the admitted requests up to `timeout_s` (or until `force` is set) to
+    finish; those still running then are stopped on their workers, and their clients get an error
+    saying so. Returns how many had to be stopped."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    in_flight = ray.get(router.drain.remote(), timeout=30)
+    if in_flight:
+        log.warning("draining: waiting up to %.0fs for %d request(s) in flight", timeout_s, in_flight)
+    while in_flight and time.monotonic() < deadline and not (force and force.is_set()):
+        time.sleep(0.2)
+        in_flight = ray.get(router.snapshot.remote(), timeout=30).in_flight
+    if not in_flight:
+        return 0
+    stopped = ray.get(router.abort_in_flight.remote(), timeout=30)
+    log.warning("drain: stopped %d request(s) still running", stopped)
+    deadline = time.monotonic() + 10.0  # the ingress reports the stop and releases their slots
+    while ray.get(router.snapshot.remote(), timeout=30).in_flight and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return stopped
+
+
+def teardown(drain_timeout_s: float | None = None, force: threading.Event | None = None) -> None:
+    """Drain (the spec's `router.drain_timeout_s` unless given), then remove the app and every
+    pdcluster actor (stopping the master they started) from the Ray cluster this process is
+    connected to."""
+    import ray
+    from ray import serve
+
+    from ...actors.router import NAMESPACE, ROUTER_NAME
+
+    try:
+        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        router = None
+    if router is not None:
+        try:
+            if drain_timeout_s is None:
+                spec = ClusterSpec.from_dict(ray.get(router.spec_dict.remote(), timeout=30))
+                drain_timeout_s = spec.router.drain_timeout_s
+            drain(router, drain_timeout_s, force)
+        except ray.exceptions.RayError as exc:
+            log.warning("drain failed (tearing down anyway): %s", exc)
+    try:
+        serve.delete(APP_NAME)
+    except Exception as exc:  # Serve not running there: nothing to delete
+        log.info("no Serve app to delete: %s", exc)
+    if router is None:
+        return
+    try:
+        ray.get(router.shutdown.remote(), timeout=60)
+    except ray.exceptions.RayError as exc:
+        log.warning("router shutdown failed: %s", exc)
+    ray.kill(router)
+
+
+def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
+    """Run the cluster on this machine until `stop` is set; `on_ready(state)` is called once it serves."""
+    import ray
+
+    from ...actors.router import NAMESPACE
+
+    state = read_state()
+    if state is not None and state.pid and _pid_alive(state.pid):
+        raise RuntimeError(f"a local pdcluster is already running (pid {state.pid}, {state.http_url}); "
+                           "stop it with `pdcluster down`")
+    spec = local_spec(spec)
+    resources = {spec.prefill.role_resource: 1, spec.decode.role_resource: 1,
+                 **spec.prefill.resources, **spec.decode.resources}
+    # address="local": always a new Ray instance of our own, never a `ray start` cluster that happens
+    # to run on this machine (that is what --address is for).
+    ctx = ray.init(address="local", namespace=NAMESPACE, resources=resources,
+                   num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                   logging_level=logging.WARNING)
+    force = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, which installs its own handlers: SIGTERM (`pdcluster down`) and Ctrl-C
+        # both mean "drain, then tear down cleanly" (the mooncake_master child is never orphaned);
+        # a second one cuts the drain short.
+        def on_signal(*_: Any) -> None:
+            (force if stop.is_set() else stop).set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+    try:
+        deploy(spec)
+        state = UpState(pid=os.getpid(), ray_address=ctx.address_info["gcs_address"],
+                        http_url=http_url(spec), grpc_address=f"127.0.0.1:{spec.serve.grpc_port}",
+                        model=spec.model.served_name,
+                        ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"),
+                        drain_timeout_s=spec.router.drain_timeout_s)
+        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATE_FILE.write_text(json.dumps(asdict(state)))
+        if on_ready is not None:
+            on_ready(state)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        try:
+            teardown(spec.router.drain_timeout_s, force)
+        finally:
+            from ray import serve
+            serve.shutdown()
+            ray.shutdown()
+            current = read_state()
+            if current is not None and current.pid == os.getpid():
+                STATE_FILE.unlink(missing_ok=True)
+
+
+def up_remote(spec: ClusterSpec, address: str) -> UpState:
+    """Deploy onto an existing Ray cluster (its nodes carry the role resources) and return."""
+    import ray
+
+    from ...actors.router import NAMESPACE
+
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        deploy(spec)
+        return UpState(pid=0, ray_address=address, http_url=http_url(spec),
+                       grpc_address=f"{spec.serve.http_host}:{spec.serve.grpc_port}",
+                       model=spec.model.served_name)
+    finally:
+        ray.shutdown()
+
+
+def down(address: str | None = None, timeout_s: float = 120.0) -> str:
+    """Stop the local cluster (signal its `up` process: it drains, then tears down), or drain and
+    tear pdcluster off the cluster at `address`. Waits `timeout_s` beyond the drain timeout.
+    Returns what was done."""
+    import ray
+
+    from ...actors.router import NAMESPACE
+
+    if address is None:
+        state = read_state()
+        if state is None or not state.pid or not _pid_alive(state.pid):
+            STATE_FILE.unlink(missing_ok=True)
+            return "no local pdcluster is running"
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + state.drain_timeout_s + timeout_s
+        while _pid_alive(state.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pdcluster up (pid {state.pid}) still running after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        return f"stopped the local pdcluster (pid {state.pid})"
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        teardown()
+    finally:
+        ray.shutdown()
+    return f"removed pdcluster from the Ray cluster at {address}"
+
+
+def status(address: str | None = None) -> ClusterStatus:
+    """Connect to the cluster (the local one by default) and report its router's view."""
+    if address is None:
+        state = read_state()
+        if state is None or (state.pid and not _pid_alive(state.pid)):
+            raise RuntimeError("no local pdcluster is running (start one with `pdcluster up`)")
+        address = state.ray_address
+        # Ray turns token auth on by itself only for clusters it discovers, and reads the mode when
+        # it is imported: ours is named by address, so say it here, before the import below.
+        os.environ.setdefault("RAY_AUTH_MODE", state.ray_auth_mode)
+    import ray
+    from ray import serve
+
+    from ...actors.router import NAMESPACE, ROUTER_NAME
+
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        try:
+            app = serve.status().applications.get(APP_NAME)
+            serve_status = getattr(app.status, "value", app.status) if app else "NOT DEPLOYED"
+        except Exception as exc:
+            serve_status = f"unknown ({exc})"
+        try:
+            router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise RuntimeError(f"no pdcluster router on the Ray cluster at {address}") from None
+        snap = ray.get(router.snapshot.remote(), timeout=30)
+        master = ray.get(router.master_status.remote(), timeout=30)
+        workers = [WorkerStatus(
+            worker_id=w.info.worker_id, role=w.info.role, node_ip=w.info.node_ip, healthy=w.healthy,
+            running_seqs=w.report.running_seqs if w.report else 0,
+            free_blocks=w.report.free_blocks if w.report else 0,
+            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total) for w in snap.workers]
+        return ClusterStatus(ray_address=address, serve_status=str(serve_status),
+                             in_flight=snap.in_flight, queued=snap.queued,
+                             admitted_total=snap.admitted_total, rejected_total=snap.rejected_total,
+                             workers=workers, master=asdict(master) if master else None)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,75 @@
+"""Pure placement policies: which prefill worker and which decode worker serve a request.
+
+No I/O and nothing heavy (stdlib plus the stdlib-only prefix hash), so the router actor, the engine and
+the simulator all share these exact rules.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass
+
+from .prefix_affinity import matched_prefix_blocks
+
+
+PREFILL_ROLES = frozenset({"prefill", "both"})
+DECODE_ROLES = frozenset({"decode", "both"})
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load as the router last saw it."""
+
+    worker_id: str
+    role: str  # "prefill", "decode" or "both" (colocated)
+    healthy: bool = True
+    outstanding_prefill_tokens: int = 0  # prompt tokens queued or being prefilled there
+    running_seqs: int = 0  # sequences decoding there (including ones handed off but not yet joined)
+    free_blocks: int = 0  # free KV blocks
+    total_blocks: int = 0
+    cached_prefixes: Set[str] = frozenset()  # block hashes it served recently (PrefixIndex.view)
+    max_running_seqs: int | None = None  # the engine's batch cap, if any
+
+
+def pick_prefill(workers: Iterable[WorkerLoad], prefix_hashes: Sequence[str] = (),
+                 block_size: int = 16) -> str | None:
+    """The prefill worker expected to finish this request's prefill first, or None if none is healthy.
+
+    Rule: cost = outstanding prefill tokens - tokens of the request's prefix already cached there
+    (matched blocks x block_size); lowest cost wins, ties go to the least outstanding tokens, then the
+    worker id. So a worker holding the longest matching prefix is preferred unless it is more loaded
+    than the least-loaded worker by more than the prefill work the cache hit saves: affinity never
+    costs more than it saves, and a hot prefix spills over to other workers once its owner is busy.
+    """
+    best: tuple[int, int, str] | None = None
+    for w in workers:
+        if not w.healthy or w.role not in PREFILL_ROLES:
+            continue
+        saved = matched_prefix_blocks(prefix_hashes, w.cached_prefixes) * block_size
+        key = (w.outstanding_prefill_tokens - saved, w.outstanding_prefill_tokens, w.worker_id)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]
+
+
+def pick_decode(workers: Iterable[WorkerLoad], needed_blocks: int,
+                reserve_fraction: float = 0.0) -> str | None:
+    """The decode worker with the fewest running sequences (then the most free KV blocks, then the id),
+    among healthy decode-capable workers with room; None if nothing fits.
+
+    Fewest running sequences first because a decode step's time grows with the batch, so this evens
+    out TPOT across workers. A worker has room when it is under its batch cap and keeps at least
+    `reserve_fraction` of its blocks free after taking `needed_blocks` (headroom for the sequences it
+    already runs to grow).
+    """
+    best: tuple[int, int, str] | None = None
+    for w in workers:
+        if not w.healthy or w.role not in DECODE_ROLES:
+            continue
+        if w.max_running_seqs is not None and w.running_seqs >= w.max_running_seqs:
+            continue
+        if w.free_blocks - needed_blocks < reserve_fraction * w.total_blocks:
+            continue
+        key = (w.running_seqs, -w.free_blocks, w.worker_id)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]

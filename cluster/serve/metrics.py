@@ -1,0 +1,100 @@
+"""Prometheus metrics of the serving layer, in one registry the ingress serves at /metrics.
+
+Per-request figures are recorded by the ingress as requests run; cluster-wide state (queue, in-flight,
+per-worker load, KV counters) is pulled from the router's snapshot on each scrape.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import metric_names as mn
+
+if TYPE_CHECKING:
+    from ...actors.router import RouterSnapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2)
+_E2E_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640)
+_HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def _help(name: str) -> str:
+    return mn.METRICS_BY_NAME[name].help
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(mn.TTFT_SECONDS, _help(mn.TTFT_SECONDS), buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(mn.TPOT_SECONDS, _help(mn.TPOT_SECONDS), buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(mn.E2E_LATENCY_SECONDS, _help(mn.E2E_LATENCY_SECONDS),
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.admissions = Counter(mn.ADMISSIONS_TOTAL, _help(mn.ADMISSIONS_TOTAL), registry=r)
+        self.rejections = Counter(mn.REJECTIONS_TOTAL, _help(mn.REJECTIONS_TOTAL), ["reason"],
+                                  registry=r)
+        self.requests = Counter(mn.REQUESTS_TOTAL, _help(mn.REQUESTS_TOTAL), ["status"], registry=r)
+        self.prompt_tokens = Counter(mn.PROMPT_TOKENS_TOTAL, _help(mn.PROMPT_TOKENS_TOTAL), registry=r)
+        self.generation_tokens = Counter(mn.GENERATION_TOKENS_TOTAL,
+                                         _help(mn.GENERATION_TOKENS_TOTAL), registry=r)
+        self.prefix_hit_tokens = Counter(mn.PREFIX_CACHE_HIT_TOKENS_TOTAL,
+                                         _help(mn.PREFIX_CACHE_HIT_TOKENS_TOTAL), registry=r)
+        # The gap between a request's first token (prefill) and its second (decode): the KV pull
+        # (or recompute) plus one decode step, as the client sees it.
+        self.handoff_seconds = Histogram(mn.KV_HANDOFF_SECONDS, _help(mn.KV_HANDOFF_SECONDS),
+                                         buckets=_HANDOFF_BUCKETS, registry=r)
+        self.cluster = _ClusterCollector()
+        r.register(self.cluster)
+
+    def set_cluster(self, snapshot: RouterSnapshot | None) -> None:
+        """The router's latest snapshot, exported on the next scrape."""
+        self.cluster.snapshot = snapshot
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ClusterCollector(Collector):
+    """Gauges and worker-side counters taken from a RouterSnapshot at scrape time."""
+
+    def __init__(self) -> None:
+        self.snapshot: RouterSnapshot | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.snapshot
+        queue = GaugeMetricFamily(mn.QUEUE_DEPTH, _help(mn.QUEUE_DEPTH))
+        inflight = GaugeMetricFamily(mn.INFLIGHT_REQUESTS, _help(mn.INFLIGHT_REQUESTS))
+        running = GaugeMetricFamily(mn.WORKER_RUNNING_SEQS, _help(mn.WORKER_RUNNING_SEQS),
+                                    labels=["worker", "role"])
+        free = GaugeMetricFamily(mn.WORKER_FREE_BLOCKS, _help(mn.WORKER_FREE_BLOCKS),
+                                 labels=["worker", "role"])
+        handoff_bytes = CounterMetricFamily(mn.KV_HANDOFF_BYTES_TOTAL, _help(mn.KV_HANDOFF_BYTES_TOTAL))
+        # Counted in blocks by the decode engines (per reason), not per prompt: the engine does not
+        # report which request a failed block belonged to.
+        recompute = CounterMetricFamily(mn.KV_RECOMPUTE_TOTAL, _help(mn.KV_RECOMPUTE_TOTAL),
+                                        labels=["reason"])
+        if s is not None:
+            queue.add_metric([], s.queued)
+            inflight.add_metric([], s.in_flight)
+            loaded = missing = corrupt = 0
+            for w in s.workers:
+                if w.report is None:
+                    continue
+                labels = [w.info.worker_id, w.info.role]
+                running.add_metric(labels, w.report.running_seqs)
+                free.add_metric(labels, w.report.free_blocks)
+                if w.info.role == "decode":
+                    loaded += w.report.stats.get("kv_bytes_loaded", 0)
+                    missing += w.report.stats.get("kv_missing_blocks", 0)
+                    corrupt += w.report.stats.get("kv_corrupt_blocks", 0)
+            handoff_bytes.add_metric([], loaded)
+            recompute.add_metric(["missing"], missing)
+            recompute.add_metric(["corrupt"], corrupt)
+        yield from (queue, inflight, running, free, handoff_bytes, recompute)

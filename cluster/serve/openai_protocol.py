@@ -1,0 +1,333 @@
+"""OpenAI wire format: request models with validation, response/chunk builders, and error bodies.
+
+Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
+"code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
+Validation is strict (JSON types as OpenAI documents them, no "1" for 1) and bounds every value the
+engine would otherwise choke on, so no request body can fail a worker's batch.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from ...engine.sampling import SamplingParams
+
+# OpenAI "type" per HTTP status
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+INT64_MIN, UINT64_MAX, INT32_MAX = -(1 << 63), (1 << 64) - 1, (1 << 31) - 1
+MAX_STOP = 16  # SamplingParams' limit, declared here so the OpenAPI document shows it
+_Stop = Annotated[str, Field(min_length=1)]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON has one number type: 2.0 is the integer 2 (as JSON Schema says), but 2.5, "2" and true are not.
+Int = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX), BeforeValidator(_integral)]  # torch's range
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:
+        # Ray pickles exceptions that cross processes (Serve's gRPC path does): keep every field.
+        return (OpenAIError, (self.status, self.message, self.param, self.code, self.retry_after_s))
+
+    def body(self) -> dict[str, Any]:
+        kind = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind,
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extras).
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: TopK | None = None  # vLLM extension
+    seed: Seed | None = None
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: PositiveInt = 1
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    user: str | None = None
+
+    def _unsupported(self) -> list[tuple[str, bool]]:
+        return [("n", self.n != 1), ("presence_penalty", bool(self.presence_penalty)),
+                ("frequency_penalty", bool(self.frequency_penalty))]
+
+    def check_supported(self) -> None:
+        for name, bad in self._unsupported():
+            if bad:
+                raise OpenAIError(400, f"'{name}' is not supported by this server", param=name,
+                                  code="unsupported_parameter")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's params; `max_tokens` is the request's, already capped to the context."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
+        except ValueError as exc:
+            msg = str(exc)
+            first = msg.split(" ", 1)[0]
+            raise OpenAIError(400, msg, param=first if first in type(self).model_fields else None,
+                              code="invalid_value") from None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def _unsupported(self) -> list[tuple[str, bool]]:
+        fmt = (self.response_format or {}).get("type", "text")
+        return [*super()._unsupported(), ("logprobs", bool(self.logprobs)),
+                ("tools", bool(self.tools)), ("response_format", fmt != "text")]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
+
+    def _unsupported(self) -> list[tuple[str, bool]]:
+        return [*super()._unsupported(), ("echo", self.echo), ("logprobs", self.logprobs is not None),
+                ("suffix", bool(self.suffix))]
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request (text or token ids); batches are not supported."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str | list):
+            if len(p) != 1:
+                raise OpenAIError(400, "only one prompt per request is supported", param="prompt",
+                                  code="unsupported_parameter")
+            p = p[0]
+        if not p:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        return p
+
+
+def too_large(max_bytes: int, size: int | None = None) -> OpenAIError:
+    got = f"{size} bytes" if size is not None else "larger than that"
+    return OpenAIError(413, f"the request body is {got}; the limit is {max_bytes} bytes",
+                       code="request_too_large")
+
+
+def check_body_headers(content_type: str | None, content_encoding: str | None,
+                       content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body before reading it: not JSON, compressed, or declared over the size limit."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    # Browsers send text/plain and form bodies cross-origin without a preflight: refusing them keeps
+    # a web page from driving a server on localhost. No Content-Type at all is read as JSON.
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise OpenAIError(415, f"Content-Type must be application/json, not {media!r}",
+                          code="unsupported_media_type")
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding != "identity":
+        raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
+                          "uncompressed", code="unsupported_media_type")
+    if content_length and content_length.strip().isdigit() and int(content_length) > max_bytes:
+        raise too_large(max_bytes, int(content_length))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
+    """Parse and validate a JSON body into `model`; any problem is an OpenAIError."""
+    if len(raw) > max_bytes:
+        raise too_large(max_bytes, len(raw))
+    try:
+        # ValueError covers bad UTF-8, bad JSON, NaN/Infinity and integers of over 4300 digits;
+        # RecursionError a body of deeply nested arrays.
+        data = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise OpenAIError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "the body must be a JSON object")
+    if b"\\u" in raw:  # a \ud800 escape decodes to a lone surrogate, which no tokenizer takes
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise OpenAIError(400, "the body holds a string with an unpaired UTF-16 surrogate "
+                              "escape (\\ud800-\\udfff)") from None
+    return validate(model, data)
+
+
+def validate(model: type[_Request], data: dict[str, Any]) -> Any:
+    """Validate a decoded request (HTTP JSON or a gRPC message as a dict); raises OpenAIError."""
+    try:
+        req = model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        # Of a union's failed alternatives, the one the client meant got deepest into the body
+        # ("prompt.1: ... valid integer" for [1, "a"], not "prompt: ... valid string"), or took
+        # the value's type and failed a bound (17 stop strings: "at most 16", not "a string").
+        errors = exc.errors()
+        paths = [_body_path(data, err) for err in errors]
+        best = max(range(len(errors)),
+                   key=lambda i: (len(paths[i]), not errors[i]["type"].endswith("_type")))
+        param = ".".join(str(p) for p in paths[best]) or None
+        msg = errors[best]["msg"]
+        raise OpenAIError(400, f"{param}: {msg}" if param else msg, param=param,
+                          code="invalid_value") from None
+    req.check_supported()
+    return req
+
+
+def _body_path(data: Any, err: Any) -> list[str | int]:
+    """An error's location as a path into the body, without pydantic's union-member tags."""
+    path: list[str | int] = []
+    node, loc = data, err["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (err["type"] == "missing" and i == len(loc) - 1):
+            continue  # a union member's tag ("str", "list[int]"), not a place in the body
+        path.append(part)
+    return path
+
+
+# ---------------------------------------------------------------------------- API keys
+def parse_api_keys(value: str) -> dict[str, str]:
+    """API key -> tenant, from comma-separated `key` or `tenant:key` entries (unnamed keys get
+    "key-<position>"); the tenant is what the router's per-key limits are keyed by. Keys may hold
+    "=" (base64 padding) but not ":" or ","."""
+    keys: dict[str, str] = {}
+    for i, entry in enumerate(e.strip() for e in value.split(",")):
+        if entry:
+            tenant, sep, key = entry.partition(":")
+            keys[key.strip() if sep else tenant] = tenant.strip() if sep else f"key-{i}"
+    return keys
+
+
+def tenant_for(authorization: str | None, keys: dict[str, str]) -> str | None:
+    """The tenant of an `Authorization: Bearer <key>` header; None when no keys are configured."""
+    if not keys:
+        return None
+    key = (authorization or "").removeprefix("Bearer ").strip()
+    if key not in keys:
+        raise OpenAIError(401, "missing or invalid API key", code="invalid_api_key")
+    return keys[key]
+
+
+# ---------------------------------------------------------------------------- responses
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
+                    use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any],
+               finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
+               use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def completion_chunk(request_id: str, model: str, created: int, text: str,
+                     finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(request_id: str, model: str, created: int, obj: str,
+                use: dict[str, Any]) -> dict[str, Any]:
+    """The final chunk of a stream with stream_options.include_usage: no choices, just usage."""
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": use}
+
+
+def model_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list",
+            "data": [{"id": model, "object": "model", "created": created, "owned_by": "pdcluster"}]}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -1,0 +1,159 @@
+"""The OpenAPI 3.1 document of the public HTTP API, built from the request models of openai_protocol
+so that it cannot drift from what the server validates; the ingress serves it at /openapi.json."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import openai_protocol as oai
+
+_REF = "#/components/schemas/{model}"
+_FINISH = {"enum": ["stop", "length", None]}
+_ID = {"type": "string", "minLength": 1}
+_INT = {"type": "integer", "minimum": 0}
+
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
+                         "prompt_tokens_details": {"type": "object",
+                                                   "properties": {"cached_tokens": _INT}}}}
+
+
+def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
+    """A completion, or one chunk of a stream (no usage but on the last, which has no choices)."""
+    return {"type": "object",
+            "required": ["id", "object", "created", "model", "choices", *([] if chunk else ["usage"])],
+            "properties": {"id": _ID, "object": {"const": obj}, "created": _INT,
+                           "model": {"type": "string"}, "usage": {"$ref": _REF.format(model="Usage")},
+                           "choices": {"type": "array", "minItems": 0 if chunk else 1, "items": {
+                               "type": "object", "required": ["index", "finish_reason", *choice],
+                               "properties": {"index": _INT, "logprobs": {"type": "null"},
+                                              "finish_reason": _FINISH, **choice}}}}}
+
+
+def _event_stream(chunk: str) -> dict[str, Any]:
+    """One server-sent event: a JSON chunk, an error after the stream began, or the final [DONE]."""
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": _REF.format(model=chunk)}, {"$ref": _REF.format(model="Error")}]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
+
+_RESPONSES = {
+    "Usage": _USAGE,
+    "ChatCompletion": _completion("chat.completion", {"message": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}),
+    "Completion": _completion("text_completion", {"text": {"type": "string"}}),
+    "ChatCompletionChunk": _completion("chat.completion.chunk", {"delta": {
+        "type": "object", "properties": {"role": {"const": "assistant"},
+                                         "content": {"type": "string"}}}}, chunk=True),
+    "CompletionChunk": _completion("text_completion", {"text": {"type": "string"}}, chunk=True),
+    "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object", "required": ["id", "object", "created", "owned_by"],
+            "properties": {"id": _ID, "object": {"const": "model"}, "created": _INT,
+                           "owned_by": {"type": "string"}}}}}},
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"enum": ["ok", "unavailable", "draining"]}}},
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}},
+}
+
+# What each kind of route can answer besides 200 (413/415: the body; 429/503: admission).
+_GENERATE_ERRORS = {400: "invalid request", 404: "unknown model", 413: "body over the size limit",
+                    415: "body not JSON", 429: "over capacity; retry after Retry-After seconds",
+                    503: "no healthy worker, or shutting down"}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=name)}}}
+
+
+def _generate(request: type, response: str, summary: str, auth: bool) -> dict[str, Any]:
+    errors = {**_GENERATE_ERRORS, **({401: "missing or invalid API key"} if auth else {})}
+    return {"post": {
+        "summary": summary, "operationId": response[0].lower() + response[1:],
+        "requestBody": {"required": True, "content": _json(request.__name__)},
+        "responses": {
+            "200": {"description": "the completion; an SSE stream of chunks when stream is true",
+                    "content": {**_json(response),
+                                "text/event-stream": {"schema": _event_stream(response + "Chunk")}}},
+            **{str(code): {"description": why, "content": _json("Error")}
+               for code, why in sorted(errors.items())}}}}
+
+
+def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """What the ingress checks beyond the models' types, per request schema: the one model it
+    serves (another name is a 404), a prompt that fits the vocabulary, and, for the parameters it
+    does not support, the values that mean "off" (any other is a 400)."""
+    null = {"type": "null"}
+
+    def off(value: Any) -> dict[str, Any]:
+        return {"anyOf": [{"const": value}, null]}
+
+    def one(item: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "array", "minItems": 1, "maxItems": 1, "items": item}
+
+    text = {"type": "string", "minLength": 1}
+    ids = {"type": "array", "minItems": 1,
+           "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1},
+              "presence_penalty": off(0), "frequency_penalty": off(0)}
+    return {
+        "ChatCompletionRequest": {
+            **common, "logprobs": off(False),
+            "tools": {"anyOf": [{"type": "array", "maxItems": 0}, null]},
+            "response_format": {"anyOf": [
+                {"type": "object", "properties": {"type": {"const": "text"}}}, null]}},
+        "CompletionRequest": {
+            **common, "prompt": {"anyOf": [text, ids, one(text), one(ids)]},
+            "echo": {"const": False, "default": False}, "logprobs": null, "suffix": off("")},
+    }
+
+
+def _request_schemas(model_name: str, vocab_size: int) -> dict[str, Any]:
+    """The request models' JSON schemas, their nested models hoisted into components."""
+    schemas: dict[str, Any] = {}
+    served = _served_values(model_name, vocab_size)
+    for model in (oai.ChatCompletionRequest, oai.CompletionRequest):
+        schema = model.model_json_schema(ref_template=_REF)
+        schemas.update(schema.pop("$defs", {}))
+        for name, values in served[model.__name__].items():
+            schema["properties"][name] = {"title": schema["properties"][name]["title"], **values}
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def openapi_document(model_name: str, vocab_size: int, auth: bool) -> dict[str, Any]:
+    """The document for a server of `model_name`; `auth`: whether it requires API keys."""
+    secured = {"security": [{"bearer": []}]} if auth else {}
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": _generate(oai.ChatCompletionRequest, "ChatCompletion",
+                                          "Create a chat completion", auth),
+        "/v1/completions": _generate(oai.CompletionRequest, "Completion",
+                                     "Create a text completion", auth),
+        "/v1/models": {"get": {"summary": "List the served model", "operationId": "listModels",
+                               "responses": {"200": {"description": "the model list",
+                                                     "content": _json("ModelList")},
+                                             **({"401": {"description": "missing or invalid API key",
+                                                         "content": _json("Error")}} if auth else {})}}},
+        "/health": {"get": {"summary": "Readiness", "operationId": "health", "security": [],
+                            "responses": {"200": {"description": "ready", "content": _json("Health")},
+                                          "503": {"description": "not ready",
+                                                  "content": _json("Health")}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                             "security": [], "responses": {"200": {
+                                 "description": "Prometheus text format",
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pdcluster", "version": "1",
+                 "description": "OpenAI-compatible API of a prefill/decode-disaggregated cluster"},
+        "paths": paths,
+        "components": {"schemas": {**_request_schemas(model_name, vocab_size), **_RESPONSES},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        **secured,
+    }

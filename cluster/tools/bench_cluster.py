@@ -1,0 +1,84 @@
+"""PD versus colocated on this machine: the same `pdcluster bench` sweep against the disaggregated
+cluster and against a colocated deployment of the same model, in one run, side by side.
+
+    python -m pdcluster.cluster.tools.bench_cluster [--concurrency 1 2 4 8] [--input-len 128] [--output-len 64]
+
+Both deployments get the same CPUs: PD runs a prefill and a decode engine with one thread each;
+colocated runs one engine (decode workers compute prompts too: `prefill.replicas: 0`) with two.
+They run one after the other on a local Ray (one pdcluster per Ray namespace), then the tables,
+the comparison and a JSON/Markdown/PNG report (`--out`) are written.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
+from ..supervised_process import free_port
+from ..spec import ClusterSpec
+
+
+def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]) -> ClusterSpec:
+    cores = os.cpu_count() or 2
+    return ClusterSpec.from_dict({
+        "engine": {"device": "cpu", "num_kv_blocks": kv_blocks,
+                   "threads": cores if colocated else max(1, cores // 2)},
+        "prefill": {"replicas": 0 if colocated else 1},
+        **ports,
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--requests-per-level", type=int, default=None)
+    ap.add_argument("--kv-blocks", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=Path("bench_out/pd_vs_colocated"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+    from ray import serve
+
+    from ...actors.router import NAMESPACE
+    from ..launch.deployment import deploy, http_url, teardown
+    from ...engine.tokenizer import Tokenizer
+    from ...engine.weights import resolve_model_path
+
+    ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
+             "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+    specs = {"pd": local_spec(False, args.kv_blocks, ports),
+             "colocated": local_spec(True, args.kv_blocks, ports)}
+    count = token_counter(Tokenizer(resolve_model_path(specs["pd"].model.path)).hf)
+    cfg = BenchConfig(model=specs["pd"].model.served_name, input_len=args.input_len,
+                      output_len=args.output_len, concurrency=tuple(args.concurrency),
+                      requests_per_level=args.requests_per_level)
+    ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
+    results, endpoints = {}, []
+    try:
+        for name, spec in specs.items():
+            deploy(spec)
+            try:
+                endpoint = Endpoint(name, http_url(spec) + "/v1")
+                endpoints.append(endpoint)
+                results.update(asyncio.run(run_sweep(cfg, [endpoint], count)))
+            finally:
+                teardown()
+                serve.shutdown()     # the next deployment starts Serve afresh
+    finally:
+        ray.shutdown()
+    print(render_markdown(cfg, results))
+    for path in write_report(args.out, cfg, endpoints, results):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run.
+
+    python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
+
+Matmuls: every projection and the LM head of the loaded model, through the block kernel (GGUF
+Q4_1/Q8_0 blocks) and through BLAS on the dense float32 weight (`F.linear`), per decode batch size.
+Decode attention: one step's attention over all layers for 32 sequences of `--context` tokens, the
+compiled kernel against the torch gather + SDPA path. Times are the best of `--repeats` passes, each
+pass timing both sides back to back.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _paired(ours, ref, repeats: int) -> tuple[float, float]:
+    """Best seconds of each, timed alternately so a slow spell of the machine hits both."""
+    ours(), ref()   # warm up
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, ref)):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
+
+
+def _matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, float]]:
+    from ...engine.layers.cpu_linear import BlockLinearMethod
+    layers = [m for m in model.modules() if isinstance(getattr(m, "method", None), BlockLinearMethod)]
+    if not layers:
+        raise SystemExit("no layer runs on the block kernel here (no compiler, or "
+                         "PDCLUSTER_CPU_KERNELS=0)")
+    dense = [m.rows.weight if hasattr(m, "rows") else m.weight for m in layers]   # LM head: rows
+    out = []
+    for r in rows:
+        xs = [torch.randn(r, w.shape[1]) for w in dense]
+        ours = lambda: [m.method.kernel(m.method.blocks, x) for m, x in zip(layers, xs)]  # noqa: E731
+        blas = lambda: [F.linear(x, w) for w, x in zip(dense, xs)]  # noqa: E731
+        out.append((f"all {len(layers)} matmuls, {r} rows", *_paired(ours, blas, repeats)))
+    return out
+
+
+def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
+    from ...engine.layers import attention
+    from ...engine.layers.attention import AttentionMetadata, paged_attention
+    from ...engine.cpu_kernels import paged_decode_kernel
+    if paged_decode_kernel() is None:
+        raise SystemExit("the decode-attention kernel is not built here")
+    seqs, block = 32, 16
+    num_layers = model.num_layers
+    _, kv_heads, head_dim = model.kv_token_shape
+    heads = model.model.layers[0].self_attn.num_heads
+    width = -(-context // block)
+    cache = torch.randn(seqs * width + 1, num_layers, block, 2, kv_heads, head_dim)
+    tables = torch.randperm(seqs * width).view(seqs, width)
+    lens = torch.full((seqs,), context)
+    last = lens - 1
+    meta = AttentionMetadata(
+        slot_blocks=tables[torch.arange(seqs), last // block], slot_offsets=last % block,
+        num_decode=seqs, decode_block_tables=tables,
+        decode_mask=(torch.arange(width * block)[None, :] < lens[:, None])[:, None, None, :],
+        decode_lens=lens)
+    q = torch.randn(seqs, heads, head_dim)
+    k = torch.randn(seqs, kv_heads, head_dim)
+    v = torch.randn(seqs, kv_heads, head_dim)
+    scale = head_dim ** -0.5
+
+    def step():
+        for layer in range(num_layers):
+            paged_attention(q, k, v, cache, layer, meta, scale)
+
+    kernel = attention.paged_decode_kernel
+
+    def torch_step():
+        attention.paged_decode_kernel = lambda: None
+        try:
+            step()
+        finally:
+            attention.paged_decode_kernel = kernel
+
+    return (f"decode attention, {seqs} seqs x {context} tokens",
+            *_paired(step, torch_step, repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--context", type=int, default=192)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    from ...engine import LLM
+    model = LLM(num_kv_blocks=16).engine.model
+    rows = _matmuls(model, args.rows, args.repeats) + [_attention(model, args.context, args.repeats)]
+    print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
+    print(f"{'measure':<44}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
+    for label, ours, ref in rows:
+        print(f"{label:<44}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
+    print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

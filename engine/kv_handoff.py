@@ -1,0 +1,67 @@
+"""The KV handoff record: what prefill exports and decode imports (layout, prompt, block keys, CRCs).
+
+A block that is missing, evicted or fails its checksum is recomputed by the importing engine, never
+trusted; `cluster/kvstore/manifest.py` turns this record into the versioned kv.proto manifest.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one block of the cache is laid out: [num_layers, block_size, *token_shape] of dtype."""
+    kind: str                      # "mha" (K and V per kv-head) or "mla" (compressed latent + rope)
+    num_layers: int
+    block_size: int
+    token_shape: tuple[int, ...]
+    dtype: str
+    block_nbytes: int
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    key: str
+    num_tokens: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """The manifest prefill gives decode: the prompt, its first token and where its KV blocks are."""
+    request_id: str
+    model_fingerprint: str
+    layout: KVLayout
+    token_ids: tuple[int, ...]
+    first_token: int
+    blocks: tuple[BlockRef, ...] = ()            # TP rank 0's (the only rank without TP)
+    num_cached_tokens: int = 0                   # prompt tokens prefill took from a prefix cache
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # A TP engine's ranks 1..tp_size-1: each rank stores its own shard of every block under its own
+    # keys (the chain hash is salted with the rank), with its own checksums.
+    follower_blocks: tuple[tuple[BlockRef, ...], ...] = ()
+
+    @property
+    def tp_size(self) -> int:
+        return 1 + len(self.follower_blocks)
+
+    def blocks_of_rank(self, tp_rank: int) -> tuple[BlockRef, ...]:
+        return self.blocks if tp_rank == 0 else self.follower_blocks[tp_rank - 1]
+
+
+def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
+    """CRC-32 of one block (`cache[b]`: [num_layers, block_size, *token_shape]) over its first
+    `num_tokens` token slots of every layer (all when None), so a partial block's stale tail does
+    not count. zlib's CRC: stdlib, fast, and accidental corruption is all it must catch."""
+    if block.dim() < 3:
+        raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
+    part = block if num_tokens is None else block[:, :num_tokens]
+    host = part.detach().to("cpu").contiguous()          # no copy for a whole CPU block
+    return zlib.crc32(memoryview(host.view(torch.uint8).numpy()))
+
+
+def store_key(block_hash: bytes) -> str:
+    return "pdkv/" + block_hash.hex()

@@ -1,0 +1,78 @@
+"""Decode-sized matmuls on the CPU through the block-quantized kernel.
+
+After loading, `use_block_kernels` gives every dense float32 linear layer (and the LM head) whose
+weight is exactly a GGUF Q4_1/Q8_0 encoding (block_quant.pack_exact) a `BlockLinearMethod`: steps
+of up to a few hundred rows (decode batches, small prefill chunks) read the blocks, 4.5 / 8.5 bits
+per weight; bigger ones keep BLAS on the dense weight, which it multiplies faster at large M. Both
+multiply by bit-identical weights.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .block_quant import BlockWeights, pack_exact
+from ..cpu_kernels import BlockLinearKernel, block_linear_kernel
+from .linear import Linear, ParallelLMHead
+from .quant import LinearMethod
+
+log = logging.getLogger(__name__)
+
+# most rows of x for which the kernel beats BLAS on the dense weight (2-core AVX-512: above ~256
+# rows BLAS's blocking wins, the weight's bytes no longer matter)
+MAX_ROWS = 256
+
+
+class BlockLinearMethod(LinearMethod):
+    def __init__(self, blocks: BlockWeights, kernel: BlockLinearKernel,
+                 rows: tuple[int, int] | None = None) -> None:
+        kernel.check(blocks)
+        self.blocks = blocks
+        self.kernel = kernel
+        self.rows = rows or (kernel.min_rows, MAX_ROWS)
+
+    def apply(self, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (self.rows[0] <= rows <= self.rows[1] and x.dtype == torch.float32
+                and x.device.type == "cpu"):
+            y = self.kernel(self.blocks, x.reshape(rows, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return super().apply(w, x)
+
+
+def _candidates(model: nn.Module):
+    """(name, module, its dense weight) for every plain linear layer and LM head."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and type(mod.method) is LinearMethod and not mod.num_experts:
+            yield name, mod, mod.weight
+        elif isinstance(mod, ParallelLMHead) and type(mod.method) is LinearMethod:
+            yield name, mod, mod.rows.weight
+
+
+@torch.no_grad()
+def use_block_kernels(model: nn.Module) -> int:
+    """Switch the layers whose weights are GGUF blocks to the kernel; returns how many were."""
+    kernel = block_linear_kernel()
+    if kernel is None:
+        return 0
+    switched, nbytes, dense = 0, 0, []
+    for name, mod, weight in _candidates(model):
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            continue
+        blocks = pack_exact(weight)
+        if blocks is None:
+            dense.append(name)
+            continue
+        mod.method = BlockLinearMethod(blocks, kernel)
+        switched += 1
+        nbytes += blocks.nbytes
+    if switched:
+        log.info("%d linear layers also kept as GGUF blocks (%.0f MiB) for decode-sized matmuls",
+                 switched, nbytes / 2**20)
+        if dense:   # e.g. a GGUF quantized with an importance matrix: its codes need not span 0..15
+            log.info("%d layers stay dense (no exact Q4_1/Q8_0 encoding found), e.g. %s",
+                     len(dense), ", ".join(dense[:3]))
+    return switched
