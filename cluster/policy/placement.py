@@ -1,15 +1,14 @@
-"""Pure placement policies: which prefill worker and which decode worker serve a request.
+"""Placement: which prefill worker and which decode worker serve a request.
 
-No I/O and nothing heavy (stdlib plus the stdlib-only prefix hash), so the router actor, the engine and
-the simulator all share these exact rules.
+Pure (stdlib only): the router actor and `pdcluster simulate` call the same `place`, so the planner
+predicts the placements the router makes.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .prefix_affinity import matched_prefix_blocks
-
 
 PREFILL_ROLES = frozenset({"prefill", "both"})
 DECODE_ROLES = frozenset({"decode", "both"})
@@ -73,3 +72,33 @@ def pick_decode(workers: Iterable[WorkerLoad], needed_blocks: int,
         if best is None or key < best:
             best = key
     return None if best is None else best[2]
+
+
+@dataclass(frozen=True)
+class Placement:
+    prefill: str | None  # None when colocated: the decode worker computes the prompt too
+    decode: str
+
+
+def decode_blocks_needed(prompt_len: int, max_tokens: int, block_size: int) -> int:
+    """KV blocks a request holds on its decode worker at its longest."""
+    return -(-(prompt_len + max_tokens) // block_size)
+
+
+def place_decode(workers: Sequence[WorkerLoad], needed_blocks: int) -> str | None:
+    """`pick_decode`, and when no worker has room right now the least busy healthy one: its engine
+    holds the request until blocks free up (admission already bounds how many run at once)."""
+    return pick_decode(workers, needed_blocks) or pick_decode(
+        [replace(w, max_running_seqs=None, free_blocks=w.total_blocks) for w in workers], 0)
+
+
+def place(workers: Sequence[WorkerLoad], prefix_hashes: Sequence[str], needed_blocks: int,
+          block_size: int, colocated: bool) -> Placement | None:
+    """Both workers of an admitted request; None when a pool it needs has no healthy worker."""
+    prefill = None
+    if not colocated:
+        prefill = pick_prefill(workers, prefix_hashes, block_size)
+        if prefill is None:
+            return None
+    decode = place_decode(workers, needed_blocks)
+    return None if decode is None else Placement(prefill, decode)

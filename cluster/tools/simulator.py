@@ -19,7 +19,7 @@ import yaml
 
 from ..policy.admission import AdmissionConfig, AdmissionController, Verdict
 from .perf_metrics import LevelStats, RequestTrace, summarize
-from ..policy.placement import WorkerLoad, pick_decode, pick_prefill
+from ..policy.placement import WorkerLoad, decode_blocks_needed, place
 
 # Heaps' law exponent used when the data cannot pin the decode batch exponent (fewer than 3 points).
 DEFAULT_BATCH_EXPONENT = 0.5
@@ -182,12 +182,18 @@ class _Node:
     joining: deque[_Seq] = field(default_factory=deque)  # KV arrived, joins the batch at the next step
     running: list[_Seq] = field(default_factory=list)  # decoding
     assigned: int = 0  # sequences routed here for decode and not finished
+    in_use: int = 0  # blocks of the sequences this node's engine has started (prefill or decode)
     busy: bool = False
+
+    def fits(self, seq: _Seq, capacity: int) -> bool:
+        """The engine starts a sequence only when its blocks are free; until then it waits in the
+        engine, as a real worker holds a request the router placed there without room."""
+        return self.in_use + seq.blocks <= capacity
 
     def load(self, profile: Profile) -> WorkerLoad:
         in_prefill = sum(s.prompt_len for s in self.waiting)
         return WorkerLoad(self.node_id, self.role, outstanding_prefill_tokens=in_prefill,
-                          running_seqs=self.assigned, free_blocks=self.free_blocks,
+                          running_seqs=self.assigned, free_blocks=max(0, self.free_blocks),
                           total_blocks=profile.kv_blocks, max_running_seqs=profile.max_batch_seqs)
 
 
@@ -212,8 +218,9 @@ class _Simulation:
         self.by_id = {n.node_id: n for n in self.prefill_nodes + self.decode_nodes}
         self.left = [workload.requests_per_client] * workload.concurrency
         self.queued: dict[str, _Seq] = {}  # admission queue's requests
-        self.unplaced: deque[_Seq] = deque()  # admitted but no decode node had room
         self.traces: list[RequestTrace] = []
+        # request id -> "prefill/decode" worker ids, or "rejected: reason" (what the router would say)
+        self.decisions: dict[str, str] = {}
         self.rejected = 0
         self._next_rid = 0
 
@@ -223,7 +230,7 @@ class _Simulation:
         while self._events:
             self.now, _, fn, args = heapq.heappop(self._events)
             fn(*args)
-        if self.queued or self.unplaced or self.ac.in_flight:
+        if self.queued or self.ac.in_flight:
             raise RuntimeError("simulation ended with requests still held: admission or placement leak")
 
     def _at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
@@ -243,22 +250,27 @@ class _Simulation:
         elif d.verdict is Verdict.QUEUE:
             self.queued[seq.rid] = seq
         else:
-            self.rejected += 1
-            self.traces.append(RequestTrace(seq.start, [], seq.prompt_len, ok=False,
-                                            error=f"rejected: {d.reason}", end=self.now))
-            self._at(self.now + (d.retry_after_s or 0.0), self._arrive, client)
+            self._reject(seq, d.reason, d.retry_after_s)
+
+    def _reject(self, seq: _Seq, reason: str, retry_after_s: float | None) -> None:
+        self.rejected += 1
+        self.decisions[seq.rid] = f"rejected: {reason}"
+        self.traces.append(RequestTrace(seq.start, [], seq.prompt_len, ok=False,
+                                        error=f"rejected: {reason}", end=self.now))
+        self._at(self.now + (retry_after_s or 0.0), self._arrive, seq.client)
 
     def _place(self, seq: _Seq) -> None:
-        needed = math.ceil((seq.prompt_len + seq.output_len) / self.p.block_size)
-        d_id = pick_decode([n.load(self.p) for n in self.decode_nodes], needed)
-        if d_id is None:
-            self.unplaced.append(seq)
+        needed = decode_blocks_needed(seq.prompt_len, seq.output_len, self.p.block_size)
+        nodes = self.decode_nodes if self.colocated else self.prefill_nodes + self.decode_nodes
+        # random prompts: no prefix to be affine to
+        placed = place([n.load(self.p) for n in nodes], (), needed, self.p.block_size, self.colocated)
+        if placed is None:  # a pool has no node at all: what the router answers "no_worker"
+            self._release_slot(seq)
+            self._reject(seq, "no_worker", 1.0)
             return
-        dnode = self.by_id[d_id]
-        if self.colocated:
-            pnode = dnode
-        else:  # random prompts: no prefix to be affine to
-            pnode = self.by_id[pick_prefill([n.load(self.p) for n in self.prefill_nodes], ())]
+        dnode = self.by_id[placed.decode]
+        pnode = dnode if placed.prefill is None else self.by_id[placed.prefill]
+        self.decisions[seq.rid] = f"{placed.prefill}/{placed.decode}"
         dnode.free_blocks -= needed
         dnode.assigned += 1
         seq.blocks, seq.decode_node = needed, dnode
@@ -269,14 +281,17 @@ class _Simulation:
         node = seq.decode_node
         assert node is not None
         node.free_blocks += seq.blocks
+        node.in_use -= seq.blocks
         node.assigned -= 1
         self.traces.append(RequestTrace(seq.start, seq.token_times, seq.prompt_len,
                                         output_tokens=len(seq.token_times), end=self.now))
+        self._release_slot(seq)
+        self._wake(node)  # blocks freed: a sequence waiting in this engine may start
+        self._arrive(seq.client)
+
+    def _release_slot(self, seq: _Seq) -> None:
         for rid in self.ac.release(seq.rid, self.now):
             self._place(self.queued.pop(rid))
-        for _ in range(len(self.unplaced)):  # blocks freed: retry in arrival order
-            self._place(self.unplaced.popleft())
-        self._arrive(seq.client)
 
     # --- nodes -----------------------------------------------------------------------------------
     def _wake(self, node: _Node) -> None:
@@ -293,18 +308,25 @@ class _Simulation:
             room = self.p.max_batch_seqs - len(node.running) if node.role == "both" else len(node.waiting)
             batch: list[_Seq] = []
             tokens = 0
+            colocated = node.role == "both"
             while node.waiting and len(batch) < room and (
-                    not batch or tokens + node.waiting[0].prompt_len <= self.p.prefill.max_batch_tokens):
+                    not batch or tokens + node.waiting[0].prompt_len <= self.p.prefill.max_batch_tokens
+            ) and (not colocated or node.fits(node.waiting[0], self.p.kv_blocks)):
                 seq = node.waiting.popleft()
                 batch.append(seq)
                 tokens += seq.prompt_len
+                if colocated:
+                    node.in_use += seq.blocks
             if batch:
                 dur = self.p.prefill.time_s(tokens)
                 node.stats.prefill_steps += 1
                 self._start(node, dur, self._prefill_done, node, batch, tokens, dur)
                 return
-        while node.joining and len(node.running) < self.p.max_batch_seqs:
-            node.running.append(node.joining.popleft())
+        while (node.joining and len(node.running) < self.p.max_batch_seqs
+               and node.fits(node.joining[0], self.p.kv_blocks)):
+            seq = node.joining.popleft()
+            node.in_use += seq.blocks
+            node.running.append(seq)
         if node.running:
             batch_size = len(node.running)
             dur = self.p.decode.step_s(batch_size, sum(s.ctx for s in node.running))
@@ -397,8 +419,9 @@ def assumptions(profile: Profile, workload: Workload, topology: Topology | None 
         lines.append(f"disaggregated: KV handoff = {h.latency_ms:.1f} ms + {h.bytes_per_token:.0f} B/token "
                      f"/ {h.bandwidth_gb_s:.0f} GB/s, transfers in parallel without contention; "
                      "decode nodes never prefill")
-    lines.append("router: real AdmissionController + pick_prefill (least outstanding prompt tokens) + "
-                 "pick_decode (fewest sequences, KV blocks reserved for prompt + output)")
+    lines.append("router: the router's own AdmissionController and place() (prefill: least outstanding "
+                 "prompt tokens; decode: fewest sequences with KV blocks for prompt + output, else the "
+                 "least busy node, whose engine holds the request until blocks free up)")
     return lines
 
 
