@@ -3,31 +3,45 @@ to the ingress (a Ray streaming generator). One per decode node (placed by the p
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import ray
 
-from .worker import EngineWorker
-from .engine_loop import RequestAborted
-from ..engine.kv_handoff import KVHandoff
+from ..cluster.kvstore.manifest import ManifestError, decode_handoff
 from ..engine.outputs import RequestOutput
 from ..engine.sampling import SamplingParams
+from .engine_loop import RequestAborted
+from .worker import EngineWorker
+
+
+class HandoffRefused(RuntimeError):
+    """The prefill side's handoff cannot be read here (another manifest version, another model)."""
 
 
 class DecodeWorker(EngineWorker):
     role = "decode"
 
     @ray.method(num_returns="streaming")
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       handoff: KVHandoff | None, generated_token_ids: list[int] | None = None,
+    async def generate(self, request_id: str, params: SamplingParams, handoff: bytes | None,
+                       prompt_token_ids: Sequence[int] = (), streamed_token_ids: Sequence[int] = (),
                        ) -> AsyncIterator[list[RequestOutput]]:
-        """Pull the prompt's KV named in `handoff` (or compute it: colocated mode passes None), then
-        yield the outputs of each
-        engine step after the tokens the client has (`generated_token_ids`, by default the first
-        token), batched when the consumer falls behind. Cancelling the generator (ray.cancel) or
-        calling abort() frees the request's blocks."""
-        queue = self.loop.submit(request_id, prompt_token_ids, params, kv_import=handoff,
-                                 generated_token_ids=generated_token_ids)
+        """Continue a request and yield the outputs of each engine step, batched when the consumer
+        falls behind. Disaggregated: `handoff` (kv.proto bytes from the prefill worker) carries the
+        prompt, its first token and where its KV is. Colocated: `handoff` is None and this worker
+        computes `prompt_token_ids` itself. `streamed_token_ids`: tokens the client already has
+        beyond those (after a failover), which this worker continues after. Cancelling the generator
+        (ray.cancel) or calling abort() frees the request's blocks."""
+        generated = list(streamed_token_ids)
+        kv_import = None
+        if handoff is not None:
+            try:
+                kv_import = decode_handoff(handoff)
+            except ManifestError as exc:
+                raise HandoffRefused(f"the KV handoff cannot be read here: {exc}") from None
+            prompt_token_ids = kv_import.token_ids
+            generated.insert(0, kv_import.first_token)
+        queue = self.loop.submit(request_id, list(prompt_token_ids), params, kv_import=kv_import,
+                                 generated_token_ids=generated)
         try:
             while True:
                 batch = [await queue.get()]

@@ -53,8 +53,6 @@ class EngineLoop:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        # prompt tokens of requests that have not produced their first output yet (event-loop side)
-        self._unprefilled: dict[str, int] = {}
         self._stats = engine.stats()
         # Recently aborted or finished ids: an abort can reach the actor before the call that submits
         # the request (Ray does not order an async actor's calls), and must still win.
@@ -67,12 +65,9 @@ class EngineLoop:
     # ------------------------------------------------------------------ event-loop side
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                **add_kwargs: Any) -> asyncio.Queue:
-        """Validate and queue a request; its RequestOutputs (or an exception) arrive in the queue.
-
-        Raises ValueError at once when the request cannot fit this engine."""
-        # validate_prompt only reads fixed sizes (vocab, context, cache), so calling it from this
-        # thread is safe; add_request on the engine thread re-checks and reports through the queue.
-        self.engine.validate_prompt(prompt_token_ids, params)
+        """Queue a request; its RequestOutputs (or an exception) arrive in the queue. A request the
+        engine cannot take (it checks the prompt against its context and memory) gets a ValueError
+        there."""
         if self._broken is not None:
             raise RuntimeError(f"tensor-parallel engine failed: {self._broken}")
         if request_id in self._closed:
@@ -82,22 +77,23 @@ class EngineLoop:
         self._loop = self._loop or asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._unprefilled[request_id] = len(prompt_token_ids)
         self._command(("add", request_id, list(prompt_token_ids), params, add_kwargs))
         return queue
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a no-op for unknown or finished requests."""
-        self._unprefilled.pop(request_id, None)
         self._close(request_id)
         queue = self._queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(RequestAborted(request_id))
             self._command(("abort", request_id))
 
-    @property
-    def outstanding_prefill_tokens(self) -> int:
-        return sum(self._unprefilled.values())
+    def abort_all(self) -> int:
+        """abort() every request; returns how many there were."""
+        ids = list(self._queues)
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
 
     @property
     def num_requests(self) -> int:
@@ -128,7 +124,6 @@ class EngineLoop:
             queue = self._queues.get(request_id)
             if queue is None:
                 continue  # aborted meanwhile: nobody is listening
-            self._unprefilled.pop(request_id, None)
             if isinstance(item, BaseException) or item.finished:
                 del self._queues[request_id]
                 self._close(request_id)
@@ -197,7 +192,6 @@ class EngineLoop:
             queue.put_nowait(RuntimeError(f"tensor-parallel engine failed: {exc}"))
             self._close(request_id)
         self._queues.clear()
-        self._unprefilled.clear()
 
     def _apply(self, cmd: tuple, results: list) -> None:
         if cmd[0] == "add":

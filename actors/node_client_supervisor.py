@@ -1,7 +1,7 @@
 """Node store client supervisor actor (store.client "node"): runs the node's one `mooncake_client`
 on the spec's ports and restarts it if it dies. The first worker on a node creates it, by name so
 that the other workers there find it; it is detached, so a worker that dies (and is restarted) does
-not take the node's segment, and its neighbours' attachment, with it. The router stops them all on
+not take the node's segment, and its neighbours' attachment, with it. The controller stops them all on
 shutdown (`stop_node_clients`).
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import ray
 
 from ..cluster.kvstore.node_client import MooncakeNodeClient, NodeClientConfig
 from ..cluster.spec import StoreSpec
+from .names import NAMESPACE, NODE_CLIENT_PREFIX, node_client_name
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 2.0
 START_TIMEOUT_S = 60.0
-NAME_PREFIX = "mooncake-client-"
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,11 @@ class NodeClientSupervisor:
                     log.exception("mooncake_client restart failed; retrying")
 
 
-def node_client_name(host: str, port: int) -> str:
-    """The supervisor's actor name: one per node client address, so the workers of a node share it."""
-    return f"{NAME_PREFIX}{host}-{port}"
-
-
 def ensure_node_client(store: StoreSpec, host: str, node_id: str,
                        gcs_address: str | None = None) -> NodeClientStatus:
     """From a worker on node `node_id`: start this node's store client (or find the one already
     running there) and wait until workers can attach. Raises if it cannot start."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from .router import NAMESPACE  # here: the router module imports the workers
 
     supervisor = ray.remote(NodeClientSupervisor).options(
         name=node_client_name(host, store.node_client_port), namespace=NAMESPACE,
@@ -106,10 +99,8 @@ def ensure_node_client(store: StoreSpec, host: str, node_id: str,
 
 async def stop_node_clients() -> int:
     """Stop every node store client of this cluster (it is shutting down); returns how many."""
-    from .router import NAMESPACE
-
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == NAMESPACE and a["name"].startswith(NAME_PREFIX)]
+             if a["namespace"] == NAMESPACE and a["name"].startswith(NODE_CLIENT_PREFIX)]
     for name in names:
         try:
             handle = ray.get_actor(name, namespace=NAMESPACE)

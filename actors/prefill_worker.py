@@ -1,5 +1,5 @@
 """Prefill worker actor: computes a prompt's KV, writes it to the store and returns the first token
-with the handoff manifest. One per prefill node (placed by the pool's role resource).
+with the handoff (kv.proto bytes). One per prefill node (placed by the pool's role resource).
 """
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from .worker import EngineWorker
-from ..engine.kv_handoff import KVHandoff
+from ..cluster.kvstore.manifest import encode_handoff
 from ..engine.outputs import TokenLogprob
 from ..engine.sampling import SamplingParams
+from .worker import EngineWorker
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class PrefillResult:
     token_ids: list[int]
     text: str
     finish_reason: str | None  # None: decode continues from `handoff`; else the request is complete
-    handoff: KVHandoff | None
+    handoff: bytes | None  # kv.proto KVHandoff: the prompt, its first token and its blocks' keys
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens taken from a prefix cache (local or the store)
     seconds: float  # from arrival at this worker to the first token
@@ -53,6 +53,6 @@ class PrefillWorker(EngineWorker):
         return PrefillResult(
             request_id=request_id, token_ids=list(out.new_token_ids), text=out.delta_text,
             finish_reason=out.finish_reason if done else None,
-            handoff=None if done else out.kv_handoff, num_prompt_tokens=out.num_prompt_tokens,
+            handoff=None if done else encode_handoff(out.kv_handoff), num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens, seconds=time.perf_counter() - t0,
             logprobs=list(out.logprobs))

@@ -29,6 +29,7 @@ class WorkerInfo:
     num_total_blocks: int
     block_nbytes: int
     max_num_seqs: int
+    model_fingerprint: str  # salts the engine's block hashes (and so the store keys)
     kv_store: bool  # connected to the Mooncake store, every TP rank (else decode recomputes prompts)
     tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
 
@@ -42,7 +43,6 @@ class WorkerReport:
     waiting_seqs: int
     free_blocks: int
     total_blocks: int
-    outstanding_prefill_tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,14 +140,18 @@ class EngineWorker:
             pid=os.getpid(), max_model_len=e.max_model_len, vocab_size=e.hf_config["vocab_size"],
             block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
             block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
-            kv_store=self.kv_store, tp_pids=self.followers.pids if self.followers else ())
+            model_fingerprint=e.fingerprint, kv_store=self.kv_store, tp_pids=self.followers.pids if self.followers else ())
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()
         return WorkerReport(
             worker_id=self.worker_id, role=self.role, running_seqs=s.num_running,
             waiting_seqs=s.num_waiting, free_blocks=s.num_free_blocks, total_blocks=s.num_total_blocks,
-            outstanding_prefill_tokens=self.loop.outstanding_prefill_tokens, stats=asdict(s))
+            stats=asdict(s))
 
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
+
+    def abort_all(self) -> int:
+        """Stop every request here (a drain that timed out); returns how many."""
+        return self.loop.abort_all()

@@ -69,3 +69,9 @@ class KVManifest(_message.Message):
     num_cached_tokens: int
     checksum_algo: ChecksumAlgo
     def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., checksum_algo: _Optional[_Union[ChecksumAlgo, str]] = ...) -> None: ...
+
+class KVHandoff(_message.Message):
+    __slots__ = ("ranks",)
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ranks: _containers.RepeatedCompositeFieldContainer[KVManifest]
+    def __init__(self, ranks: _Optional[_Iterable[_Union[KVManifest, _Mapping]]] = ...) -> None: ...

@@ -65,9 +65,17 @@ def stop_cluster() -> None:
 def router():
     import ray
 
-    from pdcluster.actors.router import NAMESPACE, ROUTER_NAME
+    from pdcluster.actors.names import NAMESPACE, ROUTER_NAME
 
     return ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+
+
+def controller():
+    import ray
+
+    from pdcluster.actors.names import CONTROLLER_NAME, NAMESPACE
+
+    return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
 
 
 def snapshot():

@@ -206,8 +206,8 @@ def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
                                              max_tokens=12)
         assert out.choices[0].message.content == offline[i].text, i
 
-    router = h.router()
-    master = ray.get(router.master_status.remote(), timeout=30)
+    controller = h.controller()
+    master = ray.get(controller.master_status.remote(), timeout=30)
     assert master.managed and master.healthy
     ask(0)
     before = h.wait_for(_decode_stats)
@@ -230,7 +230,7 @@ def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
         ask(i)
         i += 1
         time.sleep(0.5)  # one poll: the router's copy of the worker's counters is fresh
-    status = h.wait_for(lambda: (s := ray.get(router.master_status.remote(), timeout=30)).healthy
+    status = h.wait_for(lambda: (s := ray.get(controller.master_status.remote(), timeout=30)).healthy
                         and s.restarts >= 1 and s, timeout_s=60)
     assert status.pid != master.pid
 

@@ -42,7 +42,7 @@ def test_workers_land_on_their_pool_nodes_and_the_control_plane_on_the_head(clus
     import ray
 
     _, _, roles, head = cluster
-    info = ray.get(h.router().ready.remote(), timeout=60)
+    info = ray.get(h.controller().ready.remote(), timeout=60)
     on = {w.worker_id: w.node_id for w in info.workers.values()}
     assert sorted(on) == ["decode-0", "decode-1", "decode-2", "decode-3", "prefill-0", "prefill-1"]
     for worker_id, node_id in on.items():

@@ -10,7 +10,7 @@ import pytest
 
 import cluster_harness as h
 from pdcluster.actors.node_client_supervisor import node_client_name
-from pdcluster.actors.router import NAMESPACE
+from pdcluster.actors.names import NAMESPACE
 from pdcluster.cluster.supervised_process import free_port
 from pdcluster.cluster.kvstore.node_client import free_transfer_port
 

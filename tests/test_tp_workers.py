@@ -48,7 +48,7 @@ def prompts() -> list[list[int]]:
 def test_tp2_prefill_and_decode_match_one_rank_with_kv_through_the_store(cluster, model):
     import ray
 
-    from pdcluster.actors.router import NAMESPACE
+    from pdcluster.actors.names import NAMESPACE
 
     spec, base = cluster
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,11 +1,13 @@
-"""Build, check and (de)serialize the KV handoff manifest (`pdcluster.kv.v1.KVManifest`).
+"""The KV handoff on the wire: build, check and (de)serialize `pdcluster.kv.v1` manifests (kv.proto).
 
-Checksums are CRC-32 (stdlib zlib) of each block's valid token slots; a mismatch means "recompute".
+A prefill worker sends `encode_handoff(...)` bytes; a decode worker reads them with `decode_handoff`,
+which refuses another version or an inconsistent manifest with a `ManifestError` naming what is wrong.
 """
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from google.protobuf.message import DecodeError
@@ -170,6 +172,35 @@ def manifest_to_handoff(m: kv_pb2.KVManifest) -> KVHandoff:
         token_ids=tuple(m.token_ids), first_token=m.first_token,
         blocks=tuple(BlockRef(b.key, b.num_tokens, b.checksum) for b in m.blocks),
         num_cached_tokens=m.num_cached_tokens)
+
+
+def encode_handoff(h: KVHandoff) -> bytes:
+    """The engine's handoff as `kv.proto` bytes: one manifest per TP rank, rank 0 first."""
+    ranks = [handoff_to_manifest(h, r, h.tp_size) for r in range(h.tp_size)]
+    return kv_pb2.KVHandoff(ranks=ranks).SerializeToString()
+
+
+def decode_handoff(data: bytes) -> KVHandoff:
+    """`encode_handoff`'s bytes back as the engine's handoff; raises ManifestError on garbage, another
+    manifest version, or ranks that do not belong together."""
+    wire = kv_pb2.KVHandoff()
+    try:
+        wire.ParseFromString(data)
+    except DecodeError as e:
+        raise ManifestError(f"not a KV handoff: {e}") from e
+    if not wire.ranks:
+        raise ManifestError("the KV handoff has no manifest")
+    for r, m in enumerate(wire.ranks):
+        validate(m)
+        if (m.tp_rank, m.tp_size) != (r, len(wire.ranks)):
+            raise ManifestError(f"manifest {r} is for TP rank {m.tp_rank}/{m.tp_size}, expected "
+                                f"{r}/{len(wire.ranks)}")
+    first, *followers = (manifest_to_handoff(m) for m in wire.ranks)
+    for f in followers:
+        if (f.request_id, f.token_ids, f.first_token) != (first.request_id, first.token_ids,
+                                                          first.first_token):
+            raise ManifestError("the TP ranks' manifests describe different requests")
+    return replace(first, follower_blocks=tuple(f.blocks for f in followers))
 
 
 def to_bytes(m: kv_pb2.KVManifest) -> bytes:

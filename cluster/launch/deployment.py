@@ -98,7 +98,7 @@ def _pid_alive(pid: int) -> bool:
 
 def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Deploy the Serve app for `spec` on the Ray cluster this process is connected to; returns once
-    /health answers ok (the router, the master and every worker are up)."""
+    /health answers ok (the controller, the router, the master and every worker are up)."""
     import importlib
 
     from ray import serve
@@ -136,7 +136,7 @@ def wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/health not ok after {timeout_s:.0f}s ({last})")
 
 
-def drain(router, timeout_s: float, force: threading.Event | None = None) -> int:
+def drain(router, controller, timeout_s: float, force: threading.Event | None = None) -> int:
     """Stop admitting and give the admitted requests up to `timeout_s` (or until `force` is set) to
     finish; those still running then are stopped on their workers, and their clients get an error
     saying so. Returns how many had to be stopped."""
@@ -151,7 +151,7 @@ def drain(router, timeout_s: float, force: threading.Event | None = None) -> int
         in_flight = ray.get(router.snapshot.remote(), timeout=30).in_flight
     if not in_flight:
         return 0
-    stopped = ray.get(router.abort_in_flight.remote(), timeout=30)
+    stopped = ray.get(controller.abort_all.remote(), timeout=30)
     log.warning("drain: stopped %d request(s) still running", stopped)
     deadline = time.monotonic() + 10.0  # the ingress reports the stop and releases their slots
     while ray.get(router.snapshot.remote(), timeout=30).in_flight and time.monotonic() < deadline:
@@ -166,38 +166,41 @@ def teardown(drain_timeout_s: float | None = None, force: threading.Event | None
     import ray
     from ray import serve
 
-    from ...actors.router import NAMESPACE, ROUTER_NAME
+    from ...actors.names import CONTROLLER_NAME, NAMESPACE, ROUTER_NAME
 
-    try:
-        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
-    except ValueError:
-        router = None
-    if router is not None:
+    def named(name: str):
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    controller, router = named(CONTROLLER_NAME), named(ROUTER_NAME)
+    if controller is not None and router is not None:
         try:
             if drain_timeout_s is None:
-                spec = ClusterSpec.from_dict(ray.get(router.spec_dict.remote(), timeout=30))
+                spec = ClusterSpec.from_dict(ray.get(controller.spec_dict.remote(), timeout=30))
                 drain_timeout_s = spec.router.drain_timeout_s
-            drain(router, drain_timeout_s, force)
+            drain(router, controller, drain_timeout_s, force)
         except ray.exceptions.RayError as exc:
             log.warning("drain failed (tearing down anyway): %s", exc)
     try:
         serve.delete(APP_NAME)
     except Exception as exc:  # Serve not running there: nothing to delete
         log.info("no Serve app to delete: %s", exc)
-    if router is None:
+    if controller is None:
         return
     try:
-        ray.get(router.shutdown.remote(), timeout=60)
+        ray.get(controller.shutdown.remote(), timeout=60)
     except ray.exceptions.RayError as exc:
-        log.warning("router shutdown failed: %s", exc)
-    ray.kill(router)
+        log.warning("controller shutdown failed: %s", exc)
+    ray.kill(controller)
 
 
 def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
     """Run the cluster on this machine until `stop` is set; `on_ready(state)` is called once it serves."""
     import ray
 
-    from ...actors.router import NAMESPACE
+    from ...actors.names import NAMESPACE
 
     state = read_state()
     if state is not None and state.pid and _pid_alive(state.pid):
@@ -250,7 +253,7 @@ def up_remote(spec: ClusterSpec, address: str) -> UpState:
     """Deploy onto an existing Ray cluster (its nodes carry the role resources) and return."""
     import ray
 
-    from ...actors.router import NAMESPACE
+    from ...actors.names import NAMESPACE
 
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     try:
@@ -268,7 +271,7 @@ def down(address: str | None = None, timeout_s: float = 120.0) -> str:
     Returns what was done."""
     import ray
 
-    from ...actors.router import NAMESPACE
+    from ...actors.names import NAMESPACE
 
     if address is None:
         state = read_state()
@@ -303,7 +306,7 @@ def status(address: str | None = None) -> ClusterStatus:
     import ray
     from ray import serve
 
-    from ...actors.router import NAMESPACE, ROUTER_NAME
+    from ...actors.names import CONTROLLER_NAME, NAMESPACE, ROUTER_NAME
 
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     try:
@@ -314,10 +317,11 @@ def status(address: str | None = None) -> ClusterStatus:
             serve_status = f"unknown ({exc})"
         try:
             router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         except ValueError:
-            raise RuntimeError(f"no pdcluster router on the Ray cluster at {address}") from None
+            raise RuntimeError(f"no pdcluster cluster on the Ray cluster at {address}") from None
         snap = ray.get(router.snapshot.remote(), timeout=30)
-        master = ray.get(router.master_status.remote(), timeout=30)
+        master = ray.get(controller.master_status.remote(), timeout=30)
         workers = [WorkerStatus(
             worker_id=w.info.worker_id, role=w.info.role, node_ip=w.info.node_ip, healthy=w.healthy,
             running_seqs=w.report.running_seqs if w.report else 0,

@@ -19,7 +19,6 @@ class Verdict(str, Enum):
 # Reject reasons.
 QUEUE_FULL = "queue_full"
 TTFT_SLO = "ttft_slo"
-TOO_LONG = "too_long"
 TENANT_LIMIT = "tenant_limit"
 
 
@@ -28,7 +27,6 @@ class AdmissionConfig:
     max_concurrency: int = 32  # requests in flight (prefilling or decoding) cluster-wide
     max_queue: int = 64  # requests waiting for a slot
     ttft_slo_s: float | None = None  # reject when the predicted TTFT exceeds it
-    max_model_len: int | None = None  # reject prompt_len + max_tokens above it (too_long)
     # Per-tenant cap on requests in flight plus queued; the tenant is the API key (or a hash of it).
     tenant_limits: Mapping[str, int] = field(default_factory=dict)
     default_tenant_limit: int | None = None  # cap for tenants not in tenant_limits
@@ -102,8 +100,6 @@ class AdmissionController:
         cfg = self.config
         if request_id in self._running or request_id in self._queued:
             raise ValueError(f"request {request_id!r} is already admitted or queued")
-        if cfg.max_model_len is not None and prompt_len + max_tokens > cfg.max_model_len:
-            return Decision(request_id, Verdict.REJECT, TOO_LONG)
         limit = cfg.tenant_limits.get(tenant, cfg.default_tenant_limit) if tenant is not None else None
         if limit is not None and self._per_tenant.get(tenant, 0) >= limit:
             return Decision(request_id, Verdict.REJECT, TENANT_LIMIT, self._retry_after(1))

@@ -1,7 +1,7 @@
 """Ray Serve ingress: the OpenAI HTTP API and the gRPC Inference service over the PD cluster.
 
-Per request: validate and tokenize here, admit through the router, run the prompt on the chosen
-prefill worker (its first token is the TTFT), then stream the rest straight from the decode worker.
+It authenticates, validates and tokenizes each request, checks it against the model's context once,
+and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
 """
 import asyncio
 import logging
@@ -9,7 +9,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -19,53 +18,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...actors.engine_loop import RequestAborted
-from ...actors.router import HEAD_NODE, Admission, get_or_create_router
+from ...actors.controller import get_or_create_controller
+from ...actors.names import HEAD_NODE
 from . import openai_protocol as oai
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
-from ..policy.prefix_affinity import prefix_block_hashes
+from .orchestrator import Delta, Orchestrator, RequestRecord
 from ..spec import ClusterSpec
-from ...engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 ROUTER_TIMEOUT_S = 10.0
-MAX_FAILOVERS = 2  # per request and phase: how many lost workers a request survives
 # HTTP status of an OpenAIError -> gRPC status code
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
-# Admission reject reasons that are not "busy, retry later"
-_REJECT_STATUS = {"too_long": 400, "no_worker": 503, "draining": 503}
-_REJECT_MESSAGE = {"draining": "the server is shutting down and admits no new requests; retry "
-                               "on another replica or later"}
-
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@dataclass
-class _Run:
-    """One request as the ingress runs it; the counters fill in as tokens arrive."""
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    tenant: str | None
-    arrived: float = field(default_factory=time.perf_counter)
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-
-    def usage(self) -> dict[str, Any]:
-        return oai.usage(self.prompt_tokens, self.output_tokens, self.cached_tokens)
-
-
-@dataclass(frozen=True)
-class _Delta:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -90,22 +59,8 @@ def _api_keys(env_name: str | None) -> dict[str, str]:
     return keys
 
 
-class _WorkerLost(Exception):
-    """A worker actor died or cannot be reached during a call."""
-
-
-def _stopped() -> oai.OpenAIError:
-    """A worker aborted the request (the end of a drain that timed out)."""
-    return oai.OpenAIError(503, "the request was stopped before it finished because the server is "
-                           "shutting down; retry", code="aborted", retry_after_s=1.0)
-
-
 def _error(exc: oai.OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
@@ -144,20 +99,21 @@ class Ingress:
         from ...engine.weights import resolve_model_path
 
         self.spec = ClusterSpec.from_dict(spec)
-        self.router = get_or_create_router(self.spec)
-        if await self.router.spec_dict.remote() != self.spec.to_dict():
-            raise RuntimeError("a pdcluster router with a different spec is already running; "
+        controller = get_or_create_controller(self.spec)
+        if await controller.spec_dict.remote() != self.spec.to_dict():
+            raise RuntimeError("a pdcluster cluster with a different spec is already running; "
                                "stop it first (`pdcluster down`)")
-        self.info = await self.router.ready.remote()
+        self.info = await controller.ready.remote()
+        self.router = self.info.router
         self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.spec.model.path))
         self.metrics = ServingMetrics()
+        self.orchestrator = Orchestrator(self.info, self.metrics)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)
         self.created = int(time.time())
         log.info("ingress ready for %s (%d workers)", self.info.model_name, len(self.info.workers))
 
     async def check_health(self) -> None:
-        """Serve's replica health check: a dead router means this replica must be replaced (its
-        successor creates a new router, which starts fresh workers)."""
+        """Serve's replica health check: a dead router means this replica must be replaced."""
         await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
 
     # ------------------------------------------------------------------ HTTP routes
@@ -200,10 +156,10 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            run = self._new_run("chatcmpl", self._chat_ids(req), req, tenant)
+            rec = self._new_record("chatcmpl", self._chat_ids(req), req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(run, req, chat=True)
+        return await self._respond(rec, req, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -211,10 +167,10 @@ class Ingress:
             req, tenant = await self._parse(request, oai.CompletionRequest)
             prompt = req.single_prompt()
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            run = self._new_run("cmpl", ids, req, tenant)
+            rec = self._new_record("cmpl", ids, req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(run, req, chat=False)
+        return await self._respond(rec, req, chat=False)
 
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
@@ -226,8 +182,8 @@ class Ingress:
             tenant = self._tenant(metadata.get("authorization"))
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
-            run = self._grpc_run(request, tenant)
-            steps = self._steps(run)
+            rec = self._grpc_record(request, tenant)
+            steps = self.orchestrator.run(rec)
             await self._admitted(steps)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
@@ -237,11 +193,11 @@ class Ingress:
         try:
             async for d in steps:
                 yield pb.GenerateResponse(
-                    request_id=run.request_id, text=d.text, token_ids=d.token_ids,
+                    request_id=rec.request_id, text=d.text, token_ids=d.token_ids,
                     finish_reason=d.finish_reason or "",
-                    usage=pb.Usage(prompt_tokens=run.prompt_tokens,
-                                   completion_tokens=run.output_tokens,
-                                   cached_tokens=run.cached_tokens) if d.finish_reason else None)
+                    usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
+                                   completion_tokens=rec.output_tokens,
+                                   cached_tokens=rec.cached_tokens) if d.finish_reason else None)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(exc.message)
@@ -249,7 +205,7 @@ class Ingress:
         finally:
             await steps.aclose()
 
-    def _grpc_run(self, request, tenant: str | None) -> _Run:
+    def _grpc_record(self, request, tenant: str | None) -> RequestRecord:
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
         if sum(inputs) != 1:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
@@ -269,7 +225,7 @@ class Ingress:
             self._check_model(req.model)
             prompt = req.single_prompt()
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self._new_run("grpc", ids, req, tenant)
+        return self._new_record("grpc", ids, req, tenant)
 
     # ------------------------------------------------------------------ request plumbing
     async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
@@ -294,7 +250,7 @@ class Ingress:
             raise oai.OpenAIError(404, f"the model {model!r} does not exist; this server serves "
                                   f"{self.info.model_name!r}", param="model", code="model_not_found")
 
-    def _new_run(self, prefix: str, ids: list[int], req: Any, tenant: str | None) -> _Run:
+    def _new_record(self, prefix: str, ids: list[int], req: Any, tenant: str | None) -> RequestRecord:
         """Checks the prompt against the model (vocabulary, context) and fixes max_tokens."""
         vocab, context = self.info.vocab_size, self.info.max_model_len
         if not ids:
@@ -311,16 +267,17 @@ class Ingress:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
                                   f"the context of {context} tokens", param="max_tokens",
                                   code="context_length_exceeded")
-        return _Run(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room), tenant)
+        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room),
+                             tenant)
 
-    async def _respond(self, run: _Run, req: Any, chat: bool) -> Response:
-        steps = self._steps(run)
+    async def _respond(self, rec: RequestRecord, req: Any, chat: bool) -> Response:
+        steps = self.orchestrator.run(rec)
         try:
             await self._admitted(steps)
         except oai.OpenAIError as exc:
             return _error(exc)
         if req.stream:
-            return _ClosingStreamingResponse(self._sse(run, steps, chat, req.include_usage),
+            return _ClosingStreamingResponse(self._sse(rec, steps, chat, req.include_usage),
                                              media_type="text/event-stream")
         text, finish = [], None
         try:
@@ -332,11 +289,11 @@ class Ingress:
         finally:
             await steps.aclose()
         build = oai.chat_completion if chat else oai.completion
-        return JSONResponse(build(run.request_id, self.info.model_name, self.created, "".join(text),
-                                  finish, run.usage()))
+        return JSONResponse(build(rec.request_id, self.info.model_name, self.created, "".join(text),
+                                  finish, rec.usage()))
 
     @staticmethod
-    async def _admitted(steps: AsyncIterator[_Delta | None]) -> None:
+    async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
         """Advance a fresh `_steps` past admission (raising its rejection), closing it on failure."""
         try:
             await steps.__anext__()
@@ -344,9 +301,9 @@ class Ingress:
             await steps.aclose()
             raise
 
-    async def _sse(self, run: _Run, steps: AsyncIterator[_Delta], chat: bool,
+    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], chat: bool,
                    include_usage: bool) -> AsyncIterator[str]:
-        model, rid, created = self.info.model_name, run.request_id, self.created
+        model, rid, created = self.info.model_name, rec.request_id, self.created
         try:
             if chat:
                 yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
@@ -360,144 +317,12 @@ class Ingress:
                     yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason))
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield oai.sse(oai.usage_chunk(rid, model, created, obj, run.usage()))
+                yield oai.sse(oai.usage_chunk(rid, model, created, obj, rec.usage()))
         except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
             yield oai.sse(exc.body())
         finally:
             await steps.aclose()
         yield oai.sse("[DONE]")
-
-    async def _steps(self, run: _Run) -> AsyncIterator[_Delta | None]:
-        """Admission, prefill, decode. Yields None once admitted (so the caller can still answer
-        429 before streaming starts), then one _Delta per batch of new tokens.
-
-        Whatever ends it (finish, error, rejection, the client leaving) its `finally` frees the
-        request's KV blocks on the workers and its admission slot, exactly once."""
-        m = self.metrics
-        prefill_worker = prefill_ref = decode_worker = decode_gen = None
-        status, first_at = "error", None
-        try:
-            admission: Admission = await self.router.admit.remote(
-                run.request_id, len(run.prompt_ids), run.params.max_tokens,
-                prefix_block_hashes(run.prompt_ids, self.info.block_size), run.tenant)
-            if not admission.admitted:
-                status = "rejected"
-                m.rejections.labels(admission.reason).inc()
-                raise oai.OpenAIError(
-                    _REJECT_STATUS.get(admission.reason, 429),
-                    _REJECT_MESSAGE.get(admission.reason,
-                                        f"the server is at capacity ({admission.reason}); retry later"),
-                    code=admission.reason, retry_after_s=admission.retry_after_s)
-            m.admissions.inc()
-            yield None
-
-            prefill_worker = admission.prefill_worker
-            handoff, generated, finish = None, [], None
-            if prefill_worker is not None:  # disaggregated; without a prefill pool decode does it all
-                for attempt in range(MAX_FAILOVERS + 1):
-                    prefill_ref = self.info.handles[prefill_worker].prefill.remote(
-                        run.request_id, run.prompt_ids, run.params)
-                    try:
-                        first = await self._call(prefill_ref, prefill_worker)
-                        break
-                    except _WorkerLost:  # nothing streamed yet: run the prompt on another worker
-                        prefill_ref = None
-                        prefill_worker = await self._replacement(run, prefill_worker, attempt)
-                prefill_ref = None
-                first_at = self._first_token(run, first.num_prompt_tokens, first.num_cached_tokens)
-                run.output_tokens = len(first.token_ids)
-                self.router.prefill_done.remote(run.request_id, first.num_prompt_tokens -
-                                                first.num_cached_tokens, first.seconds)
-                handoff, generated, finish = first.handoff, list(first.token_ids), first.finish_reason
-                yield _Delta(first.token_ids, first.text, first.finish_reason)
-
-            if finish is None:
-                decode_worker = admission.decode_worker
-                handed_off = len(generated)
-                for attempt in range(MAX_FAILOVERS + 1):
-                    # After a failover the new worker continues after what the client already has.
-                    decode_gen = self.info.handles[decode_worker].generate.remote(
-                        run.request_id, run.prompt_ids, run.params, handoff, list(generated))
-                    try:
-                        async for ref in decode_gen:
-                            outs = await self._call(ref, decode_worker)
-                            if first_at is None:
-                                first_at = self._first_token(run, outs[0].num_prompt_tokens,
-                                                             outs[0].num_cached_tokens)
-                            elif run.output_tokens == handed_off:
-                                m.handoff_seconds.observe(time.perf_counter() - first_at)
-                            ids = [t for o in outs for t in o.new_token_ids]
-                            generated += ids
-                            run.output_tokens += len(ids)
-                            finish = outs[-1].finish_reason
-                            yield _Delta(ids, "".join(o.delta_text for o in outs), finish)
-                        break
-                    except _WorkerLost:
-                        decode_gen = None
-                        decode_worker = await self._replacement(run, decode_worker, attempt)
-                decode_gen = None
-                if finish is None:  # the worker stopped it (drain timeout): say so, never truncate
-                    raise _stopped()
-            status = "ok"
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
-            raise
-        finally:
-            if prefill_ref is not None:
-                ray.cancel(prefill_ref)
-                self.info.handles[prefill_worker].abort.remote(run.request_id)
-            if decode_gen is not None:
-                ray.cancel(decode_gen)
-                self.info.handles[decode_worker].abort.remote(run.request_id)
-            self.router.release.remote(run.request_id)
-            self._observe_end(run, status, first_at)
-
-    def _first_token(self, run: _Run, prompt_tokens: int, cached_tokens: int) -> float:
-        """Record the first token's arrival (TTFT) and the prompt's counts; returns the time."""
-        now = time.perf_counter()
-        run.prompt_tokens, run.cached_tokens = prompt_tokens, cached_tokens
-        self.metrics.ttft.observe(now - run.arrived)
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        self.metrics.prefix_hit_tokens.inc(cached_tokens)
-        return now
-
-    async def _call(self, ref, worker_id: str) -> Any:
-        """Await a worker call: a request the worker refused is a 400, a failure inside it a 500,
-        and a worker that died or cannot be reached is `_WorkerLost` (the caller fails over)."""
-        try:
-            return await ref
-        except ray.exceptions.RayTaskError as exc:
-            cause = _unwrap(exc)
-            if isinstance(cause, ValueError):
-                raise oai.OpenAIError(400, str(cause)) from None
-            if isinstance(cause, RequestAborted):
-                raise _stopped() from None
-            log.error("worker %s failed: %s", worker_id, exc)
-            raise oai.OpenAIError(500, f"internal error on worker {worker_id}") from None
-        except ray.exceptions.RayError as exc:
-            log.error("worker %s lost: %s: %s", worker_id, type(exc).__name__, exc)
-            raise _WorkerLost(worker_id) from exc
-
-    async def _replacement(self, run: _Run, failed: str, attempt: int) -> str:
-        """Another worker of `failed`'s role for this request (the router stops using `failed`)."""
-        worker = await self.router.reroute.remote(run.request_id, failed)
-        if worker is None or attempt >= MAX_FAILOVERS:
-            raise oai.OpenAIError(503, f"worker {failed} is unavailable; retry",
-                                  code="worker_unavailable", retry_after_s=1.0)
-        log.warning("request %s moves from %s to %s", run.request_id, failed, worker)
-        return worker
-
-    def _observe_end(self, run: _Run, status: str, first_at: float | None) -> None:
-        m = self.metrics
-        m.requests.labels(status).inc()
-        if status == "rejected":
-            return
-        end = time.perf_counter()
-        m.generation_tokens.inc(run.output_tokens)
-        if status == "ok":
-            m.e2e.observe(end - run.arrived)
-            if first_at is not None and run.output_tokens > 1:
-                m.tpot.observe((end - first_at) / (run.output_tokens - 1))
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

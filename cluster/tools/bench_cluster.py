@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ...actors.router import NAMESPACE
+    from ...actors.names import NAMESPACE
     from ..launch.deployment import deploy, http_url, teardown
     from ...engine.tokenizer import Tokenizer
     from ...engine.weights import resolve_model_path

@@ -1,0 +1,184 @@
+"""Controller actor: owns the cluster's processes — the Mooncake master supervisor, every worker, the
+node store clients and the router — starts them, polls the workers' health and load, and stops them.
+
+The router decides; the controller keeps it told (one `update_workers` call per poll).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ..cluster.spec import ClusterSpec
+from .decode_worker import DecodeWorker
+from .master_supervisor import MasterStatus, MasterSupervisor, master_placement
+from .names import CONTROLLER_NAME, HEAD_NODE, MASTER_NAME, NAMESPACE, ROUTER_NAME
+from .node_client_supervisor import stop_node_clients
+from .prefill_worker import PrefillWorker
+from .router import Router
+from .worker import WorkerInfo, WorkerReport
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+POLL_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the ingress needs to know about the running cluster."""
+    model_name: str
+    model_fingerprint: str  # the engines' (salts the prefix hashes, as in the store's keys)
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    workers: dict[str, WorkerInfo]
+    handles: dict[str, Any] = field(repr=False)  # worker id -> ActorHandle
+    router: Any = field(default=None, repr=False)  # ActorHandle
+    master: MasterStatus | None = None
+
+
+class Controller:
+    """Create with `get_or_create_controller(spec)`; `ready()` answers once everything is up."""
+
+    async def __init__(self, spec: dict) -> None:
+        self.spec = ClusterSpec.from_dict(spec)
+        self._spec_dict = self.spec.to_dict()
+        self.master = None
+        self.router = None
+        self.handles: dict[str, Any] = {}
+        self.infos: dict[str, WorkerInfo] = {}
+        self.healthy: dict[str, bool] = {}
+        self.reports: dict[str, WorkerReport] = {}
+        self._master_status: MasterStatus | None = None
+        self._poller: asyncio.Task | None = None
+        self._started = asyncio.create_task(self._start())
+
+    # ------------------------------------------------------------------ startup
+    async def _start(self) -> None:
+        gcs = ray.get_runtime_context().gcs_address
+        self.master = ray.remote(MasterSupervisor).options(
+            name=MASTER_NAME, namespace=NAMESPACE, num_cpus=0,
+            resources=master_placement(self.spec.store)).remote(self._spec_dict["store"], gcs)
+        self._master_status = await self.master.start.remote()
+        self._check_pools()
+        actors = {"prefill": ray.remote(PrefillWorker), "decode": ray.remote(DecodeWorker)}
+        for role in ("prefill", "decode"):
+            for i in range(self.spec.pool(role).replicas):
+                worker_id = f"{role}-{i}"
+                self.handles[worker_id] = actors[role].options(
+                    name=worker_id, namespace=NAMESPACE, max_concurrency=1000,
+                    **self.spec.worker_actor_options(role)).remote(self._spec_dict, worker_id)
+        infos = await asyncio.gather(*(h.ready.remote() for h in self.handles.values()))
+        self.infos = {i.worker_id: i for i in infos}
+        self.healthy = dict.fromkeys(self.infos, True)
+        r = self.spec.router
+        self.router = ray.remote(Router).options(
+            name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, resources=dict(HEAD_NODE),
+            # room for every queued request's pending admit() call
+            max_concurrency=max(1000, 2 * (r.max_concurrency + r.max_queue) + 100),
+        ).remote(self._spec_dict, list(infos), ray.get_runtime_context().current_actor)
+        await self._poll()
+        self._poller = asyncio.create_task(self._poll_forever())
+        log.info("cluster ready: %s", ", ".join(f"{i.worker_id}@{i.node_ip}" for i in infos))
+
+    def _check_pools(self) -> None:
+        have = ray.cluster_resources()
+        for role in ("prefill", "decode"):
+            pool = self.spec.pool(role)
+            if have.get(pool.role_resource, 0) < pool.replicas:
+                log.error("%s pool wants %d node(s) with resource %r but the cluster has %g; workers "
+                          "wait until such nodes join (ray start --resources='{\"%s\": 1}')",
+                          role, pool.replicas, pool.role_resource, have.get(pool.role_resource, 0),
+                          pool.role_resource)
+
+    async def ready(self) -> ClusterInfo:
+        """Waits for the master, every worker and the router; raises if any failed to start."""
+        await self._started
+        first = next(iter(self.infos.values()))
+        return ClusterInfo(
+            model_name=self.spec.model.served_name, model_fingerprint=first.model_fingerprint,
+            max_model_len=min(i.max_model_len for i in self.infos.values()),
+            vocab_size=first.vocab_size, block_size=first.block_size, workers=dict(self.infos),
+            handles=dict(self.handles), router=self.router, master=self._master_status)
+
+    async def master_status(self) -> MasterStatus:
+        await self._started
+        return await self.master.status.remote()
+
+    def spec_dict(self) -> dict:
+        return self._spec_dict
+
+    # ------------------------------------------------------------------ health
+    def worker_failed(self, worker_id: str, error: str) -> None:
+        """A call to the worker failed: it counts as unhealthy until it answers ready() again."""
+        if self.healthy.get(worker_id):
+            log.error("worker %s marked unhealthy: %s", worker_id, error)
+        self.healthy[worker_id] = False
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            try:
+                await self._poll()
+            except Exception:  # never let the poller die: placement would run on stale data
+                log.exception("worker poll failed")
+
+    async def _poll(self) -> None:
+        ids = list(self.handles)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.handles[w].report.remote(), POLL_TIMEOUT_S) for w in ids),
+            return_exceptions=True)
+        for worker_id, result in zip(ids, results, strict=True):
+            if isinstance(result, BaseException):
+                self.worker_failed(worker_id, f"poll: {type(result).__name__}: {result}")
+                continue
+            if not self.healthy[worker_id]:
+                # Back (Ray restarted it, or it was only slow): take its info afresh (new pids).
+                try:
+                    self.infos[worker_id] = await asyncio.wait_for(
+                        self.handles[worker_id].ready.remote(), POLL_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("worker %s answers but not ready(): %s", worker_id, exc)
+                    continue
+                log.info("worker %s answers again; marked healthy", worker_id)
+            self.healthy[worker_id] = True
+            self.reports[worker_id] = result
+        await self.router.update_workers.remote(list(self.infos.values()), dict(self.healthy),
+                                                dict(self.reports))
+
+    # ------------------------------------------------------------------ shutdown
+    async def abort_all(self) -> int:
+        """Stop every request on every worker (the end of a drain that timed out): each client gets
+        an error saying so, and the ingress releases the slots. Returns how many were stopped."""
+        counts = await asyncio.gather(*(h.abort_all.remote() for h in self.handles.values()),
+                                      return_exceptions=True)
+        return sum(c for c in counts if isinstance(c, int))
+
+    async def shutdown(self) -> None:
+        """Stop the master this cluster started, the workers, the router and the node store
+        clients (before the controller itself is killed)."""
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.master is not None:
+            try:
+                await self.master.stop.remote()
+            except ray.exceptions.RayError as exc:
+                log.warning("master supervisor did not stop cleanly: %s", exc)
+        for handle in [*self.handles.values(), self.master, self.router]:
+            if handle is not None:
+                ray.kill(handle)
+        if self.spec.store.client == "node":
+            await stop_node_clients()
+
+
+def get_or_create_controller(spec: ClusterSpec):
+    """The running controller (created from `spec` if there is none): named and detached, so it
+    outlives any ingress replica, on the head node."""
+    return ray.remote(Controller).options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        resources=dict(HEAD_NODE), get_if_exists=True, max_concurrency=1000,
+    ).remote(spec.to_dict())

@@ -1,0 +1,223 @@
+"""One request's way through the cluster, as the ingress runs it: admit -> prefill -> decode -> release.
+
+`RequestRecord` is everything the ingress knows of a request; `Orchestrator.run` moves it through the
+router and the workers (failing over to another worker when one dies) and frees what it held, once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ...actors.controller import ClusterInfo
+from ...actors.engine_loop import RequestAborted
+from ...actors.router import Admission
+from ...engine.prefix_hash import model_salt
+from ...engine.sampling import SamplingParams
+from ..policy.prefix_affinity import prefix_block_hashes
+from . import openai_protocol as oai
+from .metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_FAILOVERS = 2  # per request and phase: how many lost workers a request survives
+# Admission reject reasons that are not "busy, retry later"
+_REJECT_STATUS = {"no_worker": 503, "draining": 503}
+_REJECT_MESSAGE = {"draining": "the server is shutting down and admits no new requests; retry "
+                               "on another replica or later"}
+
+
+@dataclass
+class RequestRecord:
+    """One request from the moment its prompt is known to its release."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str | None
+    arrived: float = field(default_factory=time.perf_counter)
+    prefill_worker: str | None = None
+    decode_worker: str | None = None
+    handoff: bytes | None = None  # kv.proto bytes from prefill, kept for a decode failover
+    generated: list[int] = field(default_factory=list)  # every token the client has been sent
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    status: str = "error"  # how it ended: ok, error, rejected, cancelled
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.generated)
+
+    def usage(self) -> dict[str, Any]:
+        return oai.usage(self.prompt_tokens, self.output_tokens, self.cached_tokens)
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+class _WorkerLost(Exception):
+    """A worker actor died or cannot be reached during a call."""
+
+
+def stopped() -> oai.OpenAIError:
+    """A worker aborted the request (the end of a drain that timed out)."""
+    return oai.OpenAIError(503, "the request was stopped before it finished because the server is "
+                           "shutting down; retry", code="aborted", retry_after_s=1.0)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc
+
+
+class Orchestrator:
+    def __init__(self, info: ClusterInfo, metrics: ServingMetrics) -> None:
+        self.info = info
+        self.router = info.router
+        self.metrics = metrics
+
+    async def run(self, rec: RequestRecord) -> AsyncIterator[Delta | None]:
+        """Admission, prefill, decode. Yields None once admitted (so the caller can still answer
+        429 before streaming starts), then one Delta per batch of new tokens.
+
+        Whatever ends it (finish, error, rejection, the client leaving) its `finally` frees the
+        request's KV blocks on the workers and its admission slot, exactly once."""
+        in_prefill = in_decode = None  # the worker call in flight, cancelled if the request ends
+        try:
+            admission: Admission = await self.router.admit.remote(
+                rec.request_id, len(rec.prompt_ids), rec.params.max_tokens,
+                self.prefix_hashes(rec.prompt_ids), rec.tenant)
+            if not admission.admitted:
+                rec.status = "rejected"
+                self.metrics.rejections.labels(admission.reason).inc()
+                raise oai.OpenAIError(
+                    _REJECT_STATUS.get(admission.reason, 429),
+                    _REJECT_MESSAGE.get(admission.reason,
+                                        f"the server is at capacity ({admission.reason}); retry later"),
+                    code=admission.reason, retry_after_s=admission.retry_after_s)
+            self.metrics.admissions.inc()
+            rec.prefill_worker, rec.decode_worker = admission.prefill_worker, admission.decode_worker
+            yield None
+
+            finish = None
+            if rec.prefill_worker is not None:  # disaggregated; without a prefill pool decode does it all
+                for attempt in range(MAX_FAILOVERS + 1):
+                    in_prefill = self.info.handles[rec.prefill_worker].prefill.remote(
+                        rec.request_id, rec.prompt_ids, rec.params)
+                    try:
+                        first = await self._call(in_prefill, rec.prefill_worker)
+                        break
+                    except _WorkerLost:  # nothing streamed yet: run the prompt on another worker
+                        in_prefill = None
+                        rec.prefill_worker = await self._replacement(rec, rec.prefill_worker, attempt)
+                in_prefill = None
+                self._first_token(rec, first.num_prompt_tokens, first.num_cached_tokens)
+                self.router.prefill_done.remote(rec.request_id, first.num_prompt_tokens -
+                                                first.num_cached_tokens, first.seconds)
+                rec.handoff, finish = first.handoff, first.finish_reason
+                rec.generated += first.token_ids
+                yield Delta(first.token_ids, first.text, first.finish_reason)
+
+            if finish is None:
+                handed_off = rec.output_tokens
+                for attempt in range(MAX_FAILOVERS + 1):
+                    # The handoff carries the prompt and the first token; after a failover the new
+                    # worker continues after every token the client already has.
+                    colocated = rec.handoff is None
+                    in_decode = self.info.handles[rec.decode_worker].generate.remote(
+                        rec.request_id, rec.params, rec.handoff,
+                        rec.prompt_ids if colocated else (),
+                        rec.generated if colocated else rec.generated[1:])
+                    try:
+                        async for ref in in_decode:
+                            outs = await self._call(ref, rec.decode_worker)
+                            if rec.first_token_at is None:
+                                self._first_token(rec, outs[0].num_prompt_tokens,
+                                                  outs[0].num_cached_tokens)
+                            elif rec.output_tokens == handed_off:
+                                self.metrics.handoff_seconds.observe(
+                                    time.perf_counter() - rec.first_token_at)
+                            ids = [t for o in outs for t in o.new_token_ids]
+                            rec.generated += ids
+                            finish = outs[-1].finish_reason
+                            yield Delta(ids, "".join(o.delta_text for o in outs), finish)
+                        break
+                    except _WorkerLost:
+                        in_decode = None
+                        rec.decode_worker = await self._replacement(rec, rec.decode_worker, attempt)
+                in_decode = None
+                if finish is None:  # the worker stopped it (drain timeout): say so, never truncate
+                    raise stopped()
+            rec.status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            rec.status = "cancelled"
+            raise
+        finally:
+            if in_prefill is not None:
+                ray.cancel(in_prefill)
+                self.info.handles[rec.prefill_worker].abort.remote(rec.request_id)
+            if in_decode is not None:
+                ray.cancel(in_decode)
+                self.info.handles[rec.decode_worker].abort.remote(rec.request_id)
+            self.router.release.remote(rec.request_id)
+            self._observe_end(rec)
+
+    def prefix_hashes(self, prompt_ids: list[int]) -> list[str]:
+        """The prompt's full-block chain hashes, salted as TP rank 0's engine salts them: the
+        router's affinity names the same blocks as the store keys (`pdkv/<hash>`)."""
+        return prefix_block_hashes(prompt_ids, self.info.block_size,
+                                   model_salt(self.info.model_fingerprint, 0))
+
+    def _first_token(self, rec: RequestRecord, prompt_tokens: int, cached_tokens: int) -> None:
+        """Record the first token's arrival (TTFT) and the prompt's counts."""
+        rec.first_token_at = time.perf_counter()
+        rec.prompt_tokens, rec.cached_tokens = prompt_tokens, cached_tokens
+        self.metrics.ttft.observe(rec.first_token_at - rec.arrived)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.prefix_hit_tokens.inc(cached_tokens)
+
+    async def _call(self, ref, worker_id: str) -> Any:
+        """Await a worker call: a request the worker refused is a 400, a failure inside it a 500,
+        and a worker that died or cannot be reached is `_WorkerLost` (the caller fails over)."""
+        try:
+            return await ref
+        except ray.exceptions.RayTaskError as exc:
+            cause = _unwrap(exc)
+            if isinstance(cause, ValueError):
+                raise oai.OpenAIError(400, str(cause)) from None
+            if isinstance(cause, RequestAborted):
+                raise stopped() from None
+            log.error("worker %s failed: %s", worker_id, exc)
+            raise oai.OpenAIError(500, f"internal error on worker {worker_id}") from None
+        except ray.exceptions.RayError as exc:
+            log.error("worker %s lost: %s: %s", worker_id, type(exc).__name__, exc)
+            raise _WorkerLost(worker_id) from exc
+
+    async def _replacement(self, rec: RequestRecord, failed: str, attempt: int) -> str:
+        """Another worker of `failed`'s role for this request (the router stops using `failed`)."""
+        worker = await self.router.reroute.remote(rec.request_id, failed)
+        if worker is None or attempt >= MAX_FAILOVERS:
+            raise oai.OpenAIError(503, f"worker {failed} is unavailable; retry",
+                                  code="worker_unavailable", retry_after_s=1.0)
+        log.warning("request %s moves from %s to %s", rec.request_id, failed, worker)
+        return worker
+
+    def _observe_end(self, rec: RequestRecord) -> None:
+        m = self.metrics
+        m.requests.labels(rec.status).inc()
+        if rec.status == "rejected":
+            return
+        end = time.perf_counter()
+        m.generation_tokens.inc(rec.output_tokens)
+        if rec.status == "ok":
+            m.e2e.observe(end - rec.arrived)
+            if rec.first_token_at is not None and rec.output_tokens > 1:
+                m.tpot.observe((end - rec.first_token_at) / (rec.output_tokens - 1))
