@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .mooncake_client import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
-                                        block_spans)
+from .backend import BlockMissing, KVStoreError, StoreConfig, block_spans
+from .mooncake_client import MooncakeBackend
 from ...engine.kv_connector import KVConnector
 
 log = logging.getLogger(__name__)

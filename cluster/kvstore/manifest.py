@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from google.protobuf.message import DecodeError
 
-from .mooncake_client import block_nbytes
+from .backend import block_nbytes
 from ...engine.kv_handoff import BlockRef, KVHandoff, KVLayout
 from ...engine.kv_handoff import block_checksum as engine_block_checksum
 from ...proto import kv_pb2

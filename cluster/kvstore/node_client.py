@@ -11,7 +11,7 @@ import random
 import socket
 from dataclasses import dataclass
 
-from .mooncake_client import Protocol
+from .backend import Protocol
 # the same child handling as the master: parent-death signal, SIGTERM-then-SIGKILL, reaping
 from ..supervised_process import SupervisedProcess, free_port, tcp_open
 

@@ -30,7 +30,8 @@ import torch
 
 from ..kvstore.connector import MooncakeConnector, commit_key
 from ..kvstore.same_host import copy_spans
-from ..kvstore.mooncake_client import MooncakeBackend, StoreConfig
+from ..kvstore.backend import StoreConfig
+from ..kvstore.mooncake_client import MooncakeBackend
 from ..kvstore.master import MooncakeMaster
 from ..kvstore.node_client import MooncakeNodeClient, NodeClientConfig
 
