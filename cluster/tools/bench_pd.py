@@ -1,10 +1,6 @@
 """Time to first token, PD versus colocated, split into its parts, on a real Mooncake store.
 
     python -m pdcluster.cluster.tools.bench_pd [--prompt-lens 128 512 1024 2048] [--repeats 3]
-
-Two engines in one process with their own store clients and segments: the prefill engine computes
-the prompt and writes its blocks (TTFT = compute + write); the decode engine reads them and computes
-the second token. The colocated baseline is the same prefill without the handoff, in the same run.
 """
 from __future__ import annotations
 
@@ -16,6 +12,10 @@ import sys
 import time
 
 import torch
+
+# Two engines in one process with their own store clients and segments: the prefill engine computes
+# the prompt and writes its blocks (TTFT = compute + write); the decode engine reads them and computes
+# the second token. The colocated baseline is the same prefill without the handoff, in the same run.
 
 
 def _params():
