@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
-from .kv_handoff import BlockRef, KVHandoff, KVLayout, block_checksum, store_key
-from .kv_connector import KVConnector
 from .distributed import gather_objects, get_tp, min_over_ranks
+from .kv_connector import KVConnector
+from .kv_handoff import BlockRef, KVHandoff, KVLayout, block_checksum, store_key
 from .sequence import Sequence
 
 # Export (prefill side): after the prompt is computed, every prompt block is written under its chain

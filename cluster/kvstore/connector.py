@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ...engine.kv_connector import KVConnector
 from .backend import BlockMissing, KVStoreError, StoreConfig, block_spans
 from .mooncake_client import MooncakeBackend
-from ...engine.kv_connector import KVConnector
 
 # `make_connector` is what workers call: it returns None (and the engine recomputes instead of
 # loading) when the store cannot be reached, so a dead master never stops serving. In the store's

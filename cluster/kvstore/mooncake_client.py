@@ -12,11 +12,18 @@ from typing import Any
 
 import torch
 
-from . import same_host
-from .backend import (BlockMissing, KVStoreError, KVTransferBackend, StoreConfig, StoreFull,
-                      StoreUnavailable, same_length)
-from .master import metadata_answers
 from ..supervised_process import tcp_open
+from . import same_host
+from .backend import (
+    BlockMissing,
+    KVStoreError,
+    KVTransferBackend,
+    StoreConfig,
+    StoreFull,
+    StoreUnavailable,
+    same_length,
+)
+from .master import metadata_answers
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import random
 import socket
 from dataclasses import dataclass
 
-from .backend import Protocol
 # the same child handling as the master: parent-death signal, SIGTERM-then-SIGKILL, reaping
 from ..supervised_process import SupervisedProcess, free_port, tcp_open
+from .backend import Protocol
 
 # In the store's `node` mode this process owns the node's segment and does every copy; the workers on
 # the node attach to it over shared memory (`StoreConfig.client == "node"`). Used by tests and

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .render import APP_NAME, serve_config
 from ..spec import ClusterSpec
+from .render import APP_NAME, serve_config
 
 # Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
 # app and keeps running until SIGINT/SIGTERM, then tears everything down (Serve, workers, the

@@ -47,9 +47,9 @@ def _matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, flo
 
 
 def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
+    from ...engine.cpu_kernels import paged_decode_kernel
     from ...engine.layers import attention
     from ...engine.layers.attention import AttentionMetadata, paged_attention
-    from ...engine.cpu_kernels import paged_decode_kernel
     if paged_decode_kernel() is None:
         raise SystemExit("the decode-attention kernel is not built here")
     seqs, block = 32, 16

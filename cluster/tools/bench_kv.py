@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..kvstore.connector import MooncakeConnector, commit_key
-from ..kvstore.same_host import copy_spans
 from ..kvstore.backend import StoreConfig
-from ..kvstore.mooncake_client import MooncakeBackend
+from ..kvstore.connector import MooncakeConnector, commit_key
 from ..kvstore.master import MooncakeMaster
+from ..kvstore.mooncake_client import MooncakeBackend
 from ..kvstore.node_client import MooncakeNodeClient, NodeClientConfig
+from ..kvstore.same_host import copy_spans
 
 # This process ("prefill") puts blocks the way a prefill worker does (MooncakeConnector.save: the blocks;
 # their commit records follow in the background, as in the product); a second one ("decode") gets them. Store client modes:

@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from ...engine import LLM
     from ..kvstore.connector import make_connector
     from ..kvstore.master import MasterConfig, MooncakeMaster
     from ..spec import StoreSpec
-    from ...engine import LLM
 
     kw = dict(enable_prefix_caching=False, kv_cache_gib=0.5, max_num_batched_tokens=4096)
     prefill, decode, colocated = LLM(**kw).engine, LLM(**kw).engine, LLM(**kw).engine

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
+from ..spec import is_loopback
 from .bench_client import stream_completion
 from .perf_metrics import RequestTrace, percentile
-from ..spec import is_loopback
 
 # Closed-loop clients stream completions until the deadline; the summary counts requests sent, served,
 # rejected early (429), and errors (anything else), the p50/p99 TTFT of admitted requests (and how

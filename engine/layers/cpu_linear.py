@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .block_quant import BlockWeights, pack_exact
 from ..cpu_kernels import BlockLinearKernel, block_linear_kernel
+from .block_quant import BlockWeights, pack_exact
 from .linear import Linear, ParallelLMHead
 from .quant import LinearMethod
 

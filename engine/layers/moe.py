@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..weight_loader import Target
 from .activation import silu_and_mul
 from .linear import ColumnParallelLinear, RowParallelLinear
-from ..weight_loader import Target
 from .quant import QuantConfig
 
 # `Experts.forward` is the reference a fused MoE kernel would replace behind the same signature.
