@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cluster.policy.admission import AdmissionConfig, AdmissionController, Verdict
-from ..cluster.policy.placement import (
-    WorkerLoad,
-    decode_blocks_needed,
-    pick_prefill,
-    place,
-    place_decode,
-)
+from ..cluster.policy.placement import WorkerLoad, decode_blocks_needed, pick_prefill, place, place_decode
 from ..cluster.policy.prefix_affinity import PrefixIndex
 from ..cluster.spec import ClusterSpec
 from .worker import WorkerInfo, WorkerReport

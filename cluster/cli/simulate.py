@@ -9,11 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..tools.perf_metrics import (
-    format_table,
-    largest_concurrency_meeting_tps,
-    levels_to_json,
-)
+from ..tools.perf_metrics import format_table, largest_concurrency_meeting_tps, levels_to_json
 from ..tools.simulator import (
     HandoffModel,
     Profile,

@@ -14,14 +14,7 @@ from pathlib import Path
 
 from ..spec import ClusterSpec
 from ..supervised_process import free_port
-from .bench_client import (
-    BenchConfig,
-    Endpoint,
-    render_markdown,
-    run_sweep,
-    token_counter,
-    write_report,
-)
+from .bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
 
 # Both deployments get the same CPUs: PD runs a prefill and a decode engine with one thread each;
 # colocated runs one engine (decode workers compute prompts too: `prefill.replicas: 0`) with two.
