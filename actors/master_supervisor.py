@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import ray
 
 from ..cluster.kvstore.master import MasterConfig, MooncakeMaster, metadata_answers
-from ..cluster.supervised_process import tcp_open
 from ..cluster.spec import RAY_HEAD, StoreSpec, is_loopback
+from ..cluster.supervised_process import tcp_open
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,5 @@
 """The follower ranks of a tensor-parallel worker: ranks 1..tp_size-1 of its engine, one child
 process each on the worker's node, stepped in lockstep by the worker actor (rank 0).
-
-Child processes rather than Ray actors: the worker actor already owns the node's accelerators (one
-worker per node), and a child inherits exactly what the worker has — its node, visible devices and
-runtime env (HCCL_*, ...) — with no placement or resource accounting to arrange. A pipe carries
-each iteration's commands in order at a fraction of an actor call's cost, a follower exits when that
-pipe closes (its worker is gone), and the worker sees a follower exit the moment it happens.
-
-Run as `python -m pdcluster.actors.tp_followers FD`: FD is the follower's end of the pipe.
 """
 from __future__ import annotations
 
@@ -20,6 +12,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+
+# Child processes rather than Ray actors: the worker actor already owns the node's accelerators (one
+# worker per node), and a child inherits exactly what the worker has — its node, visible devices and
+# runtime env (HCCL_*, ...) — with no placement or resource accounting to arrange. A pipe carries
+# each iteration's commands in order at a fraction of an actor call's cost, a follower exits when that
+# pipe closes (its worker is gone), and the worker sees a follower exit the moment it happens.
+#
+# Run as `python -m pdcluster.actors.tp_followers FD`: FD is the follower's end of the pipe.
 
 log = logging.getLogger(__name__)
 

@@ -58,10 +58,10 @@ class EngineWorker:
     def __init__(self, spec: dict, worker_id: str) -> None:
         import ray
 
-        from .tp_followers import TPFollowers
         from ..cluster.kvstore.connector import make_connector
         from ..cluster.spec import ClusterSpec
         from ..engine.llm_engine import LLMEngine
+        from .tp_followers import TPFollowers
 
         self.spec = ClusterSpec.from_dict(spec)
         self.worker_id = worker_id
@@ -102,8 +102,8 @@ class EngineWorker:
     def _node_store(self, store_host: str, gcs_address: str):
         """This node's store client (started if no worker here has yet) and a client attached to
         it; None, and prompts are recomputed, if either fails."""
-        from .node_client_supervisor import ensure_node_client
         from ..cluster.kvstore.connector import open_backend
+        from .node_client_supervisor import ensure_node_client
 
         try:
             ensure_node_client(self.spec.store, store_host, self.node_id, gcs_address)

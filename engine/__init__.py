@@ -2,8 +2,8 @@
 
 Plain torch; never imports Ray. `LLM` is the offline API, `LLMEngine` the streaming step API.
 """
-from .sampling import SamplingParams
 from .outputs import RequestOutput
+from .sampling import SamplingParams
 
 __all__ = ["SamplingParams", "RequestOutput", "LLM", "LLMEngine", "EngineConfig"]
 

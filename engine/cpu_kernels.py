@@ -1,12 +1,4 @@
-"""CPU kernels built on first use with the machine's C compiler, called through ctypes.
-
-Only what the torch path cannot do well lives here: decode attention that reads the paged KV cache
-in place (csrc/paged_decode_attention.c), and decode-sized matmuls over weights kept in GGUF's
-32-wide quantized blocks (csrc/block_linear.c, see block_quant.py). The library is compiled once per
-source, compiler and CPU (it uses -march=native) into a cache folder and shared by every process on
-the machine. No compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path
-in charge, which is also the reference the kernels are tested against (tests/test_cpu_kernels.py).
-"""
+"""CPU kernels built on first use with the machine's C compiler, called through ctypes."""
 from __future__ import annotations
 
 import ctypes
@@ -22,6 +14,13 @@ from pathlib import Path
 import torch
 
 from .layers.block_quant import QBLOCK, BlockWeights
+
+# Only what the torch path cannot do well lives here: decode attention that reads the paged KV cache
+# in place (csrc/paged_decode_attention.c), and decode-sized matmuls over weights kept in GGUF's
+# 32-wide quantized blocks (csrc/block_linear.c, see block_quant.py). The library is compiled once per
+# source, compiler and CPU (it uses -march=native) into a cache folder and shared by every process on
+# the machine. No compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path
+# in charge, which is also the reference the kernels are tested against (tests/test_cpu_kernels.py).
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,4 @@
-"""Moves a sequence's KV between this engine's paged cache and a shared store.
-
-Export (prefill side): after the prompt is computed, every prompt block is written under its chain
-hash key and described in a `KVHandoff`. Import (decode side, and the prefill side's store-backed
-prefix cache): when a sequence is admitted its blocks are filled from the store, checked, and only
-what could not be loaded is recomputed.
-"""
+"""Moves a sequence's KV between this engine's paged cache and a shared store."""
 from __future__ import annotations
 
 import hashlib
@@ -16,10 +10,15 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
-from .kv_handoff import BlockRef, KVHandoff, KVLayout, block_checksum, store_key
-from .kv_connector import KVConnector
 from .distributed import gather_objects, get_tp, min_over_ranks
+from .kv_connector import KVConnector
+from .kv_handoff import BlockRef, KVHandoff, KVLayout, block_checksum, store_key
 from .sequence import Sequence
+
+# Export (prefill side): after the prompt is computed, every prompt block is written under its chain
+# hash key and described in a `KVHandoff`. Import (decode side, and the prefill side's store-backed
+# prefix cache): when a sequence is admitted its blocks are filled from the store, checked, and only
+# what could not be loaded is recomputed.
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,17 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
 from .cpu_kernels import paged_decode_kernel
-from .layers.cpu_linear import use_block_kernels
+from .detokenizer import IncrementalDetokenizer
 from .device import keep_freed_memory, select_device, select_dtype
-from .kv_io import KVCounters, KVExchange
+from .distributed import init_tensor_parallel
 from .kv_connector import KVConnector
 from .kv_handoff import KVHandoff, KVLayout
+from .kv_io import KVCounters, KVExchange
+from .layers.cpu_linear import use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
 from .outputs import RequestOutput
-from .distributed import init_tensor_parallel
 from .prefix_hash import model_salt
 from .sampling import SamplingParams
 from .scheduler import Scheduler

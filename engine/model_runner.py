@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import broadcast_from_first
 from .layers.attention import AttentionMetadata, PrefillSegment
 from .outputs import TokenLogprob
-from .distributed import broadcast_from_first
 from .sampler import sample
 from .scheduler import ScheduledSeq
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class Target:
     """Where one checkpoint tensor (or a piece of it) goes."""

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from pdcluster.cluster.kvstore import same_host
-from pdcluster.cluster.kvstore.mooncake_client import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
-                                        StoreUnavailable, block_nbytes)
+from pdcluster.cluster.kvstore.backend import BlockMissing, KVStoreError, StoreConfig, StoreUnavailable, block_nbytes
+from pdcluster.cluster.kvstore.mooncake_client import MooncakeBackend
 from pdcluster.cluster.kvstore.master import MasterConfig, MooncakeMaster
 from pdcluster.cluster.kvstore.node_client import MooncakeNodeClient, NodeClientConfig
 

@@ -10,7 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..tools.bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
+from ..tools.bench_client import (
+    BenchConfig,
+    Endpoint,
+    render_markdown,
+    run_sweep,
+    token_counter,
+    write_report,
+)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

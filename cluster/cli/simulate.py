@@ -10,9 +10,19 @@ import sys
 from pathlib import Path
 
 from ..tools.perf_metrics import format_table, largest_concurrency_meeting_tps, levels_to_json
-from ..tools.simulator import (HandoffModel, Profile, Topology, Workload, assumptions, fit_profile,
-                                         load_profile, read_measurements, save_profile, simulate_levels,
-                                         sweep_splits)
+from ..tools.simulator import (
+    HandoffModel,
+    Profile,
+    Topology,
+    Workload,
+    assumptions,
+    fit_profile,
+    load_profile,
+    read_measurements,
+    save_profile,
+    simulate_levels,
+    sweep_splits,
+)
 
 # DeepSeek-V3/R1 MLA cache per token: 61 layers x (512 latent + 64 rope) x 2 bytes (bf16); every TP rank
 # holds (and reads, and receives in a handoff) the whole latent.

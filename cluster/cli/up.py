@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     # One module serves three verbs, each listed in cli.VERBS: register them all once.
     if "up" in sub.choices:

@@ -1,18 +1,17 @@
-"""The engine's `KVConnector` over the Mooncake store: zero-copy block moves by chain-hash key.
-
-`make_connector` is what workers call: it returns None (and the engine recomputes instead of
-loading) when the store cannot be reached, so a dead master never stops serving. In the store's
-`node` mode the client is opened first (`open_backend`) and the engine's KV cache allocated from it
-(`EngineConfig.kv_allocator=backend.allocate`), then handed to `make_connector`.
-"""
+"""The engine's `KVConnector` over the Mooncake store: zero-copy block moves by chain-hash key."""
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .mooncake_client import (BlockMissing, KVStoreError, MooncakeBackend, StoreConfig,
-                                        block_spans)
 from ...engine.kv_connector import KVConnector
+from .backend import BlockMissing, KVStoreError, StoreConfig, block_spans
+from .mooncake_client import MooncakeBackend
+
+# `make_connector` is what workers call: it returns None (and the engine recomputes instead of
+# loading) when the store cannot be reached, so a dead master never stops serving. In the store's
+# `node` mode the client is opened first (`open_backend`) and the engine's KV cache allocated from it
+# (`EngineConfig.kv_allocator=backend.allocate`), then handed to `make_connector`.
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from dataclasses import replace
 import torch
 from google.protobuf.message import DecodeError
 
-from .mooncake_client import block_nbytes
 from ...engine.kv_handoff import BlockRef, KVHandoff, KVLayout
 from ...engine.kv_handoff import block_checksum as engine_block_checksum
 from ...proto import kv_pb2
+from .backend import block_nbytes
 
 MANIFEST_VERSION = 1
 KINDS = ("mha", "mla")

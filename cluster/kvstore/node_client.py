@@ -1,9 +1,5 @@
 """Supervisor for a node's one real Mooncake store client (`mooncake_client`): ports, flags,
 readiness, health, clean shutdown.
-
-In the store's `node` mode this process owns the node's segment and does every copy; the workers on
-the node attach to it over shared memory (`StoreConfig.client == "node"`). Used by tests and
-benchmarks, and by the per-node supervisor actor (actors/node_client.py).
 """
 from __future__ import annotations
 
@@ -11,9 +7,13 @@ import random
 import socket
 from dataclasses import dataclass
 
-from .mooncake_client import Protocol
 # the same child handling as the master: parent-death signal, SIGTERM-then-SIGKILL, reaping
 from ..supervised_process import SupervisedProcess, free_port, tcp_open
+from .backend import Protocol
+
+# In the store's `node` mode this process owns the node's segment and does every copy; the workers on
+# the node attach to it over shared memory (`StoreConfig.client == "node"`). Used by tests and
+# benchmarks, and by the per-node supervisor actor (actors/node_client.py).
 
 BINARY = "mooncake_client"
 # mooncake_client takes its transfer engine's port from MC_STORE_CLIENT_MIN/MAX_PORT only inside these

@@ -1,23 +1,4 @@
-"""Same-host reads from the Mooncake store: a client's segment in shared memory, copied out directly.
-
-Over Mooncake's TCP transport every byte of a get crosses the loopback stack (~1 GB/s here, a fifth
-of memcpy). When the replica sits in the segment of a client on the same host, the reader can copy
-it straight out of that client's memory instead:
-
-- the owner creates its segment as a memfd, mounts it in Mooncake (`mount_segment` on
-  /proc/self/fd/N) and advertises it on the master's metadata server under its transfer endpoint
-  (`SegmentAdvert`: boot id, pid, fd, device + inode, mapped base address, size);
-- a reader looks up a replica's endpoint, and where the advert's boot id is its own, opens the memfd
-  through /proc/<pid>/fd/<fd>, checks it is the same file (device + inode: a pid in another pid
-  namespace, or a recycled one, names some other file) and maps it read-only.
-
-Mooncake still places the objects and guards them: the reader learns each replica's address from the
-master, which takes a read lease (the object is not evicted while it is copied). Anything that does
-not map (another host, a peer that died, a size that does not match) goes through the transport.
-The owner writes its own puts into the segment the same way (mooncake_client.MooncakeBackend._put_direct).
-Large copies use streaming stores on up to four threads (`copy_spans`, engine/csrc/stream_copy.c).
-Only host memory over `tcp` is covered; rdma/ascend keep Mooncake's own transports.
-"""
+"""Same-host reads from the Mooncake store: a client's segment in shared memory, copied out directly."""
 from __future__ import annotations
 
 import ctypes
@@ -33,6 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .master import METADATA_OPENER
+
+# Over Mooncake's TCP transport every byte of a get crosses the loopback stack, several times slower
+# than a memcpy. When the replica sits in the segment of a client on the same host, the reader can copy
+# it straight out of that client's memory instead:
+#
+# - the owner creates its segment as a memfd, mounts it in Mooncake (`mount_segment` on
+#   /proc/self/fd/N) and advertises it on the master's metadata server under its transfer endpoint
+#   (`SegmentAdvert`: boot id, pid, fd, device + inode, mapped base address, size);
+# - a reader looks up a replica's endpoint, and where the advert's boot id is its own, opens the memfd
+#   through /proc/<pid>/fd/<fd>, checks it is the same file (device + inode: a pid in another pid
+#   namespace, or a recycled one, names some other file) and maps it read-only.
+#
+# Mooncake still places the objects and guards them: the reader learns each replica's address from the
+# master, which takes a read lease (the object is not evicted while it is copied). Anything that does
+# not map (another host, a peer that died, a size that does not match) goes through the transport.
+# The owner writes its own puts into the segment the same way (mooncake_client.MooncakeBackend._put_direct).
+# Large copies use streaming stores on up to four threads (`copy_spans`, engine/csrc/stream_copy.c).
+# Only host memory over `tcp` is covered; rdma/ascend keep Mooncake's own transports.
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,5 @@
 """Bring a pdcluster up, down, and report on it: on this machine (a Ray instance owned by the `up`
 process) or on an existing Ray cluster (`ray up`, KubeRay) given by its address.
-
-Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
-app and keeps running until SIGINT/SIGTERM, then tears everything down (Serve, workers, the
-mooncake_master it started, Ray). It records itself in a state file so `down` (which signals it) and
-`status` (which connects to its Ray) work from another shell.
 """
 from __future__ import annotations
 
@@ -21,8 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .render import APP_NAME, serve_config
 from ..spec import ClusterSpec
+from .render import APP_NAME, serve_config
+
+# Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
+# app and keeps running until SIGINT/SIGTERM, then tears everything down (Serve, workers, the
+# mooncake_master it started, Ray). It records itself in a state file so `down` (which signals it) and
+# `status` (which connects to its Ray) work from another shell.
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
+from ..spec import ClusterSpec
 from . import openai_protocol as oai
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord
-from ..spec import ClusterSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,4 @@
-"""OpenAI wire format: request models with validation, response/chunk builders, and error bodies.
-
-Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
-"code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
-Validation is strict (JSON types as OpenAI documents them, no "1" for 1) and bounds every value the
-engine would otherwise choke on, so no request body can fail a worker's batch.
-"""
+"""OpenAI wire format: request models with validation, response/chunk builders, and error bodies."""
 from __future__ import annotations
 
 import json
@@ -13,6 +7,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ...engine.sampling import SamplingParams
+
+# Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
+# "code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
+# Validation is strict (JSON types as OpenAI documents them, no "1" for 1) and bounds every value the
+# engine would otherwise choke on, so no request body can fail a worker's batch.
 
 # OpenAI "type" per HTTP status
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

@@ -18,8 +18,15 @@ from typing import Any
 
 import httpx
 
-from .perf_metrics import (LevelStats, RequestTrace, format_comparison, format_table,
-                                    largest_concurrency_meeting_tps, levels_to_json, summarize)
+from .perf_metrics import (
+    LevelStats,
+    RequestTrace,
+    format_comparison,
+    format_table,
+    largest_concurrency_meeting_tps,
+    levels_to_json,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,6 @@
 cluster and against a colocated deployment of the same model, in one run, side by side.
 
     python -m pdcluster.cluster.tools.bench_cluster [--concurrency 1 2 4 8] [--input-len 128] [--output-len 64]
-
-Both deployments get the same CPUs: PD runs a prefill and a decode engine with one thread each;
-colocated runs one engine (decode workers compute prompts too: `prefill.replicas: 0`) with two.
-They run one after the other on a local Ray (one pdcluster per Ray namespace), then the tables,
-the comparison and a JSON/Markdown/PNG report (`--out`) are written.
 """
 from __future__ import annotations
 
@@ -17,9 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from .bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
-from ..supervised_process import free_port
 from ..spec import ClusterSpec
+from ..supervised_process import free_port
+from .bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
+
+# Both deployments get the same CPUs: PD runs a prefill and a decode engine with one thread each;
+# colocated runs one engine (decode workers compute prompts too: `prefill.replicas: 0`) with two.
+# They run one after the other on a local Ray (one pdcluster per Ray namespace), then the tables,
+# the comparison and a JSON/Markdown/PNG report (`--out`) are written.
 
 
 def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]) -> ClusterSpec:
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from ...actors.names import NAMESPACE
-    from ..launch.deployment import deploy, http_url, teardown
     from ...engine.tokenizer import Tokenizer
     from ...engine.weights import resolve_model_path
+    from ..launch.deployment import deploy, http_url, teardown
 
     ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
              "serve": {"http_port": free_port(), "grpc_port": free_port()}}

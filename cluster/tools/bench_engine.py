@@ -2,11 +2,6 @@
 
     python -m pdcluster.cluster.tools.bench_engine [--input-len 128] [--output-len 128] [--concurrency 1 8 32]
                                              [--rounds 3]
-
-Prints decode tokens/s at batch 1 and aggregate output tokens/s at each concurrency for our engine
-(all requests in one continuous batch) and for transformers run sequentially (its per-request rate
-is its aggregate rate, so it is measured on a few requests), and the ratios. Both sides are measured
-back to back in each of several rounds, so a slow spell of a shared machine hits both.
 """
 from __future__ import annotations
 
@@ -18,6 +13,11 @@ import sys
 import time
 
 import torch
+
+# Prints decode tokens/s at batch 1 and aggregate output tokens/s at each concurrency for our engine
+# (all requests in one continuous batch) and for transformers run sequentially (its per-request rate
+# is its aggregate rate, so it is measured on a few requests), and the ratios. Both sides are measured
+# back to back in each of several rounds, so a slow spell of a shared machine hits both.
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -1,12 +1,6 @@
 """The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
-
-Matmuls: every projection and the LM head of the loaded model, through the block kernel (GGUF
-Q4_1/Q8_0 blocks) and through BLAS on the dense float32 weight (`F.linear`), per decode batch size.
-Decode attention: one step's attention over all layers for 32 sequences of `--context` tokens, the
-compiled kernel against the torch gather + SDPA path. Times are the best of `--repeats` passes, each
-pass timing both sides back to back.
 """
 from __future__ import annotations
 
@@ -16,6 +10,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+# Matmuls: every projection and the LM head of the loaded model, through the block kernel (GGUF
+# Q4_1/Q8_0 blocks) and through BLAS on the dense float32 weight (`F.linear`), per decode batch size.
+# Decode attention: one step's attention over all layers for 32 sequences of `--context` tokens, the
+# compiled kernel against the torch gather + SDPA path. Times are the best of `--repeats` passes, each
+# pass timing both sides back to back.
 
 
 def _paired(ours, ref, repeats: int) -> tuple[float, float]:
@@ -47,9 +47,9 @@ def _matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, flo
 
 
 def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
+    from ...engine.cpu_kernels import paged_decode_kernel
     from ...engine.layers import attention
     from ...engine.layers.attention import AttentionMetadata, paged_attention
-    from ...engine.cpu_kernels import paged_decode_kernel
     if paged_decode_kernel() is None:
         raise SystemExit("the decode-attention kernel is not built here")
     seqs, block = 32, 16

@@ -1,18 +1,4 @@
-"""KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run.
-
-This process ("prefill") puts blocks the way a prefill worker does (MooncakeConnector.save: the blocks;
-their commit records follow in the background, as in the product); a second one ("decode") gets them. Store client modes:
-embedded = each process runs its own Mooncake client and segment, in shared memory: the writer copies
-its blocks straight into its own segment and the reader copies same-host replicas straight out of it
-(the default); embedded-tcp = the same with `same_host_reads` off (the bytes cross Mooncake's transfer
-both ways, TCP for the get, as between hosts); node = both
-attach over shared memory to one node client (`mooncake_client`) that owns the segment and does the
-copies (two workers on one node); node-2 = each attaches to its own node client (two nodes on one
-host: the hop between the node clients is loopback TCP).
-
-The baseline is a plain memcpy of the same bytes in one process: one memcpy call, one thread. An
-all-core copy (torch's parallel copy_) is shown beside it.
-"""
+"""KV handoff bandwidth through a real Mooncake store vs memcpy and raw TCP of the same bytes, same run."""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +14,25 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..kvstore.backend import StoreConfig
 from ..kvstore.connector import MooncakeConnector, commit_key
-from ..kvstore.same_host import copy_spans
-from ..kvstore.mooncake_client import MooncakeBackend, StoreConfig
 from ..kvstore.master import MooncakeMaster
+from ..kvstore.mooncake_client import MooncakeBackend
 from ..kvstore.node_client import MooncakeNodeClient, NodeClientConfig
+from ..kvstore.same_host import copy_spans
+
+# This process ("prefill") puts blocks the way a prefill worker does (MooncakeConnector.save: the blocks;
+# their commit records follow in the background, as in the product); a second one ("decode") gets them. Store client modes:
+# embedded = each process runs its own Mooncake client and segment, in shared memory: the writer copies
+# its blocks straight into its own segment and the reader copies same-host replicas straight out of it
+# (the default); embedded-tcp = the same with `same_host_reads` off (the bytes cross Mooncake's transfer
+# both ways, TCP for the get, as between hosts); node = both
+# attach over shared memory to one node client (`mooncake_client`) that owns the segment and does the
+# copies (two workers on one node); node-2 = each attaches to its own node client (two nodes on one
+# host: the hop between the node clients is loopback TCP).
+#
+# The baseline is a plain memcpy of the same bytes in one process: one memcpy call, one thread. An
+# all-core copy (torch's parallel copy_) is shown beside it.
 
 MODES = ("embedded", "embedded-tcp", "node", "node-2")
 

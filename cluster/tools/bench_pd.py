@@ -1,10 +1,6 @@
 """Time to first token, PD versus colocated, split into its parts, on a real Mooncake store.
 
     python -m pdcluster.cluster.tools.bench_pd [--prompt-lens 128 512 1024 2048] [--repeats 3]
-
-Two engines in one process with their own store clients and segments: the prefill engine computes
-the prompt and writes its blocks (TTFT = compute + write); the decode engine reads them and computes
-the second token. The colocated baseline is the same prefill without the handoff, in the same run.
 """
 from __future__ import annotations
 
@@ -16,6 +12,10 @@ import sys
 import time
 
 import torch
+
+# Two engines in one process with their own store clients and segments: the prefill engine computes
+# the prompt and writes its blocks (TTFT = compute + write); the decode engine reads them and computes
+# the second token. The colocated baseline is the same prefill without the handoff, in the same run.
 
 
 def _params():
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from ...engine import LLM
     from ..kvstore.connector import make_connector
     from ..kvstore.master import MasterConfig, MooncakeMaster
     from ..spec import StoreSpec
-    from ...engine import LLM
 
     kw = dict(enable_prefix_caching=False, kv_cache_gib=0.5, max_num_batched_tokens=4096)
     prefill, decode, colocated = LLM(**kw).engine, LLM(**kw).engine, LLM(**kw).engine

@@ -1,20 +1,20 @@
 """Serving metrics as the field reports them (evalscope perf): TTFT, TPOT, per-request TPS, throughput,
 end-to-end latency, goodput, from per-request token timestamps; plus the Markdown/JSON report.
-
-Definitions (all times in seconds on one monotonic clock; n = output tokens of a request):
-  TTFT = first token time - start;  TPOT = (last token time - first token time) / (n - 1), i.e. the
-  first token is excluded; ITL = gaps between consecutive streamed chunks; per-request TPS of a level
-  = 1000 / mean TPOT in ms (evalscope's definition); system throughput = output tokens of the level's
-  successful requests / (last finish - first start); E2E = finish - start.
-  Percentiles use linear interpolation between closest ranks (numpy's default, Hyndman-Fan type 7).
-  Goodput = successful requests with TTFT <= SLO and TPOT <= SLO, per second of the level and as a
-  fraction of all requests sent (failed ones count against it).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+
+# Definitions (all times in seconds on one monotonic clock; n = output tokens of a request):
+#   TTFT = first token time - start;  TPOT = (last token time - first token time) / (n - 1), i.e. the
+#   first token is excluded; ITL = gaps between consecutive streamed chunks; per-request TPS of a level
+#   = 1000 / mean TPOT in ms (evalscope's definition); system throughput = output tokens of the level's
+#   successful requests / (last finish - first start); E2E = finish - start.
+#   Percentiles use linear interpolation between closest ranks (numpy's default, Hyndman-Fan type 7).
+#   Goodput = successful requests with TTFT <= SLO and TPOT <= SLO, per second of the level and as a
+#   fraction of all requests sent (failed ones count against it).
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import numpy as np
 import yaml
 
 from ..policy.admission import AdmissionConfig, AdmissionController, Verdict
-from .perf_metrics import LevelStats, RequestTrace, summarize
 from ..policy.placement import WorkerLoad, decode_blocks_needed, place
+from .perf_metrics import LevelStats, RequestTrace, summarize
 
 # Heaps' law exponent used when the data cannot pin the decode batch exponent (fewer than 3 points).
 DEFAULT_BATCH_EXPONENT = 0.5

@@ -1,12 +1,6 @@
 """Overload soak: hold the cluster at a multiple of its concurrency target for a bounded time.
 
     python -m pdcluster.cluster.tools.soak --concurrency 64 --duration 180 [--base-url http://127.0.0.1:8000/v1]
-
-Closed-loop clients stream completions until the deadline; the summary counts requests sent, served,
-rejected early (429), and errors (anything else), the p50/p99 TTFT of admitted requests (and how
-many met --ttft-slo), the RSS of the serving processes before and after, and, once the load is gone,
-the in-flight/queue gauges and the workers' free KV blocks against their number before the load.
-Bounded in time and requests, and it refuses non-loopback targets unless told they are yours.
 """
 from __future__ import annotations
 
@@ -22,9 +16,15 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
+from ..spec import is_loopback
 from .bench_client import stream_completion
 from .perf_metrics import RequestTrace, percentile
-from ..spec import is_loopback
+
+# Closed-loop clients stream completions until the deadline; the summary counts requests sent, served,
+# rejected early (429), and errors (anything else), the p50/p99 TTFT of admitted requests (and how
+# many met --ttft-slo), the RSS of the serving processes before and after, and, once the load is gone,
+# the in-flight/queue gauges and the workers' free KV blocks against their number before the load.
+# Bounded in time and requests, and it refuses non-loopback targets unless told they are yours.
 
 WORDS = ("river", "stone", "garden", "lamp", "winter", "market", "violin", "harbour", "maple")
 

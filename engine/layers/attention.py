@@ -1,12 +1,4 @@
-"""Paged attention over the block-major KV cache: the portable torch reference path.
-
-Cache layout (one tensor, see DESIGN "KV in the store"): `cache[num_blocks, num_layers, block_size,
-*token_shape]`; one block holds every layer's KV for `block_size` tokens contiguously, so it can be
-shipped to the store as one object. Fused device kernels (NPU/GPU) would replace `paged_attention`
-behind the same signature; none is verified on hardware here. On the CPU, decode reads the cache in
-place through cpu_kernels.py's compiled kernel when one could be built; this file's torch code is the
-reference for it.
-"""
+"""Paged attention over the block-major KV cache: the portable torch reference path."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu_kernels import paged_decode_kernel
+
+# Cache layout (one tensor, see DESIGN "KV in the store"): `cache[num_blocks, num_layers, block_size,
+# *token_shape]`; one block holds every layer's KV for `block_size` tokens contiguously, so it can be
+# shipped to the store as one object. Fused device kernels (NPU/GPU) would replace `paged_attention`
+# behind the same signature; none is verified on hardware here. On the CPU, decode reads the cache in
+# place through cpu_kernels.py's compiled kernel when one could be built; this file's torch code is the
+# reference for it.
 
 
 @dataclass

@@ -1,23 +1,22 @@
-"""GGUF block quantization (Q4_1, Q8_0), recovered losslessly from a dense weight.
-
-The GGUF loader dequantizes every tensor (weights.py), and the model stacks and slices those dense
-tensors like any other checkpoint's. A CPU decode step, though, is bound by streaming the weights'
-bytes, so the matmul kernel (csrc/block_linear.c) wants them back in 32-wide blocks. `pack_exact`
-finds, for each block of a layer's dense weight, the fp16 scale (and Q4_1 minimum) and integer codes
-that reproduce it *bit for bit* by gguf's own dequantization, or returns None. So a layer is only
-ever multiplied by exactly the weights the dense model holds, whatever stacking or tensor-parallel
-slicing made them, and a weight that did not come from such blocks simply stays dense.
-
-Formats (row n of W [N, K], block b = weights 32b .. 32b + 31 of it):
-  q4_1: qs [N, K/32, 16] uint8 (code i in the low nibble of byte i, code 16 + i in the high), d and
-        m [N, K/32] float32; w = fl(d * q) + m
-  q8_0: qs [N, K/32, 32] int8, d [N, K/32] float32; w = d * q
-"""
+"""GGUF block quantization (Q4_1, Q8_0), recovered losslessly from a dense weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+# The GGUF loader dequantizes every tensor (weights.py), and the model stacks and slices those dense
+# tensors like any other checkpoint's. A CPU decode step, though, is bound by streaming the weights'
+# bytes, so the matmul kernel (csrc/block_linear.c) wants them back in 32-wide blocks. `pack_exact`
+# finds, for each block of a layer's dense weight, the fp16 scale (and Q4_1 minimum) and integer codes
+# that reproduce it *bit for bit* by gguf's own dequantization, or returns None. So a layer is only
+# ever multiplied by exactly the weights the dense model holds, whatever stacking or tensor-parallel
+# slicing made them, and a weight that did not come from such blocks simply stays dense.
+#
+# Formats (row n of W [N, K], block b = weights 32b .. 32b + 31 of it):
+#   q4_1: qs [N, K/32, 16] uint8 (code i in the low nibble of byte i, code 16 + i in the high), d and
+#         m [N, K/32] float32; w = fl(d * q) + m
+#   q8_0: qs [N, K/32, 32] int8, d [N, K/32] float32; w = d * q
 
 QBLOCK = 32
 _FP16_MAX_BITS = 0x7BFF   # largest finite fp16

@@ -1,11 +1,4 @@
-"""Decode-sized matmuls on the CPU through the block-quantized kernel.
-
-After loading, `use_block_kernels` gives every dense float32 linear layer (and the LM head) whose
-weight is exactly a GGUF Q4_1/Q8_0 encoding (block_quant.pack_exact) a `BlockLinearMethod`: steps
-of up to a few hundred rows (decode batches, small prefill chunks) read the blocks, 4.5 / 8.5 bits
-per weight; bigger ones keep BLAS on the dense weight, which it multiplies faster at large M. Both
-multiply by bit-identical weights.
-"""
+"""Decode-sized matmuls on the CPU through the block-quantized kernel."""
 from __future__ import annotations
 
 import logging
@@ -14,10 +7,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .block_quant import BlockWeights, pack_exact
 from ..cpu_kernels import BlockLinearKernel, block_linear_kernel
+from .block_quant import BlockWeights, pack_exact
 from .linear import Linear, ParallelLMHead
 from .quant import LinearMethod
+
+# After loading, `use_block_kernels` gives every dense float32 linear layer (and the LM head) whose
+# weight is exactly a GGUF Q4_1/Q8_0 encoding (block_quant.pack_exact) a `BlockLinearMethod`: steps
+# of up to a few hundred rows (decode batches, small prefill chunks) read the blocks, 4.5 / 8.5 bits
+# per weight; bigger ones keep BLAS on the dense weight, which it multiplies faster at large M. Both
+# multiply by bit-identical weights.
 
 log = logging.getLogger(__name__)
 

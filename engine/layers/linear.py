@@ -15,6 +15,7 @@ from torch import nn
 from ..distributed import Shard, all_gather, all_reduce, get_tp, split_evenly
 from .quant import LinearMethod, ParamSpec
 
+
 class Linear(nn.Module):
     """y = x W^T over this rank's slice of W; stored as `method` says (dense or quantized).
 

@@ -1,11 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2) over the paged cache, plus its RoPE (YaRN).
-
-The cache holds, per token and layer, only the compressed latent (kv_lora_rank, after its RMSNorm)
-and the rotated rope key (qk_rope_head_dim): `kv_token_shape = (kv_lora_rank + qk_rope_head_dim,)`,
-shared by all heads and all TP ranks. Prefill expands the latent to per-head keys/values with
-kv_b_proj; decode absorbs kv_b_proj into the query and output instead ("weight absorption"), so it
-attends over the cached latents directly, as one-kv-head attention of width kv_lora_rank + rope.
-"""
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2) over the paged cache, plus its RoPE (YaRN)."""
 from __future__ import annotations
 
 import math
@@ -15,6 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMetadata, causal_mask, gather_kv, write_kv
+
+# The cache holds, per token and layer, only the compressed latent (kv_lora_rank, after its RMSNorm)
+# and the rotated rope key (qk_rope_head_dim): `kv_token_shape = (kv_lora_rank + qk_rope_head_dim,)`,
+# shared by all heads and all TP ranks. Prefill expands the latent to per-head keys/values with
+# kv_b_proj; decode absorbs kv_b_proj into the query and output instead ("weight absorption"), so it
+# attends over the cached latents directly, as one-kv-head attention of width kv_lora_rank + rope.
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,

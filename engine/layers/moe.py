@@ -1,9 +1,5 @@
 """Mixture of experts: routing (softmax top-k; DeepSeek-V3's sigmoid grouped top-k with correction
 bias) and the routed experts, in portable torch.
-
-`Experts.forward` is the reference a fused MoE kernel would replace behind the same signature.
-Under tensor parallelism every expert's intermediate features are split over the ranks (column
-gate/up, row down) and the caller sums the partial outputs with one all-reduce.
 """
 from __future__ import annotations
 
@@ -13,10 +9,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..weight_loader import Target
 from .activation import silu_and_mul
 from .linear import ColumnParallelLinear, RowParallelLinear
-from ..weight_loader import Target
 from .quant import QuantConfig
+
+# `Experts.forward` is the reference a fused MoE kernel would replace behind the same signature.
+# Under tensor parallelism every expert's intermediate features are split over the ranks (column
+# gate/up, row down) and the caller sums the partial outputs with one all-reduce.
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

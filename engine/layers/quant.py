@@ -68,12 +68,8 @@ class AWQLinearMethod(LinearMethod):
         p, g = self.pack, self.group_size
         if out_features % p:
             raise ValueError(f"AWQ needs output features divisible by {p}, got {out_features}")
-        if g <= 0:   # one group over the whole input: scales/zeros are not split by input
-            groups, in_axis, g = 1, None, 1
-        elif in_features % g:
-            raise ValueError(f"AWQ group size {g} does not divide {in_features} input features")
-        else:
-            groups, in_axis = in_features // g, 0
+        # g <= 0: one group over the whole input, scales/zeros are not split by input
+        groups, in_axis, g = _input_groups(in_features, g if g > 0 else None, 0)
         return {
             "qweight": ParamSpec((in_features, out_features // p), torch.int32, 1, p, 0, 1),
             "qzeros": ParamSpec((groups, out_features // p), torch.int32, 1, p, in_axis, g),
@@ -103,12 +99,7 @@ class PackQuantizedLinearMethod(LinearMethod):
         if in_features % p:
             raise ValueError(f"pack-quantized needs input features divisible by {p}, "
                              f"got {in_features}")
-        if g is None:
-            groups, in_axis, g = 1, None, 1
-        elif in_features % g:
-            raise ValueError(f"group size {g} does not divide {in_features} input features")
-        else:
-            groups, in_axis = in_features // g, 1
+        groups, in_axis, g = _input_groups(in_features, g, 1)
         return {
             "weight_packed": ParamSpec((out_features, in_features // p), torch.int32, 0, 1, 1, p),
             "weight_scale": ParamSpec((out_features, groups), self.scale_dtype, 0, 1, in_axis, g),
@@ -118,6 +109,16 @@ class PackQuantizedLinearMethod(LinearMethod):
         q = unpack_int32(w["weight_packed"], self.bits)
         scale = w["weight_scale"].float()
         return q * scale.repeat_interleave(q.shape[1] // scale.shape[1], dim=1)
+
+
+def _input_groups(in_features: int, group_size: int | None, axis: int) -> tuple[int, int | None, int]:
+    """(number of input groups, the axis scales are split along by input, group size) for a layer
+    quantized in groups of `group_size` inputs (None: one group, nothing split by input)."""
+    if group_size is None:
+        return 1, None, 1
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_features} input features")
+    return in_features // group_size, axis, group_size
 
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

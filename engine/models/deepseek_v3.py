@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.attention import AttentionMetadata
-from ..layers.norm import RMSNorm
-from ..layers.mla import MLARotaryEmbedding, mla_attention, mla_softmax_scale
-from .llama import LlamaMLP, rope_parameters
-from ..layers.moe import Experts, Gate, expert_targets, grouped_topk
-from ..layers.linear import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear, VocabParallelEmbedding
-from ..weight_loader import Target, load_weights, stacked_target
 from ..distributed import all_reduce, split_evenly
+from ..layers.attention import AttentionMetadata
+from ..layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from ..layers.mla import MLARotaryEmbedding, mla_attention, mla_softmax_scale
+from ..layers.moe import Experts, Gate, expert_targets, grouped_topk
+from ..layers.norm import RMSNorm
 from ..layers.quant import QuantConfig
+from ..weight_loader import Target, stacked_target
+from .causal_lm import CausalLM, DecoderModel
+from .llama import LlamaMLP, rope_parameters
 
 
 class DeepseekV3Attention(nn.Module):
@@ -132,46 +133,25 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV3Model(nn.Module):
-    def __init__(self, cfg: dict, quant: QuantConfig) -> None:
-        super().__init__()
-        rotary = MLARotaryEmbedding(cfg["qk_rope_head_dim"], rope_parameters(cfg),
-                                    cfg.get("max_position_embeddings", 4096),
-                                    bool(cfg.get("rope_interleave", True)))
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, i, rotary, quant)
-                                    for i in range(cfg["num_hidden_layers"]))
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-
-    def forward(self, input_ids, positions, kv_cache, meta):
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x, kv_cache, meta)
-        return self.norm(x)
+def deepseek_v3_model(cfg: dict, quant: QuantConfig) -> DecoderModel:
+    rotary = MLARotaryEmbedding(cfg["qk_rope_head_dim"], rope_parameters(cfg),
+                                cfg.get("max_position_embeddings", 4096),
+                                bool(cfg.get("rope_interleave", True)))
+    return DecoderModel(cfg, (DeepseekV3DecoderLayer(cfg, i, rotary, quant)
+                              for i in range(cfg["num_hidden_layers"])))
 
 
 _STACKED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: dict) -> None:
-        super().__init__()
-        self.config = cfg
-        self.quant = QuantConfig.from_hf(cfg)
-        self.model = DeepseekV3Model(cfg, self.quant)
-        self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"],
-                                      self.model.embed_tokens if self.tie else None)
-        self.num_layers = cfg["num_hidden_layers"]
+        super().__init__(cfg)
         self.kv_token_shape = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"],)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def build_model(self, cfg: dict) -> DecoderModel:
+        return deepseek_v3_model(cfg, self.quant)
 
     def route(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[Target, torch.Tensor]]:
         layer = _LAYER.match(name)
@@ -182,6 +162,3 @@ class DeepseekV3ForCausalLM(nn.Module):
             return ()
         experts = expert_targets(name, tensor)
         return ((stacked_target(name, _STACKED), tensor),) if experts is None else experts
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights(self, weights, self.route)

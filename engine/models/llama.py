@@ -11,13 +11,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers.attention import AttentionMetadata, paged_attention
-from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
 from ..layers.activation import silu_and_mul
-from ..layers.linear import ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from ..weight_loader import Target, load_weights, stacked_target
+from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
 from ..layers.quant import QuantConfig
+from ..layers.rotary import RotaryEmbedding
+from ..weight_loader import Target, stacked_target
+from .causal_lm import CausalLM, DecoderModel
 
 
 def rope_parameters(cfg: dict) -> dict:
@@ -102,25 +103,13 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict, quant: QuantConfig,
-                 make_mlp: Callable[[int, str], nn.Module]) -> None:
-        super().__init__()
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        rope = rope_parameters(cfg)
-        rotary = RotaryEmbedding(head_dim, cfg.get("max_position_embeddings", 4096),
-                                 rope["rope_theta"], None if rope["rope_type"] == "default" else rope)
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, quant, make_mlp(i, f"model.layers.{i}.mlp"))
-            for i in range(cfg["num_hidden_layers"]))
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-
-    def forward(self, input_ids, positions, kv_cache, meta):
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x, kv_cache, meta)
-        return self.norm(x)
+def llama_model(cfg: dict, quant: QuantConfig, make_mlp: Callable[[int, str], nn.Module]) -> DecoderModel:
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rope = rope_parameters(cfg)
+    rotary = RotaryEmbedding(head_dim, cfg.get("max_position_embeddings", 4096),
+                             rope["rope_theta"], None if rope["rope_type"] == "default" else rope)
+    return DecoderModel(cfg, (LlamaDecoderLayer(cfg, i, rotary, quant, make_mlp(i, f"model.layers.{i}.mlp"))
+                              for i in range(cfg["num_hidden_layers"])))
 
 
 # HF checkpoint module names that we store stacked: hf name -> (our module, shard index)
@@ -130,35 +119,21 @@ STACKED = {
 }
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: dict) -> None:
-        super().__init__()
-        self.config = cfg
-        self.quant = QuantConfig.from_hf(cfg)
-        self.model = LlamaModel(cfg, self.quant, self.make_mlp)
-        self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"],
-                                      self.model.embed_tokens if self.tie else None)
+        super().__init__(cfg)
         attn = self.model.layers[0].self_attn
-        self.num_layers = cfg["num_hidden_layers"]
         self.kv_token_shape = (2, attn.num_kv_heads, attn.head_dim)
+
+    def build_model(self, cfg: dict) -> DecoderModel:
+        return llama_model(cfg, self.quant, self.make_mlp)
 
     def make_mlp(self, layer: int, prefix: str) -> nn.Module:
         return LlamaMLP(self.config["hidden_size"], self.config["intermediate_size"], self.quant,
                         prefix)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_cache, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
 
     def route(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[Target, torch.Tensor]]:
         """Checkpoint tensor -> where it goes (nothing for recomputed or tied tensors)."""
         if "rotary_emb" in name or (self.tie and name == "lm_head.weight"):
             return ()
         return ((stacked_target(name, STACKED), tensor),)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights(self, weights, self.route)

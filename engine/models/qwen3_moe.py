@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import LlamaForCausalLM, LlamaMLP
-from ..layers.moe import Experts, Gate, expert_targets, softmax_topk
-from ..weight_loader import Target
 from ..distributed import all_reduce
+from ..layers.moe import Experts, Gate, expert_targets, softmax_topk
 from ..layers.quant import QuantConfig
+from ..weight_loader import Target
+from .llama import LlamaForCausalLM, LlamaMLP
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
