@@ -77,7 +77,12 @@ def test_tp_decode_terms_by_hand():
     assert c.expert_reads_ms == pytest.approx(experts * ms_per_byte / 0.5)
     assert c.kv_reads_ms == pytest.approx(4000 * 70272 * ms_per_byte / 0.8)
     assert c.all_to_all_ms == 0 and c.draft_ms == 0 and c.tokens_per_seq == 1
-    assert c.total_ms == pytest.approx(10 + c.static_reads_ms + c.expert_reads_ms + c.kv_reads_ms)
+    # FLOPs per rank: 4 tokens x 2 x active params, + MLA absorbed attention over 4000 cached tokens
+    flops = (4 * 2 * M.active_params + 4000 * 61 * 2 * 128 * (2 * 512 + 64)) / 8
+    assert c.compute_ms == pytest.approx(flops / (400e12 * 0.3 / 1000))
+    assert c.total_ms == pytest.approx(10 + c.static_reads_ms + c.expert_reads_ms + c.kv_reads_ms)  # reads bound
+    big = d.cost(M, HW, DecodeLayout.tp(HW), seqs=2048, ctx_tokens=2048 * 100)  # FLOPs bound
+    assert big.compute_ms > big.memory_ms and big.total_ms == pytest.approx(10 + big.compute_ms)
 
 
 def test_ep_decode_terms_by_hand():

@@ -25,10 +25,11 @@ TOY_HW = Hardware("toy", chips_per_node=1, peak_tflops=6e-9, hbm_gb_s=1e-6, intr
 
 
 def toy(expert_ms_per_byte: float = 0.0) -> Profile:
-    # prefill = 100 ms + 1 ms/token; decode step = 12 ms (+ expert_ms_per_byte x expert bytes read);
+    # prefill = 100 ms + 1 ms/token; decode step = 12 ms (+ expert_ms_per_byte x expert bytes read;
+    # decode FLOPs ~0 at mfu 1e30);
     # handoff = 5 ms + 1e6 B/token at 1 GB/s = 5 ms + 1 ms/token.
     eff = 1 / expert_ms_per_byte if expert_ms_per_byte else 1e30
-    return Profile("toy", TOY_HW, TOY_ARCH, PrefillModel(100.0, 0.0, mfu=1.0), DecodeModel(12.0, eff, 1.0),
+    return Profile("toy", TOY_HW, TOY_ARCH, PrefillModel(100.0, 0.0, mfu=1.0), DecodeModel(12.0, eff, 1.0, mfu=1e30),
                    HandoffModel(1e6, 1.0, 5.0), max_batch_seqs=64, kv_blocks=1000, block_size=16)
 
 

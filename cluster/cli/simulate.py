@@ -6,6 +6,7 @@ or an expert-parallel pool, with or without MTP speculation), and ranks xPyD spl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -145,7 +146,7 @@ def _plan(args: argparse.Namespace, profile: Profile, topology: Topology) -> int
         print(f"  - {line}")
     if args.json:
         args.json.write_text(json.dumps({"topology": topology.label, "profile": profile.name, "concurrency": conc,
-                                         "rows": [r.__dict__ for r in rows]}, indent=2))
+                                         "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     return 0
 
 

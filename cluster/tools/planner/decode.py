@@ -78,6 +78,7 @@ class DecodeCost:
     kv_reads_ms: float  # the group's own sequences' MLA cache
     expert_reads_ms: float  # routed experts the tokens touch, this rank's share
     all_to_all_ms: float  # EP dispatch + combine (overlapped with the expert reads)
+    compute_ms: float  # matmul and MLA attention FLOPs (overlapped with the reads: the longer counts)
     tokens_per_seq: float = 1.0
     draft: DecodeCost | None = None  # one MTP draft pass
     draft_passes: int = 0
@@ -91,8 +92,12 @@ class DecodeCost:
         return self.draft_passes * self.draft.total_ms if self.draft else 0.0
 
     @property
+    def memory_ms(self) -> float:
+        return self.static_reads_ms + self.kv_reads_ms + self.moe_ms
+
+    @property
     def total_ms(self) -> float:
-        return self.overhead_ms + self.static_reads_ms + self.kv_reads_ms + self.moe_ms + self.draft_ms
+        return self.overhead_ms + max(self.memory_ms, self.compute_ms) + self.draft_ms
 
     @property
     def bound_by_expert_reads(self) -> bool:
@@ -111,17 +116,22 @@ class DecodeModel:
         + context tokens x KV bytes per token / (HBM GB/s x kv_efficiency)
         + EP only: dispatch + combine per MoE layer, latency + bytes / link GB/s, overlapped with the
           expert reads (the MoE layer takes the longer of the two)
+        unless the FLOPs take longer (roofline): (2 x params each token multiplies through + MLA
+        attention, absorbed: 2 x heads x (2 x kv_lora + rope) per query and context token x layers)
+        / (TFLOP/s x mfu)
 
     Distinct experts: E (1 - (1 - k/E)^T) for the T tokens the experts' group sees (a node's batch for a
     TP replica, the whole pool's for EP). overhead_ms (kernel launches, TP all-reduces, sampling) and
     weight_efficiency (the share of HBM bandwidth the w4a16 grouped matmuls reach) are fitted; the
-    KV-cache reads are plain bf16 streams at kv_efficiency of HBM bandwidth (assumed, 1 by default).
+    KV-cache reads are plain bf16 streams at kv_efficiency of HBM bandwidth (assumed, 1 by default);
+    mfu is assumed (the prefill's).
     With MTP, a step runs k draft passes of the MTP layer (one sequence token each) and verifies
     k + 1 tokens per sequence in one pass of the main model."""
 
     overhead_ms: float
     weight_efficiency: float
     kv_efficiency: float = 1.0
+    mfu: float = 0.3
 
     def cost(self, arch: ModelArch, hw: Hardware, layout: DecodeLayout, seqs: int, ctx_tokens: int,
              pool_seqs: int | None = None, spec: Speculative | None = None) -> DecodeCost:
@@ -131,21 +141,25 @@ class DecodeModel:
             pool_seqs = seqs * layout.pool_ranks // layout.attn_tp
         q = 1 + (spec.k if spec else 0)  # tokens per sequence through the main model
         main = self._pass(arch, hw, layout, arch.layers, arch.dense_layers, arch.moe_layers,
-                          seqs * q, pool_seqs * q, ctx_tokens)
+                          seqs * q, pool_seqs * q, ctx_tokens, q)
         if not spec:
             return main
-        draft = self._pass(arch, hw, layout, arch.mtp_layers, 0, arch.mtp_layers, seqs, pool_seqs,
-                           ctx_tokens * arch.mtp_layers / arch.layers)
+        draft = self._pass(arch, hw, layout, arch.mtp_layers, 0, arch.mtp_layers, seqs, pool_seqs, ctx_tokens, 1)
         return dataclasses.replace(main, tokens_per_seq=spec.mean_accepted, draft=draft, draft_passes=spec.k)
 
     def _pass(self, arch: ModelArch, hw: Hardware, layout: DecodeLayout, layers: int, dense: int,
-              moe: int, tokens: int, pool_tokens: int, ctx_tokens: float) -> DecodeCost:
+              moe: int, tokens: int, pool_tokens: int, ctx_tokens: float, queries: int) -> DecodeCost:
+        """One forward pass of `layers` layers for `tokens` query tokens of the group (`pool_tokens` in
+        the EP pool), `queries` per sequence, over the group's `ctx_tokens` of context."""
         bytes_per_ms = hw.hbm_gb_s * 1e6
-        static = (arch.static_params(layers, dense, moe) * arch.weight_bytes
-                  + arch.head_params * arch.head_bytes) / layout.attn_tp
+        static_params = arch.static_params(layers, dense, moe)
+        static = (static_params * arch.weight_bytes + arch.head_params * arch.head_bytes) / layout.attn_tp
         moe_tokens = tokens if layout.parallel == "tp" else pool_tokens
         experts = (arch.distinct_experts(moe_tokens) * arch.expert_params * arch.weight_bytes * moe
                    / layout.pool_ranks)
+        flops = (2 * tokens * (static_params + arch.head_params) / layout.attn_tp
+                 + 2 * moe_tokens * arch.experts_per_token * arch.expert_params * moe / layout.pool_ranks
+                 + ctx_tokens * queries * layers * arch.decode_attention_flops_per_pair / layout.attn_tp)
         a2a = 0.0
         if layout.parallel == "ep" and moe:
             remote = (layout.pool_ranks - min(layout.pool_ranks, hw.chips_per_node)) / layout.pool_ranks
@@ -154,5 +168,6 @@ class DecodeModel:
         return DecodeCost(
             self.overhead_ms * layers / arch.layers,
             static / (bytes_per_ms * self.weight_efficiency),
-            ctx_tokens * arch.kv_bytes_per_token / (bytes_per_ms * self.kv_efficiency),
-            experts / (bytes_per_ms * self.weight_efficiency), a2a)
+            ctx_tokens * arch.kv_bytes_per_token * layers / arch.layers / (bytes_per_ms * self.kv_efficiency),
+            experts / (bytes_per_ms * self.weight_efficiency), a2a,
+            flops / (hw.peak_tflops * 1e9 * self.mfu))

@@ -78,7 +78,8 @@ def fit_profile(rows: Sequence[Mapping[str, float]], input_len: int, output_len:
     TTFT(c) = prefill of c prompts, and TPOT(c) = the decode step at batch c with context averaging
     c x (input_len + output_len / 2). Prefill: step_ms and per_seq_ms by non-negative least squares on
     relative error after the FLOPs term (at the assumed mfu). Decode (TP replica): overhead_ms and
-    1 / weight_efficiency likewise, after the KV-read term (at the assumed kv_efficiency).
+    1 / weight_efficiency likewise, after the KV-read term (at the assumed kv_efficiency), taking the
+    measured steps as bound by reads (the fit's residuals show whether they are).
     """
     if len(rows) < 2:
         raise ValueError("need measurements at >= 2 concurrencies")
@@ -103,17 +104,18 @@ def fit_profile(rows: Sequence[Mapping[str, float]], input_len: int, output_len:
     overhead, inv_eff = _nonneg_lstsq(np.c_[np.ones_like(c), weights_ms], tpot - kv_ms, 1 / tpot)
     if inv_eff <= 0:
         raise ValueError("TPOT does not grow with the batch: cannot fit the weight-read efficiency")
-    decode = DecodeModel(round(float(overhead), 3), round(float(1 / inv_eff), 4), kv_efficiency)
+    decode = DecodeModel(round(float(overhead), 3), round(float(1 / inv_eff), 4), kv_efficiency, mfu)
 
     fitted = {"prefill.step_ms": "fitted (TTFT)", "prefill.per_seq_ms": "fitted (TTFT)",
               "decode.overhead_ms": "fitted (TPOT)", "decode.weight_efficiency": "fitted (TPOT)"}
     sources = {
         **fitted,
-        "prefill.mfu": f"assumed: matmuls reach {mfu:g} of peak TFLOP/s (not separable from per-prompt "
-                       "overhead with one input length)",
+        "prefill.mfu": f"assumed: matmuls reach {mfu:g} of peak TFLOP/s (with one input length it cannot "
+                       "be told apart from the per-prompt overhead)",
         "prefill FLOPs": f"model: 2 x {model.active_params / 1e9:.1f}B active params per token + MLA "
                          "attention per (query, key) pair",
         "decode.kv_efficiency": f"assumed: KV-cache reads at {kv_efficiency:g} of HBM bandwidth",
+        "decode.mfu": f"assumed: decode FLOPs at {mfu:g} of peak (the prefill's); reads and FLOPs overlap",
         "decode bytes": f"model: {model.weight_bytes:g} B per weight, {model.kv_bytes_per_token:.0f} B KV "
                         "per token, distinct routed experts E(1-(1-k/E)^T)",
         "hardware": hardware.source,

@@ -88,6 +88,12 @@ class ModelArch:
         attention x V, all heads (MLA computed in its expanded form during prefill)."""
         return 2 * self.heads * (self.qk_nope_dim + self.qk_rope_dim + self.v_head_dim)
 
+    @property
+    def decode_attention_flops_per_pair(self) -> int:
+        """Decode attention FLOPs per layer for one (query, cached token) pair, MLA in its absorbed form
+        (queries projected into the latent): 2 x heads x (latent + rope key for scores, latent for values)."""
+        return 2 * self.heads * (2 * self.kv_lora_rank + self.qk_rope_dim)
+
     def distinct_experts(self, tokens: float) -> float:
         """Expected distinct routed experts per MoE layer that `tokens` tokens activate, routing
         uniform and independent: E x (1 - (1 - k/E)^tokens)."""

@@ -66,14 +66,16 @@ def format_errors(errors: Sequence[RowError]) -> str:
     return "\n".join(lines)
 
 
-def sglang_910c_check(profile: Profile, acceptance: float) -> float:
-    """Predicted TPOT (ms) of SGLang's 910C point with this profile's fitted constants: 910C dies taken
-    as 910B1s, W8A8 weights (1 byte), 32 sequences over 16 attention groups of 2 dies, EP over 32 dies,
-    MTP 3 drafts at `acceptance` per position, mean context 6K + 1.6K/2."""
+def sglang_910c_check(profile: Profile, acceptance: float, weight_efficiency: float | None = None) -> float:
+    """Predicted TPOT (ms) of SGLang's 910C point with this profile's fitted constants (or another
+    weight-read efficiency): 910C dies taken as 910B1s, W8A8 weights (1 byte), 32 sequences over 16
+    attention groups of 2 dies, EP over 32 dies, MTP 3 drafts at `acceptance` per position, mean
+    context 6K + 1.6K/2."""
     model = dataclasses.replace(profile.model, weight_bytes=1.0)
+    decode = dataclasses.replace(profile.decode, weight_efficiency=weight_efficiency or profile.decode.weight_efficiency)
     layout = DecodeLayout.ep(ASCEND_910C_DIE, nodes=2, attn_tp=2)
-    cost = profile.decode.cost(model, ASCEND_910C_DIE, layout, seqs=2, ctx_tokens=2 * (6000 + 800),
-                               pool_seqs=32, spec=Speculative(3, (acceptance,)))
+    cost = decode.cost(model, ASCEND_910C_DIE, layout, seqs=2, ctx_tokens=2 * (6000 + 800), pool_seqs=32,
+                       spec=Speculative(3, (acceptance,)))
     return cost.total_ms / cost.tokens_per_seq
 
 
@@ -85,9 +87,9 @@ def decode_choices(profile: Profile, ks: Sequence[int] = (1, 2, 3),
 
 
 def largest_concurrency(profile: Profile, topology: Topology, input_len: int, output_len: int,
-                        min_tps: float, limit: int = 512) -> int:
-    """The largest closed-loop concurrency whose simulated per-request TPS is >= min_tps (0 if none),
-    by bisection (TPS falls as concurrency grows)."""
+                        min_tps: float, limit: int) -> int:
+    """The largest closed-loop concurrency up to `limit` whose simulated per-request TPS is >= min_tps
+    (0 if none), by bisection (TPS falls as concurrency grows)."""
     def ok(c: int) -> bool:
         return simulate(profile, topology, Workload(c, input_len, output_len, 1)).stats.tps >= min_tps
     lo, hi = 0, limit
@@ -104,16 +106,24 @@ class PlanRow:
     tps: float
     ttft_s: float
     largest_at_min_tps: int
+    limit: int  # the decode nodes' batch cap: beyond it requests wait inside the engines
+
+    @property
+    def largest_label(self) -> str:
+        return f">= {self.limit} (batch cap)" if self.largest_at_min_tps >= self.limit else str(self.largest_at_min_tps)
 
 
 def plan_table(profiles: Iterable[Profile], topology: Topology, concurrency: int, input_lens: Sequence[int],
                output_len: int, min_tps: float) -> list[PlanRow]:
+    """Per-request TPS at `concurrency` and the largest concurrency at >= min_tps, for each decode
+    choice and input length (up to the decode nodes' batch cap)."""
     rows = []
     for p in profiles:
+        limit = (topology.decode_nodes or topology.colocated_nodes) * p.max_batch_seqs
         for n in input_lens:
             stats = simulate(p, topology, Workload(concurrency, n, output_len, 2)).stats
             rows.append(PlanRow(p.decode_label, n, stats.tps, stats.ttft_mean_s,
-                                largest_concurrency(p, topology, n, output_len, min_tps)))
+                                largest_concurrency(p, topology, n, output_len, min_tps, limit), limit))
     return rows
 
 
@@ -125,7 +135,7 @@ def format_plan(rows: Sequence[PlanRow], topology: Topology, concurrency: int, m
     lines = [f"{topology.label}, {concurrency} concurrent, per-request TPS (simulated)", "", head,
              "|---|" + "---|---|" * len(lens)]
     for label in dict.fromkeys(r.decode for r in rows):
-        cells = [f"{by[label, n].tps:.1f} | {by[label, n].largest_at_min_tps}" for n in lens]
+        cells = [f"{by[label, n].tps:.1f} | {by[label, n].largest_label}" for n in lens]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
