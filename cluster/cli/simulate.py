@@ -158,7 +158,8 @@ def _sweep(args: argparse.Namespace, profile: Profile, slo_tpot: float | None) -
     for conc in args.concurrency:
         workload = Workload(conc, args.input_len, args.output_len, args.requests_per_client, args.stagger_s)
         rows = sweep_splits(choices, args.sweep_splits, workload, args.slo_ttft, slo_tpot)
-        slo = f"TTFT <= {args.slo_ttft} s, TPOT <= {slo_tpot} ms" if args.slo_ttft or slo_tpot else "no SLO"
+        slo = ", ".join(([f"TTFT <= {args.slo_ttft:g} s"] if args.slo_ttft else [])
+                        + ([f"TPOT <= {slo_tpot:.1f} ms"] if slo_tpot else [])) or "no SLO"
         print(format_table([s for _, _, s in rows], labels=[f"{t.label} {p.decode_label}" for t, p, _ in rows],
                            label_header="Split, decode",
                            title=f"{args.sweep_splits} nodes, concurrency {conc}, ranked by goodput ({slo})"))
