@@ -11,15 +11,36 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from pdcluster.cluster.cli.main import main
-from pdcluster.cluster.tools.planner.decode import DecodeLayout, DecodeModel, Speculative
-from pdcluster.cluster.tools.planner.fit import MeasurementError, fit_profile, read_measurements
+from pdcluster.cluster.tools.planner.decode import (
+    DecodeLayout,
+    DecodeModel,
+    Speculative,
+)
+from pdcluster.cluster.tools.planner.fit import (
+    MeasurementError,
+    fit_profile,
+    read_measurements,
+)
 from pdcluster.cluster.tools.planner.hardware import ASCEND_910B1, DEEPSEEK_R1, Hardware
 from pdcluster.cluster.tools.planner.prefill import PrefillModel
-from pdcluster.cluster.tools.planner.profile import HandoffModel, ProfileError, load_profile, save_profile
-from pdcluster.cluster.tools.planner.report import long_context_rows, predict_rows, sglang_910c_check
-from pdcluster.cluster.tools.simulator import Topology, Workload, simulate, simulate_levels
+from pdcluster.cluster.tools.planner.profile import (
+    HandoffModel,
+    ProfileError,
+    load_profile,
+    save_profile,
+)
+from pdcluster.cluster.tools.planner.report import (
+    long_context_rows,
+    predict_rows,
+    sglang_910c_check,
+)
+from pdcluster.cluster.tools.simulator import (
+    Topology,
+    Workload,
+    simulate,
+    simulate_levels,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURED = REPO.parent / "shared" / "data" / "910b_dsr1_awq_8card_128in.csv"
@@ -45,7 +66,8 @@ def test_deepseek_r1_sizes():
     total = 61 * attn + 3 * 3 * 7168 * 18432 + 58 * 257 * expert + 2 * 129280 * 7168
     assert 660e9 < total < 680e9  # "671B"
     assert M.kv_bytes_per_token == 61 * 576 * 2
-    assert M.distinct_experts(1) == pytest.approx(8) and M.distinct_experts(2) == pytest.approx(256 * (1 - (248 / 256) ** 2))
+    assert M.distinct_experts(1) == pytest.approx(8)
+    assert M.distinct_experts(2) == pytest.approx(256 * (1 - (248 / 256) ** 2))
 
 
 def test_prefill_terms_by_hand():
@@ -92,8 +114,9 @@ def test_ep_decode_terms_by_hand():
     ms_per_byte = 1 / 1.6e9
     experts = 256 * (1 - (1 - 8 / 256) ** 32) * 3 * 7168 * 2048 * 0.5 * 58 / 32  # whole experts, 1/32 each
     assert c.expert_reads_ms == pytest.approx(experts * ms_per_byte / 0.5)
-    # dispatch + combine per MoE layer: 50 us + (8 tokens / 8 ranks) x top-8 x 7168 x 2 B x 24/32 remote / 25 GB/s
-    a2a = 58 * 2 * (0.05 + 1 * 8 * 7168 * 2 * (24 / 32) / 25e6)
+    # dispatch + combine per MoE layer: 50 us + (8 tokens / 8 ranks) x top-8 x 7168 x 2 B, 24/32 of it
+    # to other nodes at 25 GB/s, 8/32 inside the node at 392 GB/s
+    a2a = 58 * 2 * (0.05 + 8 * 7168 * 2 * (24 / 32) / 25e6 + 8 * 7168 * 2 * (8 / 32) / 392e6)
     assert c.all_to_all_ms == pytest.approx(a2a)
     assert c.moe_ms == max(c.expert_reads_ms, a2a)
     tp = d.cost(M, HW, DecodeLayout.tp(HW), seqs=8, ctx_tokens=8000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from pdcluster.cluster.policy.admission import AdmissionConfig
 from pdcluster.cluster.tools.planner.decode import DecodeModel, Speculative
 from pdcluster.cluster.tools.planner.hardware import Hardware, ModelArch
@@ -103,7 +102,7 @@ def test_speculative_steps_emit_the_mean_accepted_length():
 def test_ep_pool_in_the_loop_and_not_colocated():
     # 64 experts (top-1) over 4 decode chips; 32 sequences on the pool, 8 per node. A step reads the
     # chip's share of the distinct experts all 32 tokens touch, 64 (1 - (63/64)^32) / 4, 3 bytes each
-    # at 2 ms per byte; the all-to-all (8 tokens x 2 B x 3/4 remote at 1 GB/s) hides under the reads.
+    # at 2 ms per byte; the all-to-all (8 tokens x 2 B at 1 GB/s) hides under the reads.
     arch = dataclasses.replace(TOY_ARCH, routed_experts=64)
     p = dataclasses.replace(toy(expert_ms_per_byte=2.0), model=arch).with_decode("ep")
     r = simulate(p, Topology(prefill_nodes=2, decode_nodes=4), Workload(32, 10, 6, 1))

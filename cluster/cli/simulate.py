@@ -11,13 +11,30 @@ import json
 import sys
 from pathlib import Path
 
-from ..tools.perf_metrics import format_table, largest_concurrency_meeting_tps, levels_to_json
+from ..tools.perf_metrics import (
+    format_table,
+    largest_concurrency_meeting_tps,
+    levels_to_json,
+)
 from ..tools.planner.decode import DECODE_PARALLEL, Speculative
 from ..tools.planner.fit import MeasurementError, fit_profile, read_measurements
 from ..tools.planner.hardware import ASCEND_910B1, DEEPSEEK_R1
-from ..tools.planner.profile import HandoffModel, Profile, ProfileError, load_profile, save_profile
-from ..tools.planner.report import (assumptions, decode_choices, format_errors, format_plan, long_context_rows,
-                                    plan_table, predict_rows)
+from ..tools.planner.profile import (
+    HandoffModel,
+    Profile,
+    ProfileError,
+    load_profile,
+    save_profile,
+)
+from ..tools.planner.report import (
+    assumptions,
+    decode_choices,
+    format_errors,
+    format_plan,
+    long_context_rows,
+    plan_table,
+    predict_rows,
+)
 from ..tools.simulator import Topology, Workload, simulate_levels, sweep_splits
 
 

@@ -114,7 +114,8 @@ class DecodeModel:
         + (static weights / attn_tp + distinct routed experts x expert bytes / pool ranks) x layers
           / (HBM GB/s x weight_efficiency)
         + context tokens x KV bytes per token / (HBM GB/s x kv_efficiency)
-        + EP only: dispatch + combine per MoE layer, latency + bytes / link GB/s, overlapped with the
+        + EP only: dispatch + combine per MoE layer, latency + bytes / network or HCCS GB/s (the
+          share of the experts on other nodes or this one), overlapped with the
           expert reads (the MoE layer takes the longer of the two)
         unless the FLOPs take longer (roofline): (2 x params each token multiplies through + MLA
         attention, absorbed: 2 x heads x (2 x kv_lora + rope) per query and context token x layers)
@@ -162,9 +163,12 @@ class DecodeModel:
                  + ctx_tokens * queries * layers * arch.decode_attention_flops_per_pair / layout.attn_tp)
         a2a = 0.0
         if layout.parallel == "ep" and moe:
-            remote = (layout.pool_ranks - min(layout.pool_ranks, hw.chips_per_node)) / layout.pool_ranks
-            per_rank = math.ceil(tokens / layout.attn_tp) * arch.experts_per_token * arch.hidden * 2 * remote
-            a2a = moe * 2 * (hw.a2a_latency_us / 1000 + per_rank / (hw.inter_node_gb_s * 1e6))
+            # each rank sends its share of the group's tokens to k experts (bf16 hidden states), the
+            # other nodes' share over the network, its own node's over HCCS
+            sent = math.ceil(tokens / layout.attn_tp) * arch.experts_per_token * arch.hidden * 2
+            local = min(layout.pool_ranks, hw.chips_per_node) / layout.pool_ranks
+            a2a = moe * 2 * (hw.a2a_latency_us / 1000 + sent * (1 - local) / (hw.inter_node_gb_s * 1e6)
+                             + sent * local / (hw.intra_node_gb_s * 1e6))
         return DecodeCost(
             self.overhead_ms * layers / arch.layers,
             static / (bytes_per_ms * self.weight_efficiency),

@@ -72,7 +72,8 @@ def sglang_910c_check(profile: Profile, acceptance: float, weight_efficiency: fl
     attention groups of 2 dies, EP over 32 dies, MTP 3 drafts at `acceptance` per position, mean
     context 6K + 1.6K/2."""
     model = dataclasses.replace(profile.model, weight_bytes=1.0)
-    decode = dataclasses.replace(profile.decode, weight_efficiency=weight_efficiency or profile.decode.weight_efficiency)
+    decode = dataclasses.replace(profile.decode,
+                                 weight_efficiency=weight_efficiency or profile.decode.weight_efficiency)
     layout = DecodeLayout.ep(ASCEND_910C_DIE, nodes=2, attn_tp=2)
     cost = decode.cost(model, ASCEND_910C_DIE, layout, seqs=2, ctx_tokens=2 * (6000 + 800), pool_seqs=32,
                        spec=Speculative(3, (acceptance,)))
@@ -146,15 +147,17 @@ def assumptions(profile: Profile, workload: Workload, topology: Topology | None 
     hw, m, pf, d, h = profile.hardware, profile.model, profile.prefill, profile.decode, profile.handoff
     lines = [
         f"profile {profile.name}: {profile.description}".rstrip(": "),
-        f"hardware {hw.name}, {hw.chips_per_node} per node: {hw.peak_tflops:g} TFLOP/s, {hw.hbm_gb_s:g} GB/s HBM, "
-        f"{hw.intra_node_gb_s:g} GB/s in-node, {hw.inter_node_gb_s:g} GB/s between nodes per chip ({hw.source})",
-        f"model {m.name}: {m.active_params / 1e9:.1f}B active params/token, {m.weight_bytes:g} B per weight, "
-        f"{m.kv_bytes_per_token:.0f} B KV/token, {m.routed_experts} experts top-{m.experts_per_token}",
-        f"prefill step (ms) = {pf.step_ms:.1f} [fitted] + {pf.per_seq_ms:.1f} [fitted] x prompts + FLOPs / "
-        f"({hw.chips_per_node} x {hw.peak_tflops:g} TFLOP/s x mfu {pf.mfu:g} [assumed]); steps of at most "
-        f"{pf.max_batch_tokens} tokens, longer prompts chunked; the prefill samples the first token",
-        f"decode step (ms) = {d.overhead_ms:.2f} [fitted] + weight bytes / (HBM x {d.weight_efficiency:.3f} "
-        f"[fitted]) + KV bytes / (HBM x {d.kv_efficiency:g} [assumed]); decode: {profile.decode_label}",
+        (f"hardware {hw.name}, {hw.chips_per_node} per node: {hw.peak_tflops:g} TFLOP/s, {hw.hbm_gb_s:g} GB/s "
+         f"HBM, {hw.intra_node_gb_s:g} GB/s in-node, {hw.inter_node_gb_s:g} GB/s between nodes per chip "
+         f"({hw.source})"),
+        (f"model {m.name}: {m.active_params / 1e9:.1f}B active params/token, {m.weight_bytes:g} B per weight, "
+         f"{m.kv_bytes_per_token:.0f} B KV/token, {m.routed_experts} experts top-{m.experts_per_token}"),
+        (f"prefill step (ms) = {pf.step_ms:.1f} [fitted] + {pf.per_seq_ms:.1f} [fitted] x prompts + FLOPs / "
+         f"({hw.chips_per_node} x {hw.peak_tflops:g} TFLOP/s x mfu {pf.mfu:g} [assumed]); steps of at most "
+         f"{pf.max_batch_tokens} tokens, longer prompts chunked; the prefill samples the first token"),
+        (f"decode step (ms) = {d.overhead_ms:.2f} [fitted] + the longer of weight bytes / (HBM x "
+         f"{d.weight_efficiency:.3f} [fitted]) + KV bytes / (HBM x {d.kv_efficiency:g} [assumed]) and FLOPs / "
+         f"(TFLOP/s x mfu {d.mfu:g} [assumed]); decode: {profile.decode_label}"),
     ]
     if profile.decode_parallel == "ep":
         lines.append(f"EP pool: routed experts spread over every decode chip, attention data-parallel in groups "
