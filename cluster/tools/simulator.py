@@ -18,6 +18,7 @@ from ..policy.placement import WorkerLoad, decode_blocks_needed, place
 from .planner.decode import DecodeCost
 from .planner.profile import Profile
 
+
 @dataclass(frozen=True)
 class Topology:
     """Either `colocated_nodes` nodes that prefill and decode, or prefill_nodes P + decode_nodes D."""
