@@ -11,36 +11,16 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pdcluster.cluster.cli.main import main
-from pdcluster.cluster.tools.planner.decode import (
-    DecodeLayout,
-    DecodeModel,
-    Speculative,
-)
-from pdcluster.cluster.tools.planner.fit import (
-    MeasurementError,
-    fit_profile,
-    read_measurements,
-)
+from pdcluster.cluster.tools.planner.decode import DecodeLayout, DecodeModel, Speculative
+from pdcluster.cluster.tools.planner.fit import MeasurementError, fit_profile, migrate_format1, read_measurements
 from pdcluster.cluster.tools.planner.hardware import ASCEND_910B1, DEEPSEEK_R1, Hardware
 from pdcluster.cluster.tools.planner.prefill import PrefillModel
-from pdcluster.cluster.tools.planner.profile import (
-    HandoffModel,
-    ProfileError,
-    load_profile,
-    save_profile,
-)
-from pdcluster.cluster.tools.planner.report import (
-    long_context_rows,
-    predict_rows,
-    sglang_910c_check,
-)
-from pdcluster.cluster.tools.simulator import (
-    Topology,
-    Workload,
-    simulate,
-    simulate_levels,
-)
+from pdcluster.cluster.tools.planner.profile import (Format1Profile, HandoffModel, ProfileError, load_profile,
+                                                     save_profile)
+from pdcluster.cluster.tools.planner.report import long_context_rows, predict_rows, sglang_910c_check
+from pdcluster.cluster.tools.simulator import Topology, Workload, simulate, simulate_levels
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURED = REPO.parent / "shared" / "data" / "910b_dsr1_awq_8card_128in.csv"
@@ -301,14 +281,26 @@ def test_malformed_profile_is_refused_naming_the_field(tmp_path: Path, edit, mes
         load_profile(path)
 
 
-def test_format_1_profile_gets_a_migration_message(tmp_path: Path):
+FORMAT_1 = {"name": "old", "prefill": {"base_ms": 320.658, "per_token_ms": 0.220846, "max_batch_tokens": 16384},
+            "decode": {"base_ms": 8.1102, "batch_coef_ms": 15.0611, "batch_exponent": 0.45, "ctx_coef_ms": 4.392e-5},
+            "handoff": {"bytes_per_token": 70272, "bandwidth_gb_s": 25.0, "latency_ms": 2.0},
+            "max_batch_seqs": 64, "kv_blocks": 1024, "block_size": 128, "description": "format 1",
+            "fit": {"source": "x.csv", "input_len": 128, "output_len": 512, "concurrencies": [1, 2, 4, 6, 8, 16, 32]}}
+
+
+def test_format_1_profile_is_refused_by_the_library_and_migrated_by_the_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"name": "old", "prefill": {"base_ms": 320.0, "per_token_ms": 0.22},
-                                    "decode": {"base_ms": 8.1, "batch_coef_ms": 15.0, "batch_exponent": 0.45,
-                                               "ctx_coef_ms": 4.4e-5},
-                                    "handoff": {"bytes_per_token": 70272, "bandwidth_gb_s": 25, "latency_ms": 2}}))
-    with pytest.raises(ProfileError, match="format-1 profile.*pdcluster simulate --fit"):
+    path.write_text(yaml.safe_dump(FORMAT_1))
+    with pytest.raises(Format1Profile, match="format-1 profile.*pdcluster simulate --fit"):
         load_profile(path)
+    migrated = migrate_format1(FORMAT_1)
+    assert migrated.handoff == HandoffModel(70272, 25.0, 2.0) and migrated.description == "format 1"
+    assert max(abs(e) for e in migrated.fit["tpot_rel_err"].values()) < 0.15  # format 2 follows the old curve
+    assert main(["simulate", "--profile", str(path), "--prefill-nodes", "2", "--decode-nodes", "4",
+                 "--concurrency", "8", "--requests-per-client", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "format-1 profile; migrated in memory" in captured.err and "2P4D" in captured.out
 
 
 def test_profile_yaml_round_trip(tmp_path: Path):
@@ -341,6 +333,11 @@ def test_cli_fit_simulate_plan_sweep_validate(tmp_path: Path, capsys: pytest.Cap
     assert all(label in text for label in ("1P2D tp", "2P1D ep", "3 colocated tp", "1P2D ep mtp:1@0.7"))
     assert main(["simulate", "--profile", str(out), "--validate", str(MEASURED)]) == 0
     assert "| 128 | 32 |" in capsys.readouterr().out
+    held_out = tmp_path / "other_lengths.csv"  # rows may carry their own input length
+    held_out.write_text("concurrency,ttft_s,tpot_ms,input_len\n1,0.5,24.0,1024\n4,1.0,40.0,4096\n")
+    assert main(["simulate", "--profile", str(out), "--validate", str(held_out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 1024 | 1 | 24.0 |" in text and "| 4096 | 4 | 40.0 |" in text and "| 20000 | 1 |" in text
 
 
 def test_cli_refuses_bad_choices(capsys: pytest.CaptureFixture[str]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from pdcluster.cluster.policy.admission import AdmissionConfig
 from pdcluster.cluster.tools.planner.decode import DecodeModel, Speculative
 from pdcluster.cluster.tools.planner.hardware import Hardware, ModelArch

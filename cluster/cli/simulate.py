@@ -11,30 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..tools.perf_metrics import (
-    format_table,
-    largest_concurrency_meeting_tps,
-    levels_to_json,
-)
+from ..tools.perf_metrics import format_table, largest_concurrency_meeting_tps, levels_to_json
 from ..tools.planner.decode import DECODE_PARALLEL, Speculative
-from ..tools.planner.fit import MeasurementError, fit_profile, read_measurements
+from ..tools.planner.fit import MeasurementError, fit_profile, migrate_format1, read_measurements
 from ..tools.planner.hardware import ASCEND_910B1, DEEPSEEK_R1
-from ..tools.planner.profile import (
-    HandoffModel,
-    Profile,
-    ProfileError,
-    load_profile,
-    save_profile,
-)
-from ..tools.planner.report import (
-    assumptions,
-    decode_choices,
-    format_errors,
-    format_plan,
-    long_context_rows,
-    plan_table,
-    predict_rows,
-)
+from ..tools.planner.profile import (Format1Profile, HandoffModel, Profile, ProfileError, load_profile,
+                                     save_profile)
+from ..tools.planner.report import (assumptions, decode_choices, format_errors, format_plan, long_context_rows,
+                                    plan_table, predict_rows)
 from ..tools.simulator import Topology, Workload, simulate_levels, sweep_splits
 
 
@@ -96,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if args.profile is None:
             print("simulate: --profile is required (or --fit CSV --write-profile PATH)", file=sys.stderr)
             return 2
-        profile = _decode_choice(args, load_profile(args.profile))
+        profile = _decode_choice(args, _load(args.profile))
         if args.validate is not None:
             return _validate(args, profile)
         slo_tpot = args.slo_tpot if args.slo_tpot is not None else (1000 / args.min_tps if args.min_tps else None)
@@ -109,6 +93,18 @@ def run(args: argparse.Namespace) -> int:
     except (ProfileError, MeasurementError, ValueError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
+
+
+def _load(path: Path) -> Profile:
+    """The profile at `path`; a format-1 file is migrated in memory, with a note saying how."""
+    try:
+        return load_profile(path)
+    except Format1Profile as exc:
+        profile = migrate_format1(exc.data)
+        print(f"note: {path} is a format-1 profile; migrated in memory by fitting format 2 to its own curves "
+              f"(hardware {profile.hardware.name}, model {profile.model.name} assumed). To keep it: pdcluster "
+              f"simulate --fit CSV --write-profile {path}", file=sys.stderr)
+        return profile
 
 
 def _decode_choice(args: argparse.Namespace, profile: Profile) -> Profile:

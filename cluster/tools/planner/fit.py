@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .decode import DecodeLayout, DecodeModel
-from .hardware import Hardware, ModelArch
+from .hardware import ASCEND_910B1, DEEPSEEK_R1, Hardware, ModelArch
 from .prefill import PrefillModel
-from .profile import HandoffModel, Profile
+from .profile import HandoffModel, Profile, ProfileError
 
 REQUIRED_COLUMNS = ("concurrency", "ttft_s", "tpot_ms")
 
@@ -133,3 +133,25 @@ def fit_profile(rows: Sequence[Mapping[str, float]], input_len: int, output_len:
     return Profile(name, hardware, model, prefill, decode, handoff, max_batch_seqs=max_batch_seqs,
                    kv_blocks=kv_blocks, block_size=block_size, description=description, sources=sources,
                    fit=fit_info)
+
+
+def migrate_format1(d: Mapping[str, object]) -> Profile:
+    """A format-2 profile fitted to a format-1 profile's own curves at the concurrencies it was fitted
+    on: TTFT(c) = base + per_token x c x input_len, TPOT(c) = base + coef x c^exponent + ctx_coef x c x
+    (input_len + output_len / 2). Format 1 named no hardware or model: DeepSeek-R1 on 910B1 nodes."""
+    try:
+        pre, dec, fit = dict(d["prefill"]), dict(d["decode"]), dict(d.get("fit") or {})
+        n_in, n_out = int(fit.get("input_len", 128)), int(fit.get("output_len", 512))
+        rows = [{"concurrency": float(c),
+                 "ttft_s": (pre["base_ms"] + pre["per_token_ms"] * c * n_in) / 1000,
+                 "tpot_ms": dec["base_ms"] + dec["batch_coef_ms"] * c ** dec["batch_exponent"]
+                 + dec["ctx_coef_ms"] * c * (n_in + n_out / 2)}
+                for c in fit.get("concurrencies") or (1, 2, 4, 8, 16, 32)]
+        return fit_profile(
+            rows, n_in, n_out, hardware=ASCEND_910B1, model=DEEPSEEK_R1, handoff=HandoffModel(**d["handoff"]),
+            name=str(d.get("name", "migrated")), description=str(d.get("description", "")),
+            source=f"format-1 profile's curves (fitted on {fit.get('source', 'unknown')})",
+            max_batch_seqs=int(d.get("max_batch_seqs", 64)), kv_blocks=int(d.get("kv_blocks", 1024)),
+            block_size=int(d.get("block_size", 128)), max_batch_tokens=int(pre.get("max_batch_tokens", 16384)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"format-1 profile cannot be migrated: {exc!r}") from None

@@ -28,6 +28,15 @@ class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the field."""
 
 
+class Format1Profile(ProfileError):
+    """A profile in the old format (empirical batch^exponent decode curve); `data` holds it for
+    `fit.migrate_format1`."""
+
+    def __init__(self, message: str, data: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.data = data
+
+
 @dataclass(frozen=True)
 class HandoffModel:
     """KV handoff prefill -> store -> decode: latency + prompt bytes / bandwidth (per TP rank, ranks in
@@ -109,10 +118,10 @@ class Profile:
         d = dict(d)
         version = d.pop("format", None)
         if version is None and isinstance(d.get("decode"), Mapping) and "batch_coef_ms" in d["decode"]:
-            raise ProfileError(
+            raise Format1Profile(
                 "this is a format-1 profile (decode.batch_coef_ms: an empirical batch^exponent curve); "
                 "format 2 models decode from weight and KV reads. Regenerate it from its measurements: "
-                "pdcluster simulate --fit CSV --write-profile PATH")
+                "pdcluster simulate --fit CSV --write-profile PATH", d)
         if version != PROFILE_FORMAT:
             raise ProfileError(f"format: expected {PROFILE_FORMAT}, got {version!r}")
         parts = {"hardware": Hardware, "model": ModelArch, "prefill": PrefillModel, "decode": DecodeModel,
@@ -168,6 +177,8 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"{path}: not YAML: {exc}") from None
     try:
         return Profile.from_dict(data)
+    except Format1Profile as exc:
+        raise Format1Profile(f"{path}: {exc}", exc.data) from None
     except ProfileError as exc:
         raise ProfileError(f"{path}: {exc}") from None
 
