@@ -323,9 +323,9 @@ def test_cli_fit_simulate_plan_sweep_validate(tmp_path: Path, capsys: pytest.Cap
     assert "2P4D" in text and "| 32 | 32/32 |" in text and "Largest simulated concurrency" in text
     assert main(["simulate", "--profile", str(out), "--prefill-nodes", "2", "--decode-nodes", "4",
                  "--concurrency", "8", "--requests-per-client", "1", "--decode-parallel", "ep",
-                 "--speculative", "mtp:2", "--acceptance", "0.8,0.6"]) == 0
+                 "--speculative", "mtp:2", "--acceptance", "0.8,0.6", "--attn-tp", "4"]) == 0
     text = capsys.readouterr().out
-    assert "ep mtp:2@0.8/0.6" in text and "EP pool" in text and "MTP: 2 draft passes" in text
+    assert "ep (attn TP4) mtp:2@0.8/0.6" in text and "EP pool" in text and "MTP: 2 draft passes" in text
     assert main(["simulate", "--profile", str(out), "--sweep-splits", "3", "--concurrency", "4",
                  "--requests-per-client", "1", "--speculative", "mtp:1", "--acceptance", "0.7",
                  "--json", str(tmp_path / "s.json")]) == 0
@@ -338,6 +338,7 @@ def test_cli_fit_simulate_plan_sweep_validate(tmp_path: Path, capsys: pytest.Cap
     assert main(["simulate", "--profile", str(out), "--validate", str(held_out)]) == 0
     text = capsys.readouterr().out
     assert "| 1024 | 1 | 24.0 |" in text and "| 4096 | 4 | 40.0 |" in text and "| 20000 | 1 |" in text
+    assert "published TPOT ~20 ms" in text
 
 
 def test_cli_refuses_bad_choices(capsys: pytest.CaptureFixture[str]):

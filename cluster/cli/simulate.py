@@ -17,8 +17,8 @@ from ..tools.planner.fit import MeasurementError, fit_profile, migrate_format1, 
 from ..tools.planner.hardware import ASCEND_910B1, DEEPSEEK_R1
 from ..tools.planner.profile import (Format1Profile, HandoffModel, Profile, ProfileError, load_profile,
                                      save_profile)
-from ..tools.planner.report import (assumptions, decode_choices, format_errors, format_plan, long_context_rows,
-                                    plan_table, predict_rows)
+from ..tools.planner.report import (SGLANG_910C_TPOT_MS, assumptions, decode_choices, format_errors, format_plan,
+                                    long_context_rows, plan_table, predict_rows, sglang_910c_check)
 from ..tools.simulator import Topology, Workload, simulate_levels, sweep_splits
 
 
@@ -194,6 +194,10 @@ def _validate(args: argparse.Namespace, profile: Profile) -> int:
             errors += predict_rows(profile, [r], int(r.get("input_len", args.input_len)), args.output_len)
     errors += long_context_rows(profile)
     print(format_errors(errors))
+    checks = ", ".join(f"{sglang_910c_check(profile, a):.1f} ms at acceptance {a:g}" for a in (0.6, 0.75, 0.9))
+    print(f"\nEP+MTP check, SGLang's DeepSeek-R1 W8A8 on 2 x 16 910C dies (DP16 attention, EP32, MTP 3, 32 "
+          f"concurrent, 6K in): published TPOT ~{SGLANG_910C_TPOT_MS:g} ms; predicted {checks} (910C dies taken "
+          "as 910B1s, this profile's fitted constants)")
     return 0
 
 
