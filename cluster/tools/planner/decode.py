@@ -1,5 +1,5 @@
-"""Decode step time per rank: weight and KV-cache reads at HBM bandwidth plus a fitted per-step overhead,
-for a TP replica or an expert-parallel pool, with or without speculative (MTP) decoding."""
+"""Decode step time per rank: a fitted per-step overhead plus weight and KV-cache reads at HBM bandwidth
+(or the FLOPs, if longer), for a TP replica or an expert-parallel pool, with or without MTP speculation."""
 from __future__ import annotations
 
 import dataclasses
