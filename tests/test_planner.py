@@ -255,6 +255,8 @@ def test_malformed_csv_is_refused_naming_the_row_or_column(tmp_path: Path):
         read_measurements(_csv(tmp_path, "# c\nconcurrency,ttft_s,tpot_ms\n1,0.3,20\n2,-0.3,25\n"))
     with pytest.raises(MeasurementError, match=r"m.csv:2: tpot_ms='fast'"):
         read_measurements(_csv(tmp_path, "concurrency,ttft_s,tpot_ms\n1,0.3,fast\n"))
+    ok = read_measurements(_csv(tmp_path, "concurrency,ttft_s,tpot_ms,errors,note\n1,0.3,20,0,warm\n"))
+    assert ok == [{"concurrency": 1, "ttft_s": 0.3, "tpot_ms": 20, "errors": 0}]  # other columns unchecked
     with pytest.raises(MeasurementError, match="no rows"):
         read_measurements(_csv(tmp_path, "concurrency,ttft_s,tpot_ms\n"))
 

@@ -15,6 +15,7 @@ from .prefill import PrefillModel
 from .profile import HandoffModel, Profile, ProfileError
 
 REQUIRED_COLUMNS = ("concurrency", "ttft_s", "tpot_ms")
+CHECKED_COLUMNS = (*REQUIRED_COLUMNS, "input_len")  # must be positive numbers; others are kept if numeric
 
 
 class MeasurementError(ValueError):
@@ -22,8 +23,9 @@ class MeasurementError(ValueError):
 
 
 def read_measurements(path: str | Path) -> list[dict[str, float]]:
-    """Rows of an evalscope-style CSV (comment lines start with '#'): concurrency, ttft_s, tpot_ms, ...
-    Refuses missing columns, non-numeric cells, non-positive concurrency and negative or zero times."""
+    """Rows of an evalscope-style CSV (comment lines start with '#'): concurrency, ttft_s, tpot_ms and an
+    optional input_len, which must be positive numbers (the row is refused, by line number, otherwise);
+    other numeric columns are kept, other text dropped."""
     with open(path, newline="") as f:
         lines = [(i, ln) for i, ln in enumerate(f, 1) if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
@@ -40,8 +42,10 @@ def read_measurements(path: str | Path) -> list[dict[str, float]]:
             try:
                 parsed[key] = float(value)
             except (TypeError, ValueError):
-                raise MeasurementError(f"{path}:{lineno}: {key}={value!r} is not a number") from None
-            if not math.isfinite(parsed[key]) or parsed[key] <= 0:
+                if key in CHECKED_COLUMNS:
+                    raise MeasurementError(f"{path}:{lineno}: {key}={value!r} is not a number") from None
+                continue
+            if key in CHECKED_COLUMNS and (not math.isfinite(parsed[key]) or parsed[key] <= 0):
                 raise MeasurementError(f"{path}:{lineno}: {key}={value} must be a positive time or count")
         rows.append(parsed)
     if not rows:
