@@ -41,7 +41,9 @@ class RowError:
 def predict_rows(profile: Profile, rows: Iterable[Mapping[str, float]], input_len: int,
                  output_len: int) -> list[RowError]:
     """Simulate each measured closed-loop level on one colocated node (the vendor's setup): mean TTFT
-    and mean TPOT against the row's (a row without ttft_s is compared on TPOT only)."""
+    and mean TPOT against the row's (a row without ttft_s is compared on TPOT only). The vendor ran TP8
+    without speculation, so the profile's decode choice is set to that."""
+    profile = profile.with_decode("tp", None)
     out = []
     for r in rows:
         c = int(r["concurrency"])
@@ -51,6 +53,7 @@ def predict_rows(profile: Profile, rows: Iterable[Mapping[str, float]], input_le
 
 
 def long_context_rows(profile: Profile) -> list[RowError]:
+    """The vendor's public single-request long-context points against the profile."""
     return [e for n, tps in PUBLIC_LONG_CONTEXT
             for e in predict_rows(profile, [{"concurrency": 1, "tpot_ms": 1000 / tps}], n, 512)]
 
