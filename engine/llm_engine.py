@@ -231,11 +231,14 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        sampled_ids = {id(s) for s in sampled}
         for s in sched.scheduled:
             # drafts' KV counts once they are accepted, below
             committed = s.num_tokens - len(s.seq.draft_token_ids)
             s.seq.num_computed_tokens += committed
             self._computed_tokens += committed
+            if id(s) not in sampled_ids:
+                self.block_manager.commit(s.seq)
         outputs = []
         for s, new, lps in zip(sampled, tokens, logprobs):
             seq = s.seq
@@ -250,8 +253,6 @@ class LLMEngine:
                 self._computed_tokens += accepted
                 self.block_manager.trim(seq, seq.num_computed_tokens + 1)
             outputs.append(self._append_tokens(seq, new, lps))
-        for s in sched.scheduled:
-            self.block_manager.commit(s.seq)   # after the appends: hashes cover accepted tokens
         return outputs
 
     def _draft(self) -> None:
@@ -288,6 +289,10 @@ class LLMEngine:
                 reason = "handoff" if seq.kv_export else "length"
             if reason is not None:
                 break
+        # A stop among accepted drafts leaves KV past the last token kept; the blocks now full are
+        # registered for the prefix cache before a finished sequence gives them back.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.block_manager.commit(seq)
         handoff = self.kv.export(seq) if reason == "handoff" else None
         if reason is not None:
             self.scheduler.finish(seq, reason)
