@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # weight of the latest verification in the moving average of the acceptance rate
-EMA_WEIGHT = 0.3
+EMA_WEIGHT = 0.5
 # below this average acceptance the sequence stops drafting for a while
 PAUSE_BELOW = 0.15
 # decode steps without drafts after the first pause; doubled by each pause that follows another
