@@ -1,8 +1,10 @@
 """Executes one scheduled step: packs the sequences' tokens (no padding), runs the model over the
 paged KV cache, and samples the sequences whose KV now covers all their tokens.
 
-A sequence carrying draft tokens is computed like a short prefill chunk (its last token and the
-drafts) and sampled at every one of those positions, which verifies the drafts."""
+A sequence carrying draft tokens computes its last token and the drafts, each as a decode row of its
+own (query at position p attends to the keys 0..p, all written before attention runs), and is
+sampled at every one of those positions, which verifies the drafts. Each row is then computed the
+way plain decoding computes that position, through the same batched decode attention."""
 from __future__ import annotations
 
 import torch
@@ -28,8 +30,8 @@ class ModelRunner:
                                                           list[list[TokenLogprob | None]]]:
         """Returns the sequences that were sampled, their new tokens (accepted drafts, then one
         token of the model's) and optional logprobs, one per new token."""
-        # decodes (one token) first: they share one batched attention call per layer
-        order = sorted(scheduled, key=lambda s: s.num_tokens != 1)
+        # decodes (one token, or a verification's rows) first: one batched attention call per layer
+        order = sorted(scheduled, key=lambda s: s.num_tokens != 1 and not s.seq.draft_token_ids)
         input_ids, positions, meta, sample_rows = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         to_sample = [s for s in order if s.completes]
@@ -72,9 +74,10 @@ class ModelRunner:
                 slot_blocks.append(seq.block_table[p // bs])
                 slot_offsets.append(p % bs)
             nblocks = -(-end // bs)
-            if s.num_tokens == 1:
-                decode_tables.append(seq.block_table[:nblocks])
-                decode_lens.append(end)
+            if s.num_tokens == 1 or seq.draft_token_ids:
+                for p in range(start, end):
+                    decode_tables.append(seq.block_table[:p // bs + 1])
+                    decode_lens.append(p + 1)
             else:
                 prefills.append(PrefillSegment(
                     row, s.num_tokens, end,
