@@ -20,7 +20,9 @@ def copy_prompt(llm: LLM, text: str) -> list[int]:
 def prompts(llm: LLM) -> list[list[int]]:
     """8 prompts of different lengths: copy-heavy (one long enough to be prefilled in chunks of 96
     tokens) and free-form."""
-    chat = lambda msg: llm.chat_prompt([{"role": "user", "content": msg}])  # noqa: E731
+    def chat(msg: str) -> list[int]:
+        return llm.chat_prompt([{"role": "user", "content": msg}])
+
     return [
         copy_prompt(llm, TEXT),
         copy_prompt(llm, TEXT + " " + TEXT.replace("lighthouse", "harbour")),

@@ -20,22 +20,22 @@ import time
 import torch
 
 PASSAGES = [
-    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a brass "
-    "lantern, a flask of tea and a notebook in which he recorded every ship that passed the point. "
-    "In forty years he had never missed a night, not even in the great storm of the winter when "
-    "the waves broke over the gallery and the glass shook in its frame.",
-    "To make the bread, mix the flour, salt and yeast in a large bowl, then add the warm water and "
-    "the olive oil. Knead the dough for ten minutes until it is smooth and elastic, cover it with a "
-    "damp cloth and leave it to rise for an hour. Shape it into a loaf, let it rise again for thirty "
-    "minutes, and bake it at two hundred degrees for thirty five minutes.",
-    "The committee met on Tuesday to review the budget for the coming year. After a long discussion "
-    "the members agreed to increase the funding for the library, to postpone the repairs to the "
-    "community hall until the spring, and to ask the council for a grant to replace the playground "
-    "equipment in the park next to the primary school.",
-    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon "
-    "dioxide into glucose and oxygen. It takes place in the chloroplasts, which contain the pigment "
-    "chlorophyll. The glucose is used by the plant for energy and growth, and the oxygen is "
-    "released into the air through small pores in the leaves called stomata.",
+    ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a brass "
+     "lantern, a flask of tea and a notebook in which he recorded every ship that passed the point. "
+     "In forty years he had never missed a night, not even in the great storm of the winter when "
+     "the waves broke over the gallery and the glass shook in its frame."),
+    ("To make the bread, mix the flour, salt and yeast in a large bowl, then add the warm water and "
+     "the olive oil. Knead the dough for ten minutes until it is smooth and elastic, cover it with a "
+     "damp cloth and leave it to rise for an hour. Shape it into a loaf, let it rise again for thirty "
+     "minutes, and bake it at two hundred degrees for thirty five minutes."),
+    ("The committee met on Tuesday to review the budget for the coming year. After a long discussion "
+     "the members agreed to increase the funding for the library, to postpone the repairs to the "
+     "community hall until the spring, and to ask the council for a grant to replace the playground "
+     "equipment in the park next to the primary school."),
+    ("Photosynthesis is the process by which green plants use sunlight to turn water and carbon "
+     "dioxide into glucose and oxygen. It takes place in the chloroplasts, which contain the pigment "
+     "chlorophyll. The glucose is used by the plant for energy and growth, and the oxygen is "
+     "released into the air through small pores in the leaves called stomata."),
 ]
 COPY_TASKS = [
     "Repeat the following text exactly, word for word:\n\n{text}",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds must be at least 1")
     torch.set_num_threads(args.threads)
     from ...engine import LLM
-    common = dict(max_num_seqs=max(args.batch), max_num_batched_tokens=2048, kv_cache_gib=1.0)
+    common = {"max_num_seqs": max(args.batch), "max_num_batched_tokens": 2048, "kv_cache_gib": 1.0}
     base = LLM(**common)
     spec = LLM(**common, speculative_config={
         "method": "ngram", "num_speculative_tokens": args.k,
