@@ -76,7 +76,10 @@ class EngineSpec(_Strict):
     def _speculative(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
             from ..engine.config import SpeculativeConfig
-            SpeculativeConfig.from_dict(v)
+            try:
+                SpeculativeConfig.from_dict(v)
+            except ValueError as e:      # the field path already names speculative_config
+                raise ValueError(str(e).removeprefix("speculative_config: ")) from None
         return v
 
     @model_validator(mode="after")
