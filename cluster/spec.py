@@ -67,6 +67,20 @@ class EngineSpec(_Strict):
     max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
+    # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
+    # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
+    speculative_config: dict[str, Any] | None = None
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _speculative(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from ..engine.config import SpeculativeConfig
+            try:
+                SpeculativeConfig.from_dict(v)
+            except ValueError as e:      # the field path already names speculative_config
+                raise ValueError(str(e).removeprefix("speculative_config: ")) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:
@@ -346,7 +360,7 @@ class ClusterSpec(_Strict):
             num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, threads=e.threads,
-            tp_rank=tp_rank, tp_size=e.tp_size, **kv)
+            tp_rank=tp_rank, tp_size=e.tp_size, speculative_config=e.speculative_config, **kv)
 
 
 def is_loopback(host: str) -> bool:
