@@ -94,6 +94,7 @@ class _Node:
     joining: deque[_Seq] = field(default_factory=deque)  # KV arrived, joins the batch at the next step
     running: list[_Seq] = field(default_factory=list)  # decoding
     assigned: int = 0  # sequences routed here for decode and not finished
+    prefilling: int = 0  # prompt tokens routed here for prefill and not yet computed
     in_use: int = 0  # blocks of the sequences this node's engine has started (prefill or decode)
     busy: bool = False
 
@@ -103,8 +104,7 @@ class _Node:
         return self.in_use + seq.blocks <= capacity
 
     def load(self, profile: Profile) -> WorkerLoad:
-        in_prefill = sum(s.prompt_len for s in self.waiting)
-        return WorkerLoad(self.node_id, self.role, outstanding_prefill_tokens=in_prefill,
+        return WorkerLoad(self.node_id, self.role, outstanding_prefill_tokens=self.prefilling,
                           running_seqs=self.assigned, free_blocks=max(0, self.free_blocks),
                           total_blocks=profile.kv_blocks, max_running_seqs=profile.max_batch_seqs)
 
@@ -189,6 +189,7 @@ class _Simulation:
         dnode.free_blocks -= needed
         dnode.assigned += 1
         seq.blocks, seq.decode_node = needed, dnode
+        pnode.prefilling += seq.prompt_len
         pnode.waiting.append(seq)
         self._wake(pnode)
 
@@ -269,6 +270,7 @@ class _Simulation:
 
     def _prefill_done(self, node: _Node, batch: list[_Seq], tokens: int, dur: float) -> None:
         node.busy = False
+        node.prefilling -= tokens
         self.ac.observe_prefill(tokens, dur, [s.rid for s in batch])
         for seq in batch:
             seq.token_times.append(self.now)  # the prefill samples the first token
