@@ -1,7 +1,9 @@
 """Controller actor: owns the cluster's processes — the Mooncake master supervisor, every worker, the
 node store clients and the router — starts them, polls the workers' health and load, and stops them.
 
-The router decides; the controller keeps it told (one `update_workers` call per poll).
+The router decides; the controller keeps it told (one `update_workers` call per poll). The router owns
+nothing, so Ray restarts it when its process dies: the workers and the master live on, the next poll
+gives it the workers' state and the ingress replicas' leases give it their requests back.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
 POLL_TIMEOUT_S = 5.0
+FAILED_START_LINGER_S = 5.0  # a controller whose start failed answers ready() (with the error) this long
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,24 @@ class Controller:
         self.reports: dict[str, WorkerReport] = {}
         self._master_status: MasterStatus | None = None
         self._poller: asyncio.Task | None = None
-        self._started = asyncio.create_task(self._start())
+        self._started = asyncio.create_task(self._start_or_leave())
 
     # ------------------------------------------------------------------ startup
+    async def _start_or_leave(self) -> None:
+        """Start everything; on failure stop what did start and leave (soon after the callers of
+        `ready()` hear why), so the next ingress replica creates a fresh controller instead of
+        getting this broken one until `pdcluster down`."""
+        try:
+            await self._start()
+        except BaseException:
+            log.exception("cluster start failed; this controller stops")
+            try:
+                await self.shutdown()
+            finally:
+                me = ray.get_runtime_context().current_actor
+                asyncio.get_running_loop().call_later(FAILED_START_LINGER_S, ray.kill, me)
+            raise
+
     async def _start(self) -> None:
         gcs = ray.get_runtime_context().gcs_address
         self.master = ray.remote(MasterSupervisor).options(
@@ -79,6 +97,10 @@ class Controller:
         r = self.spec.router
         self.router = ray.remote(Router).options(
             name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, resources=dict(HEAD_NODE),
+            # Restarted when its process dies; calls made meanwhile wait for the new one (every
+            # method is safe to run again: admit on a new router is a new admission, release and
+            # renew are idempotent).
+            max_restarts=-1, max_task_retries=-1,
             # room for every queued request's pending admit() call
             max_concurrency=max(1000, 2 * (r.max_concurrency + r.max_queue) + 100),
         ).remote(self._spec_dict, list(infos), ray.get_runtime_context().current_actor)
@@ -172,7 +194,8 @@ class Controller:
                 log.warning("master supervisor did not stop cleanly: %s", exc)
         for handle in [*self.handles.values(), self.master, self.router]:
             if handle is not None:
-                ray.kill(handle)
+                ray.kill(handle)  # no_restart: the router stays down
+
         if self.spec.store.client == "node":
             await stop_node_clients()
 

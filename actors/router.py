@@ -22,6 +22,9 @@ from .worker import WorkerInfo, WorkerReport
 log = logging.getLogger(__name__)
 
 GONE_TTL_S = 120.0  # how long a released id is remembered (see Router._gone)
+# An ingress replica renews its lease every second or so (`renew`); one silent for this long is taken
+# for dead and every request it owned is released (its streams died with it).
+LEASE_TTL_S = 10.0
 
 # Reject reasons added to the admission policy's own: the request's client left while it was queued,
 # it waited past its TTFT SLO, or no healthy worker can take it.
@@ -63,6 +66,20 @@ class RouterSnapshot:
     draining: bool = False
 
 
+@dataclass(frozen=True)
+class LeasedRequest:
+    """A request an ingress replica is running, as it describes it to a router that does not know it
+    (one restarted since it admitted the request)."""
+    request_id: str
+    prompt_len: int
+    max_tokens: int
+    prefix_hashes: list[str]
+    tenant: str | None
+    prefill: str | None
+    decode: str | None
+    prefilled: bool
+
+
 @dataclass
 class _Placed:
     """What admission and placement need of one request, from admit() to release()."""
@@ -73,6 +90,7 @@ class _Placed:
     prefill: str | None = None
     decode: str | None = None
     waiter: asyncio.Future | None = None  # set while queued
+    owner: str = ""  # the ingress replica running it ("": no lease, never expires)
 
 
 class Router:
@@ -99,6 +117,8 @@ class Router:
         # client that left at once may be released first; its late admit() must not take a slot.
         self._gone: OrderedDict[str, float] = OrderedDict()
         self.draining = False
+        self.leases: dict[str, float] = {}  # ingress replica -> when it last renewed
+        self.expired_total = 0  # requests released because their ingress replica stopped renewing
 
     # ------------------------------------------------------------------ the controller's view
     def update_workers(self, infos: list[WorkerInfo], healthy: dict[str, bool],
@@ -116,9 +136,10 @@ class Router:
 
     # ------------------------------------------------------------------ admission
     async def admit(self, request_id: str, prompt_len: int, max_tokens: int,
-                    prefix_hashes: list[str], tenant: str | None = None) -> Admission:
+                    prefix_hashes: list[str], tenant: str | None = None, owner: str = "") -> Admission:
         """Admit now, after waiting in the queue, or reject. Every call must be paired with one
-        `release(request_id)`, whatever the outcome."""
+        `release(request_id)`, whatever the outcome, or `owner` (an ingress replica) must stop
+        renewing its lease (it died: its requests are released)."""
         if self._gone.pop(request_id, None) is not None:
             return self._reject(request_id, CANCELLED, None, None)
         if self.draining:
@@ -127,7 +148,9 @@ class Router:
         d = self.admission.admit(request_id, prompt_len, max_tokens, now, tenant)
         if d.verdict == Verdict.REJECT:
             return self._reject(request_id, d.reason, d.retry_after_s, d.predicted_ttft_s)
-        req = _Placed(prompt_len, max_tokens, prefix_hashes, now)
+        if owner:
+            self.leases[owner] = now
+        req = _Placed(prompt_len, max_tokens, prefix_hashes, now, owner=owner)
         self.requests[request_id] = req
         if d.verdict == Verdict.ADMIT:
             return self._place(request_id, req, d.predicted_ttft_s)
@@ -156,6 +179,51 @@ class Router:
             if worker is not None:
                 self.assigned[worker].discard(request_id)
         self._free_slot(request_id)
+
+    # ------------------------------------------------------------------ ingress leases
+    def renew(self, owner: str, request_ids: list[str]) -> list[str]:
+        """Ingress replica `owner` is alive and runs `request_ids`; returns those this router does
+        not know (it restarted since admitting them), for the owner to `restore`. Also releases the
+        requests of replicas whose lease ran out."""
+        now = time.monotonic()
+        self.leases[owner] = now
+        self._expire(now)
+        return [r for r in request_ids if r not in self.requests and r not in self._gone]
+
+    def restore(self, owner: str, leased: list[LeasedRequest]) -> int:
+        """Count requests that are running but unknown here (this router restarted): their slots,
+        workers and owner, as their ingress replica describes them. Returns how many were added."""
+        now = time.monotonic()
+        self.leases[owner] = now
+        added = 0
+        for r in leased:
+            if r.request_id in self.requests or r.request_id in self._gone:
+                continue  # known, or released while the description was on its way
+            self.requests[r.request_id] = _Placed(r.prompt_len, r.max_tokens, r.prefix_hashes, now,
+                                                  r.prefill, r.decode, owner=owner)
+            self.admission.restore(r.request_id, r.prompt_len, r.tenant, now, r.prefilled)
+            for worker in (None if r.prefilled else r.prefill, r.decode):
+                if worker is not None:
+                    self.assigned.setdefault(worker, set()).add(r.request_id)
+            added += 1
+        if added:
+            log.warning("restored %d running request(s) of ingress %s", added, owner)
+        return added
+
+    def _expire(self, now: float) -> None:
+        for owner, renewed in list(self.leases.items()):
+            if now - renewed <= LEASE_TTL_S:
+                continue
+            del self.leases[owner]
+            # Queued ones first, so the slots their running ones free go to other replicas' requests.
+            owned = sorted((r for r, req in self.requests.items() if req.owner == owner),
+                           key=lambda r: self.requests[r].waiter is None or self.requests[r].waiter.done())
+            if owned:
+                log.warning("ingress %s stopped renewing its lease: releasing its %d request(s)",
+                            owner, len(owned))
+            for request_id in owned:
+                self.release(request_id)
+            self.expired_total += len(owned)
 
     def drain(self) -> int:
         """Stop admitting: new requests and those still queued are rejected (503, retry elsewhere);
@@ -272,6 +340,7 @@ class Router:
         return ray.get_runtime_context().get_node_id()
 
     def snapshot(self) -> RouterSnapshot:
+        self._expire(time.monotonic())
         adm = self.admission
         return RouterSnapshot(
             in_flight=adm.in_flight, queued=adm.queued, admitted_total=self.admitted_total,

@@ -207,6 +207,9 @@ class ServeSpec(_Strict):
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     api_keys_env: str | None = None  # NAME of the env var holding comma-separated keys, never the keys
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    # Prompt text longer than this is refused (400) before it is tokenized; None: the length that
+    # provably cannot fit the model's context (context x the longest token's spelling).
+    max_prompt_bytes: int | None = Field(default=None, ge=1)
 
     @field_validator("api_keys_env")
     @classmethod

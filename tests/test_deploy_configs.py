@@ -65,9 +65,8 @@ def test_serve_config_is_valid_for_ray_serve_and_carries_the_spec(spec: ClusterS
     config = render.serve_config(spec)
     _validate_serve(config)
     assert config["http_options"] == {"host": spec.serve.http_host, "port": spec.serve.http_port}
-    assert config["grpc_options"]["port"] == spec.serve.grpc_port
-    assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "pdcluster.cluster.serve.grpc_service.add_inference_servicer"]
+    # Serve's gRPC proxy would listen on every interface: the ingress serves gRPC itself instead.
+    assert "grpc_options" not in config
     (app,) = config["applications"]
     assert app["import_path"] == "pdcluster.cluster.serve.app:build_app"
     assert ClusterSpec.from_dict(app["args"]["spec"]) == spec

@@ -4,8 +4,10 @@ one that outlives the drain timeout with an error event (never a silently cut st
 leaving no process behind."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -72,6 +74,28 @@ def up(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)  # the kernel prints each 32-bit word in host order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def test_http_and_grpc_listen_on_loopback_only(up):
+    spec = up[-1]
+    for name, port in (("http", spec.serve.http_port), ("grpc", spec.serve.grpc_port)):
+        addresses = _listening(port)
+        assert addresses, f"nothing listens on the {name} port {port}"
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (name, addresses)
 
 
 def test_down_drains_in_flight_requests_then_exits(up):

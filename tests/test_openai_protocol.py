@@ -115,11 +115,21 @@ def test_api_keys_name_tenants_and_guard_requests():
     assert keys == {"k1": "alpha", "k2": "key-1", "a2V5==": "beta"}
     assert oai.tenant_for("Bearer k1", keys) == "alpha"
     assert oai.tenant_for("Bearer k2", keys) == "key-1"
-    for bad in (None, "Bearer nope", "k1x"):
+    # missing, wrong key, no scheme, a lowercase or other scheme, a prefix of a key, an empty key
+    for bad in (None, "", "Bearer nope", "k1", "bearer k1", "BEARER k1", "Basic k1", "Bearer k",
+                "Bearer ", "Bearer"):
         with pytest.raises(oai.OpenAIError) as info:
             oai.tenant_for(bad, keys)
         assert info.value.status == 401 and info.value.body()["error"]["type"] == "authentication_error"
     assert oai.tenant_for(None, {}) is None  # no keys configured: open
+
+
+@pytest.mark.parametrize("entries, says", [
+    ("alpha:", "empty key"), ("alpha: ,k2", "empty key"), (":k1", "empty tenant"),
+    ("k1,beta:k1", "repeats")])
+def test_api_key_entries_that_would_weaken_auth_are_refused_at_load(entries, says):
+    with pytest.raises(ValueError, match=says):
+        oai.parse_api_keys(entries)
 
 
 @pytest.mark.parametrize("raw, says", [

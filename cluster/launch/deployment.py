@@ -106,8 +106,7 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
     # Apply exactly the Serve config that `pdcluster render serve-config` writes for `serve deploy`
     # and KubeRay's serveConfigV2: one source of truth, exercised by every cluster test.
     config = serve_config(spec)
-    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"],
-                grpc_options=config["grpc_options"])
+    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"])
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), attr)
@@ -118,6 +117,11 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
 def http_url(spec: ClusterSpec) -> str:
     host = "127.0.0.1" if spec.serve.http_host in ("0.0.0.0", "::") else spec.serve.http_host
     return f"http://{host}:{spec.serve.http_port}"
+
+
+def grpc_address(spec: ClusterSpec) -> str:
+    """Where gRPC answers: the HTTP host and the gRPC port (both bind serve.http_host)."""
+    return f"{http_url(spec).removeprefix('http://').rpartition(':')[0]}:{spec.serve.grpc_port}"
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
@@ -227,7 +231,7 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
     try:
         deploy(spec)
         state = UpState(pid=os.getpid(), ray_address=ctx.address_info["gcs_address"],
-                        http_url=http_url(spec), grpc_address=f"127.0.0.1:{spec.serve.grpc_port}",
+                        http_url=http_url(spec), grpc_address=grpc_address(spec),
                         model=spec.model.served_name,
                         ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"),
                         drain_timeout_s=spec.router.drain_timeout_s)
@@ -259,7 +263,7 @@ def up_remote(spec: ClusterSpec, address: str) -> UpState:
     try:
         deploy(spec)
         return UpState(pid=0, ray_address=address, http_url=http_url(spec),
-                       grpc_address=f"{spec.serve.http_host}:{spec.serve.grpc_port}",
+                       grpc_address=grpc_address(spec),
                        model=spec.model.served_name)
     finally:
         ray.shutdown()

@@ -13,7 +13,6 @@ from ..spec import RAY_HEAD, ClusterSpec, Role
 
 APP_NAME = "pdcluster"
 APP_IMPORT_PATH = "pdcluster.cluster.serve.app:build_app"
-GRPC_SERVICER = "pdcluster.cluster.serve.grpc_service.add_inference_servicer"
 RAY_VERSION = "2.60.0"  # pinned in pyproject.toml; KubeRay uses it to pick its behaviour
 DEFAULT_IMAGE = "pdcluster:0.1.0"
 # Kubernetes extended resource per device (the Ascend device plugin names 910/910B this way).
@@ -26,10 +25,11 @@ DASHBOARD_AGENT_PORT = 52365  # Ray's default dashboard agent HTTP port: serves 
 def serve_config(spec: ClusterSpec) -> dict[str, Any]:
     """The Ray Serve multi-application config (`ServeDeploySchema`) running pdcluster for `spec`."""
     return {
-        # Proxies on the head only: one HTTP/gRPC entry point; worker nodes keep their CPUs for the engine.
+        # Proxies on the head only: one HTTP entry point; worker nodes keep their CPUs for the engine.
+        # No grpc_options: Serve's gRPC proxy listens on every interface whatever http_options says,
+        # so the ingress serves gRPC itself, on serve.http_host:serve.grpc_port (grpc_service.py).
         "proxy_location": "HeadOnly",
         "http_options": {"host": spec.serve.http_host, "port": spec.serve.http_port},
-        "grpc_options": {"port": spec.serve.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",

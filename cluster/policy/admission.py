@@ -123,6 +123,18 @@ class AdmissionController:
         self._queued_tokens += prompt_len
         return Decision(request_id, Verdict.QUEUE, predicted_ttft_s=ttft)
 
+    def restore(self, request_id: str, prompt_len: int, tenant: str | None, now: float,
+                prefilled: bool) -> None:
+        """Count a request that is already running (a restarted router hears of it from the ingress
+        that owns it): no limit applies, it holds a slot until released. Idempotent."""
+        if request_id in self._running:
+            return
+        self.cancel(request_id)
+        self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
+        self._start(_Request(request_id, prompt_len, tenant, now), now)
+        if prefilled:
+            self.observe_prefill(0, 0.0, [request_id])
+
     def predict_ttft(self, prompt_len: int, position: int = 0) -> float:
         """Predicted TTFT of a `prompt_len` request at queue `position` (0: it would run now)."""
         ahead = self._unprefilled_running_tokens + (self._queued_tokens if position else 0)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
+from . import grpc_service
 from . import openai_protocol as oai
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
@@ -30,6 +31,9 @@ from .orchestrator import Delta, Orchestrator, RequestRecord
 log = logging.getLogger(__name__)
 
 ROUTER_TIMEOUT_S = 10.0
+ROUTER_RESTART_WAIT_S = 25.0  # under Serve's health-check timeout (30 s)
+LEASE_RENEW_S = 1.0  # well inside the router's LEASE_TTL_S
+MAX_SERVE_QUEUED = 16  # requests Serve holds for the ingress when it is at max_ongoing_requests
 # HTTP status of an OpenAIError -> gRPC status code
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,10 +57,22 @@ def _api_keys(env_name: str | None) -> dict[str, str]:
     """key -> tenant from the env var the spec names (the spec never holds keys itself)."""
     if not env_name:
         return {}
-    keys = oai.parse_api_keys(os.environ.get(env_name, ""))
+    try:
+        keys = oai.parse_api_keys(os.environ.get(env_name, ""))
+    except ValueError as exc:
+        raise RuntimeError(f"${env_name}: {exc}") from None
     if not keys:
         raise RuntimeError(f"serve.api_keys_env names {env_name!r}, but that variable holds no keys")
     return keys
+
+
+def _provable_prompt_bytes(tokenizer: Any, context: int) -> int:
+    """Bytes of text that cannot fit `context` tokens whatever they say: no token stands for more
+    bytes than the longest vocabulary entry's spelling (byte-level and byte-fallback spellings are
+    never shorter than the bytes they stand for)."""
+    hf = tokenizer.hf
+    longest = max(len(t.encode()) for t in hf.convert_ids_to_tokens(list(range(len(hf)))) if t)
+    return context * longest
 
 
 def _error(exc: oai.OpenAIError) -> JSONResponse:
@@ -99,6 +115,7 @@ class Ingress:
         from ...engine.weights import resolve_model_path
 
         self.spec = ClusterSpec.from_dict(spec)
+        self.api_keys = _api_keys(self.spec.serve.api_keys_env)  # bad keys fail before anything starts
         controller = get_or_create_controller(self.spec)
         if await controller.spec_dict.remote() != self.spec.to_dict():
             raise RuntimeError("a pdcluster cluster with a different spec is already running; "
@@ -106,15 +123,38 @@ class Ingress:
         self.info = await controller.ready.remote()
         self.router = self.info.router
         self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.spec.model.path))
+        self.max_prompt_bytes = self.spec.serve.max_prompt_bytes or await asyncio.to_thread(
+            _provable_prompt_bytes, self.tokenizer, self.info.max_model_len)
         self.metrics = ServingMetrics()
-        self.orchestrator = Orchestrator(self.info, self.metrics)
-        self.api_keys = _api_keys(self.spec.serve.api_keys_env)
+        # This replica's requests are leased from the router under this id: if the replica dies
+        # (SIGKILL, Serve's shutdown timeout) the lease runs out and the router frees their slots.
+        self.orchestrator = Orchestrator(self.info, self.metrics, owner=f"ingress-{uuid.uuid4().hex}")
+        self._lease = asyncio.create_task(self._renew_lease_forever())
         self.created = int(time.time())
+        serve_spec = self.spec.serve
+        self.grpc_server = await grpc_service.start_server(self, serve_spec.http_host, serve_spec.grpc_port,
+                                                           serve_spec.max_body_bytes)
         log.info("ingress ready for %s (%d workers)", self.info.model_name, len(self.info.workers))
 
+    async def __del__(self) -> None:
+        """Serve stops this replica: stop taking gRPC calls, give those running the drain timeout."""
+        server = getattr(self, "grpc_server", None)
+        if server is not None:
+            await server.stop(self.spec.router.drain_timeout_s)
+
+    async def _renew_lease_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.orchestrator.renew_lease(), ROUTER_TIMEOUT_S)
+            except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:  # restarting: next round
+                log.warning("lease renewal failed: %s", exc)
+            await asyncio.sleep(LEASE_RENEW_S)
+
     async def check_health(self) -> None:
-        """Serve's replica health check: a dead router means this replica must be replaced."""
-        await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
+        """Serve's replica health check: the router answers. Ray restarts a router whose process
+        died and calls wait for it, so a restart fails no check (replacing this replica for it
+        would kill the streams it serves); a router gone for good does."""
+        await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_RESTART_WAIT_S)
 
     # ------------------------------------------------------------------ HTTP routes
     @app.get("/health")
@@ -156,7 +196,7 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            rec = self._new_record("chatcmpl", self._chat_ids(req), req, tenant)
+            rec = self._new_record("chatcmpl", await self._chat_ids(req), req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
         return await self._respond(rec, req, chat=True)
@@ -165,9 +205,7 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.CompletionRequest)
-            prompt = req.single_prompt()
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rec = self._new_record("cmpl", ids, req, tenant)
+            rec = self._new_record("cmpl", await self._prompt_ids(req), req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
         return await self._respond(rec, req, chat=False)
@@ -182,7 +220,7 @@ class Ingress:
             tenant = self._tenant(metadata.get("authorization"))
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
-            rec = self._grpc_record(request, tenant)
+            rec = await self._grpc_record(request, tenant)
             steps = self.orchestrator.run(rec)
             await self._admitted(steps)
         except oai.OpenAIError as exc:
@@ -205,7 +243,7 @@ class Ingress:
         finally:
             await steps.aclose()
 
-    def _grpc_record(self, request, tenant: str | None) -> RequestRecord:
+    async def _grpc_record(self, request, tenant: str | None) -> RequestRecord:
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
         if sum(inputs) != 1:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
@@ -218,13 +256,12 @@ class Ingress:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids = self._chat_ids(req)
+            ids = await self._chat_ids(req)
         else:
             data["prompt"] = request.prompt or list(request.prompt_token_ids)
             req = oai.validate(oai.CompletionRequest, data)
             self._check_model(req.model)
-            prompt = req.single_prompt()
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await self._prompt_ids(req)
         return self._new_record("grpc", ids, req, tenant)
 
     # ------------------------------------------------------------------ request plumbing
@@ -239,11 +276,29 @@ class Ingress:
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
-    def _chat_ids(self, req: oai.ChatCompletionRequest) -> list[int]:
+    # Tokenizing and templating run in a thread, never on the event loop every stream shares, and
+    # only for text that could fit the context (`_check_prompt_bytes`).
+    async def _chat_ids(self, req: oai.ChatCompletionRequest) -> list[int]:
+        messages = req.chat()
+        self._check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
         try:
-            return self.tokenizer.apply_chat_template(req.chat())
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
         except ValueError as exc:  # no chat template
             raise oai.OpenAIError(400, str(exc), param="messages") from None
+
+    async def _prompt_ids(self, req: oai.CompletionRequest) -> list[int]:
+        prompt = req.single_prompt()
+        if not isinstance(prompt, str):
+            return list(prompt)
+        self._check_prompt_bytes(len(prompt.encode()), "prompt")
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
+
+    def _check_prompt_bytes(self, size: int, param: str) -> None:
+        if size > self.max_prompt_bytes:
+            raise oai.OpenAIError(400, f"the prompt is {size} bytes; this server takes at most "
+                                  f"{self.max_prompt_bytes} (the model's context is "
+                                  f"{self.info.max_model_len} tokens)", param=param,
+                                  code="context_length_exceeded")
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:
@@ -333,7 +388,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # decides what waits and what is turned away with a 429.
     ongoing = 2 * (r.max_concurrency + r.max_queue) + 64
     return Ingress.options(
-        num_replicas=1, max_ongoing_requests=ongoing,
+        # Beyond those, Serve's proxy answers at once (HTTP 503, gRPC UNAVAILABLE) instead of queueing
+        # without bound: a few in Serve's queue, the router's queue holds the rest.
+        num_replicas=1, max_ongoing_requests=ongoing, max_queued_requests=MAX_SERVE_QUEUED,
         # When Serve itself stops this replica (redeploy, KubeRay upgrade) it waits this long for
         # the streams in progress, as `pdcluster down` does (local_cluster.teardown).
         graceful_shutdown_timeout_s=r.drain_timeout_s,

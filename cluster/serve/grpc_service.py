@@ -1,11 +1,12 @@
-"""How Serve's gRPC proxy registers inference.proto's Inference service (`grpc_servicer_functions`).
+"""The gRPC Inference service (inference.proto): a grpc.aio server inside the ingress replica.
 
-It is the generated `add_InferenceServicer_to_server` but for one thing: bytes that are not a
-GenerateRequest reach the ingress as `Undecodable`, which it answers INVALID_ARGUMENT; with the
-generated deserializer grpc fails such a call in the proxy with UNKNOWN.
+The ingress serves gRPC itself, not through Serve's gRPC proxy, because that proxy always listens on
+every interface (`[::]`); this server binds where HTTP binds (`serve.http_host`, loopback by default).
+Bytes that are not a GenerateRequest reach the ingress as `Undecodable`, answered INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,41 @@ def decode_request(data: bytes) -> pb.GenerateRequest | Undecodable:
         return Undecodable(str(exc) or "malformed protobuf")
 
 
-def add_inference_servicer(servicer: Any, server: grpc.Server) -> None:
+def add_inference_servicer(servicer: Any, server: grpc.Server | grpc.aio.Server) -> None:
     handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
         servicer.Generate, request_deserializer=decode_request,
         response_serializer=pb.GenerateResponse.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class _Servicer:
+    """Hands each call to the ingress's `Generate`; a failure it gave a status (set_code) is sent
+    with that status, anything else as UNKNOWN."""
+
+    def __init__(self, ingress: Any) -> None:
+        self._ingress = ingress
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in self._ingress.Generate(request, context):
+                yield response
+        except Exception:
+            code = context.code()
+            if code is None or code == grpc.StatusCode.OK:
+                raise
+            await context.abort(code, context.details() or "")
+
+
+async def start_server(ingress: Any, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+    """Serve `ingress.Generate` on host:port (in the running event loop); raises if the port is taken."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.so_reuseport", 0)])
+    add_inference_servicer(_Servicer(ingress), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises when it cannot bind
+        raise RuntimeError(f"gRPC cannot listen on {address}: {exc}") from None
+    await server.start()
+    return server

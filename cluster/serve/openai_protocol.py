@@ -1,6 +1,7 @@
 """OpenAI wire format: request models with validation, response/chunk builders, and error bodies."""
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Annotated, Any, Literal
 
@@ -263,23 +264,41 @@ def _body_path(data: Any, err: Any) -> list[str | int]:
 def parse_api_keys(value: str) -> dict[str, str]:
     """API key -> tenant, from comma-separated `key` or `tenant:key` entries (unnamed keys get
     "key-<position>"); the tenant is what the router's per-key limits are keyed by. Keys may hold
-    "=" (base64 padding) but not ":" or ","."""
+    "=" (base64 padding) but not ":" or ",". An entry with an empty key or tenant (`alpha:`, `:k`)
+    or a key listed twice is refused (ValueError): an empty key would admit requests sending none."""
     keys: dict[str, str] = {}
     for i, entry in enumerate(e.strip() for e in value.split(",")):
-        if entry:
-            tenant, sep, key = entry.partition(":")
-            keys[key.strip() if sep else tenant] = tenant.strip() if sep else f"key-{i}"
+        if not entry:
+            continue
+        tenant, sep, key = entry.partition(":")
+        tenant, key = (tenant.strip(), key.strip()) if sep else (f"key-{i}", tenant)
+        if not key or not tenant:
+            raise ValueError(f"API key entry {i + 1} has an empty {'key' if not key else 'tenant'} "
+                             "(entries are `key` or `tenant:key`)")
+        if key in keys:
+            raise ValueError(f"API key entry {i + 1} repeats an earlier key")
+        keys[key] = tenant
     return keys
 
 
 def tenant_for(authorization: str | None, keys: dict[str, str]) -> str | None:
-    """The tenant of an `Authorization: Bearer <key>` header; None when no keys are configured."""
+    """The tenant of an `Authorization: Bearer <key>` header; None when no keys are configured.
+
+    The scheme must be exactly "Bearer" (what OpenAI's clients send; other spellings are refused
+    rather than guessed), and the key is compared with every configured key in constant time, so
+    neither the answer nor its timing says how much of a guess was right."""
     if not keys:
         return None
-    key = (authorization or "").removeprefix("Bearer ").strip()
-    if key not in keys:
-        raise OpenAIError(401, "missing or invalid API key", code="invalid_api_key")
-    return keys[key]
+    scheme, _, presented = (authorization or "").partition(" ")
+    candidate = presented.strip().encode()
+    tenant = None
+    for key, owner in keys.items():
+        if hmac.compare_digest(candidate, key.encode()):
+            tenant = owner
+    if scheme != "Bearer" or tenant is None:
+        raise OpenAIError(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                          code="invalid_api_key")
+    return tenant
 
 
 # ---------------------------------------------------------------------------- responses

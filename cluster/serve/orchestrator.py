@@ -16,7 +16,7 @@ import ray
 
 from ...actors.controller import ClusterInfo
 from ...actors.engine_loop import RequestAborted
-from ...actors.router import Admission
+from ...actors.router import Admission, LeasedRequest
 from ...engine.prefix_hash import model_salt
 from ...engine.sampling import SamplingParams
 from ..policy.prefix_affinity import prefix_block_hashes
@@ -79,10 +79,28 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class Orchestrator:
-    def __init__(self, info: ClusterInfo, metrics: ServingMetrics) -> None:
+    """Runs requests for one ingress replica, `owner`; `live` is what it runs now, which it tells
+    the router through its lease (`renew_lease`)."""
+
+    def __init__(self, info: ClusterInfo, metrics: ServingMetrics, owner: str = "") -> None:
         self.info = info
         self.router = info.router
         self.metrics = metrics
+        self.owner = owner
+        self.live: dict[str, RequestRecord] = {}
+
+    async def renew_lease(self) -> None:
+        """Tell the router this replica lives and what it runs; describe the requests it does not
+        know (it restarted) so it counts their slots and workers again."""
+        unknown = await self.router.renew.remote(self.owner, list(self.live))
+        leased = [self._leased(self.live[r]) for r in unknown if r in self.live]
+        if leased:
+            await self.router.restore.remote(self.owner, leased)
+
+    def _leased(self, rec: RequestRecord) -> LeasedRequest:
+        return LeasedRequest(rec.request_id, len(rec.prompt_ids), rec.params.max_tokens,
+                             self.prefix_hashes(rec.prompt_ids), rec.tenant, rec.prefill_worker,
+                             rec.decode_worker, prefilled=rec.first_token_at is not None)
 
     async def run(self, rec: RequestRecord) -> AsyncIterator[Delta | None]:
         """Admission, prefill, decode. Yields None once admitted (so the caller can still answer
@@ -94,7 +112,7 @@ class Orchestrator:
         try:
             admission: Admission = await self.router.admit.remote(
                 rec.request_id, len(rec.prompt_ids), rec.params.max_tokens,
-                self.prefix_hashes(rec.prompt_ids), rec.tenant)
+                self.prefix_hashes(rec.prompt_ids), rec.tenant, self.owner)
             if not admission.admitted:
                 rec.status = "rejected"
                 self.metrics.rejections.labels(admission.reason).inc()
@@ -105,6 +123,7 @@ class Orchestrator:
                     code=admission.reason, retry_after_s=admission.retry_after_s)
             self.metrics.admissions.inc()
             rec.prefill_worker, rec.decode_worker = admission.prefill_worker, admission.decode_worker
+            self.live[rec.request_id] = rec
             yield None
 
             finish = None
@@ -167,6 +186,7 @@ class Orchestrator:
             if in_decode is not None:
                 ray.cancel(in_decode)
                 self.info.handles[rec.decode_worker].abort.remote(rec.request_id)
+            self.live.pop(rec.request_id, None)
             self.router.release.remote(rec.request_id)
             self._observe_end(rec)
 

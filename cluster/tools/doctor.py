@@ -225,10 +225,17 @@ def check_exposure(spec: ClusterSpec, p: Probes) -> Check:
     if s.api_keys_env:
         if not p.env.get(s.api_keys_env):
             return Check("api-keys", "warn", f"${s.api_keys_env} is not set in this environment")
+        from ..serve.openai_protocol import parse_api_keys
+
+        try:
+            parse_api_keys(p.env[s.api_keys_env])
+        except ValueError as exc:
+            return Check("api-keys", "fail", f"${s.api_keys_env}: {exc}")
         return Check("api-keys", "pass", f"keys from ${s.api_keys_env}")
     if is_loopback(s.http_host):
-        return Check("api-keys", "pass", f"no keys; API bound to loopback {s.http_host}")
-    return Check("api-keys", "warn", f"API on {s.http_host} without serve.api_keys_env: anyone can call it")
+        return Check("api-keys", "pass", f"no keys; HTTP and gRPC bound to loopback {s.http_host}")
+    return Check("api-keys", "warn",
+                 f"HTTP and gRPC on {s.http_host} without serve.api_keys_env: anyone can call them")
 
 
 CHECKS: tuple[Callable[[ClusterSpec, Probes], Check], ...] = (
