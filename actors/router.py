@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..cluster.policy.admission import AdmissionConfig, AdmissionController, Verdict
@@ -64,6 +65,8 @@ class RouterSnapshot:
     prefill_tok_s: float
     workers: list[WorkerState]
     draining: bool = False
+    leases: dict[str, int] = field(default_factory=dict)  # ingress replica -> requests it holds
+    expired_total: int = 0  # requests released because their ingress replica's lease ran out
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,9 @@ class Router:
 
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def snapshot(self) -> RouterSnapshot:
         self._expire(time.monotonic())
         adm = self.admission
@@ -347,4 +353,5 @@ class Router:
             rejected_total=dict(self.rejected_total), prefill_tok_s=adm.prefill_tok_s,
             workers=[WorkerState(self.infos[w], self.healthy[w], self.reports.get(w),
                                  len(self.assigned[w]), self.placed_total[w]) for w in self.infos],
-            draining=self.draining)
+            draining=self.draining, expired_total=self.expired_total,
+            leases={o: sum(r.owner == o for r in self.requests.values()) for o in self.leases})

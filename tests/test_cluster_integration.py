@@ -2,12 +2,18 @@
 HTTP (stock `openai` client) and gRPC answers, errors, metrics, and a client that walks away."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import cluster_harness as h
 import grpc
 import httpx
 import openai
 import pytest
-
-import cluster_harness as h
 from pdcluster.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -177,6 +183,101 @@ def test_client_disconnect_frees_its_slot_and_blocks(cluster):
     after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
     statuses = {k: v for k, v in after.items() if k[0] == "pdcluster_requests_total"}
     assert after.get(cancelled, 0) == before + 1, statuses
+
+
+def _stream(base: str, max_tokens: int, out: list, started: threading.Event) -> None:
+    """Stream a completion into `out`: the status, each SSE payload, or the error that ended it."""
+    body = {"model": h.MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as resp:
+            out.append(resp.status_code)
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: "):]
+                    out.append(data if data == "[DONE]" else json.loads(data))
+                    started.set()
+    except httpx.HTTPError as exc:
+        out.append(exc)
+
+
+def _streams_in_flight(base: str, n: int, max_tokens: int) -> tuple[list[threading.Thread], list[list]]:
+    outs: list[list] = [[] for _ in range(n)]
+    started = [threading.Event() for _ in range(n)]
+    threads = [threading.Thread(target=_stream, args=(base, max_tokens, o, e)) for o, e in zip(outs, started)]
+    for t in threads:
+        t.start()
+    for e, o in zip(started, outs):
+        assert e.wait(120), o
+    return threads, outs
+
+
+def _served_within(base: str, timeout_s: float) -> float:
+    """Seconds until a new request is answered 200."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            r = httpx.post(base + "/v1/completions", timeout=60,
+                           json={"model": h.MODEL, "prompt": "Hi", "max_tokens": 2})
+            if r.status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - t0 < timeout_s, "no request served after the kill"
+        time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_router_killed_streams_complete_and_its_state_is_rebuilt(cluster):
+    """SIGKILL the router's process with streams in flight: Ray restarts it, the streams finish (tokens
+    never pass through it), the new router counts them again from the ingress's lease, new requests
+    are served, and no worker is restarted (no model reload)."""
+    import ray
+
+    base, router = cluster[1], h.router()
+    old_pid = ray.get(router.pid.remote(), timeout=30)
+    workers = {w: i.pid for w, i in ray.get(h.controller().ready.remote(), timeout=30).workers.items()}
+    threads, outs = _streams_in_flight(base, 2, 160)
+    os.kill(old_pid, signal.SIGKILL)
+    h.wait_for(lambda: ray.get(router.pid.remote(), timeout=60) != old_pid, timeout_s=60)
+    h.wait_for(lambda: h.snapshot().in_flight == 2, timeout_s=15)  # restored from the lease
+    assert _served_within(base, 60) < 60
+    for t in threads:
+        t.join(180)
+    for out in outs:
+        assert out[0] == 200 and out[-1] == "[DONE]", out[-3:]
+        chunks = [c for c in out[1:-1] if isinstance(c, dict)]
+        assert not any("error" in c for c in chunks), chunks[-3:]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    now = {w: i.pid for w, i in ray.get(h.controller().ready.remote(), timeout=30).workers.items()}
+    assert now == workers and all(_alive(p) for p in now.values())
+    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=30)
+
+
+def test_ingress_killed_its_slots_are_released(cluster):
+    """SIGKILL the ingress replica's process with streams in flight: its lease runs out and the router
+    frees their slots; Serve starts a new replica, which serves."""
+    from pdcluster.actors.router import LEASE_TTL_S
+
+    base = cluster[1]
+    threads, outs = _streams_in_flight(base, 2, 120)
+    (owner,) = [o for o, n in h.snapshot().leases.items() if n == 2]
+    os.kill(int(owner.split("-")[1]), signal.SIGKILL)
+    t0 = time.monotonic()
+    h.wait_for(lambda: h.snapshot().in_flight == 0, timeout_s=LEASE_TTL_S + 15)
+    assert time.monotonic() - t0 < LEASE_TTL_S + 15
+    for t in threads:
+        t.join(60)
+    assert all(o[-1] != "[DONE]" for o in outs)  # cut off: their replica died
+    assert owner not in h.snapshot().leases and h.snapshot().expired_total >= 2
+    _served_within(base, 240)
+    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=60)  # the workers finish and free the blocks
 
 
 def _decode_stats() -> dict:
