@@ -135,7 +135,28 @@ class Router:
             self.infos[info.worker_id] = info
             self.assigned.setdefault(info.worker_id, set())
         self.healthy.update(healthy)
+        self._learn_prefill_rate(reports)
         self.reports.update(reports)
+
+    def _learn_prefill_rate(self, reports: dict[str, WorkerReport]) -> None:
+        """The pool that prefills (decode when colocated) computes prompts at the sum of its healthy
+        workers' rates; each worker's rate is its prompt tokens over the time of the steps that
+        computed them, both since the previous poll (deltas of its engine's counters). A request's
+        own tokens / latency would count queueing and batching as slowness."""
+        role = "decode" if self.spec.colocated else "prefill"
+        rates: list[float] = []
+        for worker_id, report in reports.items():
+            old = self.reports.get(worker_id)
+            if old is None or self.infos[worker_id].role != role:
+                continue
+            tokens = report.stats.get("prefill_tokens_total", 0) - old.stats.get("prefill_tokens_total", 0)
+            seconds = (report.stats.get("prefill_seconds_total", 0.0)
+                       - old.stats.get("prefill_seconds_total", 0.0))
+            if tokens > 0 and seconds > 0:  # a restarted worker's counters go back: no delta
+                rates.append(tokens / seconds)
+        if rates:
+            pool = sum(1 for w, i in self.infos.items() if i.role == role and self.healthy.get(w))
+            self.admission.observe_prefill_rate(sum(rates) / len(rates) * max(pool, 1))
 
     # ------------------------------------------------------------------ admission
     async def admit(self, request_id: str, prompt_len: int, max_tokens: int,
@@ -253,12 +274,15 @@ class Router:
             waiting = self.requests[admitted]
             waiting.waiter.set_result(self._place(admitted, waiting, None))
 
-    def prefill_done(self, request_id: str, tokens: int, seconds: float) -> None:
-        """Feedback from the ingress: this request's prefill took `seconds` for `tokens` new tokens."""
+    def prefill_done(self, request_id: str) -> None:
+        """The ingress has this request's first token: its prompt is no longer prefill work ahead of
+        newcomers (throughput itself is learnt from the workers' counters, `update_workers`)."""
         req = self.requests.get(request_id)
-        if req is not None and req.prefill is not None:
+        if req is None:
+            return
+        if req.prefill is not None:
             self.assigned[req.prefill].discard(request_id)
-            self.admission.observe_prefill(tokens, seconds, [request_id])
+        self.admission.observe_prefill(0, 0.0, [request_id])
 
     # ------------------------------------------------------------------ placement
     def reroute(self, request_id: str, failed: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,6 +52,10 @@ class EngineStats(KVCounters):
     preemptions_total: int
     spec_draft_tokens_total: int         # draft tokens verified (speculative decoding)
     spec_accepted_tokens_total: int      # of those, accepted (emitted as the model's own tokens)
+    # Prompt tokens computed, and the wall time of the steps that computed them: the router learns
+    # the pool's prefill throughput from their deltas.
+    prefill_tokens_total: int = 0
+    prefill_seconds_total: float = 0.0
 
 
 class LLMEngine:
@@ -103,6 +108,8 @@ class LLMEngine:
                         if spec is not None else None)
         self._draft_tokens = 0
         self._accepted_tokens = 0
+        self._prefill_tokens = 0
+        self._prefill_seconds = 0.0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
                  path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
                  self.block_nbytes / 2**20)
@@ -230,7 +237,13 @@ class LLMEngine:
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
             return []
+        prompt = sum(max(0, min(s.num_tokens, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
+                     for s in sched.scheduled)
+        started = time.perf_counter()
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        if prompt:
+            self._prefill_tokens += prompt
+            self._prefill_seconds += time.perf_counter() - started
         sampled_ids = {id(s) for s in sampled}
         for s in sched.scheduled:
             # drafts' KV counts once they are accepted, below
@@ -314,6 +327,7 @@ class LLMEngine:
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
             spec_draft_tokens_total=self._draft_tokens, spec_accepted_tokens_total=self._accepted_tokens,
+            prefill_tokens_total=self._prefill_tokens, prefill_seconds_total=self._prefill_seconds,
             **asdict(self.kv.counters))
 
 

@@ -84,7 +84,7 @@ async def _replay(router: Router, infos: list[WorkerInfo], log: list[tuple]) -> 
             report(blocks)
             pending[rid] = asyncio.create_task(router.admit(rid, prompt_len, max_tokens, []))
         elif event[0] == "prefill_done":
-            router.prefill_done(event[1], 0, 0.0)
+            router.prefill_done(event[1])
         else:
             report(event[2])
             router.release(event[1])

@@ -152,6 +152,12 @@ class AdmissionController:
                 req.prefilled = True
                 self._unprefilled_running_tokens -= req.prompt_len
 
+    def observe_prefill_rate(self, tok_s: float) -> None:
+        """Feed back the prefill pool's measured throughput (tokens/s over all its workers)."""
+        if tok_s > 0:
+            a = self.config.ewma_alpha
+            self._prefill_tok_s = (1 - a) * self._prefill_tok_s + a * tok_s
+
     def release(self, request_id: str, now: float) -> list[str]:
         """The request finished, failed or its client left: free its slot and return the ids admitted
         from the queue into the freed slots. Idempotent; a still-queued id is cancelled instead."""

@@ -139,8 +139,7 @@ class Orchestrator:
                         rec.prefill_worker = await self._replacement(rec, rec.prefill_worker, attempt)
                 in_prefill = None
                 self._first_token(rec, first.num_prompt_tokens, first.num_cached_tokens)
-                self.router.prefill_done.remote(rec.request_id, first.num_prompt_tokens -
-                                                first.num_cached_tokens, first.seconds)
+                self.router.prefill_done.remote(rec.request_id)
                 rec.handoff, finish = first.handoff, first.finish_reason
                 rec.generated += first.token_ids
                 yield Delta(first.token_ids, first.text, first.finish_reason)
@@ -158,9 +157,10 @@ class Orchestrator:
                     try:
                         async for ref in in_decode:
                             outs = await self._call(ref, rec.decode_worker)
-                            if rec.first_token_at is None:
+                            if rec.first_token_at is None:  # colocated: decode ran the prompt
                                 self._first_token(rec, outs[0].num_prompt_tokens,
                                                   outs[0].num_cached_tokens)
+                                self.router.prefill_done.remote(rec.request_id)
                             elif rec.output_tokens == handed_off:
                                 self.metrics.handoff_seconds.observe(
                                     time.perf_counter() - rec.first_token_at)
