@@ -265,6 +265,10 @@ class ClusterSpec(_Strict):
             clash = {pool.role_resource, *ACCELERATOR_RESOURCE.values(), "CPU", "memory"} & set(pool.resources)
             if clash:
                 errors.append(f"{role}.resources must not set {sorted(clash)}: they are derived")
+        if self.store.protocol == "tcp" and device in ACCELERATOR_RESOURCE:
+            # the store would refuse the device cache and every handoff would be recomputed
+            errors.append(f"store.protocol 'tcp' moves host memory only; the KV cache on {device!r} "
+                          f"needs store.protocol {'ascend' if device == 'npu' else 'rdma'}")
         if self.store.protocol == "ascend" and device != "npu":
             errors.append(f"store.protocol 'ascend' needs engine.device 'npu', not {device!r}")
         if self.store.client == "node" and device in ACCELERATOR_RESOURCE:

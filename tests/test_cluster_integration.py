@@ -145,7 +145,7 @@ def test_metrics_move_when_requests_are_served(client, cluster):
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     for hist in ("pdcluster_ttft_seconds", "pdcluster_tpot_seconds", "pdcluster_e2e_latency_seconds",
-                 "pdcluster_kv_handoff_seconds"):
+                 "pdcluster_first_to_second_token_seconds"):
         assert delta(hist + "_count") == 1, hist
     assert delta("pdcluster_admissions_total") == 1
     assert delta("pdcluster_requests_total", status="ok") == 1

@@ -48,14 +48,14 @@ def _stream(base: str, max_tokens: int, events: list, first: threading.Event) ->
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    """`pdcluster up --config` in its own process (its own Ray), state file in a private TMPDIR."""
+    """`pdcluster up --config` in its own process (its own Ray), state file in a private runtime dir."""
     tmp = tmp_path_factory.mktemp("drain")
     spec = h.small_spec(router={"drain_timeout_s": DRAIN_TIMEOUT_S},
                         engine={"num_kv_blocks": 128, "threads": 1})
     spec_file = tmp / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["TMPDIR"] = str(tmp)
+    env["TMPDIR"] = env["XDG_RUNTIME_DIR"] = str(tmp)
     proc = _cli("up", "--config", str(spec_file), env=env, log=tmp / "up.log")
     base = f"http://127.0.0.1:{spec.serve.http_port}"
     try:
@@ -147,6 +147,7 @@ def test_down_drains_in_flight_requests_then_exits(up):
     assert DRAIN_TIMEOUT_S - 1 < elapsed < DRAIN_TIMEOUT_S + 150
     # Nothing left behind: the state file is gone and no mooncake_master of ours runs.
     assert not (tmp / "pdcluster" / "up.json").exists()
+    assert (tmp / "pdcluster").stat().st_mode & 0o777 == 0o700
     port = str(spec.store.rpc_port)
     masters = subprocess.run(["pgrep", "-af", "mooncake_master"], capture_output=True, text=True).stdout
     assert not [line for line in masters.splitlines() if port in line], masters

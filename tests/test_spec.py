@@ -73,6 +73,8 @@ def test_remote_code_cannot_be_enabled() -> None:
     ({"prefill": {"accelerators_per_node": 8}}, "needs engine.device npu or cuda"),
     ({"decode": {"replicas": 0}}, "decode.replicas"),
     ({"serve": {"grpc_port": 50051}}, "store.rpc_port and serve.grpc_port both use port 50051"),
+    ({"engine": {"device": "cuda"}, "prefill": {"accelerators_per_node": 1},
+      "decode": {"accelerators_per_node": 1}}, "needs store.protocol rdma"),
     ({"store": {"protocol": "rdma"}}, "needs device_name"),
     ({"store": {"protocol": "ascend"}}, "store.protocol 'ascend' needs engine.device 'npu'"),
     ({"prefill": {"role_resource": "pd_decode"}}, "distinct role_resource"),
@@ -145,7 +147,8 @@ def test_worker_actor_options_per_device() -> None:
     assert opts["runtime_env"]["env_vars"]["HCCL_SOCKET_IFNAME"]
     cuda = ClusterSpec.from_dict({"engine": {"device": "cuda", "tp_size": 2},
                                   "prefill": {"accelerators_per_node": 2},
-                                  "decode": {"accelerators_per_node": 4}})
+                                  "decode": {"accelerators_per_node": 4},
+                                  "store": {"protocol": "rdma", "device_name": "mlx5_0"}})
     restarts = {"max_restarts": -1, "max_task_retries": 0}  # Ray restarts a dead worker
     assert cuda.worker_actor_options("decode") == {"resources": {"pd_decode": 1}, "num_gpus": 4,
                                                    **restarts}
@@ -162,3 +165,20 @@ def test_engine_config_carries_the_engine_fields() -> None:
     assert (cfg.model, cfg.device, cfg.dtype) == ("embedded", "cpu", "bfloat16")
     assert (cfg.tp_rank, cfg.tp_size, cfg.num_kv_blocks, cfg.max_num_seqs) == (1, 2, 64, 8)
     assert (cfg.max_model_len, cfg.threads) == (4096, 2)
+
+
+def test_state_file_lives_in_a_private_runtime_dir(tmp_path, monkeypatch):
+    from pdcluster.cluster.launch import deployment
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = deployment.state_file()
+    assert path.parent == tmp_path / "pdcluster" and path.parent.stat().st_mode & 0o777 == 0o700
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert deployment.state_file().parent == tmp_path / "home" / ".cache" / "pdcluster"
+    (tmp_path / "shared").mkdir(mode=0o777)
+    (tmp_path / "shared" / "pdcluster").mkdir()
+    (tmp_path / "shared" / "pdcluster").chmod(0o777)  # a directory others can write is refused
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "shared"))
+    with pytest.raises(RuntimeError, match="not be writable by others"):
+        deployment.state_file()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from .render import APP_NAME, serve_config
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = Path(tempfile.gettempdir()) / "pdcluster" / "up.json"
+STATE_NAME = "up.json"
 READY_TIMEOUT_S = 900.0  # model loading on a big cluster takes minutes
 
 
@@ -73,9 +72,26 @@ def local_spec(spec: ClusterSpec) -> ClusterSpec:
     return spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
 
 
+def runtime_dir() -> Path:
+    """This user's private directory for the state file: $XDG_RUNTIME_DIR/pdcluster, else
+    ~/.cache/pdcluster, created mode 0700 (a shared /tmp would let another user plant a pid for
+    `down` to signal). Refuses one that another user owns or others can write."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = (Path(base) if base else Path.home() / ".cache") / "pdcluster"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} must belong to this user and not be writable by others")
+    return path
+
+
+def state_file() -> Path:
+    return runtime_dir() / STATE_NAME
+
+
 def read_state() -> UpState | None:
     try:
-        return UpState(**json.loads(STATE_FILE.read_text()))
+        return UpState(**json.loads(state_file().read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -235,8 +251,7 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
                         model=spec.model.served_name,
                         ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"),
                         drain_timeout_s=spec.router.drain_timeout_s)
-        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        STATE_FILE.write_text(json.dumps(asdict(state)))
+        state_file().write_text(json.dumps(asdict(state)))
         if on_ready is not None:
             on_ready(state)
         while not stop.wait(1.0):
@@ -250,7 +265,7 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
             ray.shutdown()
             current = read_state()
             if current is not None and current.pid == os.getpid():
-                STATE_FILE.unlink(missing_ok=True)
+                state_file().unlink(missing_ok=True)
 
 
 def up_remote(spec: ClusterSpec, address: str) -> UpState:
@@ -280,7 +295,7 @@ def down(address: str | None = None, timeout_s: float = 120.0) -> str:
     if address is None:
         state = read_state()
         if state is None or not state.pid or not _pid_alive(state.pid):
-            STATE_FILE.unlink(missing_ok=True)
+            state_file().unlink(missing_ok=True)
             return "no local pdcluster is running"
         os.kill(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + state.drain_timeout_s + timeout_s

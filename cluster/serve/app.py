@@ -161,7 +161,7 @@ class Ingress:
     async def health(self) -> Response:
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
-        except (TimeoutError, ray.exceptions.RayError) as exc:
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             return JSONResponse({"status": "unavailable", "detail": f"router: {exc}"}, 503)
         if snap.draining:  # load balancers stop sending here; in-flight requests still finish
             return JSONResponse({"status": "draining", "in_flight": snap.in_flight}, 503)
@@ -174,7 +174,7 @@ class Ingress:
     async def prometheus(self) -> Response:
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
-        except (TimeoutError, ray.exceptions.RayError):
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
             snap = None
         self.metrics.set_cluster(snap)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

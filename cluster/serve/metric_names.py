@@ -27,9 +27,9 @@ REQUESTS_TOTAL = "pdcluster_requests_total"
 PROMPT_TOKENS_TOTAL = "pdcluster_prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "pdcluster_generation_tokens_total"
 KV_HANDOFF_BYTES_TOTAL = "pdcluster_kv_handoff_bytes_total"
-KV_HANDOFF_SECONDS = "pdcluster_kv_handoff_seconds"
+FIRST_TO_SECOND_TOKEN_SECONDS = "pdcluster_first_to_second_token_seconds"
 PREFIX_CACHE_HIT_TOKENS_TOTAL = "pdcluster_prefix_cache_hit_tokens_total"
-KV_RECOMPUTE_TOTAL = "pdcluster_kv_recompute_total"
+KV_RECOMPUTE_BLOCKS_TOTAL = "pdcluster_kv_recompute_blocks_total"
 WORKER_RUNNING_SEQS = "pdcluster_worker_running_seqs"
 WORKER_FREE_BLOCKS = "pdcluster_worker_free_blocks"
 
@@ -45,9 +45,12 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef(PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens processed"),
     MetricDef(GENERATION_TOKENS_TOTAL, "counter", "Output tokens generated"),
     MetricDef(KV_HANDOFF_BYTES_TOTAL, "counter", "KV cache bytes moved from prefill to decode"),
-    MetricDef(KV_HANDOFF_SECONDS, "histogram", "Time to move one request's KV to its decode worker"),
+    MetricDef(FIRST_TO_SECOND_TOKEN_SECONDS, "histogram",
+              "Time from a request's first token (prefill) to its second (decode): the KV handoff "
+              "(or recompute) plus one decode step"),
     MetricDef(PREFIX_CACHE_HIT_TOKENS_TOTAL, "counter", "Prompt tokens served from cached KV blocks"),
-    MetricDef(KV_RECOMPUTE_TOTAL, "counter", "Prompts recomputed on decode (KV missing/corrupt)",
+    MetricDef(KV_RECOMPUTE_BLOCKS_TOTAL, "counter",
+              "Handed-off KV blocks a decode worker could not load (missing/corrupt) and recomputed",
               ("reason",)),
     MetricDef(WORKER_RUNNING_SEQS, "gauge", "Sequences running on a worker", ("worker", "role")),
     MetricDef(WORKER_FREE_BLOCKS, "gauge", "Free KV blocks on a worker", ("worker", "role")),

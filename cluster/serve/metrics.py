@@ -48,8 +48,9 @@ class ServingMetrics:
                                          _help(mn.PREFIX_CACHE_HIT_TOKENS_TOTAL), registry=r)
         # The gap between a request's first token (prefill) and its second (decode): the KV pull
         # (or recompute) plus one decode step, as the client sees it.
-        self.handoff_seconds = Histogram(mn.KV_HANDOFF_SECONDS, _help(mn.KV_HANDOFF_SECONDS),
-                                         buckets=_HANDOFF_BUCKETS, registry=r)
+        self.first_to_second_token = Histogram(mn.FIRST_TO_SECOND_TOKEN_SECONDS,
+                                               _help(mn.FIRST_TO_SECOND_TOKEN_SECONDS),
+                                               buckets=_HANDOFF_BUCKETS, registry=r)
         self.cluster = _ClusterCollector()
         r.register(self.cluster)
 
@@ -78,7 +79,7 @@ class _ClusterCollector(Collector):
         handoff_bytes = CounterMetricFamily(mn.KV_HANDOFF_BYTES_TOTAL, _help(mn.KV_HANDOFF_BYTES_TOTAL))
         # Counted in blocks by the decode engines (per reason), not per prompt: the engine does not
         # report which request a failed block belonged to.
-        recompute = CounterMetricFamily(mn.KV_RECOMPUTE_TOTAL, _help(mn.KV_RECOMPUTE_TOTAL),
+        recompute = CounterMetricFamily(mn.KV_RECOMPUTE_BLOCKS_TOTAL, _help(mn.KV_RECOMPUTE_BLOCKS_TOTAL),
                                         labels=["reason"])
         if s is not None:
             queue.add_metric([], s.queued)

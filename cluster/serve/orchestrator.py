@@ -162,7 +162,7 @@ class Orchestrator:
                                                   outs[0].num_cached_tokens)
                                 self.router.prefill_done.remote(rec.request_id)
                             elif rec.output_tokens == handed_off:
-                                self.metrics.handoff_seconds.observe(
+                                self.metrics.first_to_second_token.observe(
                                     time.perf_counter() - rec.first_token_at)
                             ids = [t for o in outs for t in o.new_token_ids]
                             rec.generated += ids
