@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from ..cluster.kvstore.connector import COMMIT_SECRET_ENV
 from ..cluster.spec import ClusterSpec
 from .decode_worker import DecodeWorker
 from .master_supervisor import MasterStatus, MasterSupervisor, master_placement
@@ -85,12 +87,18 @@ class Controller:
         self._master_status = await self.master.start.remote()
         self._check_pools()
         actors = {"prefill": ray.remote(PrefillWorker), "decode": ray.remote(DecodeWorker)}
+        # This deployment's key for the store's commit records: records another deployment (or
+        # anyone else with access to the store) wrote are not trusted.
+        secret = {COMMIT_SECRET_ENV: secrets.token_hex(32)}
         for role in ("prefill", "decode"):
+            options = self.spec.worker_actor_options(role)
+            env = options.get("runtime_env", {})
+            options["runtime_env"] = {**env, "env_vars": {**env.get("env_vars", {}), **secret}}
             for i in range(self.spec.pool(role).replicas):
                 worker_id = f"{role}-{i}"
                 self.handles[worker_id] = actors[role].options(
                     name=worker_id, namespace=NAMESPACE, max_concurrency=1000,
-                    **self.spec.worker_actor_options(role)).remote(self._spec_dict, worker_id)
+                    **options).remote(self._spec_dict, worker_id)
         infos = await asyncio.gather(*(h.ready.remote() for h in self.handles.values()))
         self.infos = {i.worker_id: i for i in infos}
         self.healthy = dict.fromkeys(self.infos, True)

@@ -27,6 +27,7 @@ import cluster_harness as h
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 KEYS_ENV, KEY = "PDCLUSTER_BAD_INPUT_KEYS", "sk-bad-input-test"
+LIMITED_KEY = "sk-limited-tenant"  # tenant "limited", allowed one request at a time
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 MAX_BODY = 4 << 20  # serve.max_body_bytes' default, which the cluster below keeps
@@ -211,9 +212,11 @@ def test_readme_table_is_the_cases():
 def cluster():
     import ray
 
-    os.environ[KEYS_ENV] = f"tester:{KEY}"  # the Serve replica inherits it through ray.init
+    # the Serve replica inherits it through ray.init
+    os.environ[KEYS_ENV] = f"tester:{KEY},limited:{LIMITED_KEY}"
     # A short context bounds what any accepted request can generate (the fuzzer's included).
-    spec = h.small_spec(serve={"api_keys_env": KEYS_ENV}, model={"max_model_len": CONTEXT})
+    spec = h.small_spec(serve={"api_keys_env": KEYS_ENV}, model={"max_model_len": CONTEXT},
+                        router={"per_key_limits": {"limited": 1}})
     # "local": a Ray of our own even while another run's `ray start` cluster is up on this machine
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              resources={"pd_prefill": 1, "pd_decode": 1})
@@ -299,6 +302,23 @@ def test_cluster_is_unharmed_after_bad_input(http, before):
     again = http.post(CHAT, json=chat(max_tokens=12), headers=AUTH)
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["message"]["content"] == before["answer"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_per_key_limit_over_http(http, before):
+    """A tenant at its limit gets 429 tenant_limit with Retry-After; another tenant is served."""
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    body = cmpl(max_tokens=CONTEXT - 16, ignore_eos=True, stream=True)
+    with http.stream("POST", CMPL, json=body, headers=limited) as running:
+        assert running.status_code == 200
+        next(running.iter_lines())  # admitted and streaming
+        second = http.post(CMPL, json=cmpl(), headers=limited)
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["code"] == "tenant_limit" and int(second.headers["Retry-After"]) >= 1
+        assert http.post(CMPL, json=cmpl(), headers=AUTH).status_code == 200
+    h.wait_for(lambda: h.snapshot().in_flight == 0)
+    assert http.post(CMPL, json=cmpl(), headers=limited).status_code == 200  # its slot came back
 
 
 # ------------------------------------------------------------------------------ HTTP fuzzing

@@ -1,7 +1,10 @@
 """The engine's `KVConnector` over the Mooncake store: zero-copy block moves by chain-hash key."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ...engine.kv_connector import KVConnector
@@ -15,10 +18,26 @@ from .mooncake_client import MooncakeBackend
 
 log = logging.getLogger(__name__)
 
+# The per-deployment key that authenticates commit records (hex), set by the controller in every
+# worker's runtime env. Anyone who can write to the store can write a block and a record naming its
+# CRC (a CRC is no MAC): without the key such a record is ignored and the prefix computed afresh.
+COMMIT_SECRET_ENV = "PDCLUSTER_COMMIT_SECRET"
+_CRC, _MAC = 4, 16  # a record: CRC-32 of the block (little-endian), then its truncated HMAC-SHA256
+
 
 def commit_key(key: str) -> str:
-    """Where a block's commit record (its CRC-32, 4 bytes little-endian) is stored."""
+    """Where a block's commit record (its CRC-32 and that CRC's MAC) is stored."""
     return key + "/commit"
+
+
+def commit_secret() -> bytes:
+    """This deployment's commit-record key, from the environment (b"" outside a deployment: records
+    are then checked for shape only, which tests and the single-process tools accept)."""
+    return bytes.fromhex(os.environ.get(COMMIT_SECRET_ENV, ""))
+
+
+def _mac(secret: bytes, record_key: str, crc: bytes) -> bytes:
+    return hmac.new(secret, record_key.encode() + crc, hashlib.sha256).digest()[:_MAC]
 
 
 class MooncakeConnector(KVConnector):
@@ -27,9 +46,10 @@ class MooncakeConnector(KVConnector):
     checksums); only a later request's prefix lookup needs them, and until they land it misses and
     computes."""
 
-    def __init__(self, backend: MooncakeBackend, cache) -> None:
+    def __init__(self, backend: MooncakeBackend, cache, secret: bytes | None = None) -> None:
         self.backend = backend
         self.cache = cache
+        self.secret = commit_secret() if secret is None else secret
         backend.register_cache(cache)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         self._last_commit: Future | None = None
@@ -52,9 +72,23 @@ class MooncakeConnector(KVConnector):
         self._submit(keys, checksums, replace=False)  # a record already there stays
 
     def _submit(self, keys: list[str], checksums: list[int | None], replace: bool) -> None:
-        records = [(commit_key(k), c.to_bytes(4, "little")) for k, c in zip(keys, checksums) if c is not None]
+        records = [self._record(k, c) for k, c in zip(keys, checksums) if c is not None]
         if records:
             self._last_commit = self._committer.submit(self._commit, records, replace)
+
+    def _record(self, key: str, checksum: int) -> tuple[str, bytes]:
+        record_key, crc = commit_key(key), checksum.to_bytes(_CRC, "little")
+        return record_key, crc + _mac(self.secret, record_key, crc)
+
+    def _verified(self, record_key: str, value: bytes | None) -> int | None:
+        """The CRC a record names, if this deployment's key wrote it."""
+        if value is None or len(value) != _CRC + _MAC:
+            return None
+        crc, mac = value[:_CRC], value[_CRC:]
+        if not hmac.compare_digest(mac, _mac(self.secret, record_key, crc)):
+            log.warning("commit record %s is not this deployment's: ignored", record_key)
+            return None
+        return int.from_bytes(crc, "little")
 
     def _commit(self, records: list[tuple[str, bytes]], replace: bool) -> None:
         keys, values = zip(*records)
@@ -89,7 +123,7 @@ class MooncakeConnector(KVConnector):
         except KVStoreError as exc:
             log.warning("store lookup failed: %s", exc)
             return [None] * len(keys)
-        sums = [int.from_bytes(v, "little") if v is not None and len(v) == 4 else None for v in values]
+        sums = [self._verified(r, v) for r, v in zip(records, values)]
         return sums + [None] * (len(keys) - len(sums))
 
     def close(self) -> None:
