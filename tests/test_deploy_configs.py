@@ -456,3 +456,24 @@ def test_dashboard_queries_respect_metric_kinds_and_labels() -> None:
                 raise AssertionError(f"histogram {series} used without _bucket/_sum/_count: {expr}")
             elif METRICS_BY_NAME[series].kind == "counter":
                 assert f"rate({series}" in expr, f"counter {series} must be rated: {expr}"
+
+
+def test_kubernetes_ray_uses_token_auth_and_only_pdcluster_pods_reach_ray_and_the_store() -> None:
+    for build in K8S_BUILDS.values():
+        (service,) = [d for d in _kustomize_docs(build) if d["kind"] == "RayService"]
+        assert service["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    policies = {d["metadata"]["name"]: d["spec"] for d in _kustomize_docs(K8S_BUILDS["base"])
+                if d["kind"] == "NetworkPolicy"}
+    pods = {"app.kubernetes.io/name": "pdcluster"}
+    # every pdcluster pod is selected (so default-deny applies) and its peers may reach it
+    internal = policies["pdcluster-internal"]
+    assert internal["podSelector"]["matchLabels"] == pods
+    assert internal["ingress"] == [{"from": [{"podSelector": {"matchLabels": pods}}]}]
+    # what anyone else may reach: the API and metrics on the head, never Ray's or the store's ports
+    api = policies["pdcluster-api"]
+    open_to_all = {p["port"] for rule in api["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert open_to_all == {PROD.serve.http_port, PROD.serve.grpc_port, 8080}
+    store = PROD.store
+    internal_only = {6379, 10001, store.rpc_port, store.metadata_port, store.metrics_port}
+    reachable = {p["port"] for rule in api["ingress"] for p in rule["ports"]}
+    assert not internal_only & reachable

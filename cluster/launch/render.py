@@ -98,6 +98,9 @@ def rayservice(spec: ClusterSpec, image: str = DEFAULT_IMAGE, *, name: str = "pd
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": False,  # pools are sized by the spec, not by load
+                # Ray token auth: KubeRay makes the token Secret and gives it to every Ray process
+                # and its own calls; a pod that reaches the GCS or the dashboard without it gets nothing.
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": _head_group(kspec, image, env, head_cpu, head_memory),
                 "workerGroupSpecs": [_worker_group(kspec, role, image, env)
                                      for role in ("prefill", "decode")],
