@@ -307,16 +307,22 @@ def test_cluster_is_unharmed_after_bad_input(http, before):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_per_key_limit_over_http(http, before):
-    """A tenant at its limit gets 429 tenant_limit with Retry-After; another tenant is served."""
+    """A tenant allowed one request at a time sends four at once: one runs, the others get 429
+    tenant_limit with Retry-After; another tenant's request meanwhile is served."""
+    from concurrent.futures import ThreadPoolExecutor
+
     limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
-    body = cmpl(max_tokens=CONTEXT - 16, ignore_eos=True, stream=True)
-    with http.stream("POST", CMPL, json=body, headers=limited) as running:
-        assert running.status_code == 200
-        next(running.iter_lines())  # admitted and streaming
-        second = http.post(CMPL, json=cmpl(), headers=limited)
-        assert second.status_code == 429, second.text
-        assert second.json()["error"]["code"] == "tenant_limit" and int(second.headers["Retry-After"]) >= 1
-        assert http.post(CMPL, json=cmpl(), headers=AUTH).status_code == 200
+    body = cmpl(max_tokens=CONTEXT - 16, ignore_eos=True)
+    with ThreadPoolExecutor(5) as pool:
+        burst = [pool.submit(http.post, CMPL, json=body, headers=limited) for _ in range(4)]
+        other = pool.submit(http.post, CMPL, json=body, headers=AUTH)
+        answers = [f.result() for f in burst]
+    assert other.result().status_code == 200
+    statuses = sorted(a.status_code for a in answers)
+    assert 200 in statuses and 429 in statuses and set(statuses) == {200, 429}, statuses
+    refused = [a for a in answers if a.status_code == 429]
+    for a in refused:
+        assert a.json()["error"]["code"] == "tenant_limit" and int(a.headers["Retry-After"]) >= 1
     h.wait_for(lambda: h.snapshot().in_flight == 0)
     assert http.post(CMPL, json=cmpl(), headers=limited).status_code == 200  # its slot came back
 

@@ -128,7 +128,8 @@ class Ingress:
         self.metrics = ServingMetrics()
         # This replica's requests are leased from the router under this id: if the replica dies
         # (SIGKILL, Serve's shutdown timeout) the lease runs out and the router frees their slots.
-        self.orchestrator = Orchestrator(self.info, self.metrics, owner=f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        owner = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.orchestrator = Orchestrator(self.info, self.metrics, owner=owner)
         self._lease = asyncio.create_task(self._renew_lease_forever())
         self.created = int(time.time())
         serve_spec = self.spec.serve
