@@ -35,3 +35,15 @@ def test_colocated_stream_equals_offline_and_uses_no_prefill_worker(cluster, llm
     # TTFT is measured from the decode worker's first token; no KV crossed the store
     assert "pdcluster_ttft_seconds_count 1.0" in metrics
     assert "pdcluster_kv_handoff_bytes_total 0.0" in metrics
+
+
+def test_colocated_router_learns_prefill_rate_from_the_decode_workers_counters(cluster):
+    from pdcluster.cluster.policy.admission import AdmissionConfig
+
+    prior = AdmissionConfig().prefill_tok_s_prior
+    snap = h.wait_for(lambda: (s := h.snapshot()).prefill_tok_s != prior and s)
+    (stats,) = [w.report.stats for w in snap.workers if w.report is not None]
+    assert stats["prefill_tokens_total"] > 0 and stats["prefill_seconds_total"] > 0
+    measured = stats["prefill_tokens_total"] / stats["prefill_seconds_total"]
+    # an average of what the worker measured, pulled from the prior towards it
+    assert min(prior, measured) * 0.5 <= snap.prefill_tok_s <= max(prior, measured) * 2
