@@ -207,6 +207,10 @@ class ServeSpec(_Strict):
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     api_keys_env: str | None = None  # NAME of the env var holding comma-separated keys, never the keys
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    # How chat answers are parsed (vLLM's --reasoning-parser / --tool-call-parser); "auto" picks by
+    # the model's architecture (cluster/serve/chat_output.py), "none" turns reasoning parsing off.
+    reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3", "kimi_k2"] = "auto"
+    tool_call_parser: Literal["auto", "hermes", "deepseek_v3", "kimi_k2"] = "auto"
 
     @field_validator("api_keys_env")
     @classmethod

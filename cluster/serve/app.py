@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import jinja2
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,10 +23,13 @@ from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
 from . import openai_protocol as oai
+from .chat_output import ChatOutput, default_parsers, model_type
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord
+from .reasoning_parsers import reasoning_parser
+from .tool_parsers import tool_call_format
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,24 @@ def _api_keys(env_name: str | None) -> dict[str, str]:
     if not keys:
         raise RuntimeError(f"serve.api_keys_env names {env_name!r}, but that variable holds no keys")
     return keys
+
+
+def _chat_parsers(spec: ClusterSpec, model_path: Any, chat_template: str) -> tuple[str | None, str]:
+    """(reasoning parser or None, tool-call parser): the spec's choice, else the model's default."""
+    reasoning, tools = default_parsers(model_type(model_path), chat_template)
+    chosen = spec.serve.reasoning_parser
+    if chosen != "auto":
+        reasoning = None if chosen == "none" else chosen
+    if spec.serve.tool_call_parser != "auto":
+        tools = spec.serve.tool_call_parser
+    return reasoning, tools
+
+
+def _usage(rec: RequestRecord, out: ChatOutput | None) -> dict[str, Any]:
+    """The request's usage; a chat answer under a reasoning parser also counts its reasoning tokens."""
+    if out is None or out.reasoning is None:
+        return rec.usage()
+    return oai.usage(rec.prompt_tokens, rec.output_tokens, rec.cached_tokens, out.reasoning_tokens)
 
 
 def _error(exc: oai.OpenAIError) -> JSONResponse:
@@ -105,7 +127,13 @@ class Ingress:
                                "stop it first (`pdcluster down`)")
         self.info = await controller.ready.remote()
         self.router = self.info.router
-        self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.spec.model.path))
+        model_path = resolve_model_path(self.spec.model.path)
+        self.tokenizer = await asyncio.to_thread(Tokenizer, model_path)
+        template = getattr(self.tokenizer.hf, "chat_template", None) or ""
+        template = template if isinstance(template, str) else " ".join(template.values())
+        self.chat_parsers = await asyncio.to_thread(_chat_parsers, self.spec, model_path, template)
+        # A template that takes no `tools` gets them in the fallback system prompt (tool_calls.py).
+        self.native_tools = "tools" in template
         self.metrics = ServingMetrics()
         self.orchestrator = Orchestrator(self.info, self.metrics)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)
@@ -156,10 +184,11 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            rec = self._new_record("chatcmpl", self._chat_ids(req), req, tenant)
+            ids, out = self._chat(req)
+            rec = self._new_record("chatcmpl", ids, req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, chat=True)
+        return await self._respond(rec, req, out)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -170,7 +199,7 @@ class Ingress:
             rec = self._new_record("cmpl", ids, req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, chat=False)
+        return await self._respond(rec, req, None)
 
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
@@ -218,7 +247,7 @@ class Ingress:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids = self._chat_ids(req)
+            ids, _ = self._chat(req)
         else:
             data["prompt"] = request.prompt or list(request.prompt_token_ids)
             req = oai.validate(oai.CompletionRequest, data)
@@ -239,11 +268,25 @@ class Ingress:
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
-    def _chat_ids(self, req: oai.ChatCompletionRequest) -> list[int]:
+    def _chat(self, req: oai.ChatCompletionRequest) -> tuple[list[int], ChatOutput]:
+        """The prompt's token ids (rendered by the chat template, with the tools and the request's
+        chat_template_kwargs) and the parser of the answer."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.uses_tools and self.native_tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        messages = req.chat(self.native_tools)
         try:
-            return self.tokenizer.apply_chat_template(req.chat())
+            ids = self.tokenizer.apply_chat_template(messages, **kwargs)
         except ValueError as exc:  # no chat template
             raise oai.OpenAIError(400, str(exc), param="messages") from None
+        except (jinja2.TemplateError, TypeError) as exc:  # the template refused these messages
+            raise oai.OpenAIError(400, f"the model's chat template cannot render these messages: "
+                                  f"{exc}", param="messages") from None
+        reasoning, tools = self.chat_parsers
+        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
+        parser = reasoning_parser(reasoning, tail, req.chat_template_kwargs or {}) if reasoning else None
+        return ids, ChatOutput(parser, tool_call_format(tools) if req.uses_tools else None,
+                               parallel=req.parallel_tool_calls is not False)
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:
@@ -270,27 +313,32 @@ class Ingress:
         return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room),
                              tenant)
 
-    async def _respond(self, rec: RequestRecord, req: Any, chat: bool) -> Response:
+    async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
+        """`out`: a chat answer's parser (None for completions)."""
         steps = self.orchestrator.run(rec)
         try:
             await self._admitted(steps)
         except oai.OpenAIError as exc:
             return _error(exc)
         if req.stream:
-            return _ClosingStreamingResponse(self._sse(rec, steps, chat, req.include_usage),
+            return _ClosingStreamingResponse(self._sse(rec, steps, out, req.include_usage),
                                              media_type="text/event-stream")
         text, finish = [], None
         try:
             async for d in steps:
                 text.append(d.text)
                 finish = d.finish_reason or finish
+                if out is not None:
+                    out.feed(d.text, len(d.token_ids))
         except oai.OpenAIError as exc:
             return _error(exc)
         finally:
             await steps.aclose()
-        build = oai.chat_completion if chat else oai.completion
-        return JSONResponse(build(rec.request_id, self.info.model_name, self.created, "".join(text),
-                                  finish, rec.usage()))
+        name, rid, created = self.info.model_name, rec.request_id, self.created
+        if out is None:
+            return JSONResponse(oai.completion(rid, name, created, "".join(text), finish, rec.usage()))
+        return JSONResponse(oai.chat_completion(rid, name, created, out.message("", 0),
+                                                out.finish_reason(finish), _usage(rec, out)))
 
     @staticmethod
     async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
@@ -301,23 +349,25 @@ class Ingress:
             await steps.aclose()
             raise
 
-    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], chat: bool,
+    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], out: ChatOutput | None,
                    include_usage: bool) -> AsyncIterator[str]:
         model, rid, created = self.info.model_name, rec.request_id, self.created
+        chat = out is not None
         try:
             if chat:
                 yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
             async for d in steps:
                 if chat:
-                    if d.text:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {"content": d.text}))
+                    for delta in out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None):
+                        yield oai.sse(oai.chat_chunk(rid, model, created, delta))
                     if d.finish_reason:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {}, d.finish_reason))
+                        yield oai.sse(oai.chat_chunk(rid, model, created, {},
+                                                     out.finish_reason(d.finish_reason)))
                 elif d.text or d.finish_reason:
                     yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason))
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield oai.sse(oai.usage_chunk(rid, model, created, obj, rec.usage()))
+                yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(rec, out)))
         except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
             yield oai.sse(exc.body())
         finally:

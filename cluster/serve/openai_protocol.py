@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ...engine.sampling import SamplingParams
+from . import tool_calls
+from .tool_calls import Tool, ToolCall, ToolChoice
 
 # Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
 # "code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
@@ -122,8 +124,10 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None   # assistant
+    tool_call_id: str | None = None            # tool
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -135,21 +139,43 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         fmt = (self.response_format or {}).get("type", "text")
         return [*super()._unsupported(), ("logprobs", bool(self.logprobs)),
-                ("tools", bool(self.tools)), ("response_format", fmt != "text")]
+                ("response_format", fmt != "text")]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        try:
+            tool_calls.check_tools(self.tools, self.tool_choice)
+            tool_calls.check_template_kwargs(self.chat_template_kwargs)
+        except tool_calls.ToolsError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is shown the tools and its output parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def chat(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def chat(self, native_tools: bool = True) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them; `native_tools`: whether the template renders
+        tools and tool calls itself (else they are written in the fallback prompt's style)."""
+        try:
+            messages = tool_calls.template_messages(self.messages, native_tools)
+        except tool_calls.ToolsError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        if self.uses_tools and not native_tools:
+            messages = tool_calls.with_fallback_prompt(messages, self.tools)
+        return messages
 
 
 class CompletionRequest(_Request):
@@ -283,17 +309,24 @@ def tenant_for(authorization: str | None, keys: dict[str, str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------- responses
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict[str, Any]:
+    use = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        use["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return use
 
 
-def chat_completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-                    use: dict[str, Any]) -> dict[str, Any]:
+def chat_completion(request_id: str, model: str, created: int, message: str | dict[str, Any],
+                    finish_reason: str | None, use: dict[str, Any]) -> dict[str, Any]:
+    """`message`: the assistant's text, or the whole message (reasoning, tool calls)."""
+    if isinstance(message, str):
+        message = {"role": "assistant", "content": message}
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason}],
             "usage": use}
 
 

@@ -7,14 +7,25 @@ from typing import Any
 from . import openai_protocol as oai
 
 _REF = "#/components/schemas/{model}"
-_FINISH = {"enum": ["stop", "length", None]}
+_FINISH = {"enum": ["stop", "length", "tool_calls", None]}
 _ID = {"type": "string", "minLength": 1}
 _INT = {"type": "integer", "minimum": 0}
 
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": _ID, "type": {"const": "function"}, "function": {
+        "type": "object", "required": ["name", "arguments"],
+        "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+# A stream's tool-call delta: index, then id, type and name once, then argument fragments.
+_TOOL_CALL_DELTA = {"type": "object", "required": ["index", "function"], "properties": {
+    "index": _INT, "id": _ID, "type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+_NULLABLE_TEXT = {"type": ["string", "null"]}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
                          "prompt_tokens_details": {"type": "object",
-                                                   "properties": {"cached_tokens": _INT}}}}
+                                                   "properties": {"cached_tokens": _INT}},
+                         "completion_tokens_details": {"type": "object",
+                                                       "properties": {"reasoning_tokens": _INT}}}}
 
 
 def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
@@ -41,11 +52,16 @@ _RESPONSES = {
     "Usage": _USAGE,
     "ChatCompletion": _completion("chat.completion", {"message": {
         "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}),
+        "properties": {"role": {"const": "assistant"}, "content": _NULLABLE_TEXT,
+                       "reasoning_content": _NULLABLE_TEXT,
+                       "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}),
     "Completion": _completion("text_completion", {"text": {"type": "string"}}),
     "ChatCompletionChunk": _completion("chat.completion.chunk", {"delta": {
         "type": "object", "properties": {"role": {"const": "assistant"},
-                                         "content": {"type": "string"}}}}, chunk=True),
+                                         "content": {"type": "string"},
+                                         "reasoning_content": {"type": "string"},
+                                         "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}},
+        chunk=True),
     "CompletionChunk": _completion("text_completion", {"text": {"type": "string"}}, chunk=True),
     "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
         "object": {"const": "list"}, "data": {"type": "array", "items": {
@@ -104,7 +120,6 @@ def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]
     return {
         "ChatCompletionRequest": {
             **common, "logprobs": off(False),
-            "tools": {"anyOf": [{"type": "array", "maxItems": 0}, null]},
             "response_format": {"anyOf": [
                 {"type": "object", "properties": {"type": {"const": "text"}}}, null]}},
         "CompletionRequest": {

@@ -13,10 +13,12 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
-# chat_template_kwargs may not set what the server itself passes to the template.
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "tokenize",
-                                      "add_generation_prompt", "continue_final_message", "return_dict",
-                                      "chat_template", "tokenizer_kwargs"})
+# chat_template_kwargs may not set what the server passes to the template, nor the other named
+# arguments of transformers' apply_chat_template (they would change what it returns).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class ToolsError(ValueError):
