@@ -246,3 +246,64 @@ def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
             break
         assert time.monotonic() < deadline and i < len(questions), "handoff did not recover"
     h.wait_for(lambda: h.idle(h.snapshot()))
+
+
+# ---------------------------------------------------------------------------- tools
+WEATHER_PARAMS = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                  "properties": {"city": {"enum": ["Paris", "Tokyo", "Lima"]},
+                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "Local time", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["tz"],
+             "properties": {"tz": {"enum": ["UTC", "CET"]}}}}}]
+ASK_WEATHER = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def _check_calls(calls, names) -> None:
+    import json
+
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert calls and all(c["name"] in names for c in calls), calls
+    for c in calls:
+        jsonschema.validate(json.loads(c["arguments"]), schemas[c["name"]])
+    assert all(c["id"].startswith("call_") for c in calls) and len({c["id"] for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_required_and_named_tool_choice_return_valid_calls(client, choice):
+    names = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
+    ask = dict(model=h.MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice=choice, temperature=0,
+               max_tokens=80)
+    full = client.chat.completions.create(**ask)
+    msg = full.choices[0].message
+    assert full.choices[0].finish_reason == "tool_calls", msg
+    _check_calls([{"id": c.id, **c.function.model_dump()} for c in msg.tool_calls], names)
+
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice_ in chunk.choices:
+            finish = choice_.finish_reason or finish
+            for tc in choice_.delta.tool_calls or []:
+                if tc.id:  # a new call: id and name first, then its arguments in fragments
+                    assert tc.index == len(streamed) and tc.function.name
+                    streamed.append({"id": tc.id, "name": tc.function.name, "arguments": ""})
+                streamed[tc.index]["arguments"] += tc.function.arguments or ""
+    assert finish == "tool_calls"
+    _check_calls(streamed, names)
+    # the same greedy answer both ways (the ids aside)
+    assert [(c["name"], c["arguments"]) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in msg.tool_calls]
+
+
+def test_tool_results_go_back_to_the_model(client):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}
+    messages = [*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C, all three days."}]
+    full = client.chat.completions.create(model=h.MODEL, messages=messages, tools=TOOLS,
+                                          tool_choice="none", temperature=0, max_tokens=24)
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert full.choices[0].message.content and not full.choices[0].message.tool_calls

@@ -4,6 +4,7 @@ It authenticates, validates and tokenizes each request, checks it against the mo
 and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
 """
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
 from . import openai_protocol as oai
+from . import tool_calls
 from .chat_output import ChatOutput, default_parsers, model_type
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
@@ -184,8 +186,13 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            ids, out = self._chat(req)
+            ids, out, constraint = self._chat(req)
             rec = self._new_record("chatcmpl", ids, req, tenant)
+            if constraint is not None:
+                if rec.params.structured_output is not None:
+                    raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
+                                          "answer", param="tool_choice", code="unsupported_parameter")
+                rec.params = dataclasses.replace(rec.params, structured_output=constraint)
         except oai.OpenAIError as exc:
             return _error(exc)
         return await self._respond(rec, req, out)
@@ -247,7 +254,7 @@ class Ingress:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids, _ = self._chat(req)
+            ids, _, _ = self._chat(req)
         else:
             data["prompt"] = request.prompt or list(request.prompt_token_ids)
             req = oai.validate(oai.CompletionRequest, data)
@@ -268,9 +275,10 @@ class Ingress:
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
-    def _chat(self, req: oai.ChatCompletionRequest) -> tuple[list[int], ChatOutput]:
+    def _chat(self, req: oai.ChatCompletionRequest) -> tuple[list[int], ChatOutput, Any]:
         """The prompt's token ids (rendered by the chat template, with the tools and the request's
-        chat_template_kwargs) and the parser of the answer."""
+        chat_template_kwargs), the parser of the answer, and the StructuredOutput that enforces
+        tool_choice "required" or a named function (else None)."""
         kwargs = dict(req.chat_template_kwargs or {})
         if req.uses_tools and self.native_tools:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
@@ -285,8 +293,17 @@ class Ingress:
         reasoning, tools = self.chat_parsers
         tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
         parser = reasoning_parser(reasoning, tail, req.chat_template_kwargs or {}) if reasoning else None
-        return ids, ChatOutput(parser, tool_call_format(tools) if req.uses_tools else None,
-                               parallel=req.parallel_tool_calls is not False)
+        parallel = req.parallel_tool_calls is not False
+        fmt = tool_call_format(tools) if req.uses_tools else None
+        constraint = None
+        if fmt is not None:
+            mode = "disabled" if parser is None else "enabled" if parser.forced else "auto"
+            try:
+                constraint = tool_calls.constrained_calls(fmt.xgrammar_model, req.tools, req.tool_choice,
+                                                          mode, parallel)
+            except tool_calls.ToolsError as exc:
+                raise oai.OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        return ids, ChatOutput(parser, fmt, parallel), constraint
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:

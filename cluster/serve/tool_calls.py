@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...engine.sampling import StructuredOutput
+
 # chat_template_kwargs may not set what the server passes to the template, nor the other named
 # arguments of transformers' apply_chat_template (they would change what it returns).
 RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -183,3 +185,23 @@ def with_fallback_prompt(messages: list[dict[str, Any]], tools: list[Tool]) -> l
         first = messages[0]
         return [{**first, "content": f"{first['content']}\n\n{prompt}"}, *messages[1:]]
     return [{"role": "system", "content": prompt}, *messages]
+
+
+def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolChoice | None,
+                      reasoning: str, parallel: bool) -> StructuredOutput | None:
+    """For tool_choice "required" or a named function: a grammar (xgrammar's structural tag for the
+    model's tool-call format) that makes the answer one or more calls, or that call, whose arguments
+    match the functions' parameter schemas. `reasoning`: "enabled" (the answer starts inside the
+    reasoning), "auto" (it may open one) or "disabled". None when the choice constrains nothing."""
+    if tool_choice != "required" and not isinstance(tool_choice, NamedToolChoice):
+        return None
+    import xgrammar as xgr
+
+    choice = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
+    tag = xgr.get_model_structural_tag(
+        xgrammar_model, tools=[t.model_dump(exclude_none=True) for t in tools], tool_choice=choice,
+        reasoning=reasoning, parallel_tool_calls=parallel)
+    try:
+        return StructuredOutput("structural_tag", tag.model_dump_json())
+    except ValueError as exc:  # a parameters schema xgrammar cannot compile
+        raise ToolsError(f"the tools' parameter schemas cannot be enforced: {exc}", "tools") from None

@@ -34,6 +34,7 @@ class ToolCallFormat:
     `call_begin` to `call_end`; `header` finds the name (and where the arguments start) in a call's
     text, `arguments` trims the arguments' text, `whole` reads a complete call another way."""
     name = ""
+    xgrammar_model = ""  # xgrammar's builtin structural tag of this format (constrained tool calls)
     section_begin = call_begin = call_end = ""
     trailing = " \t\r\n"  # characters that may close the arguments rather than belong to them
 
@@ -74,6 +75,7 @@ class ToolCallFormat:
 
 class Hermes(ToolCallFormat):
     name = "hermes"
+    xgrammar_model = "qwen_3"
     section_begin = call_begin = "<tool_call>"
     call_end = "</tool_call>"
     trailing = " \t\r\n}"
@@ -103,6 +105,7 @@ class Hermes(ToolCallFormat):
 
 class DeepSeekV3(ToolCallFormat):
     name = "deepseek_v3"
+    xgrammar_model = "deepseek_r1"  # R1 and V3 write calls the same way
     section_begin = "<｜tool▁calls▁begin｜>"
     call_begin, call_end, sep = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
     fence = "```json"
@@ -135,6 +138,7 @@ class DeepSeekV3(ToolCallFormat):
 
 class KimiK2(ToolCallFormat):
     name = "kimi_k2"
+    xgrammar_model = "kimi"
     section_begin = "<|tool_calls_section_begin|>"
     call_begin, call_end = "<|tool_call_begin|>", "<|tool_call_end|>"
     args_begin = "<|tool_call_argument_begin|>"
