@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import jinja2
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,14 +23,12 @@ from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
 from . import openai_protocol as oai
-from . import tool_calls
-from .chat_output import ChatOutput, default_parsers, model_type
+from .chat_output import ChatOutput
+from .chat_prompt import ChatFormat, prepare_chat
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord
-from .reasoning_parsers import reasoning_parser
-from .tool_parsers import tool_call_format
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +60,6 @@ def _api_keys(env_name: str | None) -> dict[str, str]:
     if not keys:
         raise RuntimeError(f"serve.api_keys_env names {env_name!r}, but that variable holds no keys")
     return keys
-
-
-def _chat_parsers(spec: ClusterSpec, model_path: Any, chat_template: str) -> tuple[str | None, str]:
-    """(reasoning parser or None, tool-call parser): the spec's choice, else the model's default."""
-    reasoning, tools = default_parsers(model_type(model_path), chat_template)
-    chosen = spec.serve.reasoning_parser
-    if chosen != "auto":
-        reasoning = None if chosen == "none" else chosen
-    if spec.serve.tool_call_parser != "auto":
-        tools = spec.serve.tool_call_parser
-    return reasoning, tools
 
 
 def _usage(rec: RequestRecord, out: ChatOutput | None) -> dict[str, Any]:
@@ -131,11 +117,9 @@ class Ingress:
         self.router = self.info.router
         model_path = resolve_model_path(self.spec.model.path)
         self.tokenizer = await asyncio.to_thread(Tokenizer, model_path)
-        template = getattr(self.tokenizer.hf, "chat_template", None) or ""
-        template = template if isinstance(template, str) else " ".join(template.values())
-        self.chat_parsers = await asyncio.to_thread(_chat_parsers, self.spec, model_path, template)
-        # A template that takes no `tools` gets them in the fallback system prompt (tool_calls.py).
-        self.native_tools = "tools" in template
+        self.chat_format = await asyncio.to_thread(
+            ChatFormat.for_model, model_path, getattr(self.tokenizer.hf, "chat_template", None),
+            self.spec.serve.reasoning_parser, self.spec.serve.tool_call_parser)
         self.metrics = ServingMetrics()
         self.orchestrator = Orchestrator(self.info, self.metrics)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)
@@ -186,16 +170,16 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            ids, out, constraint = self._chat(req)
-            rec = self._new_record("chatcmpl", ids, req, tenant)
-            if constraint is not None:
+            chat = prepare_chat(self.tokenizer, req, self.chat_format)
+            rec = self._new_record("chatcmpl", chat.prompt_ids, req, tenant)
+            if chat.constraint is not None:
                 if rec.params.structured_output is not None:
                     raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
                                           "answer", param="tool_choice", code="unsupported_parameter")
-                rec.params = dataclasses.replace(rec.params, structured_output=constraint)
+                rec.params = dataclasses.replace(rec.params, structured_output=chat.constraint)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, out)
+        return await self._respond(rec, req, chat.output)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -254,7 +238,7 @@ class Ingress:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids, _, _ = self._chat(req)
+            ids = prepare_chat(self.tokenizer, req, self.chat_format).prompt_ids
         else:
             data["prompt"] = request.prompt or list(request.prompt_token_ids)
             req = oai.validate(oai.CompletionRequest, data)
@@ -275,35 +259,6 @@ class Ingress:
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
-    def _chat(self, req: oai.ChatCompletionRequest) -> tuple[list[int], ChatOutput, Any]:
-        """The prompt's token ids (rendered by the chat template, with the tools and the request's
-        chat_template_kwargs), the parser of the answer, and the StructuredOutput that enforces
-        tool_choice "required" or a named function (else None)."""
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.uses_tools and self.native_tools:
-            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
-        messages = req.chat(self.native_tools)
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, **kwargs)
-        except ValueError as exc:  # no chat template
-            raise oai.OpenAIError(400, str(exc), param="messages") from None
-        except (jinja2.TemplateError, TypeError) as exc:  # the template refused these messages
-            raise oai.OpenAIError(400, f"the model's chat template cannot render these messages: "
-                                  f"{exc}", param="messages") from None
-        reasoning, tools = self.chat_parsers
-        tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)
-        parser = reasoning_parser(reasoning, tail, req.chat_template_kwargs or {}) if reasoning else None
-        parallel = req.parallel_tool_calls is not False
-        fmt = tool_call_format(tools) if req.uses_tools else None
-        constraint = None
-        if fmt is not None:
-            mode = "disabled" if parser is None else "enabled" if parser.forced else "auto"
-            try:
-                constraint = tool_calls.constrained_calls(fmt.xgrammar_model, req.tools, req.tool_choice,
-                                                          mode, parallel)
-            except tool_calls.ToolsError as exc:
-                raise oai.OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
-        return ids, ChatOutput(parser, fmt, parallel), constraint
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:
