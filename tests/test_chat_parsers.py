@@ -3,7 +3,6 @@ stream split at any character boundary (and one character at a time) adds up to 
 import json
 
 import pytest
-
 from pdcluster.cluster.serve.chat_output import ChatOutput, default_parsers
 from pdcluster.cluster.serve.reasoning_parsers import reasoning_parser
 from pdcluster.cluster.serve.tool_parsers import tool_call_format
@@ -69,8 +68,8 @@ CASES = {
         (None, "", [("get_time", {"tz": "UTC"})])),
     "deepseek v3.1 call format": (
         (None, "", {}, "deepseek_v3",
-         '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"tz": "UTC"}<｜tool▁call▁end｜>'
-         '<｜tool▁calls▁end｜>'),
+         ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"tz": "UTC"}<｜tool▁call▁end｜>'
+          '<｜tool▁calls▁end｜>')),
         (None, "", [("get_time", {"tz": "UTC"})])),
 }
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from pdcluster.cluster.serve import openai_protocol as oai
 from pdcluster.cluster.serve.chat_prompt import ChatFormat, prepare_chat
 
@@ -80,7 +79,7 @@ def test_template_kwargs_reach_the_template_and_an_opened_think_forces_reasoning
     tok = FakeTokenizer("<|im_start|>assistant\n<think>\n")
     chat = prepare_chat(tok, _req(tools=TOOLS, chat_template_kwargs={"enable_thinking": True}),
                         ChatFormat("qwen3", "hermes", True))
-    messages, kwargs = tok.calls[0]
+    _, kwargs = tok.calls[0]
     assert kwargs["enable_thinking"] is True and kwargs["tools"] == TOOLS
     assert chat.output.reasoning.forced  # the answer starts inside the reasoning
     msg = chat.output.message("noon, UTC</think>\n\nIt is noon.", 9)

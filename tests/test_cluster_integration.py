@@ -275,8 +275,8 @@ def _check_calls(calls, names) -> None:
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_required_and_named_tool_choice_return_valid_calls(client, choice):
     names = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
-    ask = dict(model=h.MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice=choice, temperature=0,
-               max_tokens=80)
+    ask = {"model": h.MODEL, "messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": choice,
+           "temperature": 0, "max_tokens": 80}
     full = client.chat.completions.create(**ask)
     msg = full.choices[0].message
     assert full.choices[0].finish_reason == "tool_calls", msg

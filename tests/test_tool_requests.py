@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from pdcluster.cluster.serve import openai_protocol as oai
 from pdcluster.cluster.serve.tool_calls import FALLBACK_TOOLS_PROMPT
 
