@@ -307,3 +307,29 @@ def test_tool_results_go_back_to_the_model(client):
                                           tool_choice="none", temperature=0, max_tokens=24)
     assert full.choices[0].finish_reason in ("stop", "length")
     assert full.choices[0].message.content and not full.choices[0].message.tool_calls
+
+
+def test_grpc_named_tool_choice_streams_the_same_call(client, cluster):
+    import json
+
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    http = client.chat.completions.create(model=h.MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice=named,
+                                          temperature=0, max_tokens=80).choices[0].message.tool_calls
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in ASK_WEATHER],
+        tools_json=json.dumps(TOOLS), tool_choice_json=json.dumps(named), max_tokens=80, temperature=0)
+    with grpc.insecure_channel(f"127.0.0.1:{cluster[0].serve.grpc_port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        msgs = list(stub.Generate(request, timeout=120))
+        calls = [c for m in msgs for c in m.tool_calls]
+        assert calls[0].id.startswith("call_") and calls[0].name == "get_weather"
+        assert {c.index for c in calls} == {0} and not any(c.name for c in calls[1:])
+        assert "".join(c.arguments for c in calls) == http[0].function.arguments
+        assert msgs[-1].finish_reason == "tool_calls"
+        request.tools_json = "[{"
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in err.value.details()

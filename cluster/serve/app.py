@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
+from . import grpc_service
 from . import openai_protocol as oai
 from .chat_output import ChatOutput
 from .chat_prompt import ChatFormat, prepare_chat
@@ -170,16 +171,10 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            chat = prepare_chat(self.tokenizer, req, self.chat_format)
-            rec = self._new_record("chatcmpl", chat.prompt_ids, req, tenant)
-            if chat.constraint is not None:
-                if rec.params.structured_output is not None:
-                    raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
-                                          "answer", param="tool_choice", code="unsupported_parameter")
-                rec.params = dataclasses.replace(rec.params, structured_output=chat.constraint)
+            rec, out = self._chat_record("chatcmpl", req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, chat.output)
+        return await self._respond(rec, req, out)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -202,7 +197,7 @@ class Ingress:
             tenant = self._tenant(metadata.get("authorization"))
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
-            rec = self._grpc_record(request, tenant)
+            rec, out = self._grpc_record(request, tenant)
             steps = self.orchestrator.run(rec)
             await self._admitted(steps)
         except oai.OpenAIError as exc:
@@ -212,12 +207,19 @@ class Ingress:
             raise
         try:
             async for d in steps:
+                text, reasoning, calls, finish = d.text, "", [], d.finish_reason
+                if out is not None:
+                    deltas = out.feed(d.text, len(d.token_ids), final=finish is not None)
+                    text, reasoning, calls = grpc_service.response_parts(deltas)
+                    finish = out.finish_reason(finish)
+                reasoning_tokens = out.reasoning_tokens if out is not None and out.reasoning else None
                 yield pb.GenerateResponse(
-                    request_id=rec.request_id, text=d.text, token_ids=d.token_ids,
-                    finish_reason=d.finish_reason or "",
+                    request_id=rec.request_id, text=text, token_ids=d.token_ids,
+                    finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
                     usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
                                    completion_tokens=rec.output_tokens,
-                                   cached_tokens=rec.cached_tokens) if d.finish_reason else None)
+                                   cached_tokens=rec.cached_tokens,
+                                   reasoning_tokens=reasoning_tokens) if finish else None)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(exc.message)
@@ -225,7 +227,7 @@ class Ingress:
         finally:
             await steps.aclose()
 
-    def _grpc_record(self, request, tenant: str | None) -> RequestRecord:
+    def _grpc_record(self, request, tenant: str | None) -> tuple[RequestRecord, ChatOutput | None]:
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
         if sum(inputs) != 1:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
@@ -234,18 +236,21 @@ class Ingress:
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
+        try:
+            data.update(grpc_service.chat_fields(request))
+        except ValueError as exc:
+            raise oai.OpenAIError(400, str(exc)) from None
         if request.messages:
-            data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            data["messages"] = [grpc_service.chat_message(m) for m in request.messages]
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids = prepare_chat(self.tokenizer, req, self.chat_format).prompt_ids
-        else:
-            data["prompt"] = request.prompt or list(request.prompt_token_ids)
-            req = oai.validate(oai.CompletionRequest, data)
-            self._check_model(req.model)
-            prompt = req.single_prompt()
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self._new_record("grpc", ids, req, tenant)
+            return self._chat_record("grpc", req, tenant)
+        data["prompt"] = request.prompt or list(request.prompt_token_ids)
+        req = oai.validate(oai.CompletionRequest, data)
+        self._check_model(req.model)
+        prompt = req.single_prompt()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._new_record("grpc", ids, req, tenant), None
 
     # ------------------------------------------------------------------ request plumbing
     async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
@@ -259,6 +264,19 @@ class Ingress:
     def _tenant(self, authorization: str | None) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
+
+    def _chat_record(self, prefix: str, req: oai.ChatCompletionRequest,
+                     tenant: str | None) -> tuple[RequestRecord, ChatOutput]:
+        """A chat's record (its prompt rendered, a required or named tool choice as the grammar
+        the engine decodes under) and the parser of its answer."""
+        chat = prepare_chat(self.tokenizer, req, self.chat_format)
+        rec = self._new_record(prefix, chat.prompt_ids, req, tenant)
+        if chat.constraint is not None:
+            if rec.params.structured_output is not None:
+                raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
+                                      "answer", param="tool_choice", code="unsupported_parameter")
+            rec.params = dataclasses.replace(rec.params, structured_output=chat.constraint)
+        return rec, chat.output
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:

@@ -2,10 +2,12 @@
 
 It is the generated `add_InferenceServicer_to_server` but for one thing: bytes that are not a
 GenerateRequest reach the ingress as `Undecodable`, which it answers INVALID_ARGUMENT; with the
-generated deserializer grpc fails such a call in the proxy with UNKNOWN.
+generated deserializer grpc fails such a call in the proxy with UNKNOWN. Below: the chat fields
+(tools, tool calls, reasoning) between inference.proto and the OpenAI shapes the ingress uses.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,3 +38,46 @@ def add_inference_servicer(servicer: Any, server: grpc.Server) -> None:
         response_serializer=pb.GenerateResponse.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+# The chat fields inference.proto carries as JSON text, by their OpenAI names.
+_JSON_FIELDS = {"tools_json": "tools", "tool_choice_json": "tool_choice",
+                "chat_template_kwargs_json": "chat_template_kwargs"}
+
+
+def chat_fields(request: pb.GenerateRequest) -> dict[str, Any]:
+    """A GenerateRequest's chat-only fields as OpenAI request fields; ValueError names a field
+    that holds no JSON, or one set on a request without messages."""
+    fields: dict[str, Any] = {}
+    for name, openai_name in _JSON_FIELDS.items():
+        if text := getattr(request, name):
+            try:
+                fields[openai_name] = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if request.HasField("parallel_tool_calls"):
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    if fields and not request.messages:
+        raise ValueError(f"{', '.join(sorted(fields))} apply to chats (messages) only")
+    return fields
+
+
+def chat_message(m: pb.ChatMessage) -> dict[str, Any]:
+    """A request's ChatMessage as an OpenAI message."""
+    msg: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        msg["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+    if m.tool_call_id:
+        msg["tool_call_id"] = m.tool_call_id
+    return msg
+
+
+def response_parts(deltas: list[dict[str, Any]]) -> tuple[str, str, list[pb.ToolCall]]:
+    """(content, reasoning, tool-call deltas) of a step's chat deltas (chat_output.ChatOutput.feed)."""
+    content = "".join(d.get("content", "") for d in deltas)
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    calls = [pb.ToolCall(index=tc["index"], id=tc.get("id", ""), name=tc["function"].get("name", ""),
+                         arguments=tc["function"].get("arguments", ""))
+             for d in deltas for tc in d.get("tool_calls", [])]
+    return content, reasoning, calls
