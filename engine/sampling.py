@@ -28,6 +28,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None          # None: off; N: chosen token plus top-N alternatives
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True     # False: special tokens' text stays in the output (tool markers)
     # OpenAI's penalties over the generated tokens: logit -= frequency * count + presence * (count > 0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

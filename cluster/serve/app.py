@@ -276,6 +276,9 @@ class Ingress:
                 raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
                                       "answer", param="tool_choice", code="unsupported_parameter")
             rec.params = dataclasses.replace(rec.params, structured_output=chat.constraint)
+        if chat.output.tools is not None or chat.output.reasoning is not None:
+            # the parsers read the model's markers, and some are special tokens (Kimi-K2's, as vLLM notes)
+            rec.params = dataclasses.replace(rec.params, skip_special_tokens=False)
         return rec, chat.output
 
     def _check_model(self, model: str | None) -> None:

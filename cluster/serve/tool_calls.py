@@ -198,10 +198,10 @@ def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolC
     import xgrammar as xgr
 
     choice = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
-    tag = xgr.get_model_structural_tag(
-        xgrammar_model, tools=[t.model_dump(exclude_none=True) for t in tools], tool_choice=choice,
-        reasoning=reasoning, parallel_tool_calls=parallel)
     try:
+        tag = xgr.get_model_structural_tag(
+            xgrammar_model, tools=[t.model_dump(exclude_none=True) for t in tools], tool_choice=choice,
+            reasoning=reasoning, parallel_tool_calls=parallel)
         return StructuredOutput("structural_tag", tag.model_dump_json())
     except ValueError as exc:  # a parameters schema xgrammar cannot compile
         raise ToolsError(f"the tools' parameter schemas cannot be enforced: {exc}", "tools") from None
