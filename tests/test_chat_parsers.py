@@ -144,6 +144,13 @@ def test_reasoning_tokens_count_the_thinking_part() -> None:
     assert plain.reasoning_tokens == 0
 
 
+def test_a_template_that_closed_the_reasoning_turns_the_parser_off() -> None:
+    # DeepSeek-V3.1 without thinking, Qwen3 with enable_thinking false: the prompt ends in </think>
+    assert reasoning_parser("deepseek_r1", "<｜Assistant｜></think>", {}) is None
+    assert reasoning_parser("qwen3", "<think>\n\n</think>\n\n", {}) is None
+    assert reasoning_parser("deepseek_r1", "<｜Assistant｜><think>\n", {}).forced
+
+
 def test_parallel_tool_calls_false_keeps_the_first() -> None:
     out = ChatOutput(None, tool_call_format("hermes"), parallel=False)
     msg = out.message(_hermes([("get_time", TIME), ("get_weather", WEATHER)]), 30)

@@ -114,8 +114,8 @@ class ChatOutput:
     def message(self, text: str, num_tokens: int) -> dict[str, Any]:
         """The whole answer as a chat message (call it once, instead of `feed`)."""
         self.feed(text, num_tokens, final=True)
-        msg: dict[str, Any] = {"role": "assistant",
-                               "content": None if self._calls and not self._content.strip() else self._content}
+        empty = not self._content.strip() and (self._calls or self._reasoning)
+        msg: dict[str, Any] = {"role": "assistant", "content": None if empty else self._content}
         if self.reasoning is not None:
             msg["reasoning_content"] = self._reasoning or None
         if self._calls:

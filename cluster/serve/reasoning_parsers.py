@@ -57,8 +57,11 @@ class ReasoningParser:
 def reasoning_parser(name: str, prompt_tail: str, template_kwargs: dict) -> ReasoningParser | None:
     """The parser `name` for one request. `prompt_tail`: the rendered prompt's last characters (a
     template that opened `<think>` forces reasoning); `template_kwargs`: the request's
-    chat_template_kwargs, whose thinking switches (`enable_thinking`, `thinking`) turn it off."""
+    chat_template_kwargs, whose thinking switches (`enable_thinking`, `thinking`) turn it off, as
+    does a template that closed the reasoning itself (DeepSeek-V3.1's non-thinking mode)."""
     opened = prompt_tail.rstrip().endswith(THINK_START)
+    if prompt_tail.rstrip().endswith(THINK_END) and name in REASONING_PARSERS:
+        return None
     if name == "deepseek_r1":
         return ReasoningParser(name, forced=True)
     if name == "qwen3":
