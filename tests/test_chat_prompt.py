@@ -98,3 +98,39 @@ def test_a_template_that_refuses_the_messages_is_a_400():
     with pytest.raises(oai.OpenAIError) as info:
         prepare_chat(Refusing(""), _req(), ChatFormat(None, "hermes", True))
     assert info.value.status == 400 and "alternate" in info.value.message
+
+
+def test_ingress_streams_and_answers_reasoning_with_its_token_count():
+    """The ingress's SSE and JSON rendering of a reasoning answer (steps as the orchestrator yields
+    them), without a cluster."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pdcluster.cluster.serve.app import Ingress
+    from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord
+    from pdcluster.engine.sampling import SamplingParams
+
+    tokens = ["Two", " and", " two", "</think>", "\n\n", "Four", "."]
+
+    async def steps():
+        for i, t in enumerate(tokens):
+            yield Delta([i], t, "stop" if i == len(tokens) - 1 else None)
+
+    ingress = SimpleNamespace(info=SimpleNamespace(model_name="m"), created=0)
+    chat = prepare_chat(FakeTokenizer("<think>\n"), _req(), ChatFormat("deepseek_r1", "hermes", True))
+    rec = RequestRecord("chatcmpl-1", [1, 2, 3], SamplingParams(), None, prompt_tokens=3)
+    rec.generated = list(range(len(tokens)))
+
+    async def sse():
+        render = Ingress.func_or_class._sse(ingress, rec, steps(), chat.output, include_usage=True)
+        return [e async for e in render]
+
+    events = [e.removeprefix("data: ").strip() for e in asyncio.run(sse())]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Two and two"
+    assert "".join(d.get("content", "") for d in deltas) == "Four."
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
