@@ -8,7 +8,6 @@ import re
 
 import jsonschema
 import pytest
-
 from pdcluster.engine import LLM, SamplingParams
 from pdcluster.engine.sampling import StructuredOutput
 
