@@ -106,6 +106,7 @@ class Ingress:
         self.info = await controller.ready.remote()
         self.router = self.info.router
         self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.spec.model.path))
+        self._token_texts: dict[int, str] = {}   # token id -> its text, for logprobs
         self.metrics = ServingMetrics()
         self.orchestrator = Orchestrator(self.info, self.metrics)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)
@@ -267,8 +268,23 @@ class Ingress:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
                                   f"the context of {context} tokens", param="max_tokens",
                                   code="context_length_exceeded")
-        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room),
-                             tenant)
+        params = req.sampling_params(wanted or room)
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise oai.OpenAIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias",
+                                  code="invalid_value")
+        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text as logprobs show it (its own decode, special tokens included)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprobs(self, chat: bool, entries: list, offset: int = 0) -> dict[str, Any] | None:
+        if chat:
+            return oai.chat_logprobs(entries, self._token_text)
+        return oai.completion_logprobs(entries, self._token_text, offset)
 
     async def _respond(self, rec: RequestRecord, req: Any, chat: bool) -> Response:
         steps = self.orchestrator.run(rec)
@@ -279,18 +295,20 @@ class Ingress:
         if req.stream:
             return _ClosingStreamingResponse(self._sse(rec, steps, chat, req.include_usage),
                                              media_type="text/event-stream")
-        text, finish = [], None
+        text, finish, logprobs = [], None, []
         try:
             async for d in steps:
                 text.append(d.text)
+                logprobs += d.logprobs
                 finish = d.finish_reason or finish
         except oai.OpenAIError as exc:
             return _error(exc)
         finally:
             await steps.aclose()
         build = oai.chat_completion if chat else oai.completion
+        lp = self._logprobs(chat, logprobs) if rec.params.logprobs is not None else None
         return JSONResponse(build(rec.request_id, self.info.model_name, self.created, "".join(text),
-                                  finish, rec.usage()))
+                                  finish, rec.usage(), lp))
 
     @staticmethod
     async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
@@ -304,17 +322,23 @@ class Ingress:
     async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], chat: bool,
                    include_usage: bool) -> AsyncIterator[str]:
         model, rid, created = self.info.model_name, rec.request_id, self.created
+        want_lp = rec.params.logprobs is not None
+        offset = 0   # characters of completion text sent so far (completions' text_offset)
         try:
             if chat:
                 yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
             async for d in steps:
+                # a token whose text is held back (a partial character, a possible stop string)
+                # still reports its logprob in this chunk
+                lp = self._logprobs(chat, d.logprobs, offset) if want_lp and d.logprobs else None
                 if chat:
-                    if d.text:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {"content": d.text}))
+                    if d.text or lp:
+                        yield oai.sse(oai.chat_chunk(rid, model, created, {"content": d.text}, logprobs=lp))
                     if d.finish_reason:
                         yield oai.sse(oai.chat_chunk(rid, model, created, {}, d.finish_reason))
-                elif d.text or d.finish_reason:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason))
+                elif d.text or d.finish_reason or lp:
+                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp))
+                offset += len(d.text)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield oai.sse(oai.usage_chunk(rid, model, created, obj, rec.usage()))
