@@ -6,7 +6,6 @@ import json
 import pickle
 
 import pytest
-
 from pdcluster.cluster.serve import openai_protocol as oai
 from pdcluster.engine.outputs import TokenLogprob
 
