@@ -4,6 +4,7 @@ It authenticates, validates and tokenizes each request, checks it against the mo
 and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
 """
 import asyncio
+import json
 import logging
 import os
 import time
@@ -195,6 +196,10 @@ class Ingress:
             async for d in steps:
                 yield pb.GenerateResponse(
                     request_id=rec.request_id, text=d.text, token_ids=d.token_ids,
+                    logprobs=[pb.TokenLogprob(
+                        token_id=e.token_id, token=self._token_text(e.token_id), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=self._token_text(t), logprob=v)
+                             for t, v in e.top]) for e in d.logprobs],
                     finish_reason=d.finish_reason or "",
                     usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
                                    completion_tokens=rec.output_tokens,
@@ -212,16 +217,30 @@ class Ingress:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
         data: dict[str, Any] = {"model": request.model or None, "stop": list(request.stop) or None,
                                 "ignore_eos": request.ignore_eos, "max_tokens": None}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
+        if request.logit_bias:
+            data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
+        if request.min_tokens:
+            data["min_tokens"] = request.min_tokens
+        fmt = request.response_format if request.HasField("response_format") else None
+        if fmt is not None and request.messages:
+            data["response_format"] = _grpc_response_format(fmt)
+        elif fmt is not None and fmt.type not in ("", "text"):
+            raise oai.OpenAIError(400, "response_format needs messages (a chat)", param="response_format")
         if request.messages:
             data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            if request.HasField("logprobs"):
+                data["logprobs"], data["top_logprobs"] = True, request.logprobs
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
             ids = self._chat_ids(req)
         else:
             data["prompt"] = request.prompt or list(request.prompt_token_ids)
+            if request.HasField("logprobs"):
+                data["logprobs"] = request.logprobs
             req = oai.validate(oai.CompletionRequest, data)
             self._check_model(req.model)
             prompt = req.single_prompt()
@@ -347,6 +366,18 @@ class Ingress:
         finally:
             await steps.aclose()
         yield oai.sse("[DONE]")
+
+
+def _grpc_response_format(fmt) -> dict[str, Any]:
+    """inference.proto's ResponseFormat as chat's response_format."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type or "text"}
+    try:
+        schema = json.loads(fmt.json_schema or "{}")
+    except ValueError as exc:
+        raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
+                              param="response_format.json_schema") from None
+    return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
