@@ -41,7 +41,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence],
     rows = [i for i, s in enumerate(seqs) if s.params.processes_logits]
     if not rows:
         return logits
-    logits = logits.clone()
+    raw, logits = logits, logits.clone()
     vocab = logits.shape[-1]
     pen = [i for i in rows if seqs[i].params.has_penalties]
     if pen:
@@ -57,9 +57,17 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence],
     constrained = [i for i in rows if seqs[i].matcher is not None]
     if constrained:
         bitmask = allocate_bitmask(len(seqs), vocab)
-        live = [i for i in constrained if seqs[i].matcher.fill_bitmask(bitmask, i)]
-        if live:
-            apply_bitmask(logits, bitmask, live)
+        for i in constrained:
+            seqs[i].matcher.fill_bitmask(bitmask, i)
+        apply_bitmask(logits, bitmask, constrained)
+        # no token left (the grammar, or the grammar with min_tokens): the row samples from the raw
+        # logits rather than NaN, and the engine ends the request on the matcher's failure
+        dead = torch.isneginf(logits[constrained]).all(dim=-1).nonzero().flatten().tolist()
+        for j in dead:
+            i = constrained[j]
+            seqs[i].matcher.fail("the grammar allows no next token"
+                                 + (" before min_tokens" if seqs[i].params.min_tokens else ""))
+            logits[i] = raw[i]
     return logits
 
 

@@ -13,6 +13,7 @@ __all__ = ["SamplingParams", "StructuredOutput"]
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0   # OpenAI's bound on a logit_bias value
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MIN_REPETITION_PENALTY = 0.01  # dividing a logit by less could overflow it to inf
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 
 
@@ -73,8 +74,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2.0 <= float(getattr(self, name)) <= 2.0):
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not (0.0 < float(self.repetition_penalty) <= 2.0):
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not (MIN_REPETITION_PENALTY <= float(self.repetition_penalty) <= 2.0):
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2], "
+                             f"got {self.repetition_penalty!r}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -107,13 +107,12 @@ class GrammarMatcher:
         self._m = matcher
         self.failed: str | None = None
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
-        """Write the allowed next tokens into bitmask[row]; False if none is allowed (a dead end)."""
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens the grammar allows next into bitmask[row]."""
         self._m.fill_next_token_bitmask(bitmask, row)
-        if not bool(bitmask[row].any()):
-            self.failed = "the grammar allows no next token"
-            return False
-        return True
+
+    def fail(self, why: str) -> None:
+        self.failed = self.failed or why
 
     def accept(self, token: int) -> bool:
         if self.failed is None and not self._m.accept_token(token):

@@ -5,6 +5,7 @@ and hands it to the orchestrator (orchestrator.py), whose deltas it renders as J
 """
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -121,6 +122,7 @@ class Ingress:
         self.chat_format = await asyncio.to_thread(
             ChatFormat.for_model, model_path, getattr(self.tokenizer.hf, "chat_template", None),
             self.spec.serve.reasoning_parser, self.spec.serve.tool_call_parser)
+        self._token_texts: dict[int, str] = {}   # token id -> its text, for logprobs
         self.metrics = ServingMetrics()
         self.orchestrator = Orchestrator(self.info, self.metrics)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)
@@ -215,6 +217,10 @@ class Ingress:
                 reasoning_tokens = out.reasoning_tokens if out is not None and out.reasoning else None
                 yield pb.GenerateResponse(
                     request_id=rec.request_id, text=text, token_ids=d.token_ids,
+                    logprobs=[pb.TokenLogprob(
+                        token_id=e.token_id, token=self._token_text(e.token_id), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=self._token_text(t), logprob=v)
+                             for t, v in e.top]) for e in d.logprobs],
                     finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
                     usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
                                    completion_tokens=rec.output_tokens,
@@ -233,19 +239,33 @@ class Ingress:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
         data: dict[str, Any] = {"model": request.model or None, "stop": list(request.stop) or None,
                                 "ignore_eos": request.ignore_eos, "max_tokens": None}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
+        if request.logit_bias:
+            data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
+        if request.min_tokens:
+            data["min_tokens"] = request.min_tokens
+        fmt = request.response_format if request.HasField("response_format") else None
+        if fmt is not None and request.messages:
+            data["response_format"] = _grpc_response_format(fmt)
+        elif fmt is not None and fmt.type not in ("", "text"):
+            raise oai.OpenAIError(400, "response_format needs messages (a chat)", param="response_format")
         try:
             data.update(grpc_service.chat_fields(request))
         except ValueError as exc:
             raise oai.OpenAIError(400, str(exc)) from None
         if request.messages:
             data["messages"] = [grpc_service.chat_message(m) for m in request.messages]
+            if request.HasField("logprobs"):
+                data["logprobs"], data["top_logprobs"] = True, request.logprobs
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
             return self._chat_record("grpc", req, tenant)
         data["prompt"] = request.prompt or list(request.prompt_token_ids)
+        if request.HasField("logprobs"):
+            data["logprobs"] = request.logprobs
         req = oai.validate(oai.CompletionRequest, data)
         self._check_model(req.model)
         prompt = req.single_prompt()
@@ -303,8 +323,23 @@ class Ingress:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
                                   f"the context of {context} tokens", param="max_tokens",
                                   code="context_length_exceeded")
-        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room),
-                             tenant)
+        params = req.sampling_params(wanted or room)
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise oai.OpenAIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias",
+                                  code="invalid_value")
+        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text as logprobs show it (its own decode, special tokens included)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprobs(self, chat: bool, entries: list, offset: int = 0) -> dict[str, Any] | None:
+        if chat:
+            return oai.chat_logprobs(entries, self._token_text)
+        return oai.completion_logprobs(entries, self._token_text, offset)
 
     async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
         """`out`: a chat answer's parser (None for completions)."""
@@ -316,10 +351,11 @@ class Ingress:
         if req.stream:
             return _ClosingStreamingResponse(self._sse(rec, steps, out, req.include_usage),
                                              media_type="text/event-stream")
-        text, finish = [], None
+        text, finish, logprobs = [], None, []
         try:
             async for d in steps:
                 text.append(d.text)
+                logprobs += d.logprobs
                 finish = d.finish_reason or finish
                 if out is not None:
                     out.feed(d.text, len(d.token_ids))
@@ -328,10 +364,11 @@ class Ingress:
         finally:
             await steps.aclose()
         name, rid, created = self.info.model_name, rec.request_id, self.created
+        lp = self._logprobs(out is not None, logprobs) if rec.params.logprobs is not None else None
         if out is None:
-            return JSONResponse(oai.completion(rid, name, created, "".join(text), finish, rec.usage()))
+            return JSONResponse(oai.completion(rid, name, created, "".join(text), finish, rec.usage(), lp))
         return JSONResponse(oai.chat_completion(rid, name, created, out.message("", 0),
-                                                out.finish_reason(finish), _usage(rec, out)))
+                                                out.finish_reason(finish), _usage(rec, out), lp))
 
     @staticmethod
     async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
@@ -346,18 +383,28 @@ class Ingress:
                    include_usage: bool) -> AsyncIterator[str]:
         model, rid, created = self.info.model_name, rec.request_id, self.created
         chat = out is not None
+        want_lp = rec.params.logprobs is not None
+        offset = 0   # characters of completion text sent so far (completions' text_offset)
         try:
             if chat:
                 yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
             async for d in steps:
+                # a token whose text is held back (a partial character, a possible stop string)
+                # still reports its logprob in this chunk
+                lp = self._logprobs(chat, d.logprobs, offset) if want_lp and d.logprobs else None
                 if chat:
-                    for delta in out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None):
-                        yield oai.sse(oai.chat_chunk(rid, model, created, delta))
+                    deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
+                    if lp and not deltas:
+                        deltas = [{"content": ""}]
+                    for i, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
+                        yield oai.sse(oai.chat_chunk(rid, model, created, delta,
+                                                     logprobs=lp if i == 0 else None))
                     if d.finish_reason:
                         yield oai.sse(oai.chat_chunk(rid, model, created, {},
                                                      out.finish_reason(d.finish_reason)))
-                elif d.text or d.finish_reason:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason))
+                elif d.text or d.finish_reason or lp:
+                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp))
+                offset += len(d.text)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(rec, out)))
@@ -366,6 +413,18 @@ class Ingress:
         finally:
             await steps.aclose()
         yield oai.sse("[DONE]")
+
+
+def _grpc_response_format(fmt) -> dict[str, Any]:
+    """inference.proto's ResponseFormat as chat's response_format."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type or "text"}
+    try:
+        schema = json.loads(fmt.json_schema or "{}")
+    except ValueError as exc:
+        raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
+                              param="response_format.json_schema") from None
+    return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -28,6 +28,25 @@ _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "
                                                        "properties": {"reasoning_tokens": _INT}}}}
 
 
+_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"],
+            "properties": {"token": {"type": "string"}, "logprob": {"type": "number"},
+                           "bytes": {"type": "array", "items": {"type": "integer"}}}}
+_CHAT_LOGPROBS = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["content"], "properties": {
+    "content": {"type": "array", "items": {**_LOGPROB, "required": [*_LOGPROB["required"], "top_logprobs"],
+                                           "properties": {**_LOGPROB["properties"], "top_logprobs": {
+                                               "type": "array", "items": _LOGPROB}}}},
+    "refusal": {"type": "null"}}}]}
+_COMPLETION_LOGPROBS = {"anyOf": [{"type": "null"}, {
+    "type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                   "token_logprobs": {"type": "array", "items": {"type": "number"}},
+                   "top_logprobs": {"type": "array", "items": {
+                       "type": "object", "additionalProperties": {"type": "number"}}},
+                   "text_offset": {"type": "array", "items": _INT}}}]}
+_LOGPROBS = {"chat.completion": _CHAT_LOGPROBS, "chat.completion.chunk": _CHAT_LOGPROBS,
+             "text_completion": _COMPLETION_LOGPROBS}
+
+
 def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
     """A completion, or one chunk of a stream (no usage but on the last, which has no choices)."""
     return {"type": "object",
@@ -36,7 +55,7 @@ def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[s
                            "model": {"type": "string"}, "usage": {"$ref": _REF.format(model="Usage")},
                            "choices": {"type": "array", "minItems": 0 if chunk else 1, "items": {
                                "type": "object", "required": ["index", "finish_reason", *choice],
-                               "properties": {"index": _INT, "logprobs": {"type": "null"},
+                               "properties": {"index": _INT, "logprobs": _LOGPROBS[obj],
                                               "finish_reason": _FINISH, **choice}}}}}
 
 
@@ -115,16 +134,13 @@ def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]
     text = {"type": "string", "minLength": 1}
     ids = {"type": "array", "minItems": 1,
            "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
-    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1},
-              "presence_penalty": off(0), "frequency_penalty": off(0)}
+    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1}}
     return {
         "ChatCompletionRequest": {
-            **common, "logprobs": off(False),
-            "response_format": {"anyOf": [
-                {"type": "object", "properties": {"type": {"const": "text"}}}, null]}},
+            **common},
         "CompletionRequest": {
             **common, "prompt": {"anyOf": [text, ids, one(text), one(ids)]},
-            "echo": {"const": False, "default": False}, "logprobs": null, "suffix": off("")},
+            "echo": {"const": False, "default": False}, "suffix": off("")},
     }
 
 
