@@ -2,12 +2,11 @@
 HTTP (stock `openai` client) and gRPC answers, errors, metrics, and a client that walks away."""
 from __future__ import annotations
 
+import cluster_harness as h
 import grpc
 import httpx
 import openai
 import pytest
-
-import cluster_harness as h
 from pdcluster.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -97,6 +96,95 @@ def test_errors_use_openai_bodies(client, cluster):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(cluster[1] + "/v1/engines", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+# Several schemas, each with what JSON-schema coverage must include: nested objects, enums, arrays with
+# bounds, numbers with bounds.
+SCHEMAS = {
+    "order": {"type": "object", "properties": {
+        "customer": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "tier": {"type": "string", "enum": ["gold", "silver", "bronze"]}},
+            "required": ["name", "tier"]},
+        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "properties": {"sku": {"type": "string", "maxLength": 8},
+                                             "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["sku", "qty"]}}},
+        "required": ["customer", "items"]},
+    "reading": {"type": "object", "properties": {
+        "celsius": {"type": "number", "minimum": -50, "maximum": 60},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["rain", "sun", "wind"]},
+                 "minItems": 2, "maxItems": 2}},
+        "required": ["celsius", "ok", "tags"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_answers_validate(client, name):
+    import json
+
+    import jsonschema
+
+    schema = SCHEMAS[name]
+    fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    msgs = [{"role": "user", "content": f"Give me an example {name} as JSON."}]
+    full = client.chat.completions.create(model=h.MODEL, messages=msgs, temperature=0, max_tokens=120,
+                                          response_format=fmt)
+    assert full.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(full.choices[0].message.content), schema)
+    # streamed and sampled (through the prefill -> decode handoff): still valid
+    stream = client.chat.completions.create(model=h.MODEL, messages=msgs, temperature=1.0, seed=5,
+                                            max_tokens=120, response_format=fmt, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_structured_output_errors_are_400(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=h.MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}})
+    assert bad.value.body["param"] == "response_format.json_schema.schema"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=h.MODEL, messages=QUESTION, top_logprobs=2)
+    assert bad.value.body["param"] == "top_logprobs"
+
+
+def test_top_logprobs_match_the_engine(client, llm):
+    from pdcluster.engine.sampling import SamplingParams as SP
+
+    offline = llm.generate([llm.chat_prompt(QUESTION)], SP(temperature=0, max_tokens=6, logprobs=3))[0]
+    full = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(c.top_logprobs) == 3 for c in content)
+    for got, want in zip(content, offline.logprobs):
+        assert got.token == llm.tokenizer.decode([want.token_id], skip_special_tokens=False)
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-4)
+        assert got.bytes == list(got.token.encode())
+    stream = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=6,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [c for chunk in stream for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
+    # the same tokens and values (up to float noise: the prompt's KV may now come from the cache)
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    comp = client.completions.create(model=h.MODEL, prompt="The capital of France is", max_tokens=4,
+                                     temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) <= 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert "".join(lp.tokens) == comp.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_logit_bias_forces_its_token(client, llm):
+    token = llm.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    comp = client.completions.create(model=h.MODEL, prompt="My favourite colour is", max_tokens=3,
+                                     temperature=1.0, logit_bias={str(token): 100})
+    assert comp.choices[0].text == llm.tokenizer.decode([token] * 3)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=h.MODEL, prompt="x", logit_bias={"10000000": 5})
+    assert bad.value.body["param"] == "logit_bias"
 
 
 def test_models_and_health(client, cluster):
