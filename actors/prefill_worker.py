@@ -25,6 +25,7 @@ class PrefillResult:
     num_cached_tokens: int  # prompt tokens taken from a prefix cache (local or the store)
     seconds: float  # from arrival at this worker to the first token
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None  # why the engine ended it, with finish_reason "error"
 
 
 class PrefillWorker(EngineWorker):
@@ -55,4 +56,4 @@ class PrefillWorker(EngineWorker):
             finish_reason=out.finish_reason if done else None,
             handoff=None if done else encode_handoff(out.kv_handoff), num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens, seconds=time.perf_counter() - t0,
-            logprobs=list(out.logprobs))
+            logprobs=list(out.logprobs), error=out.error)

@@ -210,6 +210,10 @@ class ServeSpec(_Strict):
     # Prompt text longer than this is refused (400) before it is tokenized; None: the length that
     # provably cannot fit the model's context (context x the longest token's spelling).
     max_prompt_bytes: int | None = Field(default=None, ge=1)
+    # How chat answers are parsed (vLLM's --reasoning-parser / --tool-call-parser); "auto" picks by
+    # the model's architecture (cluster/serve/chat_output.py), "none" turns reasoning parsing off.
+    reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3", "kimi_k2"] = "auto"
+    tool_call_parser: Literal["auto", "hermes", "deepseek_v3", "kimi_k2"] = "auto"
 
     @field_validator("api_keys_env")
     @classmethod

@@ -12,8 +12,9 @@ _CONTEXT_TOKENS = 6   # prompt tail decoded with the output, so the first words 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, skip_special_tokens: bool = True) -> None:
         self.tok = tokenizer
+        self.skip_special = skip_special_tokens
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -30,8 +31,8 @@ class IncrementalDetokenizer:
             if self.stopped:
                 break
             self.ids.append(t)
-            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self.tok.decode(self.ids[self.prefix_offset:])
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+            full = self.tok.decode(self.ids[self.prefix_offset:], self.skip_special)
             if full.endswith("\ufffd") or len(full) <= len(prefix):
                 continue        # mid-character, or a token with no text yet
             start = max(len(self.text) - self.holdback, 0)

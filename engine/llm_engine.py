@@ -31,6 +31,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .spec_decode.ngram import NgramDrafter
+from .structured_output import GrammarCompiler
 from .tokenizer import Tokenizer
 from .weights import load_checkpoint, resolve_model_path
 
@@ -90,14 +91,16 @@ class LLMEngine:
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, on_admit=self.kv.on_admit)
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        eos = hf_config.get("eos_token_id")
+        self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device,
+                                  frozenset(self.eos_token_ids))
+        self._grammar: GrammarCompiler | None = None
         if self.device.type == "cpu":
             # after loading, so the weights' load-time temporaries were returned the usual way
             keep_freed_memory()
             paged_decode_kernel()  # built (or found) now rather than in the first request's step
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
-        eos = hf_config.get("eos_token_id")
-        self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._computed_tokens = 0
@@ -150,6 +153,14 @@ class LLMEngine:
                              f"{storage.device}; need uint8 of {nbytes} bytes on {self.device}")
         return storage[:nbytes].view(self.dtype).view(shape)
 
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """Compiles structured-output constraints for this tokenizer (built on first use)."""
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.tokenizer.hf, self.hf_config["vocab_size"],
+                                            sorted(self.eos_token_ids))
+        return self._grammar
+
     def set_kv_connector(self, connector: KVConnector | None) -> None:
         """Attach the store that KV handoffs and the shared prefix cache go through."""
         self.kv.connector = connector
@@ -176,8 +187,10 @@ class LLMEngine:
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         seq = Sequence(request_id, ids, params, 1 if kv_export else max_tokens)
         seq.kv_export = kv_export
+        if params.structured_output is not None:
+            seq.matcher = self.grammar.matcher(params.structured_output)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
-                                       params.include_stop_str_in_output)
+                                       params.include_stop_str_in_output, params.skip_special_tokens)
         resumed = list(generated_token_ids or ())
         if kv_import is not None:
             if list(kv_import.token_ids) != ids:
@@ -191,6 +204,8 @@ class LLMEngine:
             if len(resumed) >= seq.max_tokens or len(ids) + len(resumed) >= self.max_model_len:
                 raise ValueError("the request has already generated all its tokens")
             self.validate_prompt(ids + resumed, SamplingParams(max_tokens=None))
+            if seq.matcher is not None and not all(seq.matcher.accept(t) for t in resumed):
+                raise ValueError("generated_token_ids do not fit the request's structured output")
             seq.token_ids += resumed
             detok.push(resumed)
             detok.take(final=False)
@@ -215,6 +230,8 @@ class LLMEngine:
                              f"exceeds the context of {self.max_model_len} tokens")
         if self.block_manager.blocks_needed(max(total, len(ids) + 1)) > self.block_manager.num_blocks:
             raise ValueError("the request needs more KV cache than this worker has")
+        if params.logit_bias and not all(0 <= t < vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         return ids
 
     def abort_request(self, request_id: str) -> bool:
@@ -273,8 +290,10 @@ class LLMEngine:
         k = self.config.speculative_config.num_speculative_tokens
         for seq in self.scheduler.running:
             seq.draft_token_ids = []
-            if seq.num_computed_tokens != seq.num_tokens - 1:
-                continue                      # still prefilling (or its KV is being imported)
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.params.processes_logits:
+                # still prefilling (or its KV is being imported); or its next token depends on
+                # the tokens before it beyond the model's logits (a grammar, penalties)
+                continue
             # the last token verified must still be one the request may emit
             room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             if room > 0:
@@ -289,12 +308,18 @@ class LLMEngine:
             self._prefix_hits += seq.num_cached_tokens
         detok = self._detok[seq.request_id]
         p = seq.params
-        reason = None
+        reason = error = None
         emitted: list[int] = []
         for token in tokens:
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                # the grammar dead-ended: this request ends, the batch goes on
+                reason, error = "error", f"structured output failed: {seq.matcher.failed}"
+                break
             seq.token_ids.append(token)
             emitted.append(token)
-            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            # a finished grammar stops on its stop token even under ignore_eos
+            if ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
+                    or (seq.matcher is not None and seq.matcher.is_terminated)):
                 reason = "stop"
             elif detok.push([token]):
                 reason = "stop"
@@ -317,7 +342,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[lp for lp in logprobs[:len(emitted)] if lp],
-            kv_handoff=handoff)
+            error=error, kv_handoff=handoff)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -19,8 +19,9 @@ from .spec_decode.rejection import verify
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.model = model
+        self.eos_token_ids = eos_token_ids   # masked for a sequence short of its min_tokens
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
@@ -41,10 +42,10 @@ class ModelRunner:
         seqs = [s.seq for s in to_sample]
         drafts = [s.seq.draft_token_ids for s in to_sample]
         if not any(drafts):
-            flat, flat_lp = sample(logits, seqs)
+            flat, flat_lp = sample(logits, seqs, self.eos_token_ids)
             tokens, logprobs = [[t] for t in flat], [[lp] for lp in flat_lp]
         else:
-            tokens, logprobs = verify(logits, seqs, drafts)
+            tokens, logprobs = verify(logits, seqs, drafts, self.eos_token_ids)
         # every TP rank must take rank 0's tokens: padded to one width for the broadcast
         width = max(len(t) for t in tokens)
         padded = torch.tensor([t + [-1] * (width - len(t)) for t in tokens], device=self.device)

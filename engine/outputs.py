@@ -17,7 +17,8 @@ class RequestOutput:
     new_token_ids: list[int]
     delta_text: str
     finished: bool
-    # "stop" | "length" | "abort" | "handoff" (prefill done, decode continues) | None while running
+    # "stop" | "length" | "abort" | "handoff" (prefill done, decode continues) | "error" (see
+    # `error`: a structured output that dead-ended) | None while running
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int

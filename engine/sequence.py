@@ -40,6 +40,7 @@ class Sequence:
         # part of token_ids, hashes or outputs until accepted), and how well drafts have done
         self.draft_token_ids: list[int] = []
         self.draft_state = DraftState()
+        self.matcher = None                   # GrammarMatcher of a structured_output request
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

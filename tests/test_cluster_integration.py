@@ -105,6 +105,95 @@ def test_errors_use_openai_bodies(client, cluster):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+# Several schemas, each with what JSON-schema coverage must include: nested objects, enums, arrays with
+# bounds, numbers with bounds.
+SCHEMAS = {
+    "order": {"type": "object", "properties": {
+        "customer": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "tier": {"type": "string", "enum": ["gold", "silver", "bronze"]}},
+            "required": ["name", "tier"]},
+        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "properties": {"sku": {"type": "string", "maxLength": 8},
+                                             "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["sku", "qty"]}}},
+        "required": ["customer", "items"]},
+    "reading": {"type": "object", "properties": {
+        "celsius": {"type": "number", "minimum": -50, "maximum": 60},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["rain", "sun", "wind"]},
+                 "minItems": 2, "maxItems": 2}},
+        "required": ["celsius", "ok", "tags"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_answers_validate(client, name):
+    import json
+
+    import jsonschema
+
+    schema = SCHEMAS[name]
+    fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    msgs = [{"role": "user", "content": f"Give me an example {name} as JSON."}]
+    full = client.chat.completions.create(model=h.MODEL, messages=msgs, temperature=0, max_tokens=120,
+                                          response_format=fmt)
+    assert full.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(full.choices[0].message.content), schema)
+    # streamed and sampled (through the prefill -> decode handoff): still valid
+    stream = client.chat.completions.create(model=h.MODEL, messages=msgs, temperature=1.0, seed=5,
+                                            max_tokens=120, response_format=fmt, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_structured_output_errors_are_400(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=h.MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}})
+    assert bad.value.body["param"] == "response_format.json_schema.schema"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=h.MODEL, messages=QUESTION, top_logprobs=2)
+    assert bad.value.body["param"] == "top_logprobs"
+
+
+def test_top_logprobs_match_the_engine(client, llm):
+    from pdcluster.engine.sampling import SamplingParams as SP
+
+    offline = llm.generate([llm.chat_prompt(QUESTION)], SP(temperature=0, max_tokens=6, logprobs=3))[0]
+    full = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(c.top_logprobs) == 3 for c in content)
+    for got, want in zip(content, offline.logprobs):
+        assert got.token == llm.tokenizer.decode([want.token_id], skip_special_tokens=False)
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-4)
+        assert got.bytes == list(got.token.encode())
+    stream = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=6,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [c for chunk in stream for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
+    # the same tokens and values (up to float noise: the prompt's KV may now come from the cache)
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    comp = client.completions.create(model=h.MODEL, prompt="The capital of France is", max_tokens=4,
+                                     temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) <= 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert "".join(lp.tokens) == comp.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_logit_bias_forces_its_token(client, llm):
+    token = llm.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    comp = client.completions.create(model=h.MODEL, prompt="My favourite colour is", max_tokens=3,
+                                     temperature=1.0, logit_bias={str(token): 100})
+    assert comp.choices[0].text == llm.tokenizer.decode([token] * 3)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=h.MODEL, prompt="x", logit_bias={"10000000": 5})
+    assert bad.value.body["param"] == "logit_bias"
+
+
 def test_models_and_health(client, cluster):
     assert [m.id for m in client.models.list().data] == [h.MODEL]
     health = httpx.get(cluster[1] + "/health", timeout=30)
@@ -347,3 +436,90 @@ def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
             break
         assert time.monotonic() < deadline and i < len(questions), "handoff did not recover"
     h.wait_for(lambda: h.idle(h.snapshot()))
+
+
+# ---------------------------------------------------------------------------- tools
+WEATHER_PARAMS = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                  "properties": {"city": {"enum": ["Paris", "Tokyo", "Lima"]},
+                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "Local time", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["tz"],
+             "properties": {"tz": {"enum": ["UTC", "CET"]}}}}}]
+ASK_WEATHER = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def _check_calls(calls, names) -> None:
+    import json
+
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert calls and all(c["name"] in names for c in calls), calls
+    for c in calls:
+        jsonschema.validate(json.loads(c["arguments"]), schemas[c["name"]])
+    assert all(c["id"].startswith("call_") for c in calls) and len({c["id"] for c in calls}) == len(calls)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_required_and_named_tool_choice_return_valid_calls(client, choice):
+    names = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
+    ask = {"model": h.MODEL, "messages": ASK_WEATHER, "tools": TOOLS, "tool_choice": choice,
+           "temperature": 0, "max_tokens": 80}
+    full = client.chat.completions.create(**ask)
+    msg = full.choices[0].message
+    assert full.choices[0].finish_reason == "tool_calls", msg
+    _check_calls([{"id": c.id, **c.function.model_dump()} for c in msg.tool_calls], names)
+
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice_ in chunk.choices:
+            finish = choice_.finish_reason or finish
+            for tc in choice_.delta.tool_calls or []:
+                if tc.id:  # a new call: id and name first, then its arguments in fragments
+                    assert tc.index == len(streamed) and tc.function.name
+                    streamed.append({"id": tc.id, "name": tc.function.name, "arguments": ""})
+                streamed[tc.index]["arguments"] += tc.function.arguments or ""
+    assert finish == "tool_calls"
+    _check_calls(streamed, names)
+    # the same greedy answer both ways (the ids aside)
+    assert [(c["name"], c["arguments"]) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in msg.tool_calls]
+
+
+def test_tool_results_go_back_to_the_model(client):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}
+    messages = [*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C, all three days."}]
+    full = client.chat.completions.create(model=h.MODEL, messages=messages, tools=TOOLS,
+                                          tool_choice="none", temperature=0, max_tokens=24)
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert full.choices[0].message.content and not full.choices[0].message.tool_calls
+
+
+def test_grpc_named_tool_choice_streams_the_same_call(client, cluster):
+    import json
+
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    http = client.chat.completions.create(model=h.MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice=named,
+                                          temperature=0, max_tokens=80).choices[0].message.tool_calls
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in ASK_WEATHER],
+        tools_json=json.dumps(TOOLS), tool_choice_json=json.dumps(named), max_tokens=80, temperature=0)
+    with grpc.insecure_channel(f"127.0.0.1:{cluster[0].serve.grpc_port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        msgs = list(stub.Generate(request, timeout=120))
+        calls = [c for m in msgs for c in m.tool_calls]
+        assert calls[0].id.startswith("call_") and calls[0].name == "get_weather"
+        assert {c.index for c in calls} == {0} and not any(c.name for c in calls[1:])
+        assert "".join(c.arguments for c in calls) == http[0].function.arguments
+        assert msgs[-1].finish_reason == "tool_calls"
+        request.tools_json = "[{"
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(request, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in err.value.details()

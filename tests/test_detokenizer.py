@@ -43,3 +43,12 @@ def test_text_that_might_start_a_stop_string_is_held_back(tok):
         d.push([t])
     released = d.take(final=False)
     assert "STO" not in released and released.startswith(" one")
+
+
+def test_special_tokens_stay_when_asked(tok):
+    ids = tok.encode("<|im_start|>assistant\nHi<|im_end|>")
+    assert tok.hf.convert_tokens_to_ids("<|im_start|>") in ids  # a special token of this vocabulary
+    for skip, want in ((True, "assistant\nHi"), (False, "<|im_start|>assistant\nHi<|im_end|>")):
+        d = IncrementalDetokenizer(tok, [], (), skip_special_tokens=skip)
+        d.push(ids)
+        assert d.take(final=True) == want

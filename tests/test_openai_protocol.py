@@ -6,8 +6,8 @@ import json
 import pickle
 
 import pytest
-
 from pdcluster.cluster.serve import openai_protocol as oai
+from pdcluster.engine.outputs import TokenLogprob
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -27,9 +27,16 @@ def _parse_error(model, body, max_bytes: int = 1 << 20) -> oai.OpenAIError:
     ({"model": "m"}, 400, "messages", "invalid_value"),
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ({**CHAT, "n": 3}, 400, "n", "unsupported_parameter"),
-    ({**CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
-    ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
-     "unsupported_parameter"),
+    ({**CHAT, "top_logprobs": 3}, 400, "top_logprobs", "invalid_value"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objec"}}}}, 400, "response_format.json_schema.schema",
+     "invalid_value"),
+    ({**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema", None),
+    ({**CHAT, "logit_bias": {"12": 101}}, 400, "logit_bias.12", "invalid_value"),
+    ({**CHAT, "presence_penalty": -2.5}, 400, "presence_penalty", "invalid_value"),
+    ({**CHAT, "repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value"),
     (b"{not json", 400, None, None),
     (b"[1, 2]", 400, None, None),
 ])
@@ -69,6 +76,46 @@ def test_chat_request_maps_to_sampling_params():
     p = req.sampling_params(9)
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.ignore_eos) == \
         (9, 0.0, 0.5, 7, ("END",), True)
+
+
+def test_sampling_extensions_map_to_sampling_params():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    chat = oai.validate(oai.ChatCompletionRequest, {
+        **CHAT, "logprobs": True, "top_logprobs": 3, "presence_penalty": 0.5, "frequency_penalty": -1,
+        "repetition_penalty": 1.2, "logit_bias": {"7": 100, "3": -100.0}, "min_tokens": 2,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "a", "schema": schema, "strict": True}}})
+    p = chat.sampling_params(9)
+    assert (p.logprobs, p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_tokens) == \
+        (3, 0.5, -1.0, 1.2, 2)
+    assert p.logit_bias == ((3, -100.0), (7, 100.0))
+    assert p.structured_output.kind == "json_schema" and json.loads(p.structured_output.grammar) == schema
+    plain = oai.validate(oai.ChatCompletionRequest, {**CHAT, "logprobs": True}).sampling_params(9)
+    assert plain.logprobs == 0 and plain.structured_output is None
+    obj = oai.validate(oai.ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}})
+    assert obj.sampling_params(9).structured_output.kind == "json_object"
+    comp = oai.validate(oai.CompletionRequest, {"prompt": "x", "logprobs": 2})
+    assert comp.sampling_params(9).logprobs == 2
+    with pytest.raises(oai.OpenAIError) as info:   # min_tokens beyond max_tokens
+        oai.validate(oai.ChatCompletionRequest, {**CHAT, "min_tokens": 10}).sampling_params(9)
+    assert info.value.status == 400 and info.value.param == "min_tokens"
+
+
+def test_logprobs_shapes():
+    entries = [TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.5))), TokenLogprob(2, -2.0, ((1, -0.1), (2, -2.0)))]
+    text = {1: "Hé", 2: "!"}.__getitem__
+    chat = oai.chat_logprobs(entries, text)
+    assert chat == {"refusal": None, "content": [
+        {"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169],
+         "top_logprobs": [{"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169]},
+                          {"token": "!", "logprob": -1.5, "bytes": [33]}]},
+        {"token": "!", "logprob": -2.0, "bytes": [33],
+         "top_logprobs": [{"token": "Hé", "logprob": -0.1, "bytes": [72, 195, 169]},
+                          {"token": "!", "logprob": -2.0, "bytes": [33]}]}]}
+    comp = oai.completion_logprobs(entries, text, offset=5)
+    assert comp == {"tokens": ["Hé", "!"], "token_logprobs": [-0.5, -2.0],
+                    "top_logprobs": [{"Hé": -0.5, "!": -1.5}, {"Hé": -0.1, "!": -2.0}],
+                    "text_offset": [5, 7]}
 
 
 def test_defaults_follow_openai():

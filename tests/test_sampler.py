@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
-
-from pdcluster.engine.sampler import _filtered_probs, sample
+from pdcluster.engine.sampler import _filtered_probs, process_logits, sample
 from pdcluster.engine.sampling import SamplingParams
 from pdcluster.engine.sequence import Sequence
 
@@ -62,3 +62,39 @@ def test_logprobs_are_of_the_unscaled_distribution():
     assert tokens == [0]
     assert math.isclose(lps[0].logprob, math.log(0.4), rel_tol=1e-5)
     assert [t for t, _ in lps[0].top] == [0, 1]
+
+
+def _seq_with_history(prompt: list[int], output: list[int], **kw) -> Sequence:
+    s = Sequence("s", prompt, SamplingParams(temperature=0, **kw))
+    s.token_ids += output
+    return s
+
+
+def test_penalties_match_a_hand_computation():
+    # vocab of 5; prompt [1], generated [0, 0, 2]: token 0 twice, token 2 once, token 1 in the prompt
+    raw = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    s = _seq_with_history([1], [0, 0, 2], presence_penalty=0.5, frequency_penalty=0.25,
+                          repetition_penalty=2.0)
+    got = process_logits(raw, [s])[0]
+    # repetition (prompt + output, HF): positive / 2, negative * 2; then OpenAI:
+    # logit - frequency * count - presence * (count > 0), over the generated tokens only
+    expected = [2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2, 0.5 / 2 - 0.25 - 0.5, 3.0, -2.0]
+    assert got.tolist() == pytest.approx(expected)
+    assert raw.tolist() == [[2.0, -1.0, 0.5, 3.0, -2.0]]     # the raw logits are left alone
+    plain = _seq_with_history([1], [0, 0, 2])
+    both = process_logits(raw.repeat(2, 1), [plain, s])     # rows are processed independently
+    assert both[0].tolist() == raw[0].tolist() and both[1].tolist() == pytest.approx(expected)
+
+
+def test_logit_bias_min_tokens_and_logprobs_of_the_raw_distribution():
+    raw = logits()
+    forced = seq(temperature=0, logit_bias={3: 100.0}, logprobs=1)
+    banned = seq(temperature=0, logit_bias={0: -100.0})
+    tokens, lps = sample(raw.repeat(2, 1), [forced, banned])
+    assert tokens == [3, 1]
+    assert lps[0].logprob == pytest.approx(math.log(0.1), rel=1e-5)   # before the bias, as vLLM
+    # EOS (and stop_token_ids) cannot end the request before min_tokens
+    early = Sequence("s", [1], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(1,)))
+    assert sample(raw, [early], eos_token_ids={0})[0] == [2]
+    early.token_ids += [2, 2]
+    assert sample(raw, [early], eos_token_ids={0})[0] == [0]

@@ -192,3 +192,16 @@ def test_cluster_spec_passes_speculative_config_to_the_engine():
     assert ClusterSpec.default().engine_config().speculative_config is None
     with pytest.raises(SpecError, match="engine.speculative_config.*not implemented"):
         ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp"}}})
+
+
+def test_verify_processes_the_rows_of_sequences_without_drafts():
+    # a drafts, b (logit_bias, so no drafts) shares the verification batch: b's row is biased,
+    # a's rows are not, and b's logprob is of the raw distribution
+    logits = torch.full((4, 6), -5.0)
+    for row, tok in enumerate([3, 4, 1, 2]):
+        logits[row, tok] = 5.0
+    a = Sequence("a", [1], SamplingParams(temperature=0))
+    b = Sequence("b", [1], SamplingParams(temperature=0, logit_bias={5: 100}, logprobs=0))
+    tokens, logprobs = verify(logits, [a, b], [[3, 0], []])
+    assert tokens == [[3, 4], [5]]
+    assert logprobs[1][0].logprob == pytest.approx(float(torch.log_softmax(logits[3], -1)[5]))

@@ -4,6 +4,8 @@ It authenticates, validates and tokenizes each request, checks it against the mo
 and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
 """
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -23,6 +25,8 @@ from ...actors.names import HEAD_NODE
 from ..spec import ClusterSpec
 from . import grpc_service
 from . import openai_protocol as oai
+from .chat_output import ChatOutput
+from .chat_prompt import ChatFormat, prepare_chat
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
@@ -75,6 +79,25 @@ def _provable_prompt_bytes(tokenizer: Any, context: int) -> int:
     return context * longest
 
 
+def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in a chat's messages (contents, tool calls, names): a lower
+    bound on the text the template renders."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
+def _usage(rec: RequestRecord, out: ChatOutput | None) -> dict[str, Any]:
+    """The request's usage; a chat answer under a reasoning parser also counts its reasoning tokens."""
+    if out is None or out.reasoning is None:
+        return rec.usage()
+    return oai.usage(rec.prompt_tokens, rec.output_tokens, rec.cached_tokens, out.reasoning_tokens)
+
+
 def _error(exc: oai.OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
@@ -122,9 +145,14 @@ class Ingress:
                                "stop it first (`pdcluster down`)")
         self.info = await controller.ready.remote()
         self.router = self.info.router
-        self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.spec.model.path))
+        model_path = resolve_model_path(self.spec.model.path)
+        self.tokenizer = await asyncio.to_thread(Tokenizer, model_path)
         self.max_prompt_bytes = self.spec.serve.max_prompt_bytes or await asyncio.to_thread(
             _provable_prompt_bytes, self.tokenizer, self.info.max_model_len)
+        self.chat_format = await asyncio.to_thread(
+            ChatFormat.for_model, model_path, getattr(self.tokenizer.hf, "chat_template", None),
+            self.spec.serve.reasoning_parser, self.spec.serve.tool_call_parser)
+        self._token_texts: dict[int, str] = {}   # token id -> its text, for logprobs
         self.metrics = ServingMetrics()
         # This replica's requests are leased from the router under this id: if the replica dies
         # (SIGKILL, Serve's shutdown timeout) the lease runs out and the router frees their slots.
@@ -197,10 +225,10 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
-            rec = self._new_record("chatcmpl", await self._chat_ids(req), req, tenant)
+            rec, out = await self._chat_record("chatcmpl", req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, chat=True)
+        return await self._respond(rec, req, out)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -209,7 +237,7 @@ class Ingress:
             rec = self._new_record("cmpl", await self._prompt_ids(req), req, tenant)
         except oai.OpenAIError as exc:
             return _error(exc)
-        return await self._respond(rec, req, chat=False)
+        return await self._respond(rec, req, None)
 
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
@@ -221,7 +249,7 @@ class Ingress:
             tenant = self._tenant(metadata.get("authorization"))
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
-            rec = await self._grpc_record(request, tenant)
+            rec, out = await self._grpc_record(request, tenant)
             steps = self.orchestrator.run(rec)
             await self._admitted(steps)
         except oai.OpenAIError as exc:
@@ -231,12 +259,23 @@ class Ingress:
             raise
         try:
             async for d in steps:
+                text, reasoning, calls, finish = d.text, "", [], d.finish_reason
+                if out is not None:
+                    deltas = out.feed(d.text, len(d.token_ids), final=finish is not None)
+                    text, reasoning, calls = grpc_service.response_parts(deltas)
+                    finish = out.finish_reason(finish)
+                reasoning_tokens = out.reasoning_tokens if out is not None and out.reasoning else None
                 yield pb.GenerateResponse(
-                    request_id=rec.request_id, text=d.text, token_ids=d.token_ids,
-                    finish_reason=d.finish_reason or "",
+                    request_id=rec.request_id, text=text, token_ids=d.token_ids,
+                    logprobs=[pb.TokenLogprob(
+                        token_id=e.token_id, token=self._token_text(e.token_id), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=self._token_text(t), logprob=v)
+                             for t, v in e.top]) for e in d.logprobs],
+                    finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
                     usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
                                    completion_tokens=rec.output_tokens,
-                                   cached_tokens=rec.cached_tokens) if d.finish_reason else None)
+                                   cached_tokens=rec.cached_tokens,
+                                   reasoning_tokens=reasoning_tokens) if finish else None)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(exc.message)
@@ -244,26 +283,42 @@ class Ingress:
         finally:
             await steps.aclose()
 
-    async def _grpc_record(self, request, tenant: str | None) -> RequestRecord:
+    async def _grpc_record(self, request, tenant: str | None) -> tuple[RequestRecord, ChatOutput | None]:
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
         if sum(inputs) != 1:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
         data: dict[str, Any] = {"model": request.model or None, "stop": list(request.stop) or None,
                                 "ignore_eos": request.ignore_eos, "max_tokens": None}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
+        if request.logit_bias:
+            data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
+        if request.min_tokens:
+            data["min_tokens"] = request.min_tokens
+        fmt = request.response_format if request.HasField("response_format") else None
+        if fmt is not None and request.messages:
+            data["response_format"] = _grpc_response_format(fmt)
+        elif fmt is not None and fmt.type not in ("", "text"):
+            raise oai.OpenAIError(400, "response_format needs messages (a chat)", param="response_format")
+        try:
+            data.update(grpc_service.chat_fields(request))
+        except ValueError as exc:
+            raise oai.OpenAIError(400, str(exc)) from None
         if request.messages:
-            data["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            data["messages"] = [grpc_service.chat_message(m) for m in request.messages]
+            if request.HasField("logprobs"):
+                data["logprobs"], data["top_logprobs"] = True, request.logprobs
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            ids = await self._chat_ids(req)
-        else:
-            data["prompt"] = request.prompt or list(request.prompt_token_ids)
-            req = oai.validate(oai.CompletionRequest, data)
-            self._check_model(req.model)
-            ids = await self._prompt_ids(req)
-        return self._new_record("grpc", ids, req, tenant)
+            return await self._chat_record("grpc", req, tenant)
+        data["prompt"] = request.prompt or list(request.prompt_token_ids)
+        if request.HasField("logprobs"):
+            data["logprobs"] = request.logprobs
+        req = oai.validate(oai.CompletionRequest, data)
+        self._check_model(req.model)
+        return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None
 
     # ------------------------------------------------------------------ request plumbing
     async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
@@ -279,13 +334,22 @@ class Ingress:
 
     # Tokenizing and templating run in a thread, never on the event loop every stream shares, and
     # only for text that could fit the context (`_check_prompt_bytes`).
-    async def _chat_ids(self, req: oai.ChatCompletionRequest) -> list[int]:
-        messages = req.chat()
-        self._check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
-        try:
-            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
-        except ValueError as exc:  # no chat template
-            raise oai.OpenAIError(400, str(exc), param="messages") from None
+    async def _chat_record(self, prefix: str, req: oai.ChatCompletionRequest,
+                           tenant: str | None) -> tuple[RequestRecord, ChatOutput]:
+        """A chat's record (its prompt rendered, a required or named tool choice as the grammar
+        the engine decodes under) and the parser of its answer."""
+        self._check_prompt_bytes(_text_bytes(req.chat(self.chat_format.native_tools)), "messages")
+        chat = await asyncio.to_thread(prepare_chat, self.tokenizer, req, self.chat_format)
+        rec = self._new_record(prefix, chat.prompt_ids, req, tenant)
+        if chat.constraint is not None:
+            if rec.params.structured_output is not None:
+                raise oai.OpenAIError(400, "response_format and tool_choice cannot both constrain the "
+                                      "answer", param="tool_choice", code="unsupported_parameter")
+            rec.params = dataclasses.replace(rec.params, structured_output=chat.constraint)
+        if chat.output.tools is not None or chat.output.reasoning is not None:
+            # the parsers read the model's markers, and some are special tokens (Kimi-K2's, as vLLM notes)
+            rec.params = dataclasses.replace(rec.params, skip_special_tokens=False)
+        return rec, chat.output
 
     async def _prompt_ids(self, req: oai.CompletionRequest) -> list[int]:
         prompt = req.single_prompt()
@@ -323,30 +387,52 @@ class Ingress:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
                                   f"the context of {context} tokens", param="max_tokens",
                                   code="context_length_exceeded")
-        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, req.sampling_params(wanted or room),
-                             tenant)
+        params = req.sampling_params(wanted or room)
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise oai.OpenAIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias",
+                                  code="invalid_value")
+        return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
 
-    async def _respond(self, rec: RequestRecord, req: Any, chat: bool) -> Response:
+    def _token_text(self, token_id: int) -> str:
+        """A token's text as logprobs show it (its own decode, special tokens included)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprobs(self, chat: bool, entries: list, offset: int = 0) -> dict[str, Any] | None:
+        if chat:
+            return oai.chat_logprobs(entries, self._token_text)
+        return oai.completion_logprobs(entries, self._token_text, offset)
+
+    async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
+        """`out`: a chat answer's parser (None for completions)."""
         steps = self.orchestrator.run(rec)
         try:
             await self._admitted(steps)
         except oai.OpenAIError as exc:
             return _error(exc)
         if req.stream:
-            return _ClosingStreamingResponse(self._sse(rec, steps, chat, req.include_usage),
+            return _ClosingStreamingResponse(self._sse(rec, steps, out, req.include_usage),
                                              media_type="text/event-stream")
-        text, finish = [], None
+        text, finish, logprobs = [], None, []
         try:
             async for d in steps:
                 text.append(d.text)
+                logprobs += d.logprobs
                 finish = d.finish_reason or finish
+                if out is not None:
+                    out.feed(d.text, len(d.token_ids))
         except oai.OpenAIError as exc:
             return _error(exc)
         finally:
             await steps.aclose()
-        build = oai.chat_completion if chat else oai.completion
-        return JSONResponse(build(rec.request_id, self.info.model_name, self.created, "".join(text),
-                                  finish, rec.usage()))
+        name, rid, created = self.info.model_name, rec.request_id, self.created
+        lp = self._logprobs(out is not None, logprobs) if rec.params.logprobs is not None else None
+        if out is None:
+            return JSONResponse(oai.completion(rid, name, created, "".join(text), finish, rec.usage(), lp))
+        return JSONResponse(oai.chat_completion(rid, name, created, out.message("", 0),
+                                                out.finish_reason(finish), _usage(rec, out), lp))
 
     @staticmethod
     async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
@@ -357,28 +443,52 @@ class Ingress:
             await steps.aclose()
             raise
 
-    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], chat: bool,
+    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], out: ChatOutput | None,
                    include_usage: bool) -> AsyncIterator[str]:
         model, rid, created = self.info.model_name, rec.request_id, self.created
+        chat = out is not None
+        want_lp = rec.params.logprobs is not None
+        offset = 0   # characters of completion text sent so far (completions' text_offset)
         try:
             if chat:
                 yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
             async for d in steps:
+                # a token whose text is held back (a partial character, a possible stop string)
+                # still reports its logprob in this chunk
+                lp = self._logprobs(chat, d.logprobs, offset) if want_lp and d.logprobs else None
                 if chat:
-                    if d.text:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {"content": d.text}))
+                    deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
+                    if lp and not deltas:
+                        deltas = [{"content": ""}]
+                    for i, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
+                        yield oai.sse(oai.chat_chunk(rid, model, created, delta,
+                                                     logprobs=lp if i == 0 else None))
                     if d.finish_reason:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {}, d.finish_reason))
-                elif d.text or d.finish_reason:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason))
+                        yield oai.sse(oai.chat_chunk(rid, model, created, {},
+                                                     out.finish_reason(d.finish_reason)))
+                elif d.text or d.finish_reason or lp:
+                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp))
+                offset += len(d.text)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield oai.sse(oai.usage_chunk(rid, model, created, obj, rec.usage()))
+                yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(rec, out)))
         except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
             yield oai.sse(exc.body())
         finally:
             await steps.aclose()
         yield oai.sse("[DONE]")
+
+
+def _grpc_response_format(fmt) -> dict[str, Any]:
+    """inference.proto's ResponseFormat as chat's response_format."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type or "text"}
+    try:
+        schema = json.loads(fmt.json_schema or "{}")
+    except ValueError as exc:
+        raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
+                              param="response_format.json_schema") from None
+    return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -3,9 +3,12 @@
 The ingress serves gRPC itself, not through Serve's gRPC proxy, because that proxy always listens on
 every interface (`[::]`); this server binds where HTTP binds (`serve.http_host`, loopback by default).
 Bytes that are not a GenerateRequest reach the ingress as `Undecodable`, answered INVALID_ARGUMENT.
+Below: the chat fields (tools, tool calls, reasoning) between inference.proto and the OpenAI shapes
+the ingress uses.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,3 +72,44 @@ async def start_server(ingress: Any, host: str, port: int, max_message_bytes: in
         raise RuntimeError(f"gRPC cannot listen on {address}: {exc}") from None
     await server.start()
     return server
+# The chat fields inference.proto carries as JSON text, by their OpenAI names.
+_JSON_FIELDS = {"tools_json": "tools", "tool_choice_json": "tool_choice",
+                "chat_template_kwargs_json": "chat_template_kwargs"}
+
+
+def chat_fields(request: pb.GenerateRequest) -> dict[str, Any]:
+    """A GenerateRequest's chat-only fields as OpenAI request fields; ValueError names a field
+    that holds no JSON, or one set on a request without messages."""
+    fields: dict[str, Any] = {}
+    for name, openai_name in _JSON_FIELDS.items():
+        if text := getattr(request, name):
+            try:
+                fields[openai_name] = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if request.HasField("parallel_tool_calls"):
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    if fields and not request.messages:
+        raise ValueError(f"{', '.join(sorted(fields))} apply to chats (messages) only")
+    return fields
+
+
+def chat_message(m: pb.ChatMessage) -> dict[str, Any]:
+    """A request's ChatMessage as an OpenAI message."""
+    msg: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        msg["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+    if m.tool_call_id:
+        msg["tool_call_id"] = m.tool_call_id
+    return msg
+
+
+def response_parts(deltas: list[dict[str, Any]]) -> tuple[str, str, list[pb.ToolCall]]:
+    """(content, reasoning, tool-call deltas) of a step's chat deltas (chat_output.ChatOutput.feed)."""
+    content = "".join(d.get("content", "") for d in deltas)
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    calls = [pb.ToolCall(index=tc["index"], id=tc.get("id", ""), name=tc["function"].get("name", ""),
+                         arguments=tc["function"].get("arguments", ""))
+             for d in deltas for tc in d.get("tool_calls", [])]
+    return content, reasoning, calls

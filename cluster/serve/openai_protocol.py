@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
-from ...engine.sampling import SamplingParams
+from ...engine.outputs import TokenLogprob
+from ...engine.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams, StructuredOutput
+from . import tool_calls
+from .tool_calls import Tool, ToolCall, ToolChoice
 
 # Every client-visible failure is an `OpenAIError`, rendered as {"error": {"message", "type", "param",
 # "code"}} with the status OpenAI uses (400 for any invalid request, 401, 404, 413, 415, 429, 503).
@@ -59,6 +63,41 @@ class OpenAIError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The engine's constraint; OpenAIError 400 for a schema the grammar library refuses."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is None:
+            raise OpenAIError(400, "response_format json_schema needs a 'json_schema' object",
+                              param="response_format.json_schema")
+        try:
+            if self.type == "json_object":
+                return StructuredOutput("json_object")
+            return StructuredOutput("json_schema", json.dumps(self.json_schema.schema_ or {"type": "object"}))
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="response_format.json_schema.schema",
+                              code="invalid_value") from None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -79,13 +118,34 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: PositiveInt = 1
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
-    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2,
+                                             allow_inf_nan=False)  # vLLM extension
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=1024)
+    min_tokens: Annotated[int, Field(ge=0), BeforeValidator(_integral)] = 0  # vLLM extension
     user: str | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return [("n", self.n != 1), ("presence_penalty", bool(self.presence_penalty)),
-                ("frequency_penalty", bool(self.frequency_penalty))]
+        return [("n", self.n != 1)]
+
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias with its keys (token ids as JSON strings) as ints; the ingress checks the
+        vocabulary."""
+        out = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise OpenAIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                                  param="logit_bias", code="invalid_value")
+            out.append((int(key), bias))
+        return tuple(out)
+
+    def engine_logprobs(self) -> int | None:
+        """How many alternatives per token the engine reports (None: no logprobs)."""
+        return None
+
+    def structured_output(self) -> StructuredOutput | None:
+        return None
 
     def check_supported(self) -> None:
         for name, bad in self._unsupported():
@@ -107,7 +167,11 @@ class _Request(BaseModel):
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos)
+                seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
+                logprobs=self.engine_logprobs(), presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=self.repetition_penalty or 1.0, logit_bias=self.logit_bias_ids(),
+                min_tokens=self.min_tokens, structured_output=self.structured_output())
         except ValueError as exc:
             msg = str(exc)
             first = msg.split(" ", 1)[0]
@@ -123,8 +187,10 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None   # assistant
+    tool_call_id: str | None = None            # tool
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -136,33 +202,64 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: TopLogprobs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    _structured: StructuredOutput | None = PrivateAttr(default=None)  # compiled once, when validated
 
-    def _unsupported(self) -> list[tuple[str, bool]]:
-        fmt = (self.response_format or {}).get("type", "text")
-        return [*super()._unsupported(), ("logprobs", bool(self.logprobs)),
-                ("tools", bool(self.tools)), ("response_format", fmt != "text")]
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                              code="invalid_value")
+        try:
+            tool_calls.check_tools(self.tools, self.tool_choice)
+            tool_calls.check_template_kwargs(self.chat_template_kwargs)
+        except tool_calls.ToolsError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        self._structured = self.response_format.structured_output() if self.response_format else None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is shown the tools and its output parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def structured_output(self) -> StructuredOutput | None:
+        return self._structured
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def chat(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def chat(self, native_tools: bool = True) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them; `native_tools`: whether the template renders
+        tools and tool calls itself (else they are written in the fallback prompt's style)."""
+        try:
+            messages = tool_calls.template_messages(self.messages, native_tools)
+        except tool_calls.ToolsError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        if self.uses_tools and not native_tools:
+            messages = tool_calls.with_fallback_prompt(messages, self.tools)
+        return messages
 
 
 class CompletionRequest(_Request):
     prompt: str | list[Int] | list[str] | list[list[Int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
     suffix: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return [*super()._unsupported(), ("echo", self.echo), ("logprobs", self.logprobs is not None),
-                ("suffix", bool(self.suffix))]
+        return [*super()._unsupported(), ("echo", self.echo), ("suffix", bool(self.suffix))]
+
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request (text or token ids); batches are not supported."""
@@ -250,9 +347,7 @@ def _body_path(data: Any, err: Any) -> list[str | int]:
     path: list[str | int] = []
     node, loc = data, err["loc"]
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         elif not (err["type"] == "missing" and i == len(loc) - 1):
             continue  # a union member's tag ("str", "list[int]"), not a place in the body
@@ -302,37 +397,72 @@ def tenant_for(authorization: str | None, keys: dict[str, str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------- responses
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict[str, Any]:
+    use = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        use["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return use
 
 
-def chat_completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-                    use: dict[str, Any]) -> dict[str, Any]:
+def chat_completion(request_id: str, model: str, created: int, message: str | dict[str, Any],
+                    finish_reason: str | None, use: dict[str, Any],
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`message`: the assistant's text, or the whole message (reasoning, tool calls)."""
+    if isinstance(message, str):
+        message = {"role": "assistant", "content": message}
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                         "finish_reason": finish_reason}],
             "usage": use}
 
 
 def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any],
-               finish_reason: str | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]}
 
 
 def completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-               use: dict[str, Any]) -> dict[str, Any]:
+               use: dict[str, Any], logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": use}
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str,
-                     finish_reason: str | None = None) -> dict[str, Any]:
+                     finish_reason: str | None = None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token_id, e.logprob),
+                         "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
+                        offset: int = 0) -> dict[str, Any]:
+    """Completions' `logprobs`: parallel lists; text_offset counts characters from the completion's
+    start (`offset`: where this chunk's first token starts)."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def usage_chunk(request_id: str, model: str, created: int, obj: str,

@@ -7,14 +7,44 @@ from typing import Any
 from . import openai_protocol as oai
 
 _REF = "#/components/schemas/{model}"
-_FINISH = {"enum": ["stop", "length", None]}
+_FINISH = {"enum": ["stop", "length", "tool_calls", None]}
 _ID = {"type": "string", "minLength": 1}
 _INT = {"type": "integer", "minimum": 0}
 
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": _ID, "type": {"const": "function"}, "function": {
+        "type": "object", "required": ["name", "arguments"],
+        "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+# A stream's tool-call delta: index, then id, type and name once, then argument fragments.
+_TOOL_CALL_DELTA = {"type": "object", "required": ["index", "function"], "properties": {
+    "index": _INT, "id": _ID, "type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+_NULLABLE_TEXT = {"type": ["string", "null"]}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
                          "prompt_tokens_details": {"type": "object",
-                                                   "properties": {"cached_tokens": _INT}}}}
+                                                   "properties": {"cached_tokens": _INT}},
+                         "completion_tokens_details": {"type": "object",
+                                                       "properties": {"reasoning_tokens": _INT}}}}
+
+
+_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"],
+            "properties": {"token": {"type": "string"}, "logprob": {"type": "number"},
+                           "bytes": {"type": "array", "items": {"type": "integer"}}}}
+_CHAT_LOGPROBS = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["content"], "properties": {
+    "content": {"type": "array", "items": {**_LOGPROB, "required": [*_LOGPROB["required"], "top_logprobs"],
+                                           "properties": {**_LOGPROB["properties"], "top_logprobs": {
+                                               "type": "array", "items": _LOGPROB}}}},
+    "refusal": {"type": "null"}}}]}
+_COMPLETION_LOGPROBS = {"anyOf": [{"type": "null"}, {
+    "type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                   "token_logprobs": {"type": "array", "items": {"type": "number"}},
+                   "top_logprobs": {"type": "array", "items": {
+                       "type": "object", "additionalProperties": {"type": "number"}}},
+                   "text_offset": {"type": "array", "items": _INT}}}]}
+_LOGPROBS = {"chat.completion": _CHAT_LOGPROBS, "chat.completion.chunk": _CHAT_LOGPROBS,
+             "text_completion": _COMPLETION_LOGPROBS}
 
 
 def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
@@ -25,7 +55,7 @@ def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[s
                            "model": {"type": "string"}, "usage": {"$ref": _REF.format(model="Usage")},
                            "choices": {"type": "array", "minItems": 0 if chunk else 1, "items": {
                                "type": "object", "required": ["index", "finish_reason", *choice],
-                               "properties": {"index": _INT, "logprobs": {"type": "null"},
+                               "properties": {"index": _INT, "logprobs": _LOGPROBS[obj],
                                               "finish_reason": _FINISH, **choice}}}}}
 
 
@@ -41,11 +71,16 @@ _RESPONSES = {
     "Usage": _USAGE,
     "ChatCompletion": _completion("chat.completion", {"message": {
         "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}),
+        "properties": {"role": {"const": "assistant"}, "content": _NULLABLE_TEXT,
+                       "reasoning_content": _NULLABLE_TEXT,
+                       "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}),
     "Completion": _completion("text_completion", {"text": {"type": "string"}}),
     "ChatCompletionChunk": _completion("chat.completion.chunk", {"delta": {
         "type": "object", "properties": {"role": {"const": "assistant"},
-                                         "content": {"type": "string"}}}}, chunk=True),
+                                         "content": {"type": "string"},
+                                         "reasoning_content": {"type": "string"},
+                                         "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}},
+        chunk=True),
     "CompletionChunk": _completion("text_completion", {"text": {"type": "string"}}, chunk=True),
     "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
         "object": {"const": "list"}, "data": {"type": "array", "items": {
@@ -99,17 +134,13 @@ def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]
     text = {"type": "string", "minLength": 1}
     ids = {"type": "array", "minItems": 1,
            "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
-    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1},
-              "presence_penalty": off(0), "frequency_penalty": off(0)}
+    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1}}
     return {
         "ChatCompletionRequest": {
-            **common, "logprobs": off(False),
-            "tools": {"anyOf": [{"type": "array", "maxItems": 0}, null]},
-            "response_format": {"anyOf": [
-                {"type": "object", "properties": {"type": {"const": "text"}}}, null]}},
+            **common},
         "CompletionRequest": {
             **common, "prompt": {"anyOf": [text, ids, one(text), one(ids)]},
-            "echo": {"const": False, "default": False}, "logprobs": null, "suffix": off("")},
+            "echo": {"const": False, "default": False}, "suffix": off("")},
     }
 
 

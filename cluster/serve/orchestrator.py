@@ -17,6 +17,7 @@ import ray
 from ...actors.controller import ClusterInfo
 from ...actors.engine_loop import RequestAborted
 from ...actors.router import Admission, LeasedRequest
+from ...engine.outputs import TokenLogprob
 from ...engine.prefix_hash import model_salt
 from ...engine.sampling import SamplingParams
 from ..policy.prefix_affinity import prefix_block_hashes
@@ -62,6 +63,13 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # one per token, when asked for
+
+
+def grammar_failed(message: str | None) -> oai.OpenAIError:
+    """The request's structured output dead-ended mid-generation (the engine ended it alone)."""
+    return oai.OpenAIError(400, message or "structured output failed", param="response_format",
+                           code="structured_output_failed")
 
 
 class _WorkerLost(Exception):
@@ -142,7 +150,9 @@ class Orchestrator:
                 self.router.prefill_done.remote(rec.request_id)
                 rec.handoff, finish = first.handoff, first.finish_reason
                 rec.generated += first.token_ids
-                yield Delta(first.token_ids, first.text, first.finish_reason)
+                if first.finish_reason == "error":
+                    raise grammar_failed(first.error)
+                yield Delta(first.token_ids, first.text, first.finish_reason, first.logprobs)
 
             if finish is None:
                 handed_off = rec.output_tokens
@@ -167,7 +177,10 @@ class Orchestrator:
                             ids = [t for o in outs for t in o.new_token_ids]
                             rec.generated += ids
                             finish = outs[-1].finish_reason
-                            yield Delta(ids, "".join(o.delta_text for o in outs), finish)
+                            if finish == "error":
+                                raise grammar_failed(outs[-1].error)
+                            yield Delta(ids, "".join(o.delta_text for o in outs), finish,
+                                        [lp for o in outs for lp in o.logprobs])
                         break
                     except _WorkerLost:
                         in_decode = None

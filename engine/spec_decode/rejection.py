@@ -2,10 +2,12 @@
 draft is the argmax) and for sampling (speculative rejection sampling against a point-mass draft)."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from ..outputs import TokenLogprob
-from ..sampler import _filtered_probs, _logprobs
+from ..sampler import _filtered_probs, _logprobs, process_logits
 from ..sequence import Sequence
 
 
@@ -44,12 +46,15 @@ def accept_sampled(probs: torch.Tensor, drafts: list[int],
     return out
 
 
-def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
-           ) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+           eos_token_ids: Collection[int] = ()) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
     """logits: [sum(len(d)+1), V], each sequence's len(drafts[i])+1 positions in order. Returns each
     sequence's emitted tokens (its accepted drafts, then one token of the target's) and their
-    logprobs under the target model (None where the request asked for none)."""
-    logits = logits.float()
+    logprobs under the target model (None where the request asked for none). A sequence whose
+    logits are processed (penalties, bias, grammar) comes without drafts: one row, processed."""
+    raw = logits.float()
+    logits = process_logits(raw, [s for s, d in zip(seqs, drafts) for _ in range(len(d) + 1)],
+                            eos_token_ids)
     starts, row = [], 0
     for d in drafts:
         starts.append(row)
@@ -76,7 +81,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
     rows = [starts[i] + j for i, t in enumerate(tokens) for j in range(len(t))]
     flat = [tok for t in tokens for tok in t]
     row_seqs = [seqs[i] for i, t in enumerate(tokens) for _ in t]
-    flat_lp = _logprobs(logits[torch.tensor(rows)], flat, row_seqs)
+    flat_lp = _logprobs(raw[torch.tensor(rows)], flat, row_seqs)
     logprobs, at = [], 0
     for t in tokens:
         logprobs.append(flat_lp[at:at + len(t)])

@@ -1,0 +1,136 @@
+"""A chat request made ready for the engine, without a server: the model's format chosen from its
+checkpoint and the spec, tools in the template or the fallback prompt, chat_template_kwargs passed
+through, reasoning forced when the template opened `<think>`, and required/named tool choices
+turned into a grammar that accepts only valid calls."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from pdcluster.cluster.serve import openai_protocol as oai
+from pdcluster.cluster.serve.chat_prompt import ChatFormat, prepare_chat
+
+TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "required": ["tz"], "properties": {"tz": {"enum": ["UTC", "CET"]}}}}}]
+ASK = [{"role": "user", "content": "What time is it?"}]
+
+
+def _req(**fields) -> oai.ChatCompletionRequest:
+    return oai.parse(oai.ChatCompletionRequest, json.dumps({"messages": ASK, **fields}).encode(), 1 << 20)
+
+
+class FakeTokenizer:
+    """A tokenizer whose template ends the prompt with `tail`; it records what it was given."""
+
+    def __init__(self, tail: str) -> None:
+        self.tail, self.calls = tail, []
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.calls.append((messages, kwargs))
+        return [1, 2, 3]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tail
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llm):
+    return llm.tokenizer  # the session's engine has it loaded already
+
+
+def test_embedded_model_gets_hermes_tools_through_the_fallback_prompt(tokenizer, embedded_path):
+    fmt = ChatFormat.for_model(embedded_path, tokenizer.hf.chat_template)
+    assert fmt == ChatFormat(None, "hermes", native_tools=False)
+    chat = prepare_chat(tokenizer, _req(tools=TOOLS), fmt)
+    prompt = tokenizer.decode(chat.prompt_ids, skip_special_tokens=False)
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in prompt and prompt.endswith("assistant\n")
+    assert chat.output.tools is not None and chat.output.reasoning is None and chat.constraint is None
+    none = prepare_chat(tokenizer, _req(tools=TOOLS, tool_choice="none"), fmt)
+    assert "<tools>" not in tokenizer.decode(none.prompt_ids) and none.output.tools is None
+
+
+
+def test_format_chosen_from_config_json_and_overridden_by_the_spec(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+    r1 = "{{ '<｜Assistant｜><think>\\n' }}{% if tools %}{% endif %}"
+    assert ChatFormat.for_model(tmp_path, r1) == ChatFormat("deepseek_r1", "deepseek_v3", True)
+    assert ChatFormat.for_model(tmp_path, "{{ x }}") == ChatFormat(None, "deepseek_v3", False)
+    assert ChatFormat.for_model(tmp_path, r1, "none", "hermes") == ChatFormat(None, "hermes", True)
+    assert ChatFormat.for_model(tmp_path, r1, "qwen3") == ChatFormat("qwen3", "deepseek_v3", True)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_required_and_named_choices_are_grammars_that_accept_only_valid_calls(choice):
+    from xgrammar import Grammar
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    chat = prepare_chat(FakeTokenizer(""), _req(tools=TOOLS, tool_choice=choice),
+                        ChatFormat(None, "hermes", True))
+    assert chat.constraint.kind == "structural_tag"
+    grammar = Grammar.from_structural_tag(chat.constraint.grammar)
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    assert accepts(grammar, call)
+    assert not accepts(grammar, call.replace("UTC", "PST"))       # outside the enum
+    assert not accepts(grammar, "It is noon.")                     # no call
+    assert not accepts(grammar, call.replace("get_time", "get_tim"))
+
+
+def test_template_kwargs_reach_the_template_and_an_opened_think_forces_reasoning():
+    tok = FakeTokenizer("<|im_start|>assistant\n<think>\n")
+    chat = prepare_chat(tok, _req(tools=TOOLS, chat_template_kwargs={"enable_thinking": True}),
+                        ChatFormat("qwen3", "hermes", True))
+    _, kwargs = tok.calls[0]
+    assert kwargs["enable_thinking"] is True and kwargs["tools"] == TOOLS
+    assert chat.output.reasoning.forced  # the answer starts inside the reasoning
+    msg = chat.output.message("noon, UTC</think>\n\nIt is noon.", 9)
+    assert (msg["reasoning_content"], msg["content"]) == ("noon, UTC", "It is noon.")
+    off = prepare_chat(FakeTokenizer("<think>\n\n</think>\n\n"), _req(chat_template_kwargs={
+        "enable_thinking": False}), ChatFormat("qwen3", "hermes", True))
+    assert off.output.reasoning is None
+
+
+def test_a_template_that_refuses_the_messages_is_a_400():
+    class Refusing(FakeTokenizer):
+        def apply_chat_template(self, messages, **kwargs):
+            import jinja2
+            raise jinja2.TemplateError("Conversation roles must alternate user/assistant")
+
+    with pytest.raises(oai.OpenAIError) as info:
+        prepare_chat(Refusing(""), _req(), ChatFormat(None, "hermes", True))
+    assert info.value.status == 400 and "alternate" in info.value.message
+
+
+def test_ingress_streams_and_answers_reasoning_with_its_token_count():
+    """The ingress's SSE and JSON rendering of a reasoning answer (steps as the orchestrator yields
+    them), without a cluster."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pdcluster.cluster.serve.app import Ingress
+    from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord
+    from pdcluster.engine.sampling import SamplingParams
+
+    tokens = ["Two", " and", " two", "</think>", "\n\n", "Four", "."]
+
+    async def steps():
+        for i, t in enumerate(tokens):
+            yield Delta([i], t, "stop" if i == len(tokens) - 1 else None)
+
+    ingress = SimpleNamespace(info=SimpleNamespace(model_name="m"), created=0)
+    chat = prepare_chat(FakeTokenizer("<think>\n"), _req(), ChatFormat("deepseek_r1", "hermes", True))
+    rec = RequestRecord("chatcmpl-1", [1, 2, 3], SamplingParams(), None, prompt_tokens=3)
+    rec.generated = list(range(len(tokens)))
+
+    async def sse():
+        render = Ingress.func_or_class._sse(ingress, rec, steps(), chat.output, include_usage=True)
+        return [e async for e in render]
+
+    events = [e.removeprefix("data: ").strip() for e in asyncio.run(sse())]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Two and two"
+    assert "".join(d.get("content", "") for d in deltas) == "Four."
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+    assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)

@@ -1,0 +1,147 @@
+"""Structured output in the engine: answers fit their grammar in mixed batches, under chunked prefill,
+preemption and speculative decoding; a dead-end grammar ends only its own request; bad grammars are
+refused up front."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from pdcluster.engine import LLM, SamplingParams
+from pdcluster.engine.sampling import StructuredOutput
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"type": "string", "enum": ["admin", "user", "guest"]},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"]},
+        "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "address", "scores"],
+}
+
+
+SMALL = {"type": "object", "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"},
+                                         "tag": {"type": "string", "enum": ["x", "y"]}},
+         "required": ["id", "ok", "tag"]}
+
+
+def chat(llm: LLM, msg: str) -> list[int]:
+    return llm.chat_prompt([{"role": "user", "content": msg}])
+
+
+def json_params(schema: dict | None = None, **kw) -> SamplingParams:
+    so = (StructuredOutput("json_schema", json.dumps(schema)) if schema is not None
+          else StructuredOutput("json_object"))
+    return SamplingParams(max_tokens=kw.pop("max_tokens", 160), structured_output=so, **kw)
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    stats = llm.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+@pytest.mark.parametrize("bad", [
+    ("xml", "<a/>"), ("json_schema", "{not json"), ("json_schema", '{"type": "objec"}'),
+    ("regex", "(unclosed"), ("ebnf", "root ::= "), ("json_schema", ""),
+])
+def test_bad_grammars_are_refused_when_built(bad):
+    with pytest.raises(ValueError, match="grammar|kind"):
+        StructuredOutput(*bad)
+
+
+def test_json_schema_and_object_in_a_mixed_batch(llm):
+    long_prompt = chat(llm, "Describe a person as JSON. " + "Be precise and complete. " * 20)
+    assert len(long_prompt) > 96                        # prefilled in chunks
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    free = chat(llm, "Write a haiku about the sea.")
+    alone = llm.generate([free], plain)[0]
+    outs = llm.generate(
+        [long_prompt, chat(llm, "Give me a JSON object about a cat."), free,
+         chat(llm, "A record, please.")],
+        [json_params(PERSON, temperature=0), json_params(temperature=0.9, seed=7, max_tokens=48), plain,
+         json_params(SMALL, temperature=1.0, seed=3)])
+    assert outs[0].finish_reason == "stop", outs[0].text
+    jsonschema.validate(json.loads(outs[0].text), PERSON)
+    jsonschema.validate(json.loads(outs[3].text), SMALL)
+    assert outs[1].finish_reason in ("stop", "length")
+    if outs[1].finish_reason == "stop":
+        assert isinstance(json.loads(outs[1].text), dict)
+    assert outs[1].text.startswith("{")
+    # the unconstrained row of the batch is untouched by the others' masks
+    assert outs[2].token_ids == alone.token_ids
+    assert_all_blocks_free(llm)
+
+
+def test_regex_ebnf_and_grammar_end_under_ignore_eos(llm):
+    p = chat(llm, "Pick a number.")
+    outs = llm.generate([p, p], [
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                       structured_output=StructuredOutput("regex", r"[0-9]{3}-[a-c]{2}")),
+        SamplingParams(temperature=0.7, seed=1, max_tokens=30,
+                       structured_output=StructuredOutput("ebnf", 'root ::= ("yes" | "no") "!"'))])
+    assert re.fullmatch(r"[0-9]{3}-[a-c]{2}", outs[0].text) and outs[0].finish_reason == "stop"
+    assert outs[1].text in ("yes!", "no!") and outs[1].finish_reason == "stop"
+
+
+def test_dead_end_grammar_fails_only_its_request(llm):
+    # the grammar must end after "a", but min_tokens forbids EOS: no token is allowed
+    p = chat(llm, "Say a.")
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([p], plain)[0]
+    outs = llm.generate([p, p], [
+        SamplingParams(temperature=0, max_tokens=12, min_tokens=5,
+                       structured_output=StructuredOutput("regex", "a")), plain])
+    assert outs[0].finish_reason == "error" and outs[0].text == "a"
+    assert outs[1].token_ids == alone.token_ids
+    assert_all_blocks_free(llm)
+    # the engine reports why
+    eng = llm.engine
+    eng.add_request("dead", prompt_token_ids=p, params=SamplingParams(
+        temperature=0, max_tokens=12, min_tokens=5, structured_output=StructuredOutput("regex", "a")))
+    last = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            last = out
+    assert last.finished and "grammar allows no next token" in last.error
+
+
+def test_resumed_tokens_must_fit_the_grammar(llm):
+    p = chat(llm, "JSON please.")
+    bad = llm.tokenizer.encode("hello", add_special_tokens=False)
+    with pytest.raises(ValueError, match="structured output"):
+        llm.engine.add_request("resume-bad", prompt_token_ids=p, params=json_params(),
+                               generated_token_ids=bad)
+    assert "resume-bad" not in llm.engine._seqs
+    # a valid prefix continues from where it was: the answer is the uninterrupted one
+    full = llm.generate([p], json_params(PERSON, temperature=0))[0]
+    head = full.token_ids[:5]
+    llm.engine.add_request("resume-ok", prompt_token_ids=p, params=json_params(PERSON, temperature=0),
+                           generated_token_ids=head)
+    rest: list[int] = []
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            rest += out.new_token_ids
+    assert head + rest == full.token_ids
+
+
+def test_preemption_and_speculation_keep_grammar_outputs(llm):
+    prompts = [chat(llm, f"Record {i} as JSON. " + "Repeat: id, ok, tag. " * 6) for i in range(3)]
+    params = json_params(SMALL, temperature=0, max_tokens=48, min_tokens=4)
+    expected = llm.generate(prompts, params)
+    # 3 sequences of ~90 tokens in 12 blocks of 16: preempts; speculation on (they draft nothing)
+    tiny = LLM(num_kv_blocks=12, max_num_batched_tokens=64, enable_prefix_caching=False,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                   "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    got = tiny.generate(prompts, params)
+    assert tiny.engine.stats().preemptions_total > 0
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    for g in got:
+        jsonschema.validate(json.loads(g.text), SMALL)
+    assert_all_blocks_free(tiny)
