@@ -12,6 +12,7 @@ from pathlib import Path
 import cluster_harness as h
 import grpc
 import httpx
+import jsonschema
 import openai
 import pytest
 from pdcluster.engine.sampling import SamplingParams
@@ -129,10 +130,6 @@ SCHEMAS = {
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_json_schema_answers_validate(client, name):
-    import json
-
-    import jsonschema
-
     schema = SCHEMAS[name]
     fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
     msgs = [{"role": "user", "content": f"Give me an example {name} as JSON."}]
@@ -221,6 +218,22 @@ def test_grpc_generate_streams_the_same_answer(client, cluster):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(pb.GenerateRequest(prompt="hi", model="gpt-4"), timeout=60))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # the sampling fields: logprobs per token, a JSON schema, a bad schema refused
+        schema = SCHEMAS["reading"]
+        msgs = list(stub.Generate(pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="A weather reading as JSON.")], max_tokens=80,
+            temperature=0, logprobs=2, presence_penalty=0.1,
+            response_format=pb.ResponseFormat(type="json_schema", json_schema=json.dumps(schema))),
+            timeout=120))
+        jsonschema.validate(json.loads("".join(m.text for m in msgs)), schema)
+        assert all(len(m.logprobs) == len(m.token_ids) for m in msgs)
+        assert all(len(lp.top) == 2 for m in msgs for lp in m.logprobs)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(
+                messages=[pb.ChatMessage(role="user", content="x")],
+                response_format=pb.ResponseFormat(type="json_schema", json_schema='{"type": "objec"}')),
+                timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_metrics_move_when_requests_are_served(client, cluster):

@@ -130,6 +130,18 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error(oai.OpenAIError(500, "internal server error"))
 
 
+def _grpc_response_format(fmt) -> dict[str, Any]:
+    """inference.proto's ResponseFormat as chat's response_format."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type or "text"}
+    try:
+        schema = json.loads(fmt.json_schema or "{}")
+    except ValueError as exc:
+        raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
+                              param="response_format.json_schema") from None
+    return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -477,18 +489,6 @@ class Ingress:
         finally:
             await steps.aclose()
         yield oai.sse("[DONE]")
-
-
-def _grpc_response_format(fmt) -> dict[str, Any]:
-    """inference.proto's ResponseFormat as chat's response_format."""
-    if fmt.type != "json_schema":
-        return {"type": fmt.type or "text"}
-    try:
-        schema = json.loads(fmt.json_schema or "{}")
-    except ValueError as exc:
-        raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
-                              param="response_format.json_schema") from None
-    return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
