@@ -29,6 +29,7 @@ from .prefix_hash import model_salt
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode.mtp import MtpDrafter
 from .spec_decode.ngram import NgramDrafter
 from .tokenizer import Tokenizer
 from .weights import load_checkpoint, resolve_model_path
@@ -76,12 +77,13 @@ class LLMEngine:
         self.kv_cache = self._allocate_kv_cache()
         self.block_manager = BlockManager(self.kv_cache.shape[0], config.block_size,
                                           config.enable_prefix_caching,
-                                          model_salt(self.fingerprint, config.tp_rank))
+                                          model_salt(self.fingerprint, config.tp_rank),
+                                          drop_last_hit=self._mtp)
         self.kv_layout = KVLayout(
             kind="mla" if len(self.model.kv_token_shape) == 1 else "mha",
             num_layers=self.model.num_layers, block_size=config.block_size,
             token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
-            block_nbytes=self.block_nbytes)
+            block_nbytes=self.block_nbytes, num_mtp_layers=int(self._mtp))
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, on_admit=self.kv.on_admit)
@@ -99,8 +101,9 @@ class LLMEngine:
         self._prefix_hits = 0
         self._preemptions = 0
         spec = config.speculative_config
-        self.drafter = (NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min)
-                        if spec is not None else None)
+        self.drafter = (None if spec is None
+                        else MtpDrafter(self.model, self.kv_cache, self.block_manager, self.device)
+                        if self._mtp else NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min))
         self._draft_tokens = 0
         self._accepted_tokens = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
@@ -108,8 +111,19 @@ class LLMEngine:
                  self.block_nbytes / 2**20)
 
     # ------------------------------------------------------------------ setup
+    @property
+    def _mtp(self) -> bool:
+        spec = self.config.speculative_config
+        return spec is not None and spec.method == "mtp"
+
     def _build_model(self, hf_config: dict, weights) -> torch.nn.Module:
         cls = model_class(hf_config)
+        kwargs = {}
+        if self._mtp:
+            if not getattr(cls, "supports_mtp", False):
+                raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3/R1 checkpoint "
+                                 f"with an MTP layer; {cls.__name__} has none (use 'ngram')")
+            kwargs["mtp"] = True
         init_tensor_parallel(self.config.tp_rank, self.config.tp_size, self.device,
                              self.config.tp_timeout_s)
         # Tensors are allocated uninitialized, on the device and in the serving dtype (float32-only
@@ -119,7 +133,7 @@ class LLMEngine:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(hf_config)
+                model = cls(hf_config, **kwargs)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights)
@@ -231,6 +245,8 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        if isinstance(self.drafter, MtpDrafter):   # its KV for what this step commits
+            self.drafter.catch_up(self.runner.last_order, self.runner.last_hidden, sampled, tokens)
         sampled_ids = {id(s) for s in sampled}
         for s in sched.scheduled:
             # drafts' KV counts once they are accepted, below
@@ -258,6 +274,7 @@ class LLMEngine:
     def _draft(self) -> None:
         """Give each running sequence that is decoding its draft tokens for this step."""
         k = self.config.speculative_config.num_speculative_tokens
+        requests = []
         for seq in self.scheduler.running:
             seq.draft_token_ids = []
             if seq.num_computed_tokens != seq.num_tokens - 1:
@@ -267,7 +284,10 @@ class LLMEngine:
             if room > 0:
                 n = min(room, seq.draft_state.num_drafts(k))
                 if n > 0:
-                    seq.draft_token_ids = self.drafter.propose(seq.token_ids, n)
+                    requests.append((seq, n))
+        if requests:
+            # the MTP drafter may take blocks for its own KV while each running sequence keeps one
+            self.drafter.draft(requests, keep_free=len(self.scheduler.running))
 
     def _append_tokens(self, seq: Sequence, tokens: list[int],
                        logprobs: list[TokenLogprob | None]) -> RequestOutput:

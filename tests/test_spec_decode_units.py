@@ -174,7 +174,10 @@ def test_speculative_config_validation():
                                            "prompt_lookup_max": 5, "prompt_lookup_min": 1})
     assert cfg.speculative_config == SpeculativeConfig("ngram", 3, 5, 1)
     assert EngineConfig().speculative_config is None
-    for bad, match in [({"method": "mtp"}, "not implemented"), ({"method": "eagle"}, "unknown method"),
+    assert EngineConfig(speculative_config={"method": "mtp", "num_speculative_tokens": 2}
+                        ).speculative_config.method == "mtp"
+    for bad, match in [({"method": "mtp", "prompt_lookup_max": 3}, "ngram' only"),
+                       ({"method": "eagle"}, "unknown method"),
                        ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceeds"),
                        ({"prompt_lookup_min": 0}, "prompt_lookup_min"),
@@ -190,5 +193,8 @@ def test_cluster_spec_passes_speculative_config_to_the_engine():
         "method": "ngram", "num_speculative_tokens": 5}}})
     assert spec.engine_config().speculative_config == SpeculativeConfig(num_speculative_tokens=5)
     assert ClusterSpec.default().engine_config().speculative_config is None
-    with pytest.raises(SpecError, match="engine.speculative_config.*not implemented"):
+    with pytest.raises(SpecError, match="engine.speculative_config.*ngram' only"):
+        ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp", "prompt_lookup_min": 1}}})
+    # the embedded SmolLM2 has no MTP layer
+    with pytest.raises(SpecError, match="method 'mtp' needs a DeepSeek-V3/R1 checkpoint"):
         ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp"}}})
