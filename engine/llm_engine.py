@@ -52,6 +52,8 @@ class EngineStats(KVCounters):
     preemptions_total: int
     spec_draft_tokens_total: int         # draft tokens verified (speculative decoding)
     spec_accepted_tokens_total: int      # of those, accepted (emitted as the model's own tokens)
+    spec_verifications_total: int        # verifications of one sequence's drafts (1 + accepted/this:
+                                         # mean tokens per verification, the mean accepted length)
 
 
 class LLMEngine:
@@ -106,6 +108,7 @@ class LLMEngine:
                         if self._mtp else NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min))
         self._draft_tokens = 0
         self._accepted_tokens = 0
+        self._verifications = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
                  path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
                  self.block_nbytes / 2**20)
@@ -264,6 +267,7 @@ class LLMEngine:
                 seq.draft_state.record(drafted, accepted)
                 self._draft_tokens += drafted
                 self._accepted_tokens += accepted
+                self._verifications += 1
                 # accepted drafts' KV stays; the rejected ones' blocks go back to the pool
                 seq.num_computed_tokens += accepted
                 self._computed_tokens += accepted
@@ -334,6 +338,7 @@ class LLMEngine:
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
             spec_draft_tokens_total=self._draft_tokens, spec_accepted_tokens_total=self._accepted_tokens,
+            spec_verifications_total=self._verifications,
             **asdict(self.kv.counters))
 
 

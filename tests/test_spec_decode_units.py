@@ -198,3 +198,35 @@ def test_cluster_spec_passes_speculative_config_to_the_engine():
     # the embedded SmolLM2 has no MTP layer
     with pytest.raises(SpecError, match="method 'mtp' needs a DeepSeek-V3/R1 checkpoint"):
         ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp"}}})
+
+
+# ------------------------------------------------------------------ observability
+def test_speculation_counters_per_worker_and_the_status_column():
+    from types import SimpleNamespace
+
+    from pdcluster.cluster.cli.up import speculation_summary
+    from pdcluster.cluster.launch.deployment import WorkerStatus
+    from pdcluster.cluster.serve import metric_names as mn
+    from pdcluster.cluster.serve.metrics import ServingMetrics
+
+    def worker(wid, role, drafted, accepted, verifications):
+        stats = {"spec_draft_tokens_total": drafted, "spec_accepted_tokens_total": accepted,
+                 "spec_verifications_total": verifications}
+        return SimpleNamespace(info=SimpleNamespace(worker_id=wid, role=role), report=SimpleNamespace(
+            running_seqs=1, free_blocks=2, stats=stats))
+
+    metrics = ServingMetrics()
+    metrics.set_cluster(SimpleNamespace(queued=0, in_flight=1, workers=[
+        worker("d0", "decode", 40, 30, 10), worker("p0", "prefill", 0, 0, 0)]))
+    text = metrics.render().decode()
+    assert f'{mn.SPEC_DRAFT_TOKENS_TOTAL}{{role="decode",worker="d0"}} 40.0' in text
+    assert f'{mn.SPEC_ACCEPTED_TOKENS_TOTAL}{{role="decode",worker="d0"}} 30.0' in text
+    assert f'{mn.SPEC_VERIFICATIONS_TOTAL}{{role="decode",worker="d0"}} 10.0' in text
+    assert f'{mn.SPEC_ACCEPTED_TOKENS_TOTAL}{{role="prefill",worker="p0"}} 0.0' in text
+
+    base = dict(worker_id="d0", role="decode", node_ip="127.0.0.1", healthy=True, running_seqs=1,
+                free_blocks=2, total_blocks=4, placed_total=3)
+    w = WorkerStatus(**base, spec_draft_tokens=40, spec_accepted_tokens=30, spec_verifications=10)
+    assert w.mean_accepted_length == 4.0          # 30 accepted drafts + 10 own tokens in 10 steps
+    assert speculation_summary(w) == "len 4.00 (75%)"
+    assert speculation_summary(WorkerStatus(**base)) == "-"
