@@ -231,16 +231,23 @@ class SharedStore:
         engine.set_kv_connector(Connector())
 
 
-def test_pd_handoff_carries_the_mtp_kv_and_decode_keeps_speculating(checkpoint, spec):
+@pytest.fixture
+def pd_pair(checkpoint, spec):
+    """A prefill engine of its own and `spec` as the decode engine, sharing one store."""
+    store = SharedStore()
+    prefill = LLM(model=str(checkpoint), speculative_config=MTP, **mf.ENGINE_KWARGS)
+    store.connector(prefill.engine)
+    store.connector(spec.engine)
+    yield store, prefill, spec
+    spec.engine.set_kv_connector(None)
+
+
+def test_pd_handoff_carries_the_mtp_kv_and_decode_keeps_speculating(pd_pair, plain):
     from pdcluster.cluster.kvstore.manifest import decode_handoff, encode_handoff
+    store, prefill, decode = pd_pair
     batch = mf.prompts(seed=5)[:4]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    colocated = spec.generate(batch, params)
-    store = SharedStore()
-    prefill, decode = (LLM(model=str(checkpoint), speculative_config=MTP, **mf.ENGINE_KWARGS)
-                       for _ in range(2))
-    store.connector(prefill.engine)
-    store.connector(decode.engine)
+    colocated = plain.generate(batch, params)       # (token-identical with speculation, see above)
     wires = {}
     for i, prompt in enumerate(batch):
         prefill.engine.add_request(f"pd-{i}", params=params, prompt_token_ids=prompt, kv_export=True)
