@@ -278,3 +278,26 @@ def test_pd_handoff_carries_the_mtp_kv_and_decode_keeps_speculating(pd_pair, pla
     assert after.computed_tokens_total - before.computed_tokens_total == len(batch) * (16 - 1)
     assert after.spec_draft_tokens_total > before.spec_draft_tokens_total
     assert_all_blocks_free(decode)
+
+
+def test_awq_mtp_layer_loads_like_the_main_layers(checkpoint, tmp_path):
+    from pdcluster.engine.layers.quant import AWQLinearMethod
+    # AWQ on every projection of every layer, the MTP layer's (eh_proj, attention, experts) included;
+    # the dequantized twin holds exactly the values the packed tensors encode
+    mf.quantize_checkpoint(checkpoint, tmp_path / "awq", tmp_path / "dense", "awq", 16,
+                           mf.is_layer_linear, mf.awq_config(16))
+    quant, dense = (LLM(model=str(tmp_path / name), speculative_config=MTP, **mf.ENGINE_KWARGS)
+                    for name in ("awq", "dense"))
+    q, d = quant.engine.model.mtp, dense.engine.model.mtp
+    for name in ("eh_proj", "block.self_attn.q_a_proj", "block.mlp.experts.w13", "block.mlp.experts.w2"):
+        assert isinstance(q.get_submodule(name).method, AWQLinearMethod), name
+    assert torch.allclose(q.eh_proj.dense_weight(), d.eh_proj.dense_weight(), atol=1e-6)
+    batch = mf.prompts(seed=9)[:3]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert ([c.token_ids for c in quant.generate(batch, params)]
+            == [c.token_ids for c in dense.generate(batch, params)])
+    # the drafts (the MTP layer's argmax) agree as well
+    sq, sd = quant.engine.stats(), dense.engine.stats()
+    assert sq.spec_draft_tokens_total > 0
+    assert (sq.spec_draft_tokens_total, sq.spec_accepted_tokens_total) == (
+        sd.spec_draft_tokens_total, sd.spec_accepted_tokens_total)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..block_manager import BlockManager
+from ..distributed import broadcast_from_first
 from ..layers.attention import AttentionMetadata, PrefillSegment
 from ..scheduler import ScheduledSeq
 from ..sequence import Sequence
@@ -75,7 +76,7 @@ class MtpDrafter:
             return
         seqs = [s for s, _ in active]
         hidden = torch.stack([s.mtp_hidden for s in seqs])
-        drafts = self.mtp.compute_logits(hidden).argmax(dim=-1).tolist()
+        drafts = self._greedy(hidden)
         for seq, d in zip(seqs, drafts):
             seq.draft_token_ids = [d]
         live = list(range(len(active)))
@@ -85,10 +86,15 @@ class MtpDrafter:
             out = self._forward([seqs[i].draft_token_ids[-1] for i in live], hidden[rows],
                                 [(seqs[i], seqs[i].num_computed_tokens + step - 1, 1) for i in live])
             hidden[rows] = out.to(hidden.dtype)
-            for i, d in zip(live, self.mtp.compute_logits(out).argmax(dim=-1).tolist()):
+            for i, d in zip(live, self._greedy(out)):
                 seqs[i].draft_token_ids.append(d)
 
     # ------------------------------------------------------------------ internals
+    def _greedy(self, hidden: torch.Tensor) -> list[int]:
+        """The layer's most likely next tokens; every TP rank takes rank 0's, as the main model's
+        inputs must agree."""
+        return broadcast_from_first(self.mtp.compute_logits(hidden).argmax(dim=-1)).tolist()
+
     def _forward(self, ids: list[int], hidden: torch.Tensor,
                  spans: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """Run the MTP layer over `spans` (seq, first position, count), whose token ids and main
