@@ -112,15 +112,58 @@ def test_mtp_forward_and_chained_drafts_match_the_reference(checkpoint, spec):
         spec.engine.step()
     assert chained.token_ids[-1] == first
     spec.engine._draft()
-    tokens, hiddens, expected = prompt[1:] + [first], h, []
-    out, logits = ref(tokens, hiddens)
-    for _ in range(MTP["num_speculative_tokens"]):
-        expected.append(int(logits[-1].argmax()))
-        tokens, hiddens = tokens + [expected[-1]], torch.cat((hiddens, out[-1:]))
-        out, logits = ref(tokens, hiddens)
-    assert chained.draft_token_ids == expected
+    assert chained.draft_token_ids == reference_drafts(main, ref, chained.token_ids)
     spec.engine.abort_request("chain")
     assert spec.engine.stats().num_free_blocks == spec.engine.stats().num_total_blocks
+
+
+def test_mtp_state_after_accepted_drafts_matches_the_reference(checkpoint, plain, spec, monkeypatch):
+    """Drafts replaced by the true continuation are all accepted, so each step commits k+1 positions
+    at once; the layer's KV and state must then be what the reference computes from scratch."""
+    from pdcluster.engine.spec_decode.mtp import MtpDrafter
+    main = mf.load_reference(checkpoint)
+    prompt = mf.prompts(seed=4)[1]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    truth = prompt + plain.generate([prompt], params)[0].token_ids
+    draft = MtpDrafter.draft
+
+    def oracle(self, requests, keep_free):
+        draft(self, requests, keep_free)                  # still runs the layer (its own KV)
+        for seq, _ in requests:
+            n = len(seq.draft_token_ids)
+            seq.draft_token_ids = truth[seq.num_tokens:seq.num_tokens + n]
+
+    engine = spec.engine
+    before = engine.stats()
+    monkeypatch.setattr(MtpDrafter, "draft", oracle)
+    engine.add_request("oracle", params=params, prompt_token_ids=prompt)
+    seq = engine._seqs["oracle"]
+    while seq.num_output_tokens < 13:
+        engine.step()
+    monkeypatch.undo()
+    stats = engine.stats()
+    assert stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total >= 9
+    assert stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total == (
+        stats.spec_draft_tokens_total - before.spec_draft_tokens_total)
+    assert seq.token_ids == truth[:seq.num_tokens]
+    engine._draft()
+    assert seq.draft_token_ids == reference_drafts(main, ReferenceMTP(checkpoint, main), seq.token_ids)
+    engine.abort_request("oracle")
+    assert_all_blocks_free(spec)
+
+
+def reference_drafts(main, ref: ReferenceMTP, token_ids: list[int]) -> list[int]:
+    """The k drafts after `token_ids` (whose last token has no KV yet): the layer at the last
+    position with the main model's hidden state, then on its own output and draft."""
+    with torch.inference_mode():
+        h = main.model(torch.tensor([token_ids[:-1]])).last_hidden_state[0]
+    tokens, hiddens, drafts = token_ids[1:], h, []
+    out, logits = ref(tokens, hiddens)
+    for _ in range(MTP["num_speculative_tokens"]):
+        drafts.append(int(logits[-1].argmax()))
+        tokens, hiddens = tokens + [drafts[-1]], torch.cat((hiddens, out[-1:]))
+        out, logits = ref(tokens, hiddens)
+    return drafts
 
 
 def test_the_layer_has_its_own_kv_layer(checkpoint, plain, spec):
