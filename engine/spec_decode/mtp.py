@@ -40,9 +40,8 @@ class MtpDrafter:
             # positions whose main KV this step commits: the step's own tokens (a prompt chunk, or the
             # last token) and the accepted drafts
             count = s.num_tokens - len(seq.draft_token_ids) + (len(new) - 1 if new else 0)
-            following = seq.token_ids + (new or [])
             rows += range(row, row + count)
-            ids += following[start + 1:start + count + 1]
+            ids += (seq.token_ids[start + 1:] + (new or []))[:count]     # token i+1 for position i
             spans.append((seq, start, count))
             row += s.num_tokens
         if not spans:
