@@ -51,7 +51,8 @@ class ReferenceMTP:
         n, self.eps = cfg["num_hidden_layers"], cfg["rms_norm_eps"]
         w = {k.removeprefix(f"model.layers.{n}."): v for k, v in
              load_file(str(path / "model.safetensors")).items() if k.startswith(f"model.layers.{n}.")}
-        self.enorm, self.hnorm, self.eh_proj = w.pop("enorm.weight"), w.pop("hnorm.weight"), w.pop("eh_proj.weight")
+        self.enorm, self.hnorm = w.pop("enorm.weight"), w.pop("hnorm.weight")
+        self.eh_proj = w.pop("eh_proj.weight")
         self.norm, self.head = w.pop("shared_head.norm.weight"), w.pop("shared_head.head.weight")
         self.embed = w.pop("embed_tokens.weight", main.model.embed_tokens.weight.detach())
         one = type(main.config)(**{**main.config.to_dict(), "num_hidden_layers": 1,
