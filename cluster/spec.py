@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -227,6 +228,24 @@ def _pool(role_resource: str) -> Any:
     return Field(default_factory=lambda: PoolSpec(role_resource=role_resource))
 
 
+def _mtp_problem(path: str, speculative_config: dict[str, Any] | None) -> str | None:
+    """Why engine.speculative_config method 'mtp' cannot work with the model at `path`, as far as
+    this machine can tell (a folder it cannot see is left to the workers' engines)."""
+    if not speculative_config or speculative_config.get("method") != "mtp":
+        return None
+    config = Path(path).expanduser() / "config.json"
+    if path == EMBEDDED_MODEL or path.endswith(".gguf"):
+        cfg = {}
+    elif config.is_file():
+        cfg = json.loads(config.read_text())
+    else:
+        return None
+    if "DeepseekV3ForCausalLM" in (cfg.get("architectures") or []) and cfg.get("num_nextn_predict_layers"):
+        return None
+    return (f"engine.speculative_config method 'mtp' needs a DeepSeek-V3/R1 checkpoint with an MTP layer "
+            f"(num_nextn_predict_layers > 0); model.path {path!r} has none (use method 'ngram')")
+
+
 class ClusterSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
@@ -281,6 +300,9 @@ class ClusterSpec(_Strict):
         if self.store.client == "node" and tp > 1:
             errors.append("store.client 'node' with engine.tp_size > 1: only TP rank 0 allocates its "
                           "KV cache from the node client so far; use store.client 'embedded'")
+        mtp_problem = _mtp_problem(self.model.path, self.engine.speculative_config)
+        if mtp_problem:
+            errors.append(mtp_problem)
         ports = {"serve.http_port": self.serve.http_port, "serve.grpc_port": self.serve.grpc_port,
                  "store.rpc_port": self.store.rpc_port, "store.metadata_port": self.store.metadata_port,
                  "store.metrics_port": self.store.metrics_port}

@@ -13,8 +13,11 @@ from .sequence import Sequence
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 salt: bytes = b"") -> None:
+                 salt: bytes = b"", drop_last_hit: bool = False) -> None:
         self.num_blocks = num_blocks
+        # MTP: a block's last MTP KV entry depends on the next block's first token, which its hash
+        # does not cover; a prefix hit then keeps only blocks followed by another matching block
+        self.drop_last_hit = drop_last_hit
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.salt = salt
@@ -45,7 +48,7 @@ class BlockManager:
             if block is None:
                 break
             hit.append(block)
-        return hit
+        return hit[:-1] if self.drop_last_hit else hit
 
     def hashes_of(self, seq: Sequence) -> list[bytes]:
         full = seq.num_tokens // self.block_size

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 KVAllocator = Callable[[int], "torch.Tensor"]
 
 EMBEDDED_MODEL = "embedded"
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "mtp")
+NGRAM_ONLY = ("prompt_lookup_max", "prompt_lookup_min")
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,14 @@ class SpeculativeConfig:
     """Speculative decoding: a drafter proposes up to `num_speculative_tokens` tokens per running
     sequence and one forward pass verifies them. "ngram" (prompt lookup) drafts the tokens that
     followed the longest earlier occurrence (prompt_lookup_max down to prompt_lookup_min tokens) of
-    the sequence's own suffix."""
+    the sequence's own suffix; "mtp" runs the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1
+    with num_nextn_predict_layers > 0) autoregressively."""
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
 
     def __post_init__(self) -> None:
-        if self.method == "mtp":
-            raise ValueError("speculative_config: method 'mtp' is not implemented yet; use 'ngram'")
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config: unknown method {self.method!r}; "
                              f"known: {', '.join(SPEC_METHODS)}")
@@ -50,6 +50,9 @@ class SpeculativeConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        ngram_only = sorted(set(data) & set(NGRAM_ONLY))
+        if data.get("method") == "mtp" and ngram_only:
+            raise ValueError(f"speculative_config: {ngram_only} apply to method 'ngram' only")
         return cls(**data)
 
 

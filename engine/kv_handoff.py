@@ -20,6 +20,7 @@ class KVLayout:
     token_shape: tuple[int, ...]
     dtype: str
     block_nbytes: int
+    num_mtp_layers: int = 0        # of num_layers, the last ones: MTP layers' KV (speculative decoding)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,7 @@ class KVExchange:
             except Exception as exc:
                 log.warning("store prefix lookup failed: %s", exc)
         run = next((i for i, c in enumerate(sums) if c is None), len(sums))
+        run = max(0, run - 1) if self.bm.drop_last_hit else run   # see BlockManager.drop_last_hit
         refs = [BlockRef(k, bs, c) for k, c in zip(keys[:run], sums)]
         loaded = self._load(seq, first, refs)
         if loaded:

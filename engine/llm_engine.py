@@ -30,6 +30,7 @@ from .prefix_hash import model_salt
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode.mtp import MtpDrafter
 from .spec_decode.ngram import NgramDrafter
 from .structured_output import GrammarCompiler
 from .tokenizer import Tokenizer
@@ -53,6 +54,8 @@ class EngineStats(KVCounters):
     preemptions_total: int
     spec_draft_tokens_total: int         # draft tokens verified (speculative decoding)
     spec_accepted_tokens_total: int      # of those, accepted (emitted as the model's own tokens)
+    spec_verifications_total: int        # verifications of one sequence's drafts (1 + accepted/this:
+                                         # mean tokens per verification, the mean accepted length)
     # Prompt tokens computed, and the wall time of the steps that computed them: the router learns
     # the pool's prefill throughput from their deltas.
     prefill_tokens_total: int = 0
@@ -82,12 +85,13 @@ class LLMEngine:
         self.kv_cache = self._allocate_kv_cache()
         self.block_manager = BlockManager(self.kv_cache.shape[0], config.block_size,
                                           config.enable_prefix_caching,
-                                          model_salt(self.fingerprint, config.tp_rank))
+                                          model_salt(self.fingerprint, config.tp_rank),
+                                          drop_last_hit=self._mtp)
         self.kv_layout = KVLayout(
             kind="mla" if len(self.model.kv_token_shape) == 1 else "mha",
             num_layers=self.model.num_layers, block_size=config.block_size,
             token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
-            block_nbytes=self.block_nbytes)
+            block_nbytes=self.block_nbytes, num_mtp_layers=int(self._mtp))
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, on_admit=self.kv.on_admit)
@@ -107,19 +111,32 @@ class LLMEngine:
         self._prefix_hits = 0
         self._preemptions = 0
         spec = config.speculative_config
-        self.drafter = (NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min)
-                        if spec is not None else None)
+        self.drafter = (None if spec is None
+                        else MtpDrafter(self.model, self.kv_cache, self.block_manager, self.device)
+                        if self._mtp else NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min))
         self._draft_tokens = 0
         self._accepted_tokens = 0
         self._prefill_tokens = 0
         self._prefill_seconds = 0.0
+        self._verifications = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
                  path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
                  self.block_nbytes / 2**20)
 
     # ------------------------------------------------------------------ setup
+    @property
+    def _mtp(self) -> bool:
+        spec = self.config.speculative_config
+        return spec is not None and spec.method == "mtp"
+
     def _build_model(self, hf_config: dict, weights) -> torch.nn.Module:
         cls = model_class(hf_config)
+        kwargs = {}
+        if self._mtp:
+            if not getattr(cls, "supports_mtp", False):
+                raise ValueError(f"speculative_config method 'mtp' needs a DeepSeek-V3/R1 checkpoint "
+                                 f"with an MTP layer; {cls.__name__} has none (use 'ngram')")
+            kwargs["mtp"] = True
         init_tensor_parallel(self.config.tp_rank, self.config.tp_size, self.device,
                              self.config.tp_timeout_s)
         # Tensors are allocated uninitialized, on the device and in the serving dtype (float32-only
@@ -129,7 +146,7 @@ class LLMEngine:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(hf_config)
+                model = cls(hf_config, **kwargs)
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(weights)
@@ -261,6 +278,8 @@ class LLMEngine:
         if prompt:
             self._prefill_tokens += prompt
             self._prefill_seconds += time.perf_counter() - started
+        if isinstance(self.drafter, MtpDrafter):   # its KV for what this step commits
+            self.drafter.catch_up(self.runner.last_order, self.runner.last_hidden, sampled, tokens)
         sampled_ids = {id(s) for s in sampled}
         for s in sched.scheduled:
             # drafts' KV counts once they are accepted, below
@@ -278,6 +297,7 @@ class LLMEngine:
                 seq.draft_state.record(drafted, accepted)
                 self._draft_tokens += drafted
                 self._accepted_tokens += accepted
+                self._verifications += 1
                 # accepted drafts' KV stays; the rejected ones' blocks go back to the pool
                 seq.num_computed_tokens += accepted
                 self._computed_tokens += accepted
@@ -288,6 +308,7 @@ class LLMEngine:
     def _draft(self) -> None:
         """Give each running sequence that is decoding its draft tokens for this step."""
         k = self.config.speculative_config.num_speculative_tokens
+        requests = []
         for seq in self.scheduler.running:
             seq.draft_token_ids = []
             if seq.num_computed_tokens != seq.num_tokens - 1 or seq.params.processes_logits:
@@ -299,7 +320,10 @@ class LLMEngine:
             if room > 0:
                 n = min(room, seq.draft_state.num_drafts(k))
                 if n > 0:
-                    seq.draft_token_ids = self.drafter.propose(seq.token_ids, n)
+                    requests.append((seq, n))
+        if requests:
+            # the MTP drafter may take blocks for its own KV while each running sequence keeps one
+            self.drafter.draft(requests, keep_free=len(self.scheduler.running))
 
     def _append_tokens(self, seq: Sequence, tokens: list[int],
                        logprobs: list[TokenLogprob | None]) -> RequestOutput:
@@ -352,6 +376,7 @@ class LLMEngine:
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
             spec_draft_tokens_total=self._draft_tokens, spec_accepted_tokens_total=self._accepted_tokens,
+            spec_verifications_total=self._verifications,
             prefill_tokens_total=self._prefill_tokens, prefill_seconds_total=self._prefill_seconds,
             **asdict(self.kv.counters))
 

@@ -25,6 +25,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        # the last step's rows (sequences in row order) and hidden states, for an MTP drafter
+        self.last_order: list[ScheduledSeq] = []
+        self.last_hidden: torch.Tensor | None = None
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[list[int]],
@@ -35,6 +38,7 @@ class ModelRunner:
         order = sorted(scheduled, key=lambda s: s.num_tokens != 1 and not s.seq.draft_token_ids)
         input_ids, positions, meta, sample_rows = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        self.last_order, self.last_hidden = order, hidden
         to_sample = [s for s in order if s.completes]
         if not to_sample:
             return [], [], []

@@ -41,6 +41,9 @@ class Sequence:
         self.draft_token_ids: list[int] = []
         self.draft_state = DraftState()
         self.matcher = None                   # GrammarMatcher of a structured_output request
+        # MTP drafting: the MTP layer's last output, valid while num_computed_tokens == mtp_position
+        self.mtp_hidden: torch.Tensor | None = None
+        self.mtp_position = -1
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdcluster/proto/kv.proto\x12\x0fpdcluster.kv.v1\"f\n\x08KVLayout\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0btoken_shape\x18\x04 \x03(\r\x12\x14\n\x0c\x62lock_nbytes\x18\x05 \x01(\x04\"=\n\x08\x42lockRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"\xee\x02\n\nKVManifest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07tp_rank\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12)\n\x06layout\x18\x07 \x01(\x0b\x32\x19.pdcluster.kv.v1.KVLayout\x12)\n\x06\x62locks\x18\x08 \x03(\x0b\x32\x19.pdcluster.kv.v1.BlockRef\x12\x11\n\ttoken_ids\x18\t \x03(\r\x12\x13\n\x0b\x66irst_token\x18\n \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x0b \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0c \x01(\r\x12\x34\n\rchecksum_algo\x18\r \x01(\x0e\x32\x1d.pdcluster.kv.v1.ChecksumAlgo\"7\n\tKVHandoff\x12*\n\x05ranks\x18\x01 \x03(\x0b\x32\x1b.pdcluster.kv.v1.KVManifest*^\n\x0c\x43hecksumAlgo\x12\x1d\n\x19\x43HECKSUM_ALGO_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HECKSUM_ALGO_NONE\x10\x01\x12\x17\n\x13\x43HECKSUM_ALGO_CRC32\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdcluster/proto/kv.proto\x12\x0fpdcluster.kv.v1\"~\n\x08KVLayout\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0btoken_shape\x18\x04 \x03(\r\x12\x14\n\x0c\x62lock_nbytes\x18\x05 \x01(\x04\x12\x16\n\x0enum_mtp_layers\x18\x06 \x01(\r\"=\n\x08\x42lockRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"\xee\x02\n\nKVManifest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0f\n\x07tp_rank\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12)\n\x06layout\x18\x07 \x01(\x0b\x32\x19.pdcluster.kv.v1.KVLayout\x12)\n\x06\x62locks\x18\x08 \x03(\x0b\x32\x19.pdcluster.kv.v1.BlockRef\x12\x11\n\ttoken_ids\x18\t \x03(\r\x12\x13\n\x0b\x66irst_token\x18\n \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x0b \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0c \x01(\r\x12\x34\n\rchecksum_algo\x18\r \x01(\x0e\x32\x1d.pdcluster.kv.v1.ChecksumAlgo\"7\n\tKVHandoff\x12*\n\x05ranks\x18\x01 \x03(\x0b\x32\x1b.pdcluster.kv.v1.KVManifest*^\n\x0c\x43hecksumAlgo\x12\x1d\n\x19\x43HECKSUM_ALGO_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HECKSUM_ALGO_NONE\x10\x01\x12\x17\n\x13\x43HECKSUM_ALGO_CRC32\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdcluster.proto.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUMALGO']._serialized_start=638
-  _globals['_CHECKSUMALGO']._serialized_end=732
+  _globals['_CHECKSUMALGO']._serialized_start=662
+  _globals['_CHECKSUMALGO']._serialized_end=756
   _globals['_KVLAYOUT']._serialized_start=45
-  _globals['_KVLAYOUT']._serialized_end=147
-  _globals['_BLOCKREF']._serialized_start=149
-  _globals['_BLOCKREF']._serialized_end=210
-  _globals['_KVMANIFEST']._serialized_start=213
-  _globals['_KVMANIFEST']._serialized_end=579
-  _globals['_KVHANDOFF']._serialized_start=581
-  _globals['_KVHANDOFF']._serialized_end=636
+  _globals['_KVLAYOUT']._serialized_end=171
+  _globals['_BLOCKREF']._serialized_start=173
+  _globals['_BLOCKREF']._serialized_end=234
+  _globals['_KVMANIFEST']._serialized_start=237
+  _globals['_KVMANIFEST']._serialized_end=603
+  _globals['_KVHANDOFF']._serialized_start=605
+  _globals['_KVHANDOFF']._serialized_end=660
 # @@protoc_insertion_point(module_scope)

@@ -17,18 +17,20 @@ CHECKSUM_ALGO_NONE: ChecksumAlgo
 CHECKSUM_ALGO_CRC32: ChecksumAlgo
 
 class KVLayout(_message.Message):
-    __slots__ = ("kind", "num_layers", "dtype", "token_shape", "block_nbytes")
+    __slots__ = ("kind", "num_layers", "dtype", "token_shape", "block_nbytes", "num_mtp_layers")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SHAPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_MTP_LAYERS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     num_layers: int
     dtype: str
     token_shape: _containers.RepeatedScalarFieldContainer[int]
     block_nbytes: int
-    def __init__(self, kind: _Optional[str] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., token_shape: _Optional[_Iterable[int]] = ..., block_nbytes: _Optional[int] = ...) -> None: ...
+    num_mtp_layers: int
+    def __init__(self, kind: _Optional[str] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., token_shape: _Optional[_Iterable[int]] = ..., block_nbytes: _Optional[int] = ..., num_mtp_layers: _Optional[int] = ...) -> None: ...
 
 class BlockRef(_message.Message):
     __slots__ = ("key", "num_tokens", "checksum")

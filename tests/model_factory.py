@@ -85,6 +85,33 @@ def save_model(config, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_mtp_model(config, path: Path, seed: int = 0, own_embedding: bool = False) -> Path:
+    """A random DeepSeek-V3 of `config` plus one multi-token-prediction layer, laid out as DeepSeek
+    ships it: `model.layers.{n}` (n = num_hidden_layers) holds a decoder layer (MLA + MoE) and
+    enorm, hnorm, eh_proj, shared_head.{norm,head}, with `num_nextn_predict_layers: 1` in the config.
+    The decoder layer is transformers' layer n of a model one layer deeper (which it then ignores).
+    own_embedding: the layer also carries `embed_tokens` (a copy of the model's, as V3 ships it)."""
+    from safetensors.torch import load_file, save_file
+    n = config.num_hidden_layers
+    deeper = config.__class__(**{**config.to_dict(), "num_hidden_layers": n + 1})
+    save_model(deeper, path, seed)
+    tensors = load_file(str(path / "model.safetensors"))
+    hidden, g = config.hidden_size, torch.Generator().manual_seed(seed + 1)
+    extra = {"enorm.weight": 1 + 0.2 * torch.randn(hidden, generator=g),
+             "hnorm.weight": 1 + 0.2 * torch.randn(hidden, generator=g),
+             "eh_proj.weight": 0.05 * torch.randn(hidden, 2 * hidden, generator=g),
+             "shared_head.norm.weight": 1 + 0.2 * torch.randn(hidden, generator=g),
+             "shared_head.head.weight": 0.05 * torch.randn(config.vocab_size, hidden, generator=g)}
+    if own_embedding:
+        extra["embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors.update({f"model.layers.{n}.{k}": v.contiguous() for k, v in extra.items()})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
 def save_tokenizer(path: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

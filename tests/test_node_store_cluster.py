@@ -1,7 +1,10 @@
 """The served cluster with `store.client: node`: both workers of this one-node Ray cluster attach to
-one node store client over shared memory, hand KV off through it, and answer like the engine offline."""
+one node store client over shared memory, hand KV off through it, and answer like the engine offline.
+The spec also turns on n-gram speculative decoding: the decode worker speculates after the handoff,
+and the stock client still gets the engine's plain greedy text."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from pdcluster.cluster.kvstore.node_client import free_transfer_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Name three rivers in Europe and one fact about each."}]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,8 @@ def cluster():
     import ray
 
     spec = h.small_spec(store={"client": "node", "node_client_port": free_port(),
-                               "node_client_transfer_port": free_transfer_port()})
+                               "node_client_transfer_port": free_transfer_port()},
+                        engine={"speculative_config": NGRAM})
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              resources={"pd_prefill": 1, "pd_decode": 1})  # our own Ray, even if another one runs
     try:
@@ -53,7 +58,7 @@ def test_handoff_through_the_node_client_equals_offline(cluster, llm):
     import ray
 
     spec, base = cluster
-    h.assert_stream_equals_offline(base, llm, QUESTION)
+    h.assert_stream_equals_offline(base, llm, QUESTION)       # `llm` does not speculate
 
     snap = h.wait_for(lambda: h.idle(s := h.snapshot()) and s)  # reports as of after the request
     assert {w.info.role for w in snap.workers} == {"prefill", "decode"}
@@ -63,7 +68,15 @@ def test_handoff_through_the_node_client_equals_offline(cluster, llm):
     assert stats["prefill"]["kv_blocks_saved"] == prompt_blocks
     assert stats["decode"]["kv_blocks_loaded"] == prompt_blocks  # every block came through the store
     assert stats["decode"]["kv_recomputed_tokens"] == 0
-    assert "pdcluster_kv_handoff_bytes_total 0.0" not in httpx.get(base + "/metrics").text
+    metrics = httpx.get(base + "/metrics").text
+    assert "pdcluster_kv_handoff_bytes_total 0.0" not in metrics
+    # the decode worker drafted (this answer repeats enough of itself) and exports its counters
+    drafted = stats["decode"]["spec_draft_tokens_total"]
+    assert drafted > 0
+    decode_id = next(w.info.worker_id for w in snap.workers if w.info.role == "decode")
+    exported = re.search(rf'pdcluster_spec_draft_tokens_total{{role="decode",worker="{decode_id}"}} '
+                         r"([0-9.]+)", metrics)
+    assert exported and 0 < float(exported.group(1)) <= drafted
     # one node client serves both workers of the node
     supervisor = ray.get_actor(node_client_name("127.0.0.1", spec.store.node_client_port),
                                namespace=NAMESPACE)

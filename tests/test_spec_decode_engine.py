@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pdcluster.engine import LLM, SamplingParams
+from pdcluster.engine.spec_decode.ngram import NgramDrafter
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
@@ -132,8 +133,11 @@ def test_seeded_sampling_is_reproducible_and_top_k_one_stays_greedy(llm, spec_ll
     assert c.token_ids == greedy.token_ids
 
 
-class WrongDrafter:
+class WrongDrafter(NgramDrafter):
     """Drafts tokens the model will almost never choose."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 2)
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         return [17] * k

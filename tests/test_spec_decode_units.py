@@ -174,7 +174,10 @@ def test_speculative_config_validation():
                                            "prompt_lookup_max": 5, "prompt_lookup_min": 1})
     assert cfg.speculative_config == SpeculativeConfig("ngram", 3, 5, 1)
     assert EngineConfig().speculative_config is None
-    for bad, match in [({"method": "mtp"}, "not implemented"), ({"method": "eagle"}, "unknown method"),
+    assert EngineConfig(speculative_config={"method": "mtp", "num_speculative_tokens": 2}
+                        ).speculative_config.method == "mtp"
+    for bad, match in [({"method": "mtp", "prompt_lookup_max": 3}, "ngram' only"),
+                       ({"method": "eagle"}, "unknown method"),
                        ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "exceeds"),
                        ({"prompt_lookup_min": 0}, "prompt_lookup_min"),
@@ -190,7 +193,10 @@ def test_cluster_spec_passes_speculative_config_to_the_engine():
         "method": "ngram", "num_speculative_tokens": 5}}})
     assert spec.engine_config().speculative_config == SpeculativeConfig(num_speculative_tokens=5)
     assert ClusterSpec.default().engine_config().speculative_config is None
-    with pytest.raises(SpecError, match="engine.speculative_config.*not implemented"):
+    with pytest.raises(SpecError, match="engine.speculative_config.*ngram' only"):
+        ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp", "prompt_lookup_min": 1}}})
+    # the embedded SmolLM2 has no MTP layer
+    with pytest.raises(SpecError, match="method 'mtp' needs a DeepSeek-V3/R1 checkpoint"):
         ClusterSpec.from_dict({"engine": {"speculative_config": {"method": "mtp"}}})
 
 
@@ -205,3 +211,33 @@ def test_verify_processes_the_rows_of_sequences_without_drafts():
     tokens, logprobs = verify(logits, [a, b], [[3, 0], []])
     assert tokens == [[3, 4], [5]]
     assert logprobs[1][0].logprob == pytest.approx(float(torch.log_softmax(logits[3], -1)[5]))
+# ------------------------------------------------------------------ observability
+def test_speculation_counters_per_worker_and_the_status_column():
+    from types import SimpleNamespace
+
+    from pdcluster.cluster.cli.up import speculation_summary
+    from pdcluster.cluster.launch.deployment import WorkerStatus
+    from pdcluster.cluster.serve import metric_names as mn
+    from pdcluster.cluster.serve.metrics import ServingMetrics
+
+    def worker(wid, role, drafted, accepted, verifications):
+        stats = {"spec_draft_tokens_total": drafted, "spec_accepted_tokens_total": accepted,
+                 "spec_verifications_total": verifications}
+        return SimpleNamespace(info=SimpleNamespace(worker_id=wid, role=role), report=SimpleNamespace(
+            running_seqs=1, free_blocks=2, stats=stats))
+
+    metrics = ServingMetrics()
+    metrics.set_cluster(SimpleNamespace(queued=0, in_flight=1, workers=[
+        worker("d0", "decode", 40, 30, 10), worker("p0", "prefill", 0, 0, 0)]))
+    text = metrics.render().decode()
+    assert f'{mn.SPEC_DRAFT_TOKENS_TOTAL}{{role="decode",worker="d0"}} 40.0' in text
+    assert f'{mn.SPEC_ACCEPTED_TOKENS_TOTAL}{{role="decode",worker="d0"}} 30.0' in text
+    assert f'{mn.SPEC_VERIFICATIONS_TOTAL}{{role="decode",worker="d0"}} 10.0' in text
+    assert f'{mn.SPEC_ACCEPTED_TOKENS_TOTAL}{{role="prefill",worker="p0"}} 0.0' in text
+
+    base = dict(worker_id="d0", role="decode", node_ip="127.0.0.1", healthy=True, running_seqs=1,
+                free_blocks=2, total_blocks=4, placed_total=3)
+    w = WorkerStatus(**base, spec_draft_tokens=40, spec_accepted_tokens=30, spec_verifications=10)
+    assert w.mean_accepted_length == 4.0          # 30 accepted drafts + 10 own tokens in 10 steps
+    assert speculation_summary(w) == "len 4.00 (75%)"
+    assert speculation_summary(WorkerStatus(**base)) == "-"

@@ -75,6 +75,15 @@ def run_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def speculation_summary(w) -> str:
+    """`pdcluster status`'s speculative decoding column: the mean accepted length (tokens per
+    verification) and the share of draft tokens accepted; "-" for a worker that has not speculated."""
+    length = w.mean_accepted_length
+    if length is None:
+        return "-"
+    return f"len {length:.2f} ({w.spec_accepted_tokens / w.spec_draft_tokens:.0%})"
+
+
 def run_status(args: argparse.Namespace) -> int:
     from ..launch import deployment as local_cluster
 
@@ -93,8 +102,9 @@ def run_status(args: argparse.Namespace) -> int:
               f" ({'managed, pid ' + str(m['pid']) if m['managed'] else 'external'}, "
               f"restarts {m['restarts']})")
     print(f"{'worker':<12}{'role':<9}{'node':<16}{'health':<9}{'running':>8}{'free blocks':>14}"
-          f"{'placed':>8}")
+          f"{'placed':>8}{'spec accepted':>22}")
     for w in st.workers:
         print(f"{w.worker_id:<12}{w.role:<9}{w.node_ip:<16}{'ok' if w.healthy else 'DOWN':<9}"
-              f"{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}")
+              f"{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}"
+              f"{speculation_summary(w):>22}")
     return 0

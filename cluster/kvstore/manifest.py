@@ -40,8 +40,9 @@ def block_checksum(data: torch.Tensor | memoryview | bytes | bytearray, num_toke
     return zlib.crc32(data)
 
 
-def layout_of(cache: torch.Tensor, kind: str) -> kv_pb2.KVLayout:
-    """Layout of a block-major cache `[num_blocks, num_layers, block_size, *token_shape]`."""
+def layout_of(cache: torch.Tensor, kind: str, num_mtp_layers: int = 0) -> kv_pb2.KVLayout:
+    """Layout of a block-major cache `[num_blocks, num_layers, block_size, *token_shape]` whose last
+    `num_mtp_layers` layers are MTP layers."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     token_shape = tuple(cache.shape[3:])
@@ -50,7 +51,8 @@ def layout_of(cache: torch.Tensor, kind: str) -> kv_pb2.KVLayout:
     if kind == "mla" and len(token_shape) != 1:
         raise ValueError(f"mla token_shape must be (kv_lora_rank + qk_rope_head_dim,), got {token_shape}")
     return kv_pb2.KVLayout(kind=kind, num_layers=cache.shape[1], dtype=str(cache.dtype).removeprefix("torch."),
-                           token_shape=token_shape, block_nbytes=block_nbytes(cache))
+                           token_shape=token_shape, block_nbytes=block_nbytes(cache),
+                           num_mtp_layers=num_mtp_layers)
 
 
 def build_manifest(*, request_id: str, model_fingerprint: str, cache: torch.Tensor, kind: str,
@@ -107,7 +109,7 @@ def validate(m: kv_pb2.KVManifest) -> None:
 
 
 def check_compatible(m: kv_pb2.KVManifest, cache: torch.Tensor, kind: str, model_fingerprint: str,
-                     tp_rank: int, tp_size: int) -> None:
+                     tp_rank: int, tp_size: int, num_mtp_layers: int = 0) -> None:
     """Raise ManifestError unless the manifest's blocks can be copied byte-for-byte into `cache`."""
     if m.model_fingerprint != model_fingerprint:
         raise ManifestError(f"model {m.model_fingerprint!r}, this worker serves {model_fingerprint!r}")
@@ -115,7 +117,7 @@ def check_compatible(m: kv_pb2.KVManifest, cache: torch.Tensor, kind: str, model
         raise ManifestError(f"TP rank {m.tp_rank}/{m.tp_size}, this worker is {tp_rank}/{tp_size}")
     if m.block_size != cache.shape[2]:
         raise ManifestError(f"block size {m.block_size}, this cache has {cache.shape[2]}")
-    ours = layout_of(cache, kind)
+    ours = layout_of(cache, kind, num_mtp_layers)
     if m.layout != ours:
         raise ManifestError(f"layout {_short(m.layout)} does not match this cache's {_short(ours)}")
 
@@ -147,7 +149,8 @@ def handoff_to_manifest(h: KVHandoff, tp_rank: int = 0, tp_size: int = 1) -> kv_
         version=MANIFEST_VERSION, request_id=h.request_id, model_fingerprint=h.model_fingerprint,
         block_size=lay.block_size, tp_rank=tp_rank, tp_size=tp_size,
         layout=kv_pb2.KVLayout(kind=lay.kind, num_layers=lay.num_layers, dtype=lay.dtype,
-                               token_shape=lay.token_shape, block_nbytes=lay.block_nbytes),
+                               token_shape=lay.token_shape, block_nbytes=lay.block_nbytes,
+                               num_mtp_layers=lay.num_mtp_layers),
         blocks=[kv_pb2.BlockRef(key=b.key, num_tokens=b.num_tokens, checksum=b.checksum) for b in blocks],
         token_ids=h.token_ids, first_token=h.first_token,
         num_computed_tokens=sum(b.num_tokens for b in blocks),
@@ -168,7 +171,8 @@ def manifest_to_handoff(m: kv_pb2.KVManifest) -> KVHandoff:
     return KVHandoff(
         request_id=m.request_id, model_fingerprint=m.model_fingerprint,
         layout=KVLayout(kind=lay.kind, num_layers=lay.num_layers, block_size=m.block_size,
-                        token_shape=tuple(lay.token_shape), dtype=lay.dtype, block_nbytes=lay.block_nbytes),
+                        token_shape=tuple(lay.token_shape), dtype=lay.dtype, block_nbytes=lay.block_nbytes,
+                        num_mtp_layers=lay.num_mtp_layers),
         token_ids=tuple(m.token_ids), first_token=m.first_token,
         blocks=tuple(BlockRef(b.key, b.num_tokens, b.checksum) for b in m.blocks),
         num_cached_tokens=m.num_cached_tokens)

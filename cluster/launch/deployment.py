@@ -50,6 +50,16 @@ class WorkerStatus:
     free_blocks: int
     total_blocks: int
     placed_total: int
+    # speculative decoding (engine totals)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifications: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verification of drafts (accepted drafts + the model's own); None
+        before any."""
+        return 1 + self.spec_accepted_tokens / self.spec_verifications if self.spec_verifications else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,12 @@ class ClusterStatus:
     rejected_total: dict[str, int]
     workers: list[WorkerStatus]
     master: dict[str, Any] | None
+
+
+def _spec_totals(stats: dict[str, Any]) -> dict[str, int]:
+    return {"spec_draft_tokens": stats.get("spec_draft_tokens_total", 0),
+            "spec_accepted_tokens": stats.get("spec_accepted_tokens_total", 0),
+            "spec_verifications": stats.get("spec_verifications_total", 0)}
 
 
 def local_spec(spec: ClusterSpec) -> ClusterSpec:
@@ -345,7 +361,8 @@ def status(address: str | None = None) -> ClusterStatus:
             worker_id=w.info.worker_id, role=w.info.role, node_ip=w.info.node_ip, healthy=w.healthy,
             running_seqs=w.report.running_seqs if w.report else 0,
             free_blocks=w.report.free_blocks if w.report else 0,
-            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total) for w in snap.workers]
+            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total,
+            **_spec_totals(w.report.stats if w.report else {})) for w in snap.workers]
         return ClusterStatus(ray_address=address, serve_status=str(serve_status),
                              in_flight=snap.in_flight, queued=snap.queued,
                              admitted_total=snap.admitted_total, rejected_total=snap.rejected_total,

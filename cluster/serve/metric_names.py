@@ -32,6 +32,9 @@ PREFIX_CACHE_HIT_TOKENS_TOTAL = "pdcluster_prefix_cache_hit_tokens_total"
 KV_RECOMPUTE_BLOCKS_TOTAL = "pdcluster_kv_recompute_blocks_total"
 WORKER_RUNNING_SEQS = "pdcluster_worker_running_seqs"
 WORKER_FREE_BLOCKS = "pdcluster_worker_free_blocks"
+SPEC_DRAFT_TOKENS_TOTAL = "pdcluster_spec_draft_tokens_total"
+SPEC_ACCEPTED_TOKENS_TOTAL = "pdcluster_spec_accepted_tokens_total"
+SPEC_VERIFICATIONS_TOTAL = "pdcluster_spec_verifications_total"
 
 METRICS: tuple[MetricDef, ...] = (
     MetricDef(TTFT_SECONDS, "histogram", "Time from request arrival to the first token"),
@@ -54,6 +57,12 @@ METRICS: tuple[MetricDef, ...] = (
               ("reason",)),
     MetricDef(WORKER_RUNNING_SEQS, "gauge", "Sequences running on a worker", ("worker", "role")),
     MetricDef(WORKER_FREE_BLOCKS, "gauge", "Free KV blocks on a worker", ("worker", "role")),
+    MetricDef(SPEC_DRAFT_TOKENS_TOTAL, "counter", "Draft tokens verified on a worker (speculative decoding)",
+              ("worker", "role")),
+    MetricDef(SPEC_ACCEPTED_TOKENS_TOTAL, "counter", "Draft tokens accepted on a worker",
+              ("worker", "role")),
+    MetricDef(SPEC_VERIFICATIONS_TOTAL, "counter",
+              "Draft verifications on a worker (one per sequence and step with drafts)", ("worker", "role")),
 )
 
 METRIC_NAMES: frozenset[str] = frozenset(m.name for m in METRICS)

@@ -81,6 +81,11 @@ class _ClusterCollector(Collector):
         # report which request a failed block belonged to.
         recompute = CounterMetricFamily(mn.KV_RECOMPUTE_BLOCKS_TOTAL, _help(mn.KV_RECOMPUTE_BLOCKS_TOTAL),
                                         labels=["reason"])
+        # speculative decoding, per worker: the engine's totals under the same names
+        spec = {stat: CounterMetricFamily(name, _help(name), labels=["worker", "role"])
+                for stat, name in (("spec_draft_tokens_total", mn.SPEC_DRAFT_TOKENS_TOTAL),
+                                   ("spec_accepted_tokens_total", mn.SPEC_ACCEPTED_TOKENS_TOTAL),
+                                   ("spec_verifications_total", mn.SPEC_VERIFICATIONS_TOTAL))}
         if s is not None:
             queue.add_metric([], s.queued)
             inflight.add_metric([], s.in_flight)
@@ -91,6 +96,8 @@ class _ClusterCollector(Collector):
                 labels = [w.info.worker_id, w.info.role]
                 running.add_metric(labels, w.report.running_seqs)
                 free.add_metric(labels, w.report.free_blocks)
+                for stat, family in spec.items():
+                    family.add_metric(labels, w.report.stats.get(stat, 0))
                 if w.info.role == "decode":
                     loaded += w.report.stats.get("kv_bytes_loaded", 0)
                     missing += w.report.stats.get("kv_missing_blocks", 0)
@@ -98,4 +105,4 @@ class _ClusterCollector(Collector):
             handoff_bytes.add_metric([], loaded)
             recompute.add_metric(["missing"], missing)
             recompute.add_metric(["corrupt"], corrupt)
-        yield from (queue, inflight, running, free, handoff_bytes, recompute)
+        yield from (queue, inflight, running, free, handoff_bytes, recompute, *spec.values())

@@ -2,7 +2,9 @@
 sigmoid grouped top-k routing (moe.py); the first `first_k_dense_replace` layers keep a dense MLP.
 
 The paged cache holds only the compressed latent and the rope key per token and layer:
-`kv_token_shape = (kv_lora_rank + qk_rope_head_dim,)`, the same on every TP rank.
+`kv_token_shape = (kv_lora_rank + qk_rope_head_dim,)`, the same on every TP rank. Built with `mtp=True`
+the model also holds the checkpoint's multi-token-prediction layer (`DeepseekV3MTP`), whose KV is one
+more layer of the same cache blocks.
 """
 from __future__ import annotations
 
@@ -15,7 +17,13 @@ from torch import nn
 
 from ..distributed import all_reduce, split_evenly
 from ..layers.attention import AttentionMetadata
-from ..layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from ..layers.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    ReplicatedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from ..layers.mla import MLARotaryEmbedding, mla_attention, mla_softmax_scale
 from ..layers.moe import Experts, Gate, expert_targets, grouped_topk
 from ..layers.norm import RMSNorm
@@ -133,32 +141,116 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class DeepseekV3MTP(nn.Module):
+    """DeepSeek-V3's multi-token-prediction module (paper section 2.2), checkpoint layer
+    `model.layers.{num_hidden_layers}`. At position i it combines the main model's hidden state h_i
+    with the embedding of token i+1 and predicts token i+2:
+
+        h' = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]) -> decoder layer (MLA + MoE) -> h''
+        logits = shared_head.head(shared_head.norm(h''))
+
+    For a second draft it is fed its own h'' in place of h_i. Its attention KV is layer
+    `num_hidden_layers` of the paged cache, at the main sequence's positions."""
+
+    def __init__(self, cfg: dict, layer: int, rotary: MLARotaryEmbedding, quant: QuantConfig,
+                 embed_tokens: VocabParallelEmbedding) -> None:
+        super().__init__()
+        hidden, eps = cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6)
+        self.enorm = RMSNorm(hidden, eps)
+        self.hnorm = RMSNorm(hidden, eps)
+        self.eh_proj = ReplicatedLinear(2 * hidden, hidden, False,
+                                        quant.linear_method([f"model.layers.{layer}.eh_proj"]))
+        self.block = DeepseekV3DecoderLayer(cfg, layer, rotary, quant)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, eps)
+        self.shared_head.head = ParallelLMHead(cfg["vocab_size"], hidden)
+        # the main model's (a registered submodule, deduplicated in named_modules); replaced by the
+        # checkpoint's own copy when that differs
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids [T] (token i+1), hidden [T, H] (h_i), positions [T] (i); returns h'' [T, H]."""
+        x = torch.cat((self.enorm(self.embed_tokens(input_ids)), self.hnorm(hidden)), dim=-1)
+        return self.block(positions, self.eh_proj(x), kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.shared_head.head(self.shared_head.norm(hidden)).float()
+
+
 def deepseek_v3_model(cfg: dict, quant: QuantConfig) -> DecoderModel:
-    rotary = MLARotaryEmbedding(cfg["qk_rope_head_dim"], rope_parameters(cfg),
-                                cfg.get("max_position_embeddings", 4096),
-                                bool(cfg.get("rope_interleave", True)))
+    rotary = _rotary(cfg)
     return DecoderModel(cfg, (DeepseekV3DecoderLayer(cfg, i, rotary, quant)
                               for i in range(cfg["num_hidden_layers"])))
 
 
+def _rotary(cfg: dict) -> MLARotaryEmbedding:
+    return MLARotaryEmbedding(cfg["qk_rope_head_dim"], rope_parameters(cfg),
+                              cfg.get("max_position_embeddings", 4096),
+                              bool(cfg.get("rope_interleave", True)))
+
+
 _STACKED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# MTP tensors outside its decoder layer (checkpoint names after `model.layers.{n}.`)
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    def __init__(self, cfg: dict) -> None:
+    """With mtp=True (speculative_config method "mtp") the first MTP layer of the checkpoint is
+    loaded as `self.mtp` and the cache has one layer more (`num_layers` counts it)."""
+
+    supports_mtp = True
+
+    def __init__(self, cfg: dict, mtp: bool = False) -> None:
         super().__init__(cfg)
         self.kv_token_shape = (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"],)
+        self.num_hidden_layers = cfg["num_hidden_layers"]
+        self.mtp: DeepseekV3MTP | None = None
+        if mtp:
+            if not cfg.get("num_nextn_predict_layers"):
+                raise ValueError("speculative_config method 'mtp' needs a checkpoint with an MTP "
+                                 "layer (num_nextn_predict_layers > 0); this one has none")
+            self.mtp = DeepseekV3MTP(cfg, self.num_hidden_layers, _rotary(cfg), self.quant,
+                                     self.model.embed_tokens)
+            self.num_layers = self.num_hidden_layers + 1
+        self._mtp_embed: torch.Tensor | None = None
+        self._mtp_seen = False
 
     def build_model(self, cfg: dict) -> DecoderModel:
         return deepseek_v3_model(cfg, self.quant)
 
     def route(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[Target, torch.Tensor]]:
         layer = _LAYER.match(name)
-        # layers past num_hidden_layers are the multi-token-prediction module: not used here
-        if layer and int(layer.group(1)) >= self.num_layers:
-            return ()
+        if layer and int(layer.group(1)) >= self.num_hidden_layers:
+            # the multi-token-prediction layer(s): the first one when speculating with it
+            if self.mtp is None or int(layer.group(1)) != self.num_hidden_layers:
+                return ()
+            rest = layer.group(2)
+            self._mtp_seen = True
+            if rest == "embed_tokens.weight":      # compared with the main one after loading
+                self._mtp_embed = tensor
+                return ()
+            name = f"mtp.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.block.{rest}"
         if "rotary_emb" in name or (self.tie and name == "lm_head.weight"):
             return ()
         experts = expert_targets(name, tensor)
         return ((stacked_target(name, _STACKED), tensor),) if experts is None else experts
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        try:
+            super().load_weights(weights)
+        except ValueError as e:
+            if self.mtp is not None and not self._mtp_seen:
+                raise ValueError(f"speculative_config method 'mtp': the checkpoint has no MTP layer "
+                                 f"(no model.layers.{self.num_hidden_layers}.* tensors)") from e
+            raise
+        own, self._mtp_embed = self._mtp_embed, None
+        if self.mtp is None or own is None:
+            return
+        main = self.model.embed_tokens
+        if not torch.equal(own[main.start:main.end].to(main.weight.dtype),
+                           main.weight[:main.end - main.start]):
+            self.mtp.embed_tokens = VocabParallelEmbedding(*own.shape).to(main.weight.device,
+                                                                         main.weight.dtype)
+            self.mtp.embed_tokens.load_shard("weight", own)

@@ -2,13 +2,23 @@
 of the sequence's own longest suffix n-gram. No model, so it is free when it finds nothing."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..sequence import Sequence
 
 
 class NgramDrafter:
     def __init__(self, prompt_lookup_max: int, prompt_lookup_min: int) -> None:
         self.max_n = prompt_lookup_max
         self.min_n = prompt_lookup_min
+
+    def draft(self, requests: list[tuple[Sequence, int]], keep_free: int = 0) -> None:
+        """Set seq.draft_token_ids to up to n proposed tokens for each (seq, n)."""
+        for seq, n in requests:
+            seq.draft_token_ids = self.propose(seq.token_ids, n)
 
     def propose(self, token_ids: list[int] | np.ndarray, k: int) -> list[int]:
         """Up to k tokens that followed the longest suffix n-gram (max_n down to min_n tokens)
