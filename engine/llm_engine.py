@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -20,7 +21,9 @@ from .device import keep_freed_memory, select_device, select_dtype
 from .distributed import init_tensor_parallel
 from .kv_connector import KVConnector
 from .kv_handoff import KVHandoff, KVLayout
-from .kv_io import KVCounters, KVExchange
+from .kv_io import KVCounters, KVExchange, KVLoad
+from .kv_transfers import KVTransfers
+from .latency_histogram import LatencyHistogram
 from .layers.cpu_linear import use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
@@ -35,6 +38,7 @@ from .weights import load_checkpoint, resolve_model_path
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
+IDLE_WAIT_S = 0.05  # an idle step waits this long at most for a KV transfer to finish
 
 
 @dataclass(kw_only=True)
@@ -48,6 +52,9 @@ class EngineStats(KVCounters):
     computed_tokens_total: int
     prefix_hit_tokens_total: int
     preemptions_total: int
+    num_loading_kv: int = 0                # admitted, waiting for their KV to arrive
+    step_seconds: dict = field(default_factory=dict)     # model step time, LatencyHistogram form
+    kv_wait_seconds: dict = field(default_factory=dict)  # admission to KV in, per loaded request
 
 
 class LLMEngine:
@@ -80,8 +87,10 @@ class LLMEngine:
             token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
             block_nbytes=self.block_nbytes)
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
+        self.transfers = KVTransfers(self.kv) if config.async_kv_transfer else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, on_admit=self.kv.on_admit)
+                                   config.max_num_batched_tokens,
+                                   on_admit=self._start_import if self.transfers else self.kv.on_admit)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
         if self.device.type == "cpu":
             # after loading, so the weights' load-time temporaries were returned the usual way
@@ -92,6 +101,9 @@ class LLMEngine:
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._saved_outputs: dict[str, RequestOutput] = {}  # first tokens held until their KV is stored
+        self._step_time = LatencyHistogram()
+        self._kv_wait = LatencyHistogram()
         self._computed_tokens = 0
         self._prefix_hits = 0
         self._preemptions = 0
@@ -206,9 +218,14 @@ class LLMEngine:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
         seq = self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
+        self._saved_outputs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        moving = self.transfers.of(seq) if self.transfers else None
+        if moving is not None:  # its blocks are freed once the transfer thread is done with them
+            moving.cancelled = True
+        else:
+            self.scheduler.finish(seq, "abort")
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -216,21 +233,57 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
+        outputs = self._collect_transfers() if self.transfers else []
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
-            return []
+            if self.transfers and not outputs:  # only KV in flight: wait for it, do not spin
+                self.transfers.wait(IDLE_WAIT_S)
+            return outputs
+        t0 = time.perf_counter()
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        self._step_time.observe(time.perf_counter() - t0)
         for s in sched.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             self._computed_tokens += s.num_tokens
             self.block_manager.commit(s.seq)
-        outputs = []
         for s, token, lp in zip(sampled, tokens, logprobs):
-            outputs.append(self._append_token(s.seq, token, lp))
+            out = self._append_token(s.seq, token, lp)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+    def _start_import(self, seq: Sequence) -> bool:
+        """Scheduler hook: start pulling a just-admitted sequence's blocks from the store; True when
+        it must wait for them (it joins the batch once they are in)."""
+        load = self.kv.plan_import(seq)
+        if load is None:
+            return False
+        self.transfers.submit(load)
+        return True
+
+    def _collect_transfers(self) -> list[RequestOutput]:
+        """Finished transfers: loaded sequences join the batch, saved prompts release their first
+        token with the handoff; a cancelled request's blocks are freed now."""
+        outputs = []
+        for t in self.transfers.collect():
+            seq = t.job.seq
+            if isinstance(t.job, KVLoad):
+                self.kv.finish_import(t.job)  # TP: the ranks agree on the good blocks
+                self._kv_wait.observe(time.perf_counter() - t.started)
+                if t.cancelled:
+                    self.scheduler.finish(seq, "abort")
+                else:
+                    self.scheduler.kv_arrived(seq)
+                continue
+            handoff = self.kv.finish_save(t.job)  # TP: gathers every rank's refs
+            self.scheduler.finish(seq, "abort" if t.cancelled else "handoff")
+            if not t.cancelled:
+                del self._seqs[seq.request_id], self._detok[seq.request_id]
+                outputs.append(replace(self._saved_outputs.pop(seq.request_id), kv_handoff=handoff))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput | None:
         if seq.num_output_tokens == 0:
             self._prefix_hits += seq.num_cached_tokens
         seq.token_ids.append(token)
@@ -243,17 +296,24 @@ class LLMEngine:
             reason = "stop"
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "handoff" if seq.kv_export else "length"
-        handoff = self.kv.export(seq) if reason == "handoff" else None
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self._seqs[seq.request_id], self._detok[seq.request_id]
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id, new_token_ids=[token],
             delta_text=detok.take(final=reason not in (None, "handoff")),
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [],
-            kv_handoff=handoff)
+            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [])
+        if reason == "handoff" and self.transfers:
+            # The first token goes out with the handoff, once the prompt's blocks are stored.
+            self.scheduler.hold(seq)
+            self._saved_outputs[seq.request_id] = out
+            self.transfers.submit(self.kv.plan_save(seq))
+            return None
+        if reason == "handoff":
+            out = replace(out, kv_handoff=self.kv.export(seq))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return out
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -262,7 +322,8 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
-            **asdict(self.kv.counters))
+            num_loading_kv=len(self.scheduler.loading), step_seconds=self._step_time.snapshot(),
+            kv_wait_seconds=self._kv_wait.snapshot(), **asdict(self.kv.counters))
 
 
 def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:
