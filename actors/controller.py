@@ -39,6 +39,7 @@ class ClusterInfo:
     handles: dict[str, Any] = field(repr=False)  # worker id -> ActorHandle
     router: Any = field(default=None, repr=False)  # ActorHandle
     master: MasterStatus | None = None
+    controller_node_id: str = ""
 
 
 class Controller:
@@ -103,7 +104,8 @@ class Controller:
             model_name=self.spec.model.served_name, model_fingerprint=first.model_fingerprint,
             max_model_len=min(i.max_model_len for i in self.infos.values()),
             vocab_size=first.vocab_size, block_size=first.block_size, workers=dict(self.infos),
-            handles=dict(self.handles), router=self.router, master=self._master_status)
+            handles=dict(self.handles), router=self.router, master=self._master_status,
+            controller_node_id=ray.get_runtime_context().get_node_id())
 
     async def master_status(self) -> MasterStatus:
         await self._started

@@ -265,6 +265,12 @@ class Router:
             max_running_seqs=info.max_num_seqs)
 
     # ------------------------------------------------------------------ introspection
+    def node_id(self) -> str:
+        """The Ray node this router runs on (the head's, by its placement)."""
+        import ray  # only as an actor: the class itself runs without Ray (tests, the simulator's check)
+
+        return ray.get_runtime_context().get_node_id()
+
     def snapshot(self) -> RouterSnapshot:
         adm = self.admission
         return RouterSnapshot(

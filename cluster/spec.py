@@ -68,6 +68,20 @@ class EngineSpec(_Strict):
     enable_prefix_caching: bool = True
     async_kv_transfer: bool = True  # KV moves off the step thread (False: inside the step)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
+    # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
+    # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
+    speculative_config: dict[str, Any] | None = None
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _speculative(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from ..engine.config import SpeculativeConfig
+            try:
+                SpeculativeConfig.from_dict(v)
+            except ValueError as e:      # the field path already names speculative_config
+                raise ValueError(str(e).removeprefix("speculative_config: ")) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:
@@ -347,8 +361,8 @@ class ClusterSpec(_Strict):
             num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, async_kv_transfer=e.async_kv_transfer,
-            threads=e.threads,
-            tp_rank=tp_rank, tp_size=e.tp_size, **kv)
+            threads=e.threads, tp_rank=tp_rank, tp_size=e.tp_size,
+            speculative_config=e.speculative_config, **kv)
 
 
 def is_loopback(host: str) -> bool:

@@ -32,6 +32,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def listening_inodes(port: int) -> set[int] | None:
+    """Socket inodes in LISTEN state on `port` (IPv4 and IPv6), from /proc; None where /proc has no
+    socket tables (not Linux)."""
+    found: set[int] | None = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = found or set()
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` holds open (empty if its fds cannot be read)."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def tcp_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -113,6 +147,10 @@ class SupervisedProcess:
     StartError: type[RuntimeError] = RuntimeError
     _PORTS: dict[str, Callable[[str], int]] = {}  # config field -> picker(host) when the field is 0
     _START_ATTEMPTS = 3  # a picked port can be taken between probe and bind; retry with new ones
+    # Config fields naming ports the child must itself listen on once healthy. mooncake_master keeps
+    # running when a port is taken (it logs "started" and serves nothing there), and a health probe
+    # would then talk to whoever holds the port: the owner of each listening socket is checked.
+    _OWNED_PORTS: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         self._requested = config
@@ -214,12 +252,29 @@ class SupervisedProcess:
                 code = None if self._proc is None else self._proc.returncode
                 raise self.StartError(f"{self.PROGRAM} exited with {code} during startup; "
                                       f"last log lines:\n{self._log_tail()}")
-            if self.healthy(timeout_s=0.5):
+            if self.healthy(timeout_s=0.5) and self._ports_owned():
                 log.info("%s pid %d %s", self.PROGRAM, self._proc.pid, self._ready_message())
                 return
             time.sleep(0.05)
         raise self.StartError(f"{self.PROGRAM} not healthy after {self.config.startup_timeout_s}s; "
                               f"last log lines:\n{self._log_tail()}")
+
+    def _ports_owned(self) -> bool:
+        """True once the child listens on each of `_OWNED_PORTS`; StartError when another process
+        holds one (the child will never get it)."""
+        mine = socket_inodes(self._proc.pid)
+        for name in self._OWNED_PORTS:
+            port = getattr(self.config, name)
+            listening = listening_inodes(port)
+            if listening is None:
+                return True  # no /proc to ask: trust the health probe
+            if listening & mine:
+                continue
+            if listening:
+                raise self.StartError(f"{self.PROGRAM} could not listen on {name} {port}: another "
+                                      "process holds it")
+            return False  # not listening yet
+        return True
 
     def _log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -83,6 +83,17 @@ class BlockManager:
         self._grow(seq, need)
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back seq's blocks beyond the first `num_tokens` tokens (KV of rejected draft
+        tokens): never full, never hashed, so they are reused first."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of seq's blocks that are now full and computed."""
         if not self.enable_prefix_caching:

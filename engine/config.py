@@ -1,9 +1,10 @@
-"""Engine configuration: which model, where it runs, and how big the paged KV cache is."""
+"""Engine configuration: which model, where it runs, how big the paged KV cache is, and whether
+decoding speculates."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -14,6 +15,42 @@ if TYPE_CHECKING:
 KVAllocator = Callable[[int], "torch.Tensor"]
 
 EMBEDDED_MODEL = "embedded"
+SPEC_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a drafter proposes up to `num_speculative_tokens` tokens per running
+    sequence and one forward pass verifies them. "ngram" (prompt lookup) drafts the tokens that
+    followed the longest earlier occurrence (prompt_lookup_max down to prompt_lookup_min tokens) of
+    the sequence's own suffix."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method == "mtp":
+            raise ValueError("speculative_config: method 'mtp' is not implemented yet; use 'ngram'")
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: unknown method {self.method!r}; "
+                             f"known: {', '.join(SPEC_METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) "
+                             f"exceeds prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpeculativeConfig:
+        """The config from a plain mapping (LLM(...) keyword, cluster spec); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -38,8 +75,15 @@ class EngineConfig:
     # fails the engine instead of blocking it forever
     tp_timeout_s: float = 120.0
     kv_allocator: KVAllocator | None = field(default=None, compare=False, repr=False)  # None: torch.zeros
+    # None: no speculation; a mapping is converted (LLM(speculative_config={...}))
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        spec = self.speculative_config
+        if isinstance(spec, Mapping):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(spec))
+        elif spec is not None and not isinstance(spec, SpeculativeConfig):
+            raise ValueError(f"speculative_config must be a mapping or SpeculativeConfig, got {spec!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

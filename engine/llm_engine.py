@@ -27,11 +27,12 @@ from .latency_histogram import LatencyHistogram
 from .layers.cpu_linear import use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
-from .outputs import RequestOutput
+from .outputs import RequestOutput, TokenLogprob
 from .prefix_hash import model_salt
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode.ngram import NgramDrafter
 from .tokenizer import Tokenizer
 from .weights import load_checkpoint, resolve_model_path
 
@@ -52,6 +53,8 @@ class EngineStats(KVCounters):
     computed_tokens_total: int
     prefix_hit_tokens_total: int
     preemptions_total: int
+    spec_draft_tokens_total: int         # draft tokens verified (speculative decoding)
+    spec_accepted_tokens_total: int      # of those, accepted (emitted as the model's own tokens)
     num_loading_kv: int = 0                # admitted, waiting for their KV to arrive
     step_seconds: dict = field(default_factory=dict)     # model step time, LatencyHistogram form
     kv_wait_seconds: dict = field(default_factory=dict)  # admission to KV in, per loaded request
@@ -107,6 +110,11 @@ class LLMEngine:
         self._computed_tokens = 0
         self._prefix_hits = 0
         self._preemptions = 0
+        spec = config.speculative_config
+        self.drafter = (NgramDrafter(spec.prompt_lookup_max, spec.prompt_lookup_min)
+                        if spec is not None else None)
+        self._draft_tokens = 0
+        self._accepted_tokens = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
                  path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
                  self.block_nbytes / 2**20)
@@ -234,6 +242,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         outputs = self._collect_transfers() if self.transfers else []
+        if self.drafter is not None:
+            self._draft()
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
@@ -243,15 +253,44 @@ class LLMEngine:
         t0 = time.perf_counter()
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
         self._step_time.observe(time.perf_counter() - t0)
+        sampled_ids = {id(s) for s in sampled}
         for s in sched.scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
-            self._computed_tokens += s.num_tokens
-            self.block_manager.commit(s.seq)
-        for s, token, lp in zip(sampled, tokens, logprobs):
-            out = self._append_token(s.seq, token, lp)
+            # drafts' KV counts once they are accepted, below
+            committed = s.num_tokens - len(s.seq.draft_token_ids)
+            s.seq.num_computed_tokens += committed
+            self._computed_tokens += committed
+            if id(s) not in sampled_ids:
+                self.block_manager.commit(s.seq)
+        for s, new, lps in zip(sampled, tokens, logprobs):
+            seq = s.seq
+            drafted, accepted = len(seq.draft_token_ids), len(new) - 1
+            if drafted:
+                seq.draft_token_ids = []
+                seq.draft_state.record(drafted, accepted)
+                self._draft_tokens += drafted
+                self._accepted_tokens += accepted
+                # accepted drafts' KV stays; the rejected ones' blocks go back to the pool
+                seq.num_computed_tokens += accepted
+                self._computed_tokens += accepted
+                self.block_manager.trim(seq, seq.num_computed_tokens + 1)
+            out = self._append_tokens(seq, new, lps)
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _draft(self) -> None:
+        """Give each running sequence that is decoding its draft tokens for this step."""
+        k = self.config.speculative_config.num_speculative_tokens
+        for seq in self.scheduler.running:
+            seq.draft_token_ids = []
+            if seq.num_computed_tokens != seq.num_tokens - 1:
+                continue                      # still prefilling (or its KV is being imported)
+            # the last token verified must still be one the request may emit
+            room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            if room > 0:
+                n = min(room, seq.draft_state.num_drafts(k))
+                if n > 0:
+                    seq.draft_token_ids = self.drafter.propose(seq.token_ids, n)
 
     def _start_import(self, seq: Sequence) -> bool:
         """Scheduler hook: start pulling a just-admitted sequence's blocks from the store; True when
@@ -283,25 +322,37 @@ class LLMEngine:
                 outputs.append(replace(self._saved_outputs.pop(seq.request_id), kv_handoff=handoff))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> RequestOutput | None:
+    def _append_tokens(self, seq: Sequence, tokens: list[int],
+                       logprobs: list[TokenLogprob | None]) -> RequestOutput | None:
+        """Append a step's new tokens up to the first that finishes the request."""
         if seq.num_output_tokens == 0:
             self._prefix_hits += seq.num_cached_tokens
-        seq.token_ids.append(token)
         detok = self._detok[seq.request_id]
         p = seq.params
         reason = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            reason = "stop"
-        elif detok.push([token]):
-            reason = "stop"
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "handoff" if seq.kv_export else "length"
+        emitted: list[int] = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            emitted.append(token)
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif detok.push([token]):
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "handoff" if seq.kv_export else "length"
+            if reason is not None:
+                break
+        # A stop among accepted drafts leaves KV past the last token kept; the blocks now full are
+        # registered for the prefix cache before a finished sequence gives them back.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.block_manager.commit(seq)
         out = RequestOutput(
-            request_id=seq.request_id, new_token_ids=[token],
+            request_id=seq.request_id, new_token_ids=emitted,
             delta_text=detok.take(final=reason not in (None, "handoff")),
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, logprobs=[logprob] if logprob else [])
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=[lp for lp in logprobs[:len(emitted)] if lp])
         if reason == "handoff" and self.transfers:
             # The first token goes out with the handoff, once the prompt's blocks are stored.
             self.scheduler.hold(seq)
@@ -322,6 +373,7 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,
+            spec_draft_tokens_total=self._draft_tokens, spec_accepted_tokens_total=self._accepted_tokens,
             num_loading_kv=len(self.scheduler.loading), step_seconds=self._step_time.snapshot(),
             kv_wait_seconds=self._kv_wait.snapshot(), **asdict(self.kv.counters))
 

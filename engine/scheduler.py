@@ -16,12 +16,14 @@ from .sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int              # tokens computed for this sequence this step
+    num_tokens: int              # tokens computed for this sequence this step (drafts included)
 
     @property
     def completes(self) -> bool:
-        """After this step the sequence's KV covers all its tokens: sample its next token."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        """After this step the sequence's KV covers all its tokens (and drafts): sample its next
+        token(s)."""
+        seq = self.seq
+        return seq.num_computed_tokens + self.num_tokens == seq.num_tokens + len(seq.draft_token_ids)
 
 
 @dataclass
@@ -75,7 +77,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq.draft_token_ids:
+                # Drafts are optional: cut them to the budget, and drop them unless the pool keeps a
+                # block for each running sequence after this one, so they never cause a preemption.
+                del seq.draft_token_ids[max(0, budget - remaining):]
+                need = (self.bm.blocks_needed(seq.num_tokens + len(seq.draft_token_ids))
+                        - len(seq.block_table) + len(self.running) - i - 1)
+                if need > self.bm.num_free_blocks or not self.bm.reserve(
+                        seq, seq.num_tokens + len(seq.draft_token_ids)):
+                    seq.draft_token_ids.clear()
+            n = min(remaining + len(seq.draft_token_ids), budget)
             while not self.bm.reserve(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()          # newest first; never one already scheduled
                 self._preempt(victim, out)
@@ -116,11 +128,13 @@ class Scheduler:
         {SequenceStatus.RUNNING: self.running, SequenceStatus.WAITING: self.waiting,
          SequenceStatus.LOADING: self.loading, SequenceStatus.SAVING: self.saving}[seq.status].remove(seq)
         self.bm.release(seq)
+        seq.draft_token_ids.clear()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.bm.release(seq)
+        seq.draft_token_ids.clear()
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

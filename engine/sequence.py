@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from .sampling import SamplingParams
+from .spec_decode.adaptive import DraftState
 
 _arrival = itertools.count()
 
@@ -37,6 +38,10 @@ class Sequence:
         self.num_preemptions = 0
         self.kv_export = False                # prefill-only: hand the KV off after one token
         self.kv_import = None                 # KVHandoff to pull from the store, if any
+        # speculative decoding: tokens drafted after token_ids for this step's verification (never
+        # part of token_ids, hashes or outputs until accepted), and how well drafts have done
+        self.draft_token_ids: list[int] = []
+        self.draft_state = DraftState()
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

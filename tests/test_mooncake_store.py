@@ -20,8 +20,9 @@ import torch
 from pdcluster.cluster.kvstore import same_host
 from pdcluster.cluster.kvstore.backend import BlockMissing, KVStoreError, StoreConfig, StoreUnavailable, block_nbytes
 from pdcluster.cluster.kvstore.mooncake_client import MooncakeBackend
-from pdcluster.cluster.kvstore.master import MasterConfig, MooncakeMaster
+from pdcluster.cluster.kvstore.master import MasterConfig, MasterStartError, MooncakeMaster
 from pdcluster.cluster.kvstore.node_client import MooncakeNodeClient, NodeClientConfig
+from pdcluster.cluster.supervised_process import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -113,6 +114,27 @@ def test_master_listens_on_loopback_and_is_healthy(master: MooncakeMaster) -> No
     # --http_metadata_server_host says.
     assert _listen_addrs(cfg.rpc_port) == {"127.0.0.1"}
     assert _listen_addrs(cfg.metrics_port) == {"127.0.0.1"}
+
+
+def test_master_refuses_a_port_another_process_holds(tmp_path: Path) -> None:
+    """mooncake_master keeps running when its RPC port is taken and serves nothing there; the health
+    probe would then answer for the other process. Start must fail instead, and new picked ports win."""
+    squatter = socket.socket()
+    squatter.bind(("0.0.0.0", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    try:
+        with pytest.raises(MasterStartError, match=f"rpc_port {taken}: another process holds it"):
+            MooncakeMaster(MasterConfig(rpc_port=taken, log_path=str(tmp_path / "m.log"))).start()
+        picks = iter([taken])
+        ports = dict(MooncakeMaster._PORTS, rpc_port=lambda host: next(picks, None) or free_port(host))
+        with pytest.MonkeyPatch.context() as mp_:
+            mp_.setattr(MooncakeMaster, "_PORTS", ports)
+            with MooncakeMaster(MasterConfig(log_path=str(tmp_path / "m2.log"))) as m:
+                assert m.config.rpc_port != taken and m.health().ok
+                assert _listen_addrs(m.config.rpc_port) == {"127.0.0.1"}
+    finally:
+        squatter.close()
 
 
 def _gone(pid: int) -> bool:

@@ -48,7 +48,7 @@ def test_workers_land_on_their_pool_nodes_and_the_control_plane_on_the_head(clus
     for worker_id, node_id in on.items():
         assert roles.get(node_id) == f"pd_{worker_id.split('-')[0]}", worker_id
     assert len(set(on.values())) == PREFILL_NODES + DECODE_NODES  # one worker per node
-    assert info.router_node_id == head
+    assert info.controller_node_id == head and ray.get(info.router.node_id.remote(), timeout=30) == head
     assert info.master.node_id == head and info.master.healthy and info.master.managed
 
 

@@ -11,8 +11,10 @@ from pdcluster.actors.router import Router
 from pdcluster.actors.worker import WorkerInfo, WorkerReport
 from pdcluster.cluster.policy.admission import AdmissionConfig
 from pdcluster.cluster.spec import ClusterSpec
-from pdcluster.cluster.tools.simulator import (DecodeModel, HandoffModel, PrefillModel, Profile, Topology,
-                                               Workload, _Simulation)
+from pdcluster.cluster.tools.planner.decode import DecodeModel
+from pdcluster.cluster.tools.planner.prefill import PrefillModel
+from pdcluster.cluster.tools.planner.profile import HandoffModel, Profile
+from pdcluster.cluster.tools.simulator import Topology, Workload, _Simulation
 
 
 class _Recording:
@@ -43,7 +45,9 @@ class _Recording:
 
 
 def _profile(kv_blocks: int) -> Profile:
-    return Profile("toy", PrefillModel(5.0, 0.1), DecodeModel(10.0, 1.0, 1.0, 0.0),
+    from test_simulator import TOY_ARCH, TOY_HW  # the simulator tests' toy hardware and model
+
+    return Profile("toy", TOY_HW, TOY_ARCH, PrefillModel(5.0, 0.0, mfu=1.0), DecodeModel(10.0, 1e30, 1.0, mfu=1e30),
                    HandoffModel(1000.0, 10.0, 1.0), max_batch_seqs=3, kv_blocks=kv_blocks, block_size=16)
 
 

@@ -1,29 +1,35 @@
 """Discrete-event simulator: hand-computed timelines on toy profiles, the real admission/routing in the
-loop, fitting, and the accuracy of a fit on 2 measured concurrencies against the other 4."""
+loop, speculative tokens, the EP pool in the loop, and the sweep over splits and decode choices."""
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import pytest
-import yaml
 
 from pdcluster.cluster.policy.admission import AdmissionConfig
-from pdcluster.cluster.cli.main import main
-from pdcluster.cluster.cli.simulate import ASCEND_910B_HBM_GB_S, ASCEND_910B_ROCE_GB_S, DSR1_KV_BYTES_PER_TOKEN
-from pdcluster.cluster.tools.perf_metrics import format_table
-from pdcluster.cluster.tools.simulator import (DecodeModel, HandoffModel, PrefillModel, Profile, Topology, Workload,
-                                         fit_profile, load_profile, read_measurements, save_profile, simulate,
-                                         simulate_levels, sweep_splits)
+from pdcluster.cluster.tools.planner.decode import DecodeModel, Speculative
+from pdcluster.cluster.tools.planner.hardware import Hardware, ModelArch
+from pdcluster.cluster.tools.planner.prefill import PrefillModel
+from pdcluster.cluster.tools.planner.profile import HandoffModel, Profile
+from pdcluster.cluster.tools.simulator import Topology, Workload, simulate, sweep_splits
 
-REPO = Path(__file__).resolve().parents[1]
-MEASURED = REPO.parent / "shared" / "data" / "910b_dsr1_awq_8card_128in.csv"
-DEPLOYED = REPO / "deploy" / "profiles" / "910b_dsr1_awq_tp8.yaml"
+# A toy model whose terms are easy to compute by hand: one MoE layer, 2 routed experts (top-1) of 3
+# one-byte weights each, nothing else; 6 FLOPs per token at 6e-9 TFLOP/s = 1 ms per prompt token;
+# HBM 1e-6 GB/s = 1 byte per ms.
+TOY_ARCH = ModelArch("toy", layers=1, dense_layers=0, hidden=1, dense_intermediate=1, routed_experts=2,
+                     experts_per_token=1, shared_experts=0, moe_intermediate=1, heads=0, q_lora_rank=0,
+                     kv_lora_rank=0, qk_nope_dim=0, qk_rope_dim=0, v_head_dim=0, vocab=0, mtp_layers=1,
+                     weight_bytes=1.0, head_bytes=1.0, kv_bytes=1.0)
+TOY_HW = Hardware("toy", chips_per_node=1, peak_tflops=6e-9, hbm_gb_s=1e-6, intra_node_gb_s=1.0,
+                  inter_node_gb_s=1.0, a2a_latency_us=0.0)
 
 
-def toy(batch_coef_ms: float = 0.0) -> Profile:
-    # prefill = 100 ms + 1 ms/token; decode step = 12 ms (+ batch_coef x batch);
+def toy(expert_ms_per_byte: float = 0.0) -> Profile:
+    # prefill = 100 ms + 1 ms/token; decode step = 12 ms (+ expert_ms_per_byte x expert bytes read;
+    # decode FLOPs ~0 at mfu 1e30);
     # handoff = 5 ms + 1e6 B/token at 1 GB/s = 5 ms + 1 ms/token.
-    return Profile("toy", PrefillModel(100.0, 1.0), DecodeModel(12.0, batch_coef_ms, 1.0, 0.0),
+    eff = 1 / expert_ms_per_byte if expert_ms_per_byte else 1e30
+    return Profile("toy", TOY_HW, TOY_ARCH, PrefillModel(100.0, 0.0, mfu=1.0), DecodeModel(12.0, eff, 1.0, mfu=1e30),
                    HandoffModel(1e6, 1.0, 5.0), max_batch_seqs=64, kv_blocks=1000, block_size=16)
 
 
@@ -73,82 +79,44 @@ def test_real_admission_queues_and_rejects():
 
 
 def test_2p4d_spreads_32_clients_8_per_decode_node():
-    r = simulate(toy(batch_coef_ms=2.0), Topology(prefill_nodes=2, decode_nodes=4), Workload(32, 10, 6, 1))
+    r = simulate(toy(expert_ms_per_byte=2.0), Topology(prefill_nodes=2, decode_nodes=4), Workload(32, 10, 6, 1))
     assert {n: s.max_batch for n, s in r.nodes.items() if n.startswith("decode")} == {f"decode{i}": 8 for i in range(4)}
     assert all(r.nodes[f"prefill{i}"].prefill_steps == 1 for i in range(2))  # 16 prompts batched each
-    # TTFT = prefill of 16 x 10 tokens = 100 + 160 ms; TPOT = (15 ms handoff + 5 steps of 12 + 2 x 8 ms) / 5.
+    # TTFT = prefill of 16 x 10 tokens = 100 + 160 ms. A decode step at batch 8 reads the distinct
+    # experts 8 tokens touch, 2 x (1 - 1/2^8), of 3 bytes at 2 ms per byte; TPOT = (15 ms handoff +
+    # 5 steps) / 5.
+    step = 12 + 2 * (1 - 0.5 ** 8) * 3 * 2.0
     assert r.stats.ttft_p99_s == pytest.approx(0.260)
-    assert r.stats.tpot_p50_ms == pytest.approx((15 + 5 * 28) / 5)
+    assert r.stats.tpot_p50_ms == pytest.approx((15 + 5 * step) / 5)
 
 
-def test_sweep_lists_every_split_best_first():
-    rows = sweep_splits(toy(batch_coef_ms=2.0), 4, Workload(8, 10, 6, 1), slo_tpot_ms=30)
-    assert sorted(t.label for t, _ in rows) == ["1P3D", "2P2D", "3P1D", "4 colocated"]
-    keys = [(s.goodput_rps, s.tps) for _, s in rows]
+def test_speculative_steps_emit_the_mean_accepted_length():
+    # k=1 at acceptance 0.5: 1.5 tokens per step, emitted 1, 2, 1, 2, ... (the fraction carries over).
+    # A step = one verification pass + one draft pass of the MTP layer (the toy's only layer), 12 ms
+    # overhead each, reads ~0.
+    spec = toy().with_decode(speculative=Speculative(1, (0.5,)))
+    r = simulate(spec, Topology(colocated_nodes=1), Workload(1, 10, 7, 1))
+    (t,) = r.traces
+    assert t.token_times == pytest.approx([0.110, 0.134, 0.158, 0.158, 0.182, 0.206, 0.206])
+
+
+def test_ep_pool_in_the_loop_and_not_colocated():
+    # 64 experts (top-1) over 4 decode chips; 32 sequences on the pool, 8 per node. A step reads the
+    # chip's share of the distinct experts all 32 tokens touch, 64 (1 - (63/64)^32) / 4, 3 bytes each
+    # at 2 ms per byte; the all-to-all (8 tokens x 2 B at 1 GB/s) hides under the reads.
+    arch = dataclasses.replace(TOY_ARCH, routed_experts=64)
+    p = dataclasses.replace(toy(expert_ms_per_byte=2.0), model=arch).with_decode("ep")
+    r = simulate(p, Topology(prefill_nodes=2, decode_nodes=4), Workload(32, 10, 6, 1))
+    step = 12 + 64 * (1 - (63 / 64) ** 32) / 4 * 3 * 2.0
+    assert r.stats.tpot_p50_ms == pytest.approx((15 + 5 * step) / 5)
+    with pytest.raises(ValueError, match="colocated"):
+        simulate(p, Topology(colocated_nodes=2), Workload(2, 10, 6, 1))
+
+
+def test_sweep_lists_every_split_and_decode_choice_best_first():
+    base = toy(expert_ms_per_byte=2.0)
+    rows = sweep_splits([base, base.with_decode("ep")], 4, Workload(8, 10, 6, 1), slo_tpot_ms=30)
+    labels = sorted(f"{t.label} {p.decode_label}" for t, p, _ in rows)
+    assert labels == ["1P3D ep", "1P3D tp", "2P2D ep", "2P2D tp", "3P1D ep", "3P1D tp", "4 colocated tp"]
+    keys = [(s.goodput_rps, s.tps) for _, _, s in rows]
     assert keys == sorted(keys, reverse=True)
-
-
-def _rows(beta: float, conc: list[int]) -> list[dict[str, float]]:
-    ctx_ms = 70272 / 1600e9 * 1000
-    return [{"concurrency": c, "tpot_ms": 10 + 5 * c ** beta + ctx_ms * c * (128 + 256),
-             "ttft_s": (300 + 0.25 * 128 * c) / 1000} for c in conc]
-
-
-def _fit(rows, **kw) -> Profile:
-    return fit_profile(rows, 128, 512, kv_bytes_per_token=70272, hbm_gb_s=1600,
-                       handoff=HandoffModel(70272, 25, 2.0), **kw)
-
-
-def test_fit_recovers_known_parameters():
-    p = _fit(_rows(0.6, [1, 2, 4, 8, 16, 32]))
-    assert p.decode.batch_exponent == pytest.approx(0.6)
-    assert p.decode.base_ms == pytest.approx(10, abs=0.01) and p.decode.batch_coef_ms == pytest.approx(5, abs=0.01)
-    assert p.prefill.base_ms == pytest.approx(300) and p.prefill.per_token_ms == pytest.approx(0.25)
-    two = _fit(_rows(0.5, [1, 8]))  # two points: exponent from the prior, both points reproduced
-    assert two.fit["batch_exponent"] == "prior" and two.decode.batch_exponent == 0.5
-    assert max(abs(e) for e in two.fit["tpot_rel_err"].values()) < 1e-4
-
-
-def test_fit_on_two_concurrencies_predicts_the_others_within_15_percent():
-    rows = read_measurements(MEASURED)
-    profile = _fit([r for r in rows if r["concurrency"] in (1, 8)])
-    held_out = {int(r["concurrency"]): r for r in rows if r["concurrency"] in (2, 4, 16, 32)}
-    levels = simulate_levels(profile, Topology(colocated_nodes=1), sorted(held_out), 128, 512,
-                             requests_per_client=2)
-    errors = {lv.concurrency: lv.tpot_mean_ms / held_out[lv.concurrency]["tpot_ms"] - 1 for lv in levels}
-    print("\n" + format_table(levels, title="colocated 1 node, fit on c=1,8 (simulated)"))
-    print("| Conc. | measured TPOT (ms) | simulated | rel. error |\n|---|---|---|---|")
-    for lv in levels:
-        print(f"| {lv.concurrency} | {held_out[lv.concurrency]['tpot_ms']} | {lv.tpot_mean_ms:.1f} "
-              f"| {100 * errors[lv.concurrency]:+.1f}% |")
-    assert all(abs(e) <= 0.15 for e in errors.values()), errors
-
-
-def test_profile_yaml_round_trip(tmp_path: Path):
-    path = tmp_path / "p.yaml"
-    save_profile(_fit(_rows(0.5, [1, 4, 8])), path)
-    assert load_profile(path) == _fit(_rows(0.5, [1, 4, 8]))
-
-
-def test_deployed_profile_is_the_fit_of_the_measurements():
-    # Catches a stale deploy/profiles file after a change to the fit or the measurements.
-    deployed = load_profile(DEPLOYED)
-    refit = fit_profile(read_measurements(MEASURED), 128, 512, kv_bytes_per_token=DSR1_KV_BYTES_PER_TOKEN,
-                        hbm_gb_s=ASCEND_910B_HBM_GB_S,
-                        handoff=HandoffModel(DSR1_KV_BYTES_PER_TOKEN, ASCEND_910B_ROCE_GB_S, 2.0))
-    assert (deployed.decode, deployed.prefill, deployed.handoff) == (refit.decode, refit.prefill, refit.handoff)
-
-
-def test_cli_simulate_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    out = tmp_path / "fitted.yaml"
-    assert main(["simulate", "--fit", str(MEASURED), "--fit-concurrency", "1", "8",
-                 "--write-profile", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["fit"]["concurrencies"] == [1, 8]
-    assert main(["simulate", "--profile", str(out), "--prefill-nodes", "2", "--decode-nodes", "4",
-                 "--concurrency", "32", "--requests-per-client", "1", "--min-tps", "30"]) == 0
-    text = capsys.readouterr().out
-    assert "2P4D" in text and "| 32 | 32/32 |" in text and "Largest simulated concurrency" in text
-    assert main(["simulate", "--profile", str(out), "--sweep-splits", "3", "--concurrency", "4",
-                 "--requests-per-client", "1", "--json", str(tmp_path / "s.json")]) == 0
-    text = capsys.readouterr().out
-    assert all(label in text for label in ("1P2D", "2P1D", "3 colocated"))

@@ -116,6 +116,7 @@ class MooncakeMaster(SupervisedProcess):
     PROGRAM = BINARY
     StartError = MasterStartError
     _PORTS = {"rpc_port": free_port, "metadata_port": free_port, "metrics_port": free_port}
+    _OWNED_PORTS = ("rpc_port", "metadata_port", "metrics_port")
 
     def __init__(self, config: MasterConfig | None = None) -> None:
         super().__init__(config or MasterConfig())

@@ -107,6 +107,7 @@ class MooncakeNodeClient(SupervisedProcess):
     PROGRAM = BINARY
     StartError = NodeClientStartError
     _PORTS = {"port": free_port, "transfer_port": free_transfer_port}
+    _OWNED_PORTS = ("port",)
 
     def __init__(self, config: NodeClientConfig) -> None:
         super().__init__(config)

@@ -1,111 +1,22 @@
 """Discrete-event simulator of a PD-disaggregated (xPyD) or colocated cluster, for capacity planning.
 
-It drives the real AdmissionController and routing policies with simulated nodes whose step times come
-from a profile fitted to measurements (`fit_profile`), and reports the same metrics as the benchmark.
+It drives the real AdmissionController and placement with simulated nodes whose step times come from a
+planner profile (cluster/tools/planner), and reports the same metrics as the benchmark.
 """
 from __future__ import annotations
 
-import csv
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-import yaml
 
 from ..policy.admission import AdmissionConfig, AdmissionController, Verdict
 from ..policy.placement import WorkerLoad, decode_blocks_needed, place
 from .perf_metrics import LevelStats, RequestTrace, summarize
-
-# Heaps' law exponent used when the data cannot pin the decode batch exponent (fewer than 3 points).
-DEFAULT_BATCH_EXPONENT = 0.5
-
-
-@dataclass(frozen=True)
-class PrefillModel:
-    """Prefill step time = base + per_token x prompt tokens in the batch (a batch packs waiting
-    prompts up to max_batch_tokens)."""
-
-    base_ms: float
-    per_token_ms: float
-    max_batch_tokens: int = 16384
-
-    def time_s(self, tokens: int) -> float:
-        return (self.base_ms + self.per_token_ms * tokens) / 1000
-
-
-@dataclass(frozen=True)
-class DecodeModel:
-    """Decode step time = base + batch_coef x batch^batch_exponent + ctx_coef x context tokens.
-
-    base: per-step cost independent of the batch (dense/attention/shared-expert weights, kernel
-    launches, TP all-reduces). batch term: MoE routed-expert weights touched by the batch; the number
-    of distinct experts B tokens activate grows sublinearly in B (Heaps' law under skewed routing) and
-    small-batch decode is bound by reading those weights. ctx term: reading the KV cache, bytes per
-    context token / HBM bandwidth, from the hardware rather than fitted.
-    """
-
-    base_ms: float
-    batch_coef_ms: float
-    batch_exponent: float
-    ctx_coef_ms: float
-
-    def step_s(self, batch: int, ctx_tokens: int) -> float:
-        return (self.base_ms + self.batch_coef_ms * batch ** self.batch_exponent
-                + self.ctx_coef_ms * ctx_tokens) / 1000
-
-
-@dataclass(frozen=True)
-class HandoffModel:
-    """KV handoff prefill -> store -> decode: latency + prompt bytes / bandwidth (per TP rank, ranks in
-    parallel); transfers do not contend with each other."""
-
-    bytes_per_token: float
-    bandwidth_gb_s: float
-    latency_ms: float
-
-    def time_s(self, tokens: int) -> float:
-        return self.latency_ms / 1000 + tokens * self.bytes_per_token / (self.bandwidth_gb_s * 1e9)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Performance model of one node (all its accelerators, one TP group)."""
-
-    name: str
-    prefill: PrefillModel
-    decode: DecodeModel
-    handoff: HandoffModel
-    max_batch_seqs: int = 64  # engine's cap on sequences decoding at once per node
-    kv_blocks: int = 1024  # KV blocks per node
-    block_size: int = 128
-    description: str = ""
-    fit: Mapping[str, Any] = field(default_factory=dict)  # provenance and fit residuals
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["fit"] = dict(self.fit)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Profile:
-        d = dict(d)
-        return cls(prefill=PrefillModel(**d.pop("prefill")), decode=DecodeModel(**d.pop("decode")),
-                   handoff=HandoffModel(**d.pop("handoff")), **d)
-
-
-def load_profile(path: str | Path) -> Profile:
-    return Profile.from_dict(yaml.safe_load(Path(path).read_text()))
-
-
-def save_profile(profile: Profile, path: str | Path) -> None:
-    header = ("# Performance profile for `pdcluster simulate`; written by `pdcluster simulate --fit`.\n"
-              "# Step-time models are documented in pdcluster/cluster/simulator.py.\n")
-    Path(path).write_text(header + yaml.safe_dump(profile.to_dict(), sort_keys=False))
+from .planner.decode import DecodeCost
+from .planner.profile import Profile
 
 
 @dataclass(frozen=True)
@@ -166,6 +77,7 @@ class _Seq:
     token_times: list[float] = field(default_factory=list)
     decode_node: _Node | None = None
     blocks: int = 0
+    credit: float = 0.0  # speculative decoding: accepted tokens owed but not yet emitted (fraction)
 
     @property
     def ctx(self) -> int:
@@ -210,6 +122,9 @@ class _Simulation:
         def nodes(prefix: str, n: int, role: str) -> list[_Node]:
             return [_Node(f"{prefix}{i}", role, NodeStats(role), blocks) for i in range(n)]
         self.colocated = topology.colocated_nodes > 0
+        if self.colocated and profile.decode_parallel == "ep":
+            raise ValueError("an expert-parallel decode pool needs disaggregated decode nodes, not colocated")
+        self.layout = profile.layout(topology.decode_nodes or topology.colocated_nodes)
         if self.colocated:
             self.prefill_nodes = self.decode_nodes = nodes("node", topology.colocated_nodes, "both")
         else:
@@ -319,7 +234,7 @@ class _Simulation:
                 if colocated:
                     node.in_use += seq.blocks
             if batch:
-                dur = self.p.prefill.time_s(tokens)
+                dur = self.p.prefill.time_s([s.prompt_len for s in batch], self.p.model, self.p.hardware)
                 node.stats.prefill_steps += 1
                 self._start(node, dur, self._prefill_done, node, batch, tokens, dur)
                 return
@@ -330,10 +245,23 @@ class _Simulation:
             node.running.append(seq)
         if node.running:
             batch_size = len(node.running)
-            dur = self.p.decode.step_s(batch_size, sum(s.ctx for s in node.running))
+            cost = self._decode_cost(node)
             node.stats.decode_steps += 1
             node.stats.max_batch = max(node.stats.max_batch, batch_size)
-            self._start(node, dur, self._decode_done, node)
+            self._start(node, cost.total_ms / 1000, self._decode_done, node, cost.tokens_per_seq)
+
+    def _decode_cost(self, node: _Node) -> DecodeCost:
+        """A node's next decode step. TP replica: the node's batch. EP pool: one attention group's share
+        of the node's batch, with the experts seeing every decode node's sequences (the pool steps
+        together; the simulation times each node's step with the pool's current load)."""
+        seqs, ctx = len(node.running), sum(s.ctx for s in node.running)
+        p, layout = self.p, self.layout
+        if layout.parallel == "tp":
+            return p.decode.cost(p.model, p.hardware, layout, seqs, ctx, None, p.speculative)
+        group = math.ceil(seqs / max(1, p.hardware.chips_per_node // layout.attn_tp))
+        # the other nodes' sequences that joined at this instant count already: they step together
+        pool = seqs + sum(len(n.running) + len(n.joining) for n in self.decode_nodes if n is not node)
+        return p.decode.cost(p.model, p.hardware, layout, group, round(ctx * group / seqs), pool, p.speculative)
 
     def _start(self, node: _Node, dur: float, fn: Callable[..., None], *args: Any) -> None:
         node.busy = True
@@ -360,12 +288,17 @@ class _Simulation:
         node.joining.append(seq)
         self._wake(node)
 
-    def _decode_done(self, node: _Node) -> None:
+    def _decode_done(self, node: _Node, tokens_per_seq: float) -> None:
+        """Each sequence gains tokens_per_seq tokens on average (1 without speculation); the fraction
+        carries over to its next step."""
         node.busy = False
         still: list[_Seq] = []
         done: list[_Seq] = []
         for seq in node.running:
-            seq.token_times.append(self.now)
+            seq.credit += tokens_per_seq
+            gained = max(1, int(seq.credit + 1e-9))
+            seq.credit -= gained
+            seq.token_times.extend([self.now] * min(gained, seq.output_len - len(seq.token_times)))
             (done if len(seq.token_times) >= seq.output_len else still).append(seq)
         node.running = still
         for seq in done:
@@ -385,116 +318,24 @@ def simulate(profile: Profile, topology: Topology, workload: Workload,
     return SimResult(stats, sim.traces, {n.node_id: n.stats for n in sim.by_id.values()}, sim.rejected)
 
 
-def sweep_splits(profile: Profile, total_nodes: int, workload: Workload, slo_ttft_s: float | None = None,
-                 slo_tpot_ms: float | None = None) -> list[tuple[Topology, LevelStats]]:
-    """Every xPyD split of `total_nodes` plus all-colocated, best first: most goodput, then the highest
-    per-request TPS."""
-    topologies = [Topology(prefill_nodes=x, decode_nodes=total_nodes - x) for x in range(1, total_nodes)]
-    topologies.append(Topology(colocated_nodes=total_nodes))
-    rows = [(t, simulate(profile, t, workload, slo_ttft_s=slo_ttft_s, slo_tpot_ms=slo_tpot_ms).stats)
-            for t in topologies]
-    rows.sort(key=lambda r: (-_or_zero(r[1].goodput_rps), -_or_zero(r[1].tps)))
+def sweep_splits(profiles: Iterable[Profile], total_nodes: int, workload: Workload,
+                 slo_ttft_s: float | None = None, slo_tpot_ms: float | None = None
+                 ) -> list[tuple[Topology, Profile, LevelStats]]:
+    """Every xPyD split of `total_nodes` (plus all-colocated for TP-replica decode) under each decode
+    choice in `profiles`, best first: most goodput, then the highest per-request TPS."""
+    rows = []
+    for profile in profiles:
+        topologies = [Topology(prefill_nodes=x, decode_nodes=total_nodes - x) for x in range(1, total_nodes)]
+        if profile.decode_parallel == "tp":
+            topologies.append(Topology(colocated_nodes=total_nodes))
+        rows += [(t, profile, simulate(profile, t, workload, slo_ttft_s=slo_ttft_s, slo_tpot_ms=slo_tpot_ms).stats)
+                 for t in topologies]
+    rows.sort(key=lambda r: (-_or_zero(r[2].goodput_rps), -_or_zero(r[2].tps)))
     return rows
 
 
 def _or_zero(x: float) -> float:
     return 0.0 if math.isnan(x) else x
-
-
-def assumptions(profile: Profile, workload: Workload, topology: Topology | None = None) -> list[str]:
-    """The model's assumptions in words, for the CLI to print next to its numbers (both modes' when
-    no topology is given)."""
-    d, p, h = profile.decode, profile.prefill, profile.handoff
-    lines = [
-        f"profile {profile.name}: {profile.description}".rstrip(": "),
-        f"decode step (ms) = {d.base_ms:.2f} + {d.batch_coef_ms:.3f} x batch^{d.batch_exponent:.2f} "
-        f"+ {d.ctx_coef_ms:.2e} x context tokens in the batch; each decode node runs its own batch "
-        f"(at most {profile.max_batch_seqs} sequences)",
-        f"prefill step (ms) = {p.base_ms:.1f} + {p.per_token_ms:.4f} x prompt tokens, waiting prompts "
-        f"batched up to {p.max_batch_tokens} tokens; the prefill samples the first token",
-        f"closed loop: {workload.concurrency} clients x {workload.requests_per_client} requests, "
-        f"{workload.input_len} tokens in, exactly {workload.output_len} out, no think time, no prefix reuse",
-    ]
-    if topology is None or topology.colocated_nodes:
-        lines.append("colocated: a node prefills newcomers before its next decode step (decode stalls)")
-    if topology is None or not topology.colocated_nodes:
-        lines.append(f"disaggregated: KV handoff = {h.latency_ms:.1f} ms + {h.bytes_per_token:.0f} B/token "
-                     f"/ {h.bandwidth_gb_s:.0f} GB/s, transfers in parallel without contention; "
-                     "decode nodes never prefill")
-    lines.append("router: the router's own AdmissionController and place() (prefill: least outstanding "
-                 "prompt tokens; decode: fewest sequences with KV blocks for prompt + output, else the "
-                 "least busy node, whose engine holds the request until blocks free up)")
-    return lines
-
-
-# --- fitting --------------------------------------------------------------------------------------
-
-def read_measurements(path: str | Path) -> list[dict[str, float]]:
-    """Rows of an evalscope-style CSV (header lines start with '#'): concurrency, ttft_s, tpot_ms, ..."""
-    with open(path, newline="") as f:
-        lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(lines)]
-
-
-def _lstsq_nonneg2(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    """Weighted least squares y ~ a + b x with a, b >= 0 (negative costs are not physical)."""
-    sol, *_ = np.linalg.lstsq(np.c_[np.ones_like(x), x] * weights[:, None], y * weights, rcond=None)
-    a, b = float(sol[0]), float(sol[1])
-    if b < 0:
-        a, b = float(np.average(y, weights=weights ** 2)), 0.0
-    elif a < 0:
-        a, b = 0.0, float(np.sum(weights ** 2 * x * y) / np.sum(weights ** 2 * x * x))
-    return a, b
-
-
-def fit_profile(rows: Sequence[Mapping[str, float]], input_len: int, output_len: int, *,
-                name: str = "fitted", description: str = "", source: str = "",
-                kv_bytes_per_token: float, hbm_gb_s: float, handoff: HandoffModel,
-                batch_exponent: float | None = None, max_batch_seqs: int = 64, kv_blocks: int = 1024,
-                block_size: int = 128, max_batch_tokens: int = 16384) -> Profile:
-    """Fit step-time models to colocated single-node closed-loop measurements (one row per concurrency:
-    `concurrency`, `ttft_s`, `tpot_ms`) with fixed `input_len`/`output_len`.
-
-    In such a run every wave of `c` requests is prefilled in one batch and decoded together, so
-    TTFT(c) = prefill(c x input_len) and TPOT(c) = mean decode step at batch c, whose context averages
-    c x (input_len + output_len / 2). The KV-read coefficient comes from the hardware
-    (kv_bytes_per_token / hbm_gb_s); base and batch coefficient are least squares on relative error;
-    the batch exponent is searched on a grid when there are >= 3 rows and not given, else 0.5.
-    """
-    if len(rows) < 2:
-        raise ValueError("need measurements at >= 2 concurrencies")
-    c = np.array([r["concurrency"] for r in rows], dtype=float)
-    tpot = np.array([r["tpot_ms"] for r in rows], dtype=float)
-    ttft_ms = np.array([r["ttft_s"] for r in rows], dtype=float) * 1000
-    ctx_coef = kv_bytes_per_token / (hbm_gb_s * 1e9) * 1000  # ms per context token read
-    y = tpot - ctx_coef * c * (input_len + output_len / 2)
-    w = 1 / tpot
-
-    def fit_at(beta: float) -> tuple[float, float, float]:
-        a, b = _lstsq_nonneg2(c ** beta, y, w)
-        return float(np.sum((w * (a + b * c ** beta - y)) ** 2)), a, b
-
-    fitted = batch_exponent is None and len(rows) >= 3
-    if fitted:
-        beta = min(np.round(np.arange(0.2, 1.2001, 0.01), 2), key=lambda bt: fit_at(float(bt))[0])
-    else:
-        beta = DEFAULT_BATCH_EXPONENT if batch_exponent is None else batch_exponent
-    _, a, b = fit_at(float(beta))
-    pa, pb = _lstsq_nonneg2(c * input_len, ttft_ms, 1 / ttft_ms)
-    decode = DecodeModel(round(a, 4), round(b, 4), float(beta), float(f"{ctx_coef:.4g}"))
-    prefill = PrefillModel(round(pa, 3), round(pb, 6), max_batch_tokens)
-    tpot_fit = [decode.step_s(int(ci), 0) * 1000 + ctx_coef * ci * (input_len + output_len / 2) for ci in c]
-    fit_info = {
-        "source": source, "input_len": input_len, "output_len": output_len,
-        "concurrencies": [int(ci) for ci in c],
-        "batch_exponent": "least squares" if fitted else "given" if batch_exponent is not None else "prior",
-        "kv_read": f"{kv_bytes_per_token:.0f} B/token / {hbm_gb_s:.0f} GB/s",
-        "assumed_not_fitted": "decode.ctx_coef_ms, handoff, max_batch_seqs, kv_blocks, block_size",
-        "tpot_rel_err": {int(ci): round(float(f / m - 1), 4) for ci, f, m in zip(c, tpot_fit, tpot)},
-        "ttft_rel_err": {int(ci): round(float(prefill.time_s(int(ci) * input_len) * 1000 / m - 1), 4)
-                         for ci, m in zip(c, ttft_ms)},
-    }
-    return Profile(name, prefill, decode, handoff, max_batch_seqs, kv_blocks, block_size, description, fit_info)
 
 
 def simulate_levels(profile: Profile, topology: Topology, concurrencies: Iterable[int], input_len: int,

@@ -29,7 +29,9 @@ class AttentionMetadata:
     """Everything attention needs about one packed step; built once per step by the runner."""
     slot_blocks: torch.Tensor            # [T] block id of each new token
     slot_offsets: torch.Tensor           # [T] offset inside that block
-    num_decode: int                      # the first num_decode tokens are single-token decodes
+    # the first num_decode tokens are decode rows: a token attending to the first decode_lens[i]
+    # positions of its sequence (a one-token decode, or one position of a draft verification)
+    num_decode: int
     decode_block_tables: torch.Tensor    # [num_decode, max_blocks]
     decode_mask: torch.Tensor            # [num_decode, 1, 1, max_blocks * block_size] True = attend
     decode_lens: torch.Tensor            # [num_decode] context length of each decode (its new token included)
