@@ -67,6 +67,7 @@ class EngineSpec(_Strict):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
+    async_kv_transfer: bool = True  # KV moves off the step thread (False: inside the step)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
     # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
     # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
@@ -392,8 +393,9 @@ class ClusterSpec(_Strict):
             model=self.model.path, device=e.device, dtype=self.model.dtype, block_size=e.block_size,
             num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
-            enable_prefix_caching=e.enable_prefix_caching, threads=e.threads,
-            tp_rank=tp_rank, tp_size=e.tp_size, speculative_config=e.speculative_config, **kv)
+            enable_prefix_caching=e.enable_prefix_caching, async_kv_transfer=e.async_kv_transfer,
+            threads=e.threads, tp_rank=tp_rank, tp_size=e.tp_size,
+            speculative_config=e.speculative_config, **kv)
 
 
 def is_loopback(host: str) -> bool:

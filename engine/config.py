@@ -68,6 +68,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # token budget per step (chunked prefill)
     max_model_len: int | None = None      # None: the model's own limit, capped at 8192
     enable_prefix_caching: bool = True
+    # KV handoffs and store prefix hits move on a transfer thread while the batch keeps stepping;
+    # False moves them inside the step (every running sequence waits), the old path, kept to compare
+    async_kv_transfer: bool = True
     threads: int | None = None            # torch intra-op threads on cpu
     tp_rank: int = 0
     tp_size: int = 1

@@ -97,6 +97,15 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(x.item())
 
 
+def min_each_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """`min_over_ranks` of each of `values` (the same length on every rank), in one collective."""
+    if _tp.size == 1 or not values:
+        return list(values)
+    x = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return [int(v) for v in x.tolist()]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's picklable `obj`, in rank order, on every rank (small metadata only)."""
     if _tp.size == 1:

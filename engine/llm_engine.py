@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -21,7 +21,9 @@ from .device import keep_freed_memory, select_device, select_dtype
 from .distributed import init_tensor_parallel
 from .kv_connector import KVConnector
 from .kv_handoff import KVHandoff, KVLayout
-from .kv_io import KVCounters, KVExchange
+from .kv_io import KVCounters, KVExchange, KVLoad
+from .kv_transfers import KVTransfers
+from .latency_histogram import LatencyHistogram
 from .layers.cpu_linear import use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
@@ -39,6 +41,7 @@ from .weights import load_checkpoint, resolve_model_path
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
+IDLE_WAIT_S = 0.05  # an idle step waits this long at most for a KV transfer to finish
 
 
 @dataclass(kw_only=True)
@@ -60,6 +63,9 @@ class EngineStats(KVCounters):
     # the pool's prefill throughput from their deltas.
     prefill_tokens_total: int = 0
     prefill_seconds_total: float = 0.0
+    num_loading_kv: int = 0                # admitted, waiting for their KV to arrive
+    step_seconds: dict = field(default_factory=dict)     # model step time, LatencyHistogram form
+    kv_wait_seconds: dict = field(default_factory=dict)  # admission to KV in, per loaded request
 
 
 class LLMEngine:
@@ -93,8 +99,10 @@ class LLMEngine:
             token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
             block_nbytes=self.block_nbytes, num_mtp_layers=int(self._mtp))
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
+        self.transfers = KVTransfers(self.kv) if config.async_kv_transfer else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, on_admit=self.kv.on_admit)
+                                   config.max_num_batched_tokens,
+                                   on_admit=self._start_import if self.transfers else self.kv.on_admit)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         eos = hf_config.get("eos_token_id")
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -107,6 +115,9 @@ class LLMEngine:
             paged_decode_kernel()  # built (or found) now rather than in the first request's step
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._saved_outputs: dict[str, RequestOutput] = {}  # first tokens held until their KV is stored
+        self._step_time = LatencyHistogram()
+        self._kv_wait = LatencyHistogram()
         self._computed_tokens = 0
         self._prefix_hits = 0
         self._preemptions = 0
@@ -255,9 +266,14 @@ class LLMEngine:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
         seq = self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
+        self._saved_outputs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        moving = self.transfers.of(seq) if self.transfers else None
+        if moving is not None:  # its blocks are freed once the transfer thread is done with them
+            moving.cancelled = True
+        else:
+            self.scheduler.finish(seq, "abort")
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -265,19 +281,24 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
+        outputs = self._collect_transfers() if self.transfers else []
         if self.drafter is not None:
             self._draft()
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
-            return []
+            if self.transfers and not outputs:  # only KV in flight: wait for it, do not spin
+                self.transfers.wait(IDLE_WAIT_S)
+            return outputs
         prompt = sum(max(0, min(s.num_tokens, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
                      for s in sched.scheduled)
         started = time.perf_counter()
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
+        elapsed = time.perf_counter() - started
+        self._step_time.observe(elapsed)
         if prompt:
             self._prefill_tokens += prompt
-            self._prefill_seconds += time.perf_counter() - started
+            self._prefill_seconds += elapsed
         if isinstance(self.drafter, MtpDrafter):   # its KV for what this step commits
             self.drafter.catch_up(self.runner.last_order, self.runner.last_hidden, sampled, tokens)
         sampled_ids = {id(s) for s in sampled}
@@ -288,7 +309,6 @@ class LLMEngine:
             self._computed_tokens += committed
             if id(s) not in sampled_ids:
                 self.block_manager.commit(s.seq)
-        outputs = []
         for s, new, lps in zip(sampled, tokens, logprobs):
             seq = s.seq
             drafted, accepted = len(seq.draft_token_ids), len(new) - 1
@@ -302,7 +322,9 @@ class LLMEngine:
                 seq.num_computed_tokens += accepted
                 self._computed_tokens += accepted
                 self.block_manager.trim(seq, seq.num_computed_tokens + 1)
-            outputs.append(self._append_tokens(seq, new, lps))
+            out = self._append_tokens(seq, new, lps)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _draft(self) -> None:
@@ -325,8 +347,38 @@ class LLMEngine:
             # the MTP drafter may take blocks for its own KV while each running sequence keeps one
             self.drafter.draft(requests, keep_free=len(self.scheduler.running))
 
+    def _start_import(self, seq: Sequence) -> bool:
+        """Scheduler hook: start pulling a just-admitted sequence's blocks from the store; True when
+        it must wait for them (it joins the batch once they are in)."""
+        load = self.kv.plan_import(seq)
+        if load is None:
+            return False
+        self.transfers.submit(load)
+        return True
+
+    def _collect_transfers(self) -> list[RequestOutput]:
+        """Finished transfers: loaded sequences join the batch, saved prompts release their first
+        token with the handoff; a cancelled request's blocks are freed now."""
+        outputs = []
+        for t in self.transfers.collect():
+            seq = t.job.seq
+            if isinstance(t.job, KVLoad):
+                self.kv.finish_import(t.job)  # TP: the ranks agree on the good blocks
+                self._kv_wait.observe(time.perf_counter() - t.started)
+                if t.cancelled:
+                    self.scheduler.finish(seq, "abort")
+                else:
+                    self.scheduler.kv_arrived(seq)
+                continue
+            handoff = self.kv.finish_save(t.job)  # TP: gathers every rank's refs
+            self.scheduler.finish(seq, "abort" if t.cancelled else "handoff")
+            if not t.cancelled:
+                del self._seqs[seq.request_id], self._detok[seq.request_id]
+                outputs.append(replace(self._saved_outputs.pop(seq.request_id), kv_handoff=handoff))
+        return outputs
+
     def _append_tokens(self, seq: Sequence, tokens: list[int],
-                       logprobs: list[TokenLogprob | None]) -> RequestOutput:
+                       logprobs: list[TokenLogprob | None]) -> RequestOutput | None:
         """Append a step's new tokens up to the first that finishes the request."""
         if seq.num_output_tokens == 0:
             self._prefix_hits += seq.num_cached_tokens
@@ -355,18 +407,25 @@ class LLMEngine:
         # registered for the prefix cache before a finished sequence gives them back.
         seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
         self.block_manager.commit(seq)
-        handoff = self.kv.export(seq) if reason == "handoff" else None
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self._seqs[seq.request_id], self._detok[seq.request_id]
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id, new_token_ids=emitted,
             delta_text=detok.take(final=reason not in (None, "handoff")),
             finished=reason is not None, finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
-            logprobs=[lp for lp in logprobs[:len(emitted)] if lp],
-            error=error, kv_handoff=handoff)
+            logprobs=[lp for lp in logprobs[:len(emitted)] if lp], error=error)
+        if reason == "handoff" and self.transfers:
+            # The first token goes out with the handoff, once the prompt's blocks are stored.
+            self.scheduler.hold(seq)
+            self._saved_outputs[seq.request_id] = out
+            self.transfers.submit(self.kv.plan_save(seq))
+            return None
+        if reason == "handoff":
+            out = replace(out, kv_handoff=self.kv.export(seq))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return out
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -378,7 +437,8 @@ class LLMEngine:
             spec_draft_tokens_total=self._draft_tokens, spec_accepted_tokens_total=self._accepted_tokens,
             spec_verifications_total=self._verifications,
             prefill_tokens_total=self._prefill_tokens, prefill_seconds_total=self._prefill_seconds,
-            **asdict(self.kv.counters))
+            num_loading_kv=len(self.scheduler.loading), step_seconds=self._step_time.snapshot(),
+            kv_wait_seconds=self._kv_wait.snapshot(), **asdict(self.kv.counters))
 
 
 def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:

@@ -1,8 +1,7 @@
 """Which sequences run this step, and how many tokens each: continuous batching with chunked prefill.
 
 Running sequences go first (decodes and unfinished prompt chunks), then waiting ones, all under one
-token budget. When blocks run out the newest running sequence is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed later (its prefix may still be cached).
+token budget; a sequence whose KV is still arriving waits beside the batch, holding its blocks.
 """
 from __future__ import annotations
 
@@ -40,21 +39,37 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int,
-                 on_admit: Callable[[Sequence], None] | None = None) -> None:
+                 on_admit: Callable[[Sequence], bool | None] | None = None) -> None:
         # on_admit may advance a newly admitted sequence's computed tokens by filling its blocks
-        # from outside (KV handed off by a prefill worker, or prefix blocks found in a store).
+        # from outside (KV handed off by a prefill worker, or prefix blocks found in a store); when
+        # it returns True those blocks are still arriving: the sequence waits in `loading`, off the
+        # batch, until `kv_arrived`.
         self.on_admit = on_admit
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.loading: list[Sequence] = []
+        self.saving: list[Sequence] = []  # finished computing, blocks held until their KV is stored
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading or self.saving)
+
+    def kv_arrived(self, seq: Sequence) -> None:
+        """A loading sequence's blocks are in: it joins the running batch."""
+        self.loading.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def hold(self, seq: Sequence) -> None:
+        """A running sequence leaves the batch but keeps its blocks while they are written out."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.SAVING
+        self.saving.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -84,12 +99,16 @@ class Scheduler:
                 i += 1
         if out.preempted:
             return out    # the pool is full: admitting newcomers now would only thrash
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.loading) < self.max_num_seqs):
             seq = self.waiting[0]
             if not self.bm.admit(seq, budget):
                 break
-            if self.on_admit is not None:
-                self.on_admit(seq)
+            if self.on_admit is not None and self.on_admit(seq):
+                self.waiting.popleft()
+                seq.status = SequenceStatus.LOADING
+                self.loading.append(seq)
+                continue
             # what the allocated blocks can take; reserve() may add blocks when the pool allows
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.bm.reserve(seq, seq.num_computed_tokens + n):
@@ -106,10 +125,8 @@ class Scheduler:
         """Take seq out of the engine and give back its blocks (idempotent)."""
         if seq.status is SequenceStatus.FINISHED:
             return
-        if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        else:
-            self.waiting.remove(seq)
+        {SequenceStatus.RUNNING: self.running, SequenceStatus.WAITING: self.waiting,
+         SequenceStatus.LOADING: self.loading, SequenceStatus.SAVING: self.saving}[seq.status].remove(seq)
         self.bm.release(seq)
         seq.draft_token_ids.clear()
         seq.status = SequenceStatus.FINISHED

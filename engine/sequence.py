@@ -14,7 +14,9 @@ _arrival = itertools.count()
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"    # admitted, blocks allocated, its KV still arriving from the store
     RUNNING = "running"
+    SAVING = "saving"      # prefill done, its KV still being written to the store
     FINISHED = "finished"
 
 
