@@ -26,6 +26,11 @@ GONE_TTL_S = 120.0  # how long a released id is remembered (see Router._gone)
 # An ingress replica renews its lease every second or so (`renew`); one silent for this long is taken
 # for dead and every request it owned is released (its streams died with it).
 LEASE_TTL_S = 10.0
+# A placed request its live ingress replica stopped listing (its release never arrived: Ray may drop
+# a call made as the request's task is cancelled) is released after this many renewals without it,
+# and no sooner than ORPHAN_GRACE_S after placement (a renewal sent before admit() answered omits it).
+ORPHAN_MISSES = 2
+ORPHAN_GRACE_S = 3.0
 
 # Reject reasons added to the admission policy's own: the request's client left while it was queued,
 # it waited past its TTFT SLO, or no healthy worker can take it.
@@ -67,6 +72,7 @@ class RouterSnapshot:
     draining: bool = False
     leases: dict[str, int] = field(default_factory=dict)  # ingress replica -> requests it holds
     expired_total: int = 0  # requests released because their ingress replica's lease ran out
+    orphans_total: int = 0  # requests released because their live ingress replica no longer ran them
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class _Placed:
     decode: str | None = None
     waiter: asyncio.Future | None = None  # set while queued
     owner: str = ""  # the ingress replica running it ("": no lease, never expires)
+    placed_at: float | None = None  # when it got its workers (None while queued)
+    missed: int = 0  # consecutive renewals of its owner that did not list it
 
 
 class Router:
@@ -122,6 +130,7 @@ class Router:
         self.draining = False
         self.leases: dict[str, float] = {}  # ingress replica -> when it last renewed
         self.expired_total = 0  # requests released because their ingress replica stopped renewing
+        self.orphans_total = 0  # requests released because their live ingress replica dropped them
 
     # ------------------------------------------------------------------ the controller's view
     def update_workers(self, infos: list[WorkerInfo], healthy: dict[str, bool],
@@ -212,7 +221,28 @@ class Router:
         now = time.monotonic()
         self.leases[owner] = now
         self._expire(now)
+        self._release_orphans(owner, set(request_ids), now)
         return [r for r in request_ids if r not in self.requests and r not in self._gone]
+
+    def _release_orphans(self, owner: str, listed: set[str], now: float) -> None:
+        """Release `owner`'s placed requests that its renewals stopped listing: the replica lives
+        but no longer runs them, so their release was lost."""
+        orphans = []
+        for request_id, req in self.requests.items():
+            if req.owner != owner or req.placed_at is None:
+                continue
+            if request_id in listed:
+                req.missed = 0
+            elif now - req.placed_at >= ORPHAN_GRACE_S:
+                req.missed += 1
+                if req.missed >= ORPHAN_MISSES:
+                    orphans.append(request_id)
+        if orphans:
+            log.warning("ingress %s no longer runs %d request(s) it never released: releasing them",
+                        owner, len(orphans))
+        for request_id in orphans:
+            self.release(request_id)
+        self.orphans_total += len(orphans)
 
     def restore(self, owner: str, leased: list[LeasedRequest]) -> int:
         """Count requests that are running but unknown here (this router restarted): their slots,
@@ -224,7 +254,7 @@ class Router:
             if r.request_id in self.requests or r.request_id in self._gone:
                 continue  # known, or released while the description was on its way
             self.requests[r.request_id] = _Placed(r.prompt_len, r.max_tokens, r.prefix_hashes, now,
-                                                  r.prefill, r.decode, owner=owner)
+                                                  r.prefill, r.decode, owner=owner, placed_at=now)
             self.admission.restore(r.request_id, r.prompt_len, r.tenant, now, r.prefilled)
             for worker in (None if r.prefilled else r.prefill, r.decode):
                 if worker is not None:
@@ -326,6 +356,7 @@ class Router:
             self._free_slot(request_id)
             return self._reject(request_id, NO_WORKER, 1.0, predicted)
         req.prefill, req.decode = placed.prefill, placed.decode
+        req.placed_at = time.monotonic()
         for worker in filter(None, (placed.prefill, placed.decode)):
             self.assigned[worker].add(request_id)
             self.placed_total[worker] += 1
@@ -378,4 +409,5 @@ class Router:
             workers=[WorkerState(self.infos[w], self.healthy[w], self.reports.get(w),
                                  len(self.assigned[w]), self.placed_total[w]) for w in self.infos],
             draining=self.draining, expired_total=self.expired_total,
+            orphans_total=self.orphans_total,
             leases={o: sum(r.owner == o for r in self.requests.values()) for o in self.leases})

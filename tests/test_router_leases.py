@@ -90,3 +90,33 @@ def test_a_restarted_router_counts_running_requests_again_from_the_leases(clock)
                                 for i in range(2)])
     assert fresh.snapshot().in_flight == 2
     assert router_mod.Verdict.QUEUE == fresh.admission.admit("t", 8, 8, clock.now).verdict
+
+
+def test_a_request_its_live_ingress_stopped_listing_is_released(clock):
+    """The ingress's release() can be lost (Ray may drop a call made while the request's task is
+    being cancelled): the replica's renewals stop listing it and the router frees its slot, but
+    never a request admitted just before a renewal that was already on its way."""
+    router = _router()
+    assert _admit(router, "a1", "ingress-a").admitted and _admit(router, "a2", "ingress-a").admitted
+    # a renewal sent before a2's admission answered: a2 is too young to be missing
+    router.renew("ingress-a", ["a1"])
+    clock.now += 1
+    router.renew("ingress-a", ["a1"])
+    assert "a2" in router.requests
+    # a2 ended at the ingress but its release never came; a1 is still listed
+    for _ in range(3):
+        clock.now += 1
+        router.renew("ingress-a", ["a1"])
+    assert "a2" not in router.requests and "a1" in router.requests
+    snap = router.snapshot()
+    assert snap.in_flight == 1 and snap.orphans_total == 1
+    assert [w.assigned for w in snap.workers] == [1, 1]
+    # another replica's renewals never release ingress-a's requests
+    for _ in range(4):
+        clock.now += 1
+        router.renew("ingress-b", [])
+        router.renew("ingress-a", ["a1"])
+    assert "a1" in router.requests
+    # a late release of the orphan changes nothing
+    router.release("a2")
+    assert router.snapshot().in_flight == 1

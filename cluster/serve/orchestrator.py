@@ -193,13 +193,14 @@ class Orchestrator:
             rec.status = "cancelled"
             raise
         finally:
-            if in_prefill is not None:
-                ray.cancel(in_prefill)
-                self.info.handles[rec.prefill_worker].abort.remote(rec.request_id)
-            if in_decode is not None:
-                ray.cancel(in_decode)
-                self.info.handles[rec.decode_worker].abort.remote(rec.request_id)
-            self.live.pop(rec.request_id, None)
+            self.live.pop(rec.request_id, None)  # unlisted, the router frees it even if release is lost
+            for call, worker in ((in_prefill, rec.prefill_worker), (in_decode, rec.decode_worker)):
+                if call is not None:
+                    try:
+                        ray.cancel(call)
+                    except Exception as exc:  # noqa: BLE001 - the abort below still frees its blocks
+                        log.warning("cancelling %s's call on %s failed: %s", rec.request_id, worker, exc)
+                    self.info.handles[worker].abort.remote(rec.request_id)
             self.router.release.remote(rec.request_id)
             self._observe_end(rec)
 
