@@ -166,7 +166,7 @@ CASES = [
     Case("top_k -2", 400, cmpl(top_k=-2), CMPL, param="top_k"),
     Case("top_k 2**40", 400, cmpl(top_k=2**40, top_p=0.5), CMPL, param="top_k"),
     Case("seed 2**64", 400, cmpl(seed=2**64, temperature=1), CMPL, param="seed"),
-    Case("n 2", 400, chat(n=2), says="not supported", param="n", code="unsupported_parameter"),
+    Case("n beyond the admission limit", 400, chat(n=10_000), says="at once", param="n"),
     Case("n 0", 400, cmpl(n=0), CMPL, param="n"),
     Case("top_logprobs without logprobs", 400, chat(top_logprobs=3), says="requires logprobs",
          param="top_logprobs"),

@@ -191,6 +191,55 @@ def test_logit_bias_forces_its_token(client, llm):
     assert bad.value.body["param"] == "logit_bias"
 
 
+def _worker_stats(role: str) -> dict:
+    (stats,) = [w.report.stats for w in h.snapshot().workers if w.info.role == role]
+    return stats
+
+
+def test_n_choices_share_the_prompt_blocks(client, llm):
+    """n=3 returns three choices; the prompt is computed once (the other choices find its full
+    blocks in the prefill worker's cache); greedy choices all equal the offline answer, streamed by
+    index; a seed makes the whole set reproducible while the choices differ."""
+    import uuid
+
+    messages = [{"role": "user", "content": f"Request {uuid.uuid4().hex}: list the planets of the solar "
+                                            f"system, from the closest to the sun to the farthest."}]
+    prompt_len = len(llm.chat_prompt(messages))
+    bs = h.snapshot().workers[0].info.block_size
+    assert prompt_len >= 3 * bs
+    h.wait_for(lambda: h.idle(h.snapshot()))
+    time.sleep(0.6)  # one poll: the router's copy of the worker's counters is fresh
+    before = _worker_stats("prefill")
+    full = client.chat.completions.create(model=h.MODEL, messages=messages, n=3, temperature=0, max_tokens=8)
+    time.sleep(0.6)
+    after = _worker_stats("prefill")
+    offline = llm.generate([llm.chat_prompt(messages)], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    assert [c.message.content for c in full.choices] == [offline.text] * 3
+    assert full.usage.prompt_tokens == prompt_len
+    assert full.usage.completion_tokens == 3 * len(offline.token_ids)
+    cached = (prompt_len - 1) // bs * bs  # full blocks before the last prompt token, which is computed
+    hits = after["prefix_hit_tokens_total"] - before["prefix_hit_tokens_total"]
+    computed = after["computed_tokens_total"] - before["computed_tokens_total"]
+    assert hits >= 2 * cached, (hits, cached)
+    assert computed <= prompt_len + 2 * (prompt_len - cached), (computed, prompt_len)
+
+    stream = client.chat.completions.create(model=h.MODEL, messages=messages, n=2, temperature=0,
+                                            max_tokens=8, stream=True)
+    texts, finishes = ["", ""], [None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [offline.text] * 2 and finishes == [offline.finish_reason] * 2
+
+    sampled = [client.completions.create(model=h.MODEL, prompt="Once upon a time", n=3, temperature=1.0,
+                                         seed=11, max_tokens=12) for _ in range(2)]
+    runs = [[c.text for c in sorted(s.choices, key=lambda c: c.index)] for s in sampled]
+    assert runs[0] == runs[1]          # seeded: the same set again
+    assert len(set(runs[0])) > 1       # choice i samples with seed + i
+
+
 def test_models_and_health(client, cluster):
     assert [m.id for m in client.models.list().data] == [h.MODEL]
     health = httpx.get(cluster[1] + "/health", timeout=30)

@@ -26,7 +26,6 @@ def _parse_error(model, body, max_bytes: int = 1 << 20) -> oai.OpenAIError:
     ({"model": "m", "messages": []}, 400, "messages", "invalid_value"),
     ({"model": "m"}, 400, "messages", "invalid_value"),
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
-    ({**CHAT, "n": 3}, 400, "n", "unsupported_parameter"),
     ({**CHAT, "top_logprobs": 3}, 400, "top_logprobs", "invalid_value"),
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
     ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
@@ -145,13 +144,14 @@ def test_response_shapes():
     use = oai.usage(10, 5, cached_tokens=4)
     assert use == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
                    "prompt_tokens_details": {"cached_tokens": 4}}
-    full = oai.chat_completion("id1", "m", 1, "hi", "stop", use)
+    full = oai.chat_completion("id1", "m", 1, [oai.chat_choice("hi", "stop")], use)
     assert full["object"] == "chat.completion"
     assert full["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert full["choices"][0]["finish_reason"] == "stop" and full["usage"] == use
     chunk = oai.chat_chunk("id1", "m", 1, {"content": "h"})
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"content": "h"}
-    assert oai.completion("id2", "m", 1, "t", "length", use)["choices"][0]["text"] == "t"
+    assert oai.completion("id2", "m", 1, [oai.completion_choice("t", "length")], use)["choices"][0]["text"] == "t"
+    assert oai.chat_chunk("id1", "m", 1, {"content": "h"}, index=2)["choices"][0]["index"] == 2
     assert oai.usage_chunk("id1", "m", 1, "chat.completion.chunk", use)["choices"] == []
     assert oai.sse("[DONE]") == "data: [DONE]\n\n"
     assert json.loads(oai.sse(chunk)[len("data: "):]) == chunk

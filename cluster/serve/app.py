@@ -4,6 +4,7 @@ It authenticates, validates and tokenizes each request, checks it against the mo
 and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
 """
 import asyncio
+import copy
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
+from ..policy.placement import decode_blocks_needed
 from ..spec import ClusterSpec
 from . import grpc_service
 from . import openai_protocol as oai
@@ -91,11 +93,15 @@ def _text_bytes(value: Any) -> int:
     return 0
 
 
-def _usage(rec: RequestRecord, out: ChatOutput | None) -> dict[str, Any]:
-    """The request's usage; a chat answer under a reasoning parser also counts its reasoning tokens."""
-    if out is None or out.reasoning is None:
-        return rec.usage()
-    return oai.usage(rec.prompt_tokens, rec.output_tokens, rec.cached_tokens, out.reasoning_tokens)
+def _usage(recs: list[RequestRecord], outs: list[ChatOutput | None]) -> dict[str, Any]:
+    """The usage of a request's choices (the prompt counted once); a chat answer under a reasoning
+    parser also counts its reasoning tokens."""
+    first = recs[0]
+    reasoning = None
+    if outs[0] is not None and outs[0].reasoning is not None:
+        reasoning = sum(o.reasoning_tokens for o in outs)
+    return oai.usage(first.prompt_tokens, sum(r.output_tokens for r in recs), first.cached_tokens,
+                     reasoning)
 
 
 def _error(exc: oai.OpenAIError) -> JSONResponse:
@@ -128,6 +134,47 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     return _error(oai.OpenAIError(500, "internal server error"))
+
+
+async def _choice_steps(steps: list[AsyncIterator[Delta]],
+                        first: Delta | None) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from each choice's admitted steps as they come; `first`: choice 0's
+    first delta, already taken. Closing it closes every choice (their requests are released)."""
+    if len(steps) == 1:
+        try:
+            async for d in steps[0]:
+                yield 0, d
+        finally:
+            await steps[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+            await queue.put((i, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    if first is not None:
+        queue.put_nowait((0, first))
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(steps)]
+    try:
+        running = len(steps)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
 
 
 def _grpc_response_format(fmt) -> dict[str, Any]:
@@ -418,33 +465,77 @@ class Ingress:
         return oai.completion_logprobs(entries, self._token_text, offset)
 
     async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
-        """`out`: a chat answer's parser (None for completions)."""
-        steps = self.orchestrator.run(rec)
+        """`out`: a chat answer's parser (None for completions). With n > 1 the choices run as n
+        requests, the first alone until its prompt is computed: the others find its blocks in the
+        prefix cache of the worker that computed it (the router places them by prefix affinity)."""
         try:
-            await self._admitted(steps)
+            recs, outs = self._choices(rec, req.n, out)
         except oai.OpenAIError as exc:
             return _error(exc)
-        if req.stream:
-            return _ClosingStreamingResponse(self._sse(rec, steps, out, req.include_usage),
-                                             media_type="text/event-stream")
-        text, finish, logprobs = [], None, []
+        steps = [self.orchestrator.run(r) for r in recs]
+        first: Delta | None = None
         try:
-            async for d in steps:
-                text.append(d.text)
-                logprobs += d.logprobs
-                finish = d.finish_reason or finish
-                if out is not None:
-                    out.feed(d.text, len(d.token_ids))
+            await self._admitted(steps[0])
+            if len(steps) > 1:
+                first = await anext(steps[0], None)
+                await asyncio.gather(*(self._admitted(s) for s in steps[1:]))
+        except BaseException as exc:
+            await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
+            if isinstance(exc, oai.OpenAIError):
+                return _error(exc)
+            raise
+        choices = _choice_steps(steps, first)
+        if req.stream:
+            return _ClosingStreamingResponse(self._sse(recs, choices, outs, req.include_usage),
+                                             media_type="text/event-stream")
+        text, finish, logprobs = [[] for _ in recs], [None] * len(recs), [[] for _ in recs]
+        try:
+            async for i, d in choices:
+                text[i].append(d.text)
+                logprobs[i] += d.logprobs
+                finish[i] = d.finish_reason or finish[i]
+                if outs[i] is not None:
+                    outs[i].feed(d.text, len(d.token_ids))
         except oai.OpenAIError as exc:
             return _error(exc)
         finally:
-            await steps.aclose()
+            await choices.aclose()
         name, rid, created = self.info.model_name, rec.request_id, self.created
-        lp = self._logprobs(out is not None, logprobs) if rec.params.logprobs is not None else None
-        if out is None:
-            return JSONResponse(oai.completion(rid, name, created, "".join(text), finish, rec.usage(), lp))
-        return JSONResponse(oai.chat_completion(rid, name, created, out.message("", 0),
-                                                out.finish_reason(finish), _usage(rec, out), lp))
+        chat = out is not None
+        lps = [self._logprobs(chat, lp) if rec.params.logprobs is not None else None for lp in logprobs]
+        if not chat:
+            return JSONResponse(oai.completion(rid, name, created, [
+                oai.completion_choice("".join(t), f, lp, i)
+                for i, (t, f, lp) in enumerate(zip(text, finish, lps))], _usage(recs, outs)))
+        return JSONResponse(oai.chat_completion(rid, name, created, [
+            oai.chat_choice(o.message("", 0), o.finish_reason(f), lp, i)
+            for i, (o, f, lp) in enumerate(zip(outs, finish, lps))], _usage(recs, outs)))
+
+    def _choices(self, rec: RequestRecord, n: int,
+                 out: ChatOutput | None) -> tuple[list[RequestRecord], list[ChatOutput | None]]:
+        """The records of a request's n choices (the first is `rec`; a seed gives choice i seed + i,
+        as vLLM does) and a parser per choice; n the admission could never run at once is a 400."""
+        if n == 1:
+            return [rec], [out]
+        limit = self.spec.router.max_concurrency
+        if n > limit:
+            raise oai.OpenAIError(400, f"n={n} choices cannot run at once: this server runs at most "
+                                  f"{limit} requests at a time", param="n", code="invalid_value")
+        bs = self.info.block_size
+        shared = len(rec.prompt_ids) // bs   # the prompt's full blocks, held once
+        needed = shared + n * (decode_blocks_needed(len(rec.prompt_ids), rec.params.max_tokens, bs) - shared)
+        pool = sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")
+        if needed > pool:
+            raise oai.OpenAIError(400, f"n={n} choices of up to {rec.params.max_tokens} tokens need "
+                                  f"{needed} KV blocks at once; the decode pool has {pool}",
+                                  param="n", code="invalid_value")
+        recs = [rec]
+        for i in range(1, n):
+            params = rec.params
+            if params.seed is not None:
+                params = dataclasses.replace(params, seed=params.seed + i)
+            recs.append(RequestRecord(f"{rec.request_id}-{i}", rec.prompt_ids, params, rec.tenant))
+        return recs, [out] + [copy.deepcopy(out) for _ in range(1, n)]
 
     @staticmethod
     async def _admitted(steps: AsyncIterator[Delta | None]) -> None:
@@ -455,39 +546,43 @@ class Ingress:
             await steps.aclose()
             raise
 
-    async def _sse(self, rec: RequestRecord, steps: AsyncIterator[Delta], out: ChatOutput | None,
-                   include_usage: bool) -> AsyncIterator[str]:
-        model, rid, created = self.info.model_name, rec.request_id, self.created
-        chat = out is not None
-        want_lp = rec.params.logprobs is not None
-        offset = 0   # characters of completion text sent so far (completions' text_offset)
+    async def _sse(self, recs: list[RequestRecord], choices: AsyncIterator[tuple[int, Delta]],
+                   outs: list[ChatOutput | None], include_usage: bool) -> AsyncIterator[str]:
+        model, rid, created = self.info.model_name, recs[0].request_id, self.created
+        chat = outs[0] is not None
+        want_lp = recs[0].params.logprobs is not None
+        offset = [0] * len(recs)   # characters of completion text sent so far (completions' text_offset)
         try:
             if chat:
-                yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-            async for d in steps:
+                for i in range(len(recs)):
+                    yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
+                                                 index=i))
+            async for i, d in choices:
                 # a token whose text is held back (a partial character, a possible stop string)
                 # still reports its logprob in this chunk
-                lp = self._logprobs(chat, d.logprobs, offset) if want_lp and d.logprobs else None
+                lp = self._logprobs(chat, d.logprobs, offset[i]) if want_lp and d.logprobs else None
                 if chat:
+                    out = outs[i]
                     deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
                     if lp and not deltas:
                         deltas = [{"content": ""}]
-                    for i, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
+                    for j, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
                         yield oai.sse(oai.chat_chunk(rid, model, created, delta,
-                                                     logprobs=lp if i == 0 else None))
+                                                     logprobs=lp if j == 0 else None, index=i))
                     if d.finish_reason:
                         yield oai.sse(oai.chat_chunk(rid, model, created, {},
-                                                     out.finish_reason(d.finish_reason)))
+                                                     out.finish_reason(d.finish_reason), index=i))
                 elif d.text or d.finish_reason or lp:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp))
-                offset += len(d.text)
+                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
+                                                       index=i))
+                offset[i] += len(d.text)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(rec, out)))
+                yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(recs, outs)))
         except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
             yield oai.sse(exc.body())
         finally:
-            await steps.aclose()
+            await choices.aclose()
         yield oai.sse("[DONE]")
 
 

@@ -127,7 +127,7 @@ class _Request(BaseModel):
     user: str | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return [("n", self.n != 1)]
+        return []
 
     def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
         """logit_bias with its keys (token ids as JSON strings) as ints; the ingress checks the
@@ -407,37 +407,44 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
     return use
 
 
-def chat_completion(request_id: str, model: str, created: int, message: str | dict[str, Any],
-                    finish_reason: str | None, use: dict[str, Any],
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_choice(message: str | dict[str, Any], finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
     """`message`: the assistant's text, or the whole message (reasoning, tool calls)."""
     if isinstance(message, str):
         message = {"role": "assistant", "content": message}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_completion(request_id: str, model: str, created: int, choices: list[dict[str, Any]],
+                    use: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
-            "usage": use}
+            "choices": choices, "usage": use}
 
 
 def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any],
-               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
+               index: int = 0) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
-def completion(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-               use: dict[str, Any], logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_choice(text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
+                      index: int = 0) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion(request_id: str, model: str, created: int, choices: list[dict[str, Any]],
+               use: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": use}
+            "choices": choices, "usage": use}
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str,
-                     finish_reason: str | None = None,
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                     finish_reason: str | None = None, logprobs: dict[str, Any] | None = None,
+                     index: int = 0) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [completion_choice(text, finish_reason, logprobs, index)]}
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]
     text = {"type": "string", "minLength": 1}
     ids = {"type": "array", "minItems": 1,
            "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
-    common = {"model": {**off(model_name), "default": None}, "n": {"const": 1, "default": 1}}
+    common = {"model": {**off(model_name), "default": None}}
     return {
         "ChatCompletionRequest": {
             **common},
