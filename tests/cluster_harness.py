@@ -2,6 +2,8 @@
 deployment and teardown, and a view of the router's state."""
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -119,3 +121,24 @@ def metric_values(text: str) -> dict[tuple[str, tuple], float]:
 
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def stream_completion(base: str, prompt: str, max_tokens: int, out: list, started: threading.Event,
+                      timeout_s: float = 180) -> None:
+    """Stream a greedy completion of exactly max_tokens into `out`: the status, each SSE payload
+    (decoded JSON, or "[DONE]"), or the HTTP error that ended it; `started` is set at the first."""
+    import httpx
+
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=timeout_s) as resp:
+            out.append(resp.status_code)
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: "):]
+                    out.append(data if data == "[DONE]" else json.loads(data))
+                    started.set()
+    except httpx.HTTPError as exc:
+        out.append(exc)
+

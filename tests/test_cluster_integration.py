@@ -337,19 +337,7 @@ def test_client_disconnect_frees_its_slot_and_blocks(cluster):
 
 
 def _stream(base: str, max_tokens: int, out: list, started: threading.Event) -> None:
-    """Stream a completion into `out`: the status, each SSE payload, or the error that ended it."""
-    body = {"model": h.MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as resp:
-            out.append(resp.status_code)
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    data = line[len("data: "):]
-                    out.append(data if data == "[DONE]" else json.loads(data))
-                    started.set()
-    except httpx.HTTPError as exc:
-        out.append(exc)
+    h.stream_completion(base, "Count: 1, 2, 3,", max_tokens, out, started)
 
 
 def _streams_in_flight(base: str, n: int, max_tokens: int) -> tuple[list[threading.Thread], list[list]]:

@@ -5,7 +5,6 @@ leaving no process behind."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import socket
 import subprocess
@@ -34,16 +33,7 @@ def _cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _stream(base: str, max_tokens: int, events: list, first: threading.Event) -> None:
-    """Stream a completion, keeping every SSE payload (decoded JSON, or "[DONE]")."""
-    body = {"model": h.MODEL, "prompt": f"Count from {max_tokens}:", "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0, "stream": True}
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as resp:
-        events.append(resp.status_code)
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                data = line[len("data: "):]
-                events.append(data if data == "[DONE]" else json.loads(data))
-                first.set()
+    h.stream_completion(base, f"Count from {max_tokens}:", max_tokens, events, first, timeout_s=120)
 
 
 @pytest.fixture(scope="module")
