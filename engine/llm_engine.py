@@ -102,7 +102,8 @@ class LLMEngine:
         self.transfers = KVTransfers(self.kv) if config.async_kv_transfer else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   on_admit=self._start_import if self.transfers else self.kv.on_admit)
+                                   on_admit=self._start_import if self.transfers is not None
+                                   else self.kv.on_admit)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         eos = hf_config.get("eos_token_id")
         self.eos_token_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -269,7 +270,7 @@ class LLMEngine:
         self._saved_outputs.pop(request_id, None)
         if seq is None:
             return False
-        moving = self.transfers.of(seq) if self.transfers else None
+        moving = self.transfers.of(seq) if self.transfers is not None else None
         if moving is not None:  # its blocks are freed once the transfer thread is done with them
             moving.cancelled = True
         else:
@@ -281,13 +282,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        outputs = self._collect_transfers() if self.transfers else []
+        outputs = self._collect_transfers() if self.transfers is not None else []
         if self.drafter is not None:
             self._draft()
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
-            if self.transfers and not outputs:  # only KV in flight: wait for it, do not spin
+            if self.transfers is not None and not outputs:  # only KV in flight: wait, do not spin
                 self.transfers.wait(IDLE_WAIT_S)
             return outputs
         prompt = sum(max(0, min(s.num_tokens, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
@@ -414,7 +415,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[lp for lp in logprobs[:len(emitted)] if lp], error=error)
-        if reason == "handoff" and self.transfers:
+        if reason == "handoff" and self.transfers is not None:
             # The first token goes out with the handoff, once the prompt's blocks are stored.
             self.scheduler.hold(seq)
             self._saved_outputs[seq.request_id] = out

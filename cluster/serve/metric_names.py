@@ -35,6 +35,9 @@ WORKER_FREE_BLOCKS = "pdcluster_worker_free_blocks"
 SPEC_DRAFT_TOKENS_TOTAL = "pdcluster_spec_draft_tokens_total"
 SPEC_ACCEPTED_TOKENS_TOTAL = "pdcluster_spec_accepted_tokens_total"
 SPEC_VERIFICATIONS_TOTAL = "pdcluster_spec_verifications_total"
+WORKER_STEP_SECONDS = "pdcluster_worker_step_seconds"
+KV_WAIT_SECONDS = "pdcluster_kv_wait_seconds"
+KV_LOADING_REQUESTS = "pdcluster_kv_loading_requests"
 
 METRICS: tuple[MetricDef, ...] = (
     MetricDef(TTFT_SECONDS, "histogram", "Time from request arrival to the first token"),
@@ -63,6 +66,13 @@ METRICS: tuple[MetricDef, ...] = (
               ("worker", "role")),
     MetricDef(SPEC_VERIFICATIONS_TOTAL, "counter",
               "Draft verifications on a worker (one per sequence and step with drafts)", ("worker", "role")),
+    MetricDef(WORKER_STEP_SECONDS, "histogram", "Model step time on a worker", ("worker", "role")),
+    MetricDef(KV_WAIT_SECONDS, "histogram",
+              "Time a request waited in LOADING on a worker, from admission until its KV blocks "
+              "arrived from the store", ("worker", "role")),
+    MetricDef(KV_LOADING_REQUESTS, "gauge",
+              "Requests admitted on a worker whose KV blocks are still arriving (LOADING)",
+              ("worker", "role")),
 )
 
 METRIC_NAMES: frozenset[str] = frozenset(m.name for m in METRICS)

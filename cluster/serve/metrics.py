@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import metric_names as mn
 
@@ -86,6 +87,12 @@ class _ClusterCollector(Collector):
                 for stat, name in (("spec_draft_tokens_total", mn.SPEC_DRAFT_TOKENS_TOTAL),
                                    ("spec_accepted_tokens_total", mn.SPEC_ACCEPTED_TOKENS_TOTAL),
                                    ("spec_verifications_total", mn.SPEC_VERIFICATIONS_TOTAL))}
+        loading = GaugeMetricFamily(mn.KV_LOADING_REQUESTS, _help(mn.KV_LOADING_REQUESTS),
+                                    labels=["worker", "role"])
+        # the engines keep fixed-bucket histograms; each report carries a cumulative snapshot
+        histograms = {stat: HistogramMetricFamily(name, _help(name), labels=["worker", "role"])
+                      for stat, name in (("step_seconds", mn.WORKER_STEP_SECONDS),
+                                         ("kv_wait_seconds", mn.KV_WAIT_SECONDS))}
         if s is not None:
             queue.add_metric([], s.queued)
             inflight.add_metric([], s.in_flight)
@@ -98,6 +105,11 @@ class _ClusterCollector(Collector):
                 free.add_metric(labels, w.report.free_blocks)
                 for stat, family in spec.items():
                     family.add_metric(labels, w.report.stats.get(stat, 0))
+                loading.add_metric(labels, w.report.stats.get("num_loading_kv", 0))
+                for stat, family in histograms.items():
+                    snapshot = w.report.stats.get(stat)
+                    if snapshot:  # absent from a worker that predates it
+                        family.add_metric(labels, _buckets(snapshot), snapshot["sum"])
                 if w.info.role == "decode":
                     loaded += w.report.stats.get("kv_bytes_loaded", 0)
                     missing += w.report.stats.get("kv_missing_blocks", 0)
@@ -105,4 +117,10 @@ class _ClusterCollector(Collector):
             handoff_bytes.add_metric([], loaded)
             recompute.add_metric(["missing"], missing)
             recompute.add_metric(["corrupt"], corrupt)
-        yield from (queue, inflight, running, free, handoff_bytes, recompute, *spec.values())
+        yield from (queue, inflight, running, free, handoff_bytes, recompute, *spec.values(), loading,
+                    *histograms.values())
+
+
+def _buckets(snapshot: dict) -> list[tuple[str, float]]:
+    """A `LatencyHistogram.snapshot()` as HistogramMetricFamily buckets (the last bound is +Inf)."""
+    return [(floatToGoString(le), count) for le, count in zip(snapshot["le"], snapshot["cumulative"])]

@@ -1,0 +1,59 @@
+"""Per-worker engine histograms and the LOADING gauge, from the router's snapshot to /metrics."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from pdcluster.cluster.serve import metric_names as mn
+from pdcluster.cluster.serve.metrics import ServingMetrics
+from pdcluster.engine.latency_histogram import LatencyHistogram
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def worker(wid: str, role: str, stats: dict) -> SimpleNamespace:
+    return SimpleNamespace(info=SimpleNamespace(worker_id=wid, role=role),
+                           report=SimpleNamespace(running_seqs=1, free_blocks=2, stats=stats))
+
+
+def histogram(*seconds: float) -> dict:
+    h = LatencyHistogram()
+    for s in seconds:
+        h.observe(s)
+    return h.snapshot()
+
+
+def test_step_time_kv_wait_and_loading_requests_per_worker():
+    metrics = ServingMetrics()
+    decode = {"step_seconds": histogram(0.004, 0.02, 0.02, 0.3), "kv_wait_seconds": histogram(1.5),
+              "num_loading_kv": 2}
+    prefill = {"step_seconds": histogram(0.2), "kv_wait_seconds": histogram(), "num_loading_kv": 0}
+    metrics.set_cluster(SimpleNamespace(queued=0, in_flight=3, workers=[
+        worker("d0", "decode", decode), worker("p0", "prefill", prefill),
+        worker("old", "decode", {})]))                 # a worker that reports none of them
+    text = metrics.render().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def value(name: str, wid: str, role: str, **extra: str) -> float:
+        return samples[(name, tuple(sorted({"worker": wid, "role": role, **extra}.items())))]
+
+    step = mn.WORKER_STEP_SECONDS
+    assert f'# TYPE {step} histogram' in text
+    # cumulative buckets: 0.004 <= 0.005; two 0.02s <= 0.025; 0.3 <= 0.5
+    assert value(step + "_bucket", "d0", "decode", le="0.005") == 1
+    assert value(step + "_bucket", "d0", "decode", le="0.025") == 3
+    assert value(step + "_bucket", "d0", "decode", le="0.25") == 3
+    assert value(step + "_bucket", "d0", "decode", le="0.5") == 4
+    assert value(step + "_bucket", "d0", "decode", le="+Inf") == 4
+    assert value(step + "_count", "d0", "decode") == 4
+    assert abs(value(step + "_sum", "d0", "decode") - 0.344) < 1e-9
+    assert value(step + "_count", "p0", "prefill") == 1
+    wait = mn.KV_WAIT_SECONDS
+    assert value(wait + "_bucket", "d0", "decode", le="1.0") == 0
+    assert value(wait + "_bucket", "d0", "decode", le="2.5") == 1
+    assert value(wait + "_sum", "d0", "decode") == 1.5
+    assert value(wait + "_count", "p0", "prefill") == 0
+    assert value(mn.KV_LOADING_REQUESTS, "d0", "decode") == 2
+    assert value(mn.KV_LOADING_REQUESTS, "p0", "prefill") == 0
+    assert value(mn.KV_LOADING_REQUESTS, "old", "decode") == 0
+    assert 'worker="old"' not in "\n".join(line for line in text.splitlines()
+                                           if line.startswith((step, wait)))
