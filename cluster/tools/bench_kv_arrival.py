@@ -1,0 +1,237 @@
+"""Inter-token latency of running streams while long prompts' KV arrives, with the KV moved inside
+the engine's step (`engine.async_kv_transfer: false`) and off it (true), in one run.
+
+    python -m pdcluster.cluster.tools.bench_kv_arrival [--streams 4] [--arrivals 4] [--arrival-len 3072]
+    python -m pdcluster.cluster.tools.bench_kv_arrival --served ...   # on the served PD cluster
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+
+import httpx
+
+from ..spec import ClusterSpec
+from ..supervised_process import free_port
+from .bench_client import make_prompt, stream_completion, token_counter
+
+# Engine level (default): a decode engine with one thread runs `--streams` sequences; handoffs of
+# `--arrival-len`-token prompts, stored beforehand by a prefill engine in a real Mooncake store, are
+# admitted one every few steps; each step's wall time is the running streams' inter-token latency.
+# This isolates the decode worker (the transfer thread gets the machine's other core, as a transfer
+# engine has its own on a real node). Served (`--served`), per deployment: `--streams` long greedy streams start and decode alone for `--quiet-s` (the
+# baseline window), then `--arrivals` requests with `--arrival-len`-token prompts come one after the
+# other; every gap between two streamed chunks of the long streams is an inter-token latency, counted
+# in the window it ends in. Both deployments run one after the other on one local Ray.
+
+
+def _spec(async_kv: bool, kv_blocks: int, ports: dict) -> ClusterSpec:
+    return ClusterSpec.from_dict({
+        "engine": {"device": "cpu", "num_kv_blocks": kv_blocks, "async_kv_transfer": async_kv,
+                   "threads": max(1, (os.cpu_count() or 2) // 2)},
+        "router": {"max_concurrency": 64},
+        **ports,
+    })
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))] if s else float("nan")
+
+
+async def _chunk_times(client: httpx.AsyncClient, url: str, body: dict, times: list[float]) -> None:
+    """Stream `body`, appending the arrival time of every chunk that carries text (kept however the
+    stream ends: the long streams are cancelled at the end of the run)."""
+    async with client.stream("POST", url, json=body) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and '"text":""' not in line.replace(" ", "") and "[DONE]" not in line:
+                times.append(time.perf_counter())
+
+
+async def _run(url: str, model: str, args, count) -> dict[str, list[float]]:
+    rng = random.Random(0)
+    async with httpx.AsyncClient(timeout=600) as client:
+        chunk_times: list[list[float]] = [[] for _ in range(args.streams)]
+        streams = [asyncio.create_task(_chunk_times(client, url, {
+            "model": model, "prompt": make_prompt(count, 32, rng), "max_tokens": args.stream_tokens,
+            "ignore_eos": True, "temperature": 0, "stream": True}, times)) for times in chunk_times]
+        await asyncio.sleep(args.warmup_s)
+        quiet_from = time.perf_counter()
+        await asyncio.sleep(args.quiet_s)
+        busy_from = time.perf_counter()
+        for _ in range(args.arrivals):
+            body = {"model": model, "prompt": make_prompt(count, args.arrival_len, rng), "max_tokens": 4,
+                    "ignore_eos": True, "temperature": 0, "stream": True}
+            trace = await stream_completion(client, url, body, {}, args.arrival_len)
+            if not trace.ok:
+                raise SystemExit(f"an arrival failed: {trace.error}")
+        busy_to = time.perf_counter()
+        for t in streams:
+            t.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": []}
+    for times in chunk_times:
+        for a, b in itertools.pairwise(times):
+            if quiet_from <= b < busy_from:
+                windows["quiet"].append(b - a)
+            elif busy_from <= b <= busy_to:
+                windows["arrivals"].append(b - a)
+    return windows
+
+
+def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[float]]:
+    """Step times of `decode` with `args.streams` running sequences: quiet, then while `handoffs`
+    arrive (one every `args.arrival_every` steps, until the last has its KV and a token)."""
+    from ...engine import SamplingParams
+
+    rng = random.Random(1)
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+    for i in range(args.streams):
+        decode.add_request(f"s{i}", prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(32)],
+                           params=long)
+    for _ in range(10):
+        decode.step()
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": []}
+
+    def timed_step() -> list:
+        t0 = time.perf_counter()
+        outs = decode.step()
+        return time.perf_counter() - t0, outs
+
+    for _ in range(args.quiet_steps):
+        windows["quiet"].append(timed_step()[0])
+    waiting: set[str] = set()
+    arrived = step = 0
+    while arrived < len(handoffs) or waiting:
+        if arrived < len(handoffs) and step % args.arrival_every == 0:
+            rid, ids, handoff = handoffs[arrived]
+            decode.add_request(rid, prompt_token_ids=ids, kv_import=handoff,
+                               params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+            waiting.add(rid)
+            arrived += 1
+        dt, outs = timed_step()
+        windows["arrivals"].append(dt)
+        waiting -= {o.request_id for o in outs if o.new_token_ids}
+        step += 1
+    for i in range(args.streams):
+        decode.abort_request(f"s{i}")
+    while decode.has_unfinished_requests():
+        decode.step()
+    return windows
+
+
+def _engine_main(args) -> list[tuple[str, dict[str, list[float]]]]:
+    import torch
+
+    from ...engine import LLM, SamplingParams
+    from ..kvstore.connector import make_connector
+    from ..kvstore.master import MasterConfig, MooncakeMaster
+    from ..spec import StoreSpec
+
+    torch.set_num_threads(1)
+    kw = {"enable_prefix_caching": False, "num_kv_blocks": args.kv_blocks, "max_num_batched_tokens": 4096}
+    rows = []
+    with MooncakeMaster(MasterConfig()) as master:
+        spec = StoreSpec(rpc_port=master.config.rpc_port, metadata_port=master.config.metadata_port,
+                         global_segment_mib=2048, local_buffer_mib=256)
+        prefill = LLM(**kw, async_kv_transfer=False).engine
+        decodes = {m: LLM(**kw, async_kv_transfer=m == "async").engine for m in args.modes}
+        for eng in (prefill, *decodes.values()):
+            if make_connector(spec, eng) is None:
+                raise SystemExit("store unreachable")
+        vocab = prefill.hf_config["vocab_size"]
+        rng = random.Random(0)
+        handoffs = []
+        for i in range(args.arrivals):
+            ids = [rng.randrange(100, vocab - 100) for _ in range(args.arrival_len)]
+            prefill.add_request(f"a{i}", prompt_token_ids=ids, kv_export=True,
+                                params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+            outs = []
+            while prefill.has_unfinished_requests():
+                outs += prefill.step()
+            handoffs.append((f"a{i}", ids, outs[-1].kv_handoff))
+        for mode, decode in decodes.items():
+            s0 = decode.stats()
+            windows = _engine_windows(decode, handoffs, args, vocab)
+            s1 = decode.stats()
+            if s1.kv_recomputed_tokens != s0.kv_recomputed_tokens:
+                raise SystemExit(f"{mode}: blocks were recomputed, not loaded")
+            rows.append((_NAMES[mode], windows))
+    return rows
+
+
+_NAMES = {"sync": "sync (in the step)", "async": "async (off the step)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--stream-tokens", type=int, default=2000, help="long enough to outlast the run")
+    ap.add_argument("--arrivals", type=int, default=4)
+    ap.add_argument("--arrival-len", type=int, default=3072)
+    ap.add_argument("--warmup-s", type=float, default=3.0)
+    ap.add_argument("--quiet-s", type=float, default=8.0)
+    ap.add_argument("--kv-blocks", type=int, default=2048)
+    ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"],
+                    help="which KV paths to run, in this order")
+    ap.add_argument("--served", action="store_true", help="on the served PD cluster (else one engine)")
+    ap.add_argument("--quiet-steps", type=int, default=40, help="engine level: steps before the arrivals")
+    ap.add_argument("--arrival-every", type=int, default=4, help="engine level: steps between arrivals")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    rows = _served_main(args) if args.served else _engine_main(args)
+    where = "served PD cluster" if args.served else "one decode engine, 1 thread"
+    print(f"\n{args.streams} streams decoding; {args.arrivals} arrivals of {args.arrival_len}-token prompts "
+          f"(KV through a Mooncake store; {where}); inter-token latency of the running streams, ms")
+    print("| KV move | window | ITLs | p50 | p99 | max | p99 / quiet p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, w in rows:
+        base = _pct(w["quiet"], 0.99)
+        for window, itl in w.items():
+            print(f"| {name} | {window} | {len(itl)} | {statistics.median(itl) * 1e3:.1f} | "
+                  f"{_pct(itl, 0.99) * 1e3:.1f} | {max(itl) * 1e3:.1f} | {_pct(itl, 0.99) / base:.2f}x |")
+    return 0
+
+
+def _served_main(args) -> list[tuple[str, dict[str, list[float]]]]:
+    import ray
+    from ray import serve
+
+    from ...actors.names import NAMESPACE
+    from ...engine.tokenizer import Tokenizer
+    from ...engine.weights import resolve_model_path
+    from ..launch.deployment import deploy, http_url, teardown
+
+    ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
+             "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+    specs = {_NAMES[m]: _spec(m == "async", args.kv_blocks, ports) for m in args.modes}
+    first = next(iter(specs.values()))
+    count = token_counter(Tokenizer(resolve_model_path(first.model.path)).hf)
+    ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
+    rows = []
+    try:
+        for name, spec in specs.items():
+            deploy(spec)
+            try:
+                url = http_url(spec) + "/v1/completions"
+                windows = asyncio.run(_run(url, spec.model.served_name, args, count))
+            finally:
+                teardown()
+                serve.shutdown()
+            rows.append((name, windows))
+    finally:
+        ray.shutdown()
+
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
