@@ -60,6 +60,7 @@ class Controller:
     async def __init__(self, spec: dict) -> None:
         self.spec = ClusterSpec.from_dict(spec)
         self._spec_dict = self.spec.to_dict()
+        self._spec_version = 0  # redeploys applied (the router ignores an older spec arriving late)
         self.master = None
         self.router = None
         self.handles: dict[str, Any] = {}
@@ -164,8 +165,9 @@ class Controller:
                 "router.max_concurrency + router.max_queue grew past what the running router takes "
                 f"({(self._router_calls - 100) // 2}); stop it first (`pdcluster down`)")
         if changed:
-            await self.router.reconfigure.remote(new.to_dict())
             self.spec, self._spec_dict = new, new.to_dict()
+            self._spec_version += 1
+            await self.router.reconfigure.remote(self._spec_dict, self._spec_version)
             log.warning("redeployed spec applied: %s", ", ".join(changed))
         return changed
 
@@ -205,7 +207,7 @@ class Controller:
             self.healthy[worker_id] = True
             self.reports[worker_id] = result
         await self.router.update_workers.remote(list(self.infos.values()), dict(self.healthy),
-                                                dict(self.reports), self._spec_dict)
+                                                dict(self.reports), self._spec_dict, self._spec_version)
 
     # ------------------------------------------------------------------ shutdown
     async def abort_all(self) -> int:

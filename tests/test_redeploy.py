@@ -47,7 +47,7 @@ def test_a_reconfigured_router_keeps_its_requests_and_admits_queued_ones_into_ne
         queued = [asyncio.ensure_future(router.admit(f"q{i}", 32, 8, [])) for i in range(3)]
         await asyncio.sleep(0)
         assert (router.snapshot().in_flight, router.snapshot().queued) == (1, 3)
-        router.reconfigure(wider)
+        router.reconfigure(wider, 1)
         done, pending = await asyncio.wait(queued, timeout=1)
         return [t.result() for t in done], pending
 
@@ -61,7 +61,10 @@ def test_a_reconfigured_router_keeps_its_requests_and_admits_queued_ones_into_ne
 def test_a_restarted_router_takes_the_redeployed_spec_from_the_controllers_poll() -> None:
     router = _router(max_concurrency=1)  # Ray re-runs __init__ with the spec it was created with
     redeployed = _spec(router={"max_concurrency": 5, "max_queue": 4}).to_dict()
-    router.update_workers(list(router.infos.values()), dict(router.healthy), {}, redeployed)
+    router.update_workers(list(router.infos.values()), dict(router.healthy), {}, redeployed, 2)
+    assert router.admission.config.max_concurrency == 5
+    stale = _spec(router={"max_concurrency": 1, "max_queue": 4}).to_dict()  # a poll sent before
+    router.update_workers(list(router.infos.values()), dict(router.healthy), {}, stale, 1)
     assert router.admission.config.max_concurrency == 5
 
     async def five():
