@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
-from ..cluster.kvstore.connector import COMMIT_SECRET_ENV
-from ..cluster.spec import ClusterSpec
+from ..cluster.kvstore.connector import COMMIT_SECRET_ENV, DEPLOYMENT_ID_ENV
+from ..cluster.spec import ClusterSpec, SpecChangeRefused
 from .decode_worker import DecodeWorker
 from .master_supervisor import MasterStatus, MasterSupervisor, master_placement
 from .names import CONTROLLER_NAME, HEAD_NODE, MASTER_NAME, NAMESPACE, ROUTER_NAME
@@ -32,11 +32,18 @@ POLL_TIMEOUT_S = 5.0
 FAILED_START_LINGER_S = 5.0  # a controller whose start failed answers ready() (with the error) this long
 
 
+def _router_calls(spec: ClusterSpec) -> int:
+    """The router's actor concurrency: room for every queued request's pending admit() call."""
+    r = spec.router
+    return max(1000, 2 * (r.max_concurrency + r.max_queue) + 100)
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     """What the ingress needs to know about the running cluster."""
     model_name: str
     model_fingerprint: str  # the engines' (salts the prefix hashes, as in the store's keys)
+    deployment_id: str  # the workers' (salts them too)
     max_model_len: int
     vocab_size: int
     block_size: int
@@ -53,6 +60,7 @@ class Controller:
     async def __init__(self, spec: dict) -> None:
         self.spec = ClusterSpec.from_dict(spec)
         self._spec_dict = self.spec.to_dict()
+        self._spec_version = 0  # redeploys applied (the router ignores an older spec arriving late)
         self.master = None
         self.router = None
         self.handles: dict[str, Any] = {}
@@ -88,8 +96,8 @@ class Controller:
         self._check_pools()
         actors = {"prefill": ray.remote(PrefillWorker), "decode": ray.remote(DecodeWorker)}
         # This deployment's key for the store's commit records: records another deployment (or
-        # anyone else with access to the store) wrote are not trusted.
-        secret = {COMMIT_SECRET_ENV: secrets.token_hex(32)}
+        # anyone else with access to the store) wrote are not trusted. Its id salts the store keys.
+        secret = {COMMIT_SECRET_ENV: secrets.token_hex(32), DEPLOYMENT_ID_ENV: secrets.token_hex(8)}
         for role in ("prefill", "decode"):
             options = self.spec.worker_actor_options(role)
             env = options.get("runtime_env", {})
@@ -102,15 +110,13 @@ class Controller:
         infos = await asyncio.gather(*(h.ready.remote() for h in self.handles.values()))
         self.infos = {i.worker_id: i for i in infos}
         self.healthy = dict.fromkeys(self.infos, True)
-        r = self.spec.router
+        self._router_calls = _router_calls(self.spec)
         self.router = ray.remote(Router).options(
             name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, resources=dict(HEAD_NODE),
             # Restarted when its process dies; calls made meanwhile wait for the new one (every
             # method is safe to run again: admit on a new router is a new admission, release and
             # renew are idempotent).
-            max_restarts=-1, max_task_retries=-1,
-            # room for every queued request's pending admit() call
-            max_concurrency=max(1000, 2 * (r.max_concurrency + r.max_queue) + 100),
+            max_restarts=-1, max_task_retries=-1, max_concurrency=self._router_calls,
         ).remote(self._spec_dict, list(infos), ray.get_runtime_context().current_actor)
         await self._poll()
         self._poller = asyncio.create_task(self._poll_forever())
@@ -132,6 +138,7 @@ class Controller:
         first = next(iter(self.infos.values()))
         return ClusterInfo(
             model_name=self.spec.model.served_name, model_fingerprint=first.model_fingerprint,
+            deployment_id=first.deployment_id,
             max_model_len=min(i.max_model_len for i in self.infos.values()),
             vocab_size=first.vocab_size, block_size=first.block_size, workers=dict(self.infos),
             handles=dict(self.handles), router=self.router, master=self._master_status,
@@ -143,6 +150,26 @@ class Controller:
 
     def spec_dict(self) -> dict:
         return self._spec_dict
+
+    async def reconfigure(self, spec: dict) -> list[str]:
+        """Take a redeploy's spec (a new ingress replica's); returns the fields that changed. The
+        router's settings change in place (its admission state kept) and each ingress replica reads
+        its own serve section; a change to anything else (model, engine, pools, store) needs new
+        workers, and is refused naming the fields."""
+        await self._started
+        new = ClusterSpec.from_dict(spec)
+        self.spec.check_redeploy(new)
+        changed = self.spec.changed_fields(new)
+        if _router_calls(new) > self._router_calls:
+            raise SpecChangeRefused(
+                "router.max_concurrency + router.max_queue grew past what the running router takes "
+                f"({(self._router_calls - 100) // 2}); stop it first (`pdcluster down`)")
+        if changed:
+            self.spec, self._spec_dict = new, new.to_dict()
+            self._spec_version += 1
+            await self.router.reconfigure.remote(self._spec_dict, self._spec_version)
+            log.warning("redeployed spec applied: %s", ", ".join(changed))
+        return changed
 
     # ------------------------------------------------------------------ health
     def worker_failed(self, worker_id: str, error: str) -> None:
@@ -180,7 +207,7 @@ class Controller:
             self.healthy[worker_id] = True
             self.reports[worker_id] = result
         await self.router.update_workers.remote(list(self.infos.values()), dict(self.healthy),
-                                                dict(self.reports))
+                                                dict(self.reports), self._spec_dict, self._spec_version)
 
     # ------------------------------------------------------------------ shutdown
     async def abort_all(self) -> int:

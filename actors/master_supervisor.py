@@ -1,10 +1,12 @@
 """Mooncake master supervisor actor: runs `mooncake_master` on the spec's ports and restarts it if it
-dies, or adopts a master that is already listening there (a KubeRay sidecar, `ray up` start commands).
+dies, or adopts a master that is already listening there. An external master (`store.master`: the
+KubeRay sidecar, `ray up` start commands) is waited for and never started here.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
@@ -16,6 +18,7 @@ from ..cluster.supervised_process import tcp_open
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 2.0
+EXTERNAL_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,12 @@ class MasterSupervisor:
         self._monitor: asyncio.Task | None = None
 
     async def start(self) -> MasterStatus:
-        """Adopt a master already answering on the spec's address, or start one; idempotent."""
-        if self.master is None and not await asyncio.to_thread(self._answers):
+        """Adopt a master already answering on the spec's address, or start one; idempotent. An
+        external master is waited for (a sidecar may start after the Ray head): starting one here
+        would race it for the same ports."""
+        if self.store.master == "external":
+            await self._wait_for_external()
+        elif self.master is None and not await asyncio.to_thread(self._answers):
             cfg = MasterConfig(host=self.store.bind_host, rpc_port=self.store.rpc_port,
                                metadata_port=self.store.metadata_port,
                                metrics_port=self.store.metrics_port)
@@ -58,6 +65,16 @@ class MasterSupervisor:
         elif self.master is None:
             log.info("adopting the mooncake_master already serving at %s", self._rpc_address)
         return await self.status()
+
+    async def _wait_for_external(self) -> None:
+        deadline = time.monotonic() + self.store.master_wait_s
+        while not await asyncio.to_thread(self._answers):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the external mooncake_master at {self._rpc_address} (store.master: "
+                                   f"external) did not answer within {self.store.master_wait_s:.0f}s")
+            log.info("waiting for the external mooncake_master at %s", self._rpc_address)
+            await asyncio.sleep(EXTERNAL_POLL_S)
+        log.info("using the external mooncake_master at %s", self._rpc_address)
 
     async def status(self) -> MasterStatus:
         if self.master is not None:

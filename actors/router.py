@@ -40,6 +40,12 @@ NO_WORKER = "no_worker"
 DRAINING = "draining"  # the cluster is shutting down: nothing new is admitted (HTTP 503)
 
 
+def _admission_config(spec: ClusterSpec) -> AdmissionConfig:
+    r = spec.router
+    return AdmissionConfig(max_concurrency=r.max_concurrency, max_queue=r.max_queue,
+                           ttft_slo_s=r.ttft_slo_s, tenant_limits=dict(r.per_key_limits))
+
+
 @dataclass(frozen=True)
 class Admission:
     request_id: str
@@ -110,6 +116,7 @@ class Router:
 
     def __init__(self, spec: dict, workers: list[WorkerInfo], controller: Any = None) -> None:
         self.spec = ClusterSpec.from_dict(spec)
+        self._spec_version = 0  # the controller's count of redeploys applied (see reconfigure)
         self.controller = controller
         self.infos: dict[str, WorkerInfo] = {i.worker_id: i for i in workers}
         self.healthy: dict[str, bool] = dict.fromkeys(self.infos, True)
@@ -118,10 +125,7 @@ class Router:
         self.placed_total: Counter[str] = Counter()
         self.prefixes = PrefixIndex()
         self.requests: dict[str, _Placed] = {}
-        r = self.spec.router
-        self.admission = AdmissionController(AdmissionConfig(
-            max_concurrency=r.max_concurrency, max_queue=r.max_queue, ttft_slo_s=r.ttft_slo_s,
-            tenant_limits=dict(r.per_key_limits)))
+        self.admission = AdmissionController(_admission_config(self.spec))
         self.admitted_total = 0
         self.rejected_total: Counter[str] = Counter()
         # Ids released before their admit() ran: Ray does not order an async actor's calls, so a
@@ -133,10 +137,27 @@ class Router:
         self.orphans_total = 0  # requests released because their live ingress replica dropped them
 
     # ------------------------------------------------------------------ the controller's view
+    def reconfigure(self, spec: dict, version: int) -> None:
+        """Take a redeploy's spec, the controller's `version`th (it checked that only live settings
+        changed): new admission limits apply to the requests running and queued here, which keep
+        their slots, and queued ones a larger limit makes room for are placed now. An older version
+        (a poll sent before the redeploy, arriving after it) is ignored."""
+        if version <= self._spec_version:
+            return
+        self.spec, self._spec_version = ClusterSpec.from_dict(spec), version
+        for admitted in self.admission.reconfigure(_admission_config(self.spec), time.monotonic()):
+            waiting = self.requests[admitted]
+            waiting.waiter.set_result(self._place(admitted, waiting, None))
+        log.warning("reconfigured: %s", self.spec.router)
+
     def update_workers(self, infos: list[WorkerInfo], healthy: dict[str, bool],
-                       reports: dict[str, WorkerReport]) -> None:
+                       reports: dict[str, WorkerReport], spec: dict | None = None,
+                       spec_version: int = 0) -> None:
         """The controller's latest poll. A worker that came back as a new process (Ray restarted
-        it) lost its prefix cache, so its affinity is forgotten."""
+        it) lost its prefix cache, so its affinity is forgotten. `spec` is the controller's: a
+        router Ray restarted with the spec it was created with takes the one redeployed since."""
+        if spec is not None:
+            self.reconfigure(spec, spec_version)
         for info in infos:
             old = self.infos.get(info.worker_id)
             if old is not None and old.pid != info.pid:
@@ -191,7 +212,7 @@ class Router:
         slo = self.spec.router.ttft_slo_s
         try:
             return await asyncio.wait_for(asyncio.shield(req.waiter), timeout=slo)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if req.waiter.done():  # admitted at the deadline
                 return req.waiter.result()
             self.admission.cancel(request_id)

@@ -116,13 +116,14 @@ def apply_command(engine, cmd: tuple) -> None:
 def serve(conn: Connection) -> None:
     """Build this rank's engine and store client, then apply every iteration the worker sends
     until the pipe closes. Any exception ends the process: the worker then fails as a whole."""
-    from ..cluster.kvstore.connector import make_connector, open_backend
+    from ..cluster.kvstore.connector import deployment_id, make_connector, open_backend
     from ..cluster.spec import ClusterSpec
     from ..engine.llm_engine import LLMEngine
 
     setup: FollowerSetup = conn.recv()
     spec = ClusterSpec.from_dict(setup.spec)
-    config = replace(spec.engine_config(tp_rank=setup.tp_rank), threads=setup.threads)
+    config = replace(spec.engine_config(tp_rank=setup.tp_rank, deployment_id=deployment_id()),
+                     threads=setup.threads)
     backend = None
     if spec.store.client == "node":  # as rank 0 does: the cache lives in the node client's memory
         backend = open_backend(spec.store, setup.store_host, setup.gcs_address)

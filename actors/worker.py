@@ -32,6 +32,7 @@ class WorkerInfo:
     model_fingerprint: str  # salts the engine's block hashes (and so the store keys)
     kv_store: bool  # connected to the Mooncake store, every TP rank (else decode recomputes prompts)
     tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
+    deployment_id: str = ""  # salts the block hashes with the model's fingerprint
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class EngineWorker:
     def __init__(self, spec: dict, worker_id: str) -> None:
         import ray
 
-        from ..cluster.kvstore.connector import make_connector
+        from ..cluster.kvstore.connector import deployment_id, make_connector
         from ..cluster.spec import ClusterSpec
         from ..engine.llm_engine import LLMEngine
         from .tp_followers import TPFollowers
@@ -68,7 +69,7 @@ class EngineWorker:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        config = self.spec.engine_config()
+        config = self.spec.engine_config(deployment_id=deployment_id())
         if config.threads is None:
             # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which would leave a worker
             # that owns its whole node on one core; TP ranks share the node's cores.
@@ -140,7 +141,8 @@ class EngineWorker:
             pid=os.getpid(), max_model_len=e.max_model_len, vocab_size=e.hf_config["vocab_size"],
             block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
             block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
-            model_fingerprint=e.fingerprint, kv_store=self.kv_store, tp_pids=self.followers.pids if self.followers else ())
+            model_fingerprint=e.fingerprint, kv_store=self.kv_store, deployment_id=e.config.deployment_id,
+            tp_pids=self.followers.pids if self.followers else ())
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

@@ -29,10 +29,17 @@ Device = Literal["auto", "cpu", "cuda", "npu"]
 ACCELERATOR_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What a running cluster takes on a redeploy: the router is reconfigured in place and every ingress
+# replica reads its own serve section. Any other change needs new workers or a new master.
+LIVE_SECTIONS = ("router", "serve")
 
 
 class SpecError(ValueError):
     """A spec that failed validation; the message names every offending field."""
+
+
+class SpecChangeRefused(SpecError):
+    """A redeploy changes what the running cluster cannot change in place."""
 
 
 class _Strict(BaseModel):
@@ -144,6 +151,11 @@ class StoreSpec(_Strict):
     protocol: Literal["tcp", "rdma", "ascend"] = "tcp"
     master_host: str = "127.0.0.1"  # or "ray-head": the Ray head node's address, resolved at run time
     bind_host: str = "127.0.0.1"  # where mooncake_master listens: internal only by default
+    # managed: the cluster runs mooncake_master (adopting one already answering on its ports).
+    # external: something else runs it (the KubeRay head pod's sidecar, `ray up` start commands);
+    # the cluster waits up to master_wait_s for it to answer and never starts one of its own.
+    master: Literal["managed", "external"] = "managed"
+    master_wait_s: float = Field(default=300.0, gt=0)
     rpc_port: int = Field(default=50051, ge=1, le=65535)
     metadata_port: int = Field(default=18080, ge=1, le=65535)
     metrics_port: int = Field(default=19003, ge=1, le=65535)
@@ -349,6 +361,23 @@ class ClusterSpec(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def changed_fields(self, other: ClusterSpec) -> list[str]:
+        """Dotted names of the fields whose values differ between this spec and `other`."""
+        return _diff(self.to_dict(), other.to_dict(), "")
+
+    def fields_needing_restart(self, other: ClusterSpec) -> list[str]:
+        """The changes from this spec to `other` that a running cluster cannot take live."""
+        return [f for f in self.changed_fields(other) if f.partition(".")[0] not in LIVE_SECTIONS]
+
+    def check_redeploy(self, other: ClusterSpec) -> None:
+        """Raise SpecChangeRefused, naming the fields, if a cluster running this spec cannot take
+        `other` live."""
+        fixed = self.fields_needing_restart(other)
+        if fixed:
+            raise SpecChangeRefused(
+                f"the running cluster cannot change {', '.join(fixed)} in place (that needs new "
+                "workers or a new master); stop it first (`pdcluster down`), then deploy this spec")
+
     # ---- derived views ------------------------------------------------------------------------
     @property
     def colocated(self) -> bool:
@@ -383,8 +412,8 @@ class ClusterSpec(_Strict):
             opts["runtime_env"] = pool.runtime_env
         return opts
 
-    def engine_config(self, tp_rank: int = 0) -> EngineConfig:
-        """The single-process engine's config for one TP rank of a worker."""
+    def engine_config(self, tp_rank: int = 0, deployment_id: str = "") -> EngineConfig:
+        """The single-process engine's config for one TP rank of a worker of `deployment_id`."""
         from ..engine.config import EngineConfig
 
         e = self.engine
@@ -395,7 +424,14 @@ class ClusterSpec(_Strict):
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, async_kv_transfer=e.async_kv_transfer,
             threads=e.threads, tp_rank=tp_rank, tp_size=e.tp_size,
-            speculative_config=e.speculative_config, **kv)
+            speculative_config=e.speculative_config, deployment_id=deployment_id, **kv)
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix]
+    return [f for k in sorted(a.keys() | b.keys())
+            for f in _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
 
 
 def is_loopback(host: str) -> bool:

@@ -80,6 +80,9 @@ class EngineConfig:
     kv_allocator: KVAllocator | None = field(default=None, compare=False, repr=False)  # None: torch.zeros
     # None: no speculation; a mapping is converted (LLM(speculative_config={...}))
     speculative_config: SpeculativeConfig | None = None
+    # Salts the block hashes (prefix cache, store keys): a store that outlives a deployment never
+    # serves its blocks to the next one. "" outside a cluster.
+    deployment_id: str = ""
 
     def __post_init__(self) -> None:
         spec = self.speculative_config

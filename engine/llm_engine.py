@@ -36,7 +36,7 @@ from .spec_decode.mtp import MtpDrafter
 from .spec_decode.ngram import NgramDrafter
 from .structured_output import GrammarCompiler
 from .tokenizer import Tokenizer
-from .weights import load_checkpoint, resolve_model_path
+from .weights import content_digest, load_checkpoint, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LLMEngine:
         self.kv_cache = self._allocate_kv_cache()
         self.block_manager = BlockManager(self.kv_cache.shape[0], config.block_size,
                                           config.enable_prefix_caching,
-                                          model_salt(self.fingerprint, config.tp_rank),
+                                          model_salt(self.fingerprint, config.tp_rank, config.deployment_id),
                                           drop_last_hit=self._mtp)
         self.kv_layout = KVLayout(
             kind="mla" if len(self.model.kv_token_shape) == 1 else "mha",
@@ -443,10 +443,9 @@ class LLMEngine:
 
 
 def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:
-    """Identifies the model whose KV is in a block: same weights file + config + dtype."""
+    """Identifies the model whose KV is in a block: config + dtype + the weights' contents (sampled,
+    see `content_digest`), so a fine-tune at the same path with the same shapes differs."""
     h = hashlib.sha256(json.dumps(hf_config, sort_keys=True, default=str).encode())
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update(content_digest(path).encode())
     h.update(str(dtype).encode())
     return h.hexdigest()[:16]

@@ -27,5 +27,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"",
     return out
 
 
-def model_salt(model_fingerprint: str, tp_rank: int = 0) -> bytes:
-    return f"{model_fingerprint}/tp{tp_rank}/".encode()
+def model_salt(model_fingerprint: str, tp_rank: int = 0, deployment_id: str = "") -> bytes:
+    """The salt of one engine's block hashes: its model, its TP rank and its deployment."""
+    deployment = f"{deployment_id}/" if deployment_id else ""
+    return f"{deployment}{model_fingerprint}/tp{tp_rank}/".encode()

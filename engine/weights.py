@@ -5,6 +5,7 @@ map those names onto their own parameters in `load_weights`.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -46,6 +47,34 @@ def resolve_model_path(model: str) -> Path:
 
 WeightIter = Iterator[tuple[str, torch.Tensor]]
 
+SAMPLE_BYTES = 1 << 20
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files `load_checkpoint(path)` reads tensors from."""
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+def content_digest(path: Path) -> str:
+    """A digest of the checkpoint's contents that costs a few MiB of reads per file, not the whole
+    checkpoint (hundreds of GB at start-up): for each weight file its name, size, safetensors JSON
+    header (every tensor's name, dtype, shape and offsets; a GGUF's metadata opens its first MiB),
+    and the first, middle and last MiB of its bytes. A fine-tune with the same shapes changes
+    (nearly) every tensor, so it changes the sampled bytes; a change confined to unsampled bytes
+    would go unseen, the price of not hashing everything."""
+    h = hashlib.sha256()
+    for f in weight_files(path):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        with f.open("rb") as fh:
+            if f.suffix == ".safetensors" and size >= 8:
+                header_len = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(header_len, size - 8)))
+            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+                fh.seek(offset)
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
 
 def load_checkpoint(path: Path) -> tuple[dict, WeightIter]:
     if path.is_file() and path.suffix == ".gguf":
@@ -61,7 +90,7 @@ def _load_safetensors_dir(folder: Path) -> tuple[dict, WeightIter]:
     from safetensors import safe_open
 
     config = json.loads((folder / "config.json").read_text())
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
 

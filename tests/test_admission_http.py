@@ -4,24 +4,26 @@ answers, nothing 5xx, and nothing is left admitted, queued or holding KV blocks 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
+import cluster_harness as h
 import grpc
 import httpx
 import pytest
-
-import cluster_harness as h
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N, Q, K = 2, 2, 3
 MAX_TOKENS = 64
+SLO_S = 20.0  # TTFT SLO: generous for the 64-token requests queued here on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
 def cluster():
     import ray
 
-    spec = h.small_spec(router={"max_concurrency": N, "max_queue": Q})
+    spec = h.small_spec(router={"max_concurrency": N, "max_queue": Q, "ttft_slo_s": SLO_S})
     ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:
         yield spec, h.serve_cluster(spec)
@@ -120,3 +122,80 @@ def test_short_soak_at_twice_capacity_is_clean(cluster):
     assert s.sent == s.served + s.rejected_early
     assert s.free_blocks_before and s.clean, s
     assert s.ttft_within_slo == 1.0
+
+
+async def _overload(base: str, clients: int, duration_s: float) -> list[tuple[int, float, str | None]]:
+    """`clients` closed-loop streaming clients for `duration_s`: (status, seconds to the first token
+    or to the rejection, Retry-After) per request; a rejected client backs off 0.2 s."""
+    results: list[tuple[int, float, str | None]] = []
+    deadline = time.monotonic() + duration_s
+
+    async def client(c: httpx.AsyncClient, i: int) -> None:
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            body = {"model": h.MODEL, "prompt": f"Client {i}: count to ten.", "max_tokens": 4,
+                    "ignore_eos": True, "stream": True}
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    results.append((r.status_code, time.monotonic() - t0, r.headers.get("retry-after")))
+                    await asyncio.sleep(0.2)
+                    continue
+                first, status = None, 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.monotonic() - t0
+                        status = 500 if "error" in json.loads(line[len("data: "):]) else status
+                results.append((status, first, None))
+
+    async with httpx.AsyncClient(base_url=base, timeout=120,
+                                 limits=httpx.Limits(max_connections=clients)) as c:
+        await asyncio.gather(*(client(c, i) for i in range(clients)))
+    return results
+
+
+def test_overload_at_four_times_the_target_is_turned_away_early(cluster):
+    """4x (N+Q) clients for 15 s: every request beyond what the router admits or queues gets a
+    429/503 with Retry-After within a second, and the admitted ones' TTFT p99 meets the SLO."""
+    results = asyncio.run(_overload(cluster[1], 4 * (N + Q), 15.0))
+    served = [t for s, t, _ in results if s == 200]
+    assert None not in served  # every served stream had a first token
+    served.sort()
+    rejected = [(s, t, ra) for s, t, ra in results if s in (429, 503)]
+    assert len(served) + len(rejected) == len(results), [r for r in results if r[0] not in (200, 429, 503)]
+    assert len(served) >= N and len(rejected) > len(served), (len(served), len(rejected))
+    assert all(ra is not None and int(ra) >= 1 for _, _, ra in rejected)
+    assert max(t for _, t, _ in rejected) < 1.0
+    p99 = served[min(len(served) - 1, int(0.99 * len(served)))]
+    assert p99 <= SLO_S, served[-5:]
+    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=30)
+
+
+def test_ttft_slo_rejects_by_the_prefill_rate_learnt_from_traffic(cluster):
+    """The router learns the prefill pool's throughput from the workers' counters while it serves;
+    redeployed (live) with a TTFT SLO half of what a long prompt needs at that rate, the long prompt
+    is turned away at once (429 ttft_slo, Retry-After) and a short one is served."""
+    from pdcluster.cluster.launch.deployment import deploy
+    from pdcluster.cluster.policy.admission import AdmissionConfig
+
+    spec, base = cluster
+    long_prompt = [100 + i % 1000 for i in range(1024)]
+    for _ in range(3):  # real prompts for the workers' counters (the overload test sent more)
+        r = httpx.post(base + "/v1/completions", timeout=120,
+                       json={"model": h.MODEL, "prompt": long_prompt[:512], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    h.wait_for(lambda: h.idle(h.snapshot()))
+    time.sleep(1.5)  # the controller's polls (0.5 s) have passed the workers' last counters on
+    rate, rejected = h.snapshot().prefill_tok_s, h.snapshot().rejected_total.get("ttft_slo", 0)
+    assert rate != AdmissionConfig().prefill_tok_s_prior
+    slo = len(long_prompt) / rate / 2
+    deploy(spec.model_copy(update={"router": spec.router.model_copy(update={"ttft_slo_s": slo})}))
+    assert h.snapshot().prefill_tok_s == pytest.approx(rate)  # a live reconfigure keeps what was learnt
+    r = httpx.post(base + "/v1/completions", timeout=60,
+                   json={"model": h.MODEL, "prompt": long_prompt, "max_tokens": 1})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "ttft_slo", r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    r = httpx.post(base + "/v1/completions", timeout=60,
+                   json={"model": h.MODEL, "prompt": long_prompt[:16], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert h.snapshot().rejected_total.get("ttft_slo") == rejected + 1

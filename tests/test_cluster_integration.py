@@ -573,3 +573,39 @@ def test_grpc_named_tool_choice_streams_the_same_call(client, cluster):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(request, timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in err.value.details()
+
+
+def test_redeploy_with_a_changed_router_setting_takes_effect_without_a_reload(cluster):
+    """Deploy the same cluster again, as `pdcluster up`/`serve deploy`/a KubeRay serveConfigV2 update
+    do, with one admitted request and no queue: the new ingress replica reconfigures the running
+    router (same process, same workers: no reload) and a second concurrent request gets a 429. Last
+    in this module: the cluster keeps the new spec."""
+    import ray
+    from pdcluster.cluster.launch.deployment import deploy
+    from pdcluster.cluster.spec import SpecChangeRefused
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    spec, base = cluster
+    router_pid = ray.get(h.router().pid.remote(), timeout=30)
+    workers = {w: i.pid for w, i in ray.get(h.controller().ready.remote(), timeout=30).workers.items()}
+    reload = spec.model_copy(update={"engine": spec.engine.model_copy(update={"max_num_seqs": 3})})
+    with pytest.raises(SpecChangeRefused, match="engine.max_num_seqs"):
+        deploy(reload, timeout_s=60)  # refused before Serve stops the replica that serves
+    new = spec.model_copy(update={"router": spec.router.model_copy(
+        update={"max_concurrency": 1, "max_queue": 0})})
+    deploy(new, timeout_s=300)
+    assert ray.get(h.controller().spec_dict.remote(), timeout=30) == new.to_dict()
+    threads, outs = _streams_in_flight(base, 1, 120)
+    r = httpx.post(base + "/v1/completions", timeout=60, json={"model": h.MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"], r.text
+    assert r.json()["error"]["type"] and h.snapshot().rejected_total.get("queue_full", 0) >= 1
+    threads[0].join(180)
+    assert outs[0][0] == 200 and outs[0][-1] == "[DONE]", outs[0][-3:]
+    assert _served_within(base, 30) < 30
+    with grpc.insecure_channel(f"127.0.0.1:{spec.serve.grpc_port}") as channel:  # the new replica's
+        msgs = list(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(prompt="Hi", max_tokens=2),
+                                                             timeout=60))
+        assert msgs[-1].finish_reason == "length"
+    assert ray.get(h.router().pid.remote(), timeout=30) == router_pid
+    assert {w: i.pid for w, i in ray.get(h.controller().ready.remote(), timeout=30).workers.items()} == workers

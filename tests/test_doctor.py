@@ -111,7 +111,7 @@ def test_healthy_npu_node_passes_everything_the_spec_needs() -> None:
     ({"import_error": lambda m: "OSError: libibverbs.so.1: cannot open"}, "mooncake", "libibverbs"),
     ({"find_library": lambda lib: None}, "rdma-libs", "libibverbs: missing"),
     ({"dist_version": {"ray": "2.60.0", "torch_npu": "2.13.0"}.get}, "torch", "torch not installed"),
-    ({"python_version": (3, 9, 18)}, "python", "need >= 3.10"),
+    ({"python_version": (3, 10, 13)}, "python", "need >= 3.11"),
 ])
 def test_a_broken_npu_node_fails_the_check_that_names_the_problem(over: dict, check: str, needle: str) -> None:
     results = run_checks(PROD, npu_node(**over))

@@ -25,6 +25,18 @@ COMMIT_SECRET_ENV = "PDCLUSTER_COMMIT_SECRET"
 _CRC, _MAC = 4, 16  # a record: CRC-32 of the block (little-endian), then its truncated HMAC-SHA256
 
 
+# This deployment's id (hex), set by the controller next to the commit key: it salts every block
+# hash, so the store's keys (and the router's prefix affinity) are per deployment. A store that
+# outlives a redeploy then never serves the old deployment's KV (nor holds keys whose records only
+# the old key authenticates, which would leave those prefixes uncacheable).
+DEPLOYMENT_ID_ENV = "PDCLUSTER_DEPLOYMENT_ID"
+
+
+def deployment_id() -> str:
+    """This worker's deployment id ("" outside a deployment)."""
+    return os.environ.get(DEPLOYMENT_ID_ENV, "")
+
+
 def commit_key(key: str) -> str:
     """Where a block's commit record (its CRC-32 and that CRC's MAC) is stored."""
     return key + "/commit"

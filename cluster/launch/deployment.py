@@ -137,6 +137,7 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
 
     # Apply exactly the Serve config that `pdcluster render serve-config` writes for `serve deploy`
     # and KubeRay's serveConfigV2: one source of truth, exercised by every cluster test.
+    _check_redeploy(spec)
     config = serve_config(spec)
     serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"])
     for app in config["applications"]:
@@ -144,6 +145,20 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
         builder = getattr(importlib.import_module(module), attr)
         serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
     wait_healthy(http_url(spec), timeout_s)
+
+
+def _check_redeploy(spec: ClusterSpec) -> None:
+    """A cluster running here takes a redeploy's router and serve changes live; one that needs new
+    workers is refused now, before Serve stops the replica that serves (its successor would fail)."""
+    import ray
+
+    from ...actors.names import CONTROLLER_NAME, NAMESPACE
+
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return
+    ClusterSpec.from_dict(ray.get(controller.spec_dict.remote(), timeout=30)).check_redeploy(spec)
 
 
 def http_url(spec: ClusterSpec) -> str:

@@ -60,10 +60,12 @@ def dump_yaml(data: Any) -> str:
 
 def kubernetes_spec(spec: ClusterSpec) -> ClusterSpec:
     """The spec as it runs inside KubeRay pods: Serve listens on the pod network and the Mooncake master
-    is the head pod's sidecar, found through the Ray head's address (pod IPs are not known in advance)."""
+    is the head pod's sidecar, found through the Ray head's address (pod IPs are not known in advance);
+    the cluster waits for it and never starts a second one on its ports."""
     return spec.model_copy(update={
         "serve": spec.serve.model_copy(update={"http_host": "0.0.0.0"}),
-        "store": spec.store.model_copy(update={"master_host": RAY_HEAD, "bind_host": "0.0.0.0"}),
+        "store": spec.store.model_copy(update={"master_host": RAY_HEAD, "bind_host": "0.0.0.0",
+                                               "master": "external"}),
     })
 
 

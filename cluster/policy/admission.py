@@ -171,12 +171,22 @@ class AdmissionController:
         served = now - req.since
         a = self.config.ewma_alpha
         self._service_s = served if self._service_s is None else (1 - a) * self._service_s + a * served
+        return self._fill_slots(now)
+
+    def _fill_slots(self, now: float) -> list[str]:
         admitted: list[str] = []
         while self._queued and self.in_flight < self.config.max_concurrency:
             nxt = self._pop_fair()
             self._start(nxt, now)
             admitted.append(nxt.request_id)
         return admitted
+
+    def reconfigure(self, config: AdmissionConfig, now: float) -> list[str]:
+        """Apply new limits to the running state (a redeploy): what runs and waits stays, as does
+        what was learnt; returns the queued ids a larger `max_concurrency` admits now. A smaller one
+        or a shorter queue turns nobody away: they apply to what arrives next."""
+        self.config = config
+        return self._fill_slots(now)
 
     def cancel(self, request_id: str) -> bool:
         """Remove a queued request whose client left; False if it is not queued (release it instead)."""

@@ -199,9 +199,9 @@ class Ingress:
         self.spec = ClusterSpec.from_dict(spec)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)  # bad keys fail before anything starts
         controller = get_or_create_controller(self.spec)
-        if await controller.spec_dict.remote() != self.spec.to_dict():
-            raise RuntimeError("a pdcluster cluster with a different spec is already running; "
-                               "stop it first (`pdcluster down`)")
+        # A redeploy (serve deploy, a KubeRay serveConfigV2 update) finds the cluster running: its
+        # router takes the new settings; a change that needs new workers fails this replica, naming it.
+        await controller.reconfigure.remote(self.spec.to_dict())
         self.info = await controller.ready.remote()
         self.router = self.info.router
         model_path = resolve_model_path(self.spec.model.path)
@@ -220,8 +220,10 @@ class Ingress:
         self._lease = asyncio.create_task(self._renew_lease_forever())
         self.created = int(time.time())
         serve_spec = self.spec.serve
-        self.grpc_server = await grpc_service.start_server(self, serve_spec.http_host, serve_spec.grpc_port,
-                                                           serve_spec.max_body_bytes)
+        # The replica this one replaces (a redeploy) keeps the port until its streams finish.
+        self.grpc_server = await grpc_service.start_server(
+            self, serve_spec.http_host, serve_spec.grpc_port, serve_spec.max_body_bytes,
+            wait_s=self.spec.router.drain_timeout_s + 5)
         log.info("ingress ready for %s (%d workers)", self.info.model_name, len(self.info.workers))
 
     async def __del__(self) -> None:
@@ -234,7 +236,7 @@ class Ingress:
         while True:
             try:
                 await asyncio.wait_for(self.orchestrator.renew_lease(), ROUTER_TIMEOUT_S)
-            except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:  # restarting: next round
+            except (TimeoutError, ray.exceptions.RayError) as exc:  # restarting: next round
                 log.warning("lease renewal failed: %s", exc)
             await asyncio.sleep(LEASE_RENEW_S)
 
@@ -249,7 +251,7 @@ class Ingress:
     async def health(self) -> Response:
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
-        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
+        except (TimeoutError, ray.exceptions.RayError) as exc:
             return JSONResponse({"status": "unavailable", "detail": f"router: {exc}"}, 503)
         if snap.draining:  # load balancers stop sending here; in-flight requests still finish
             return JSONResponse({"status": "draining", "in_flight": snap.in_flight}, 503)
@@ -262,7 +264,7 @@ class Ingress:
     async def prometheus(self) -> Response:
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
-        except (asyncio.TimeoutError, ray.exceptions.RayError):
+        except (TimeoutError, ray.exceptions.RayError):
             snap = None
         self.metrics.set_cluster(snap)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

@@ -8,7 +8,10 @@ the ingress uses.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ...proto import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 SERVICE = "pdcluster.inference.v1.Inference"
 
@@ -60,16 +65,24 @@ class _Servicer:
             await context.abort(code, context.details() or "")
 
 
-async def start_server(ingress: Any, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
-    """Serve `ingress.Generate` on host:port (in the running event loop); raises if the port is taken."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.so_reuseport", 0)])
-    add_inference_servicer(_Servicer(ingress), server)
+async def start_server(ingress: Any, host: str, port: int, max_message_bytes: int,
+                       wait_s: float = 0.0) -> grpc.aio.Server:
+    """Serve `ingress.Generate` on host:port (in the running event loop); raises if the port is
+    still taken after `wait_s` seconds."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc raises when it cannot bind
-        raise RuntimeError(f"gRPC cannot listen on {address}: {exc}") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                          ("grpc.so_reuseport", 0)])
+        add_inference_servicer(_Servicer(ingress), server)
+        try:
+            server.add_insecure_port(address)
+            break
+        except RuntimeError as exc:  # grpc raises when it cannot bind
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"gRPC cannot listen on {address}: {exc}") from None
+            log.warning("gRPC port %s still taken (the replica this one replaces?); retrying", address)
+            await asyncio.sleep(0.5)
     await server.start()
     return server
 # The chat fields inference.proto carries as JSON text, by their OpenAI names.

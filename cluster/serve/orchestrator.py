@@ -208,7 +208,7 @@ class Orchestrator:
         """The prompt's full-block chain hashes, salted as TP rank 0's engine salts them: the
         router's affinity names the same blocks as the store keys (`pdkv/<hash>`)."""
         return prefix_block_hashes(prompt_ids, self.info.block_size,
-                                   model_salt(self.info.model_fingerprint, 0))
+                                   model_salt(self.info.model_fingerprint, 0, self.info.deployment_id))
 
     def _first_token(self, rec: RequestRecord, prompt_tokens: int, cached_tokens: int) -> None:
         """Record the first token's arrival (TTFT) and the prompt's counts."""

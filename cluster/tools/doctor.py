@@ -24,7 +24,7 @@ Status = Literal["pass", "warn", "fail"]
 PortState = Literal["free", "in use", "not local"]
 
 RAY_PINNED = "2.60.0"
-MIN_PYTHON = (3, 10)
+MIN_PYTHON = (3, 11)
 CANN_DEFAULT = "/usr/local/Ascend/ascend-toolkit"
 INFINIBAND_SYSFS = "/sys/class/infiniband"
 # Same constants as pdcluster.engine.weights, repeated so doctor runs without importing torch.
