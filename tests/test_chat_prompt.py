@@ -106,7 +106,7 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     import asyncio
     from types import SimpleNamespace
 
-    from pdcluster.cluster.serve.app import Ingress
+    from pdcluster.cluster.serve.app import Ingress, _choice_steps
     from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord
     from pdcluster.engine.sampling import SamplingParams
 
@@ -122,7 +122,8 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     rec.generated = list(range(len(tokens)))
 
     async def sse():
-        render = Ingress.func_or_class._sse(ingress, rec, steps(), chat.output, include_usage=True)
+        render = Ingress.func_or_class._sse(ingress, [rec], _choice_steps([steps()], None), [chat.output],
+                                            include_usage=True)
         return [e async for e in render]
 
     events = [e.removeprefix("data: ").strip() for e in asyncio.run(sse())]
