@@ -258,12 +258,8 @@ class Router:
                 req.missed += 1
                 if req.missed >= ORPHAN_MISSES:
                     orphans.append(request_id)
-        if orphans:
-            log.warning("ingress %s no longer runs %d request(s) it never released: releasing them",
-                        owner, len(orphans))
-        for request_id in orphans:
-            self.release(request_id)
-        self.orphans_total += len(orphans)
+        self.orphans_total += self._release_all(
+            orphans, f"ingress {owner} no longer runs %d request(s) it never released: releasing them")
 
     def restore(self, owner: str, leased: list[LeasedRequest]) -> int:
         """Count requests that are running but unknown here (this router restarted): their slots,
@@ -293,12 +289,16 @@ class Router:
             # Queued ones first, so the slots their running ones free go to other replicas' requests.
             owned = sorted((r for r, req in self.requests.items() if req.owner == owner),
                            key=lambda r: self.requests[r].waiter is None or self.requests[r].waiter.done())
-            if owned:
-                log.warning("ingress %s stopped renewing its lease: releasing its %d request(s)",
-                            owner, len(owned))
-            for request_id in owned:
-                self.release(request_id)
-            self.expired_total += len(owned)
+            self.expired_total += self._release_all(
+                owned, f"ingress {owner} stopped renewing its lease: releasing its %d request(s)")
+
+    def _release_all(self, request_ids: list[str], why: str) -> int:
+        """Release requests their ingress replica will never release (`why` logs their count)."""
+        if request_ids:
+            log.warning(why, len(request_ids))
+        for request_id in request_ids:
+            self.release(request_id)
+        return len(request_ids)
 
     def drain(self) -> int:
         """Stop admitting: new requests and those still queued are rejected (503, retry elsewhere);

@@ -106,8 +106,8 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     import asyncio
     from types import SimpleNamespace
 
-    from pdcluster.cluster.serve.app import Ingress, _choice_steps
-    from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord
+    from pdcluster.cluster.serve.app import Ingress
+    from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord, merge_choices
     from pdcluster.engine.sampling import SamplingParams
 
     tokens = ["Two", " and", " two", "</think>", "\n\n", "Four", "."]
@@ -122,7 +122,7 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     rec.generated = list(range(len(tokens)))
 
     async def sse():
-        render = Ingress.func_or_class._sse(ingress, [rec], _choice_steps([steps()], None), [chat.output],
+        render = Ingress.func_or_class._sse(ingress, [rec], merge_choices([steps()], None), [chat.output],
                                             include_usage=True)
         return [e async for e in render]
 

@@ -32,7 +32,7 @@ from .chat_prompt import ChatFormat, prepare_chat
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
-from .orchestrator import Delta, Orchestrator, RequestRecord
+from .orchestrator import Delta, Orchestrator, RequestRecord, merge_choices
 
 log = logging.getLogger(__name__)
 
@@ -134,47 +134,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     return _error(oai.OpenAIError(500, "internal server error"))
-
-
-async def _choice_steps(steps: list[AsyncIterator[Delta]],
-                        first: Delta | None) -> AsyncIterator[tuple[int, Delta]]:
-    """(choice index, delta) from each choice's admitted steps as they come; `first`: choice 0's
-    first delta, already taken. Closing it closes every choice (their requests are released)."""
-    if len(steps) == 1:
-        try:
-            async for d in steps[0]:
-                yield 0, d
-        finally:
-            await steps[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
-        try:
-            async for d in s:
-                await queue.put((i, d))
-            await queue.put((i, None))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            await queue.put((i, exc))
-
-    if first is not None:
-        queue.put_nowait((0, first))
-    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(steps)]
-    try:
-        running = len(steps)
-        while running:
-            i, item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-        await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
 
 
 def _grpc_response_format(fmt) -> dict[str, Any]:
@@ -486,7 +445,7 @@ class Ingress:
             if isinstance(exc, oai.OpenAIError):
                 return _error(exc)
             raise
-        choices = _choice_steps(steps, first)
+        choices = merge_choices(steps, first)
         if req.stream:
             return _ClosingStreamingResponse(self._sse(recs, choices, outs, req.include_usage),
                                              media_type="text/event-stream")

@@ -1,7 +1,8 @@
 """One request's way through the cluster, as the ingress runs it: admit -> prefill -> decode -> release.
 
 `RequestRecord` is everything the ingress knows of a request; `Orchestrator.run` moves it through the
-router and the workers (failing over to another worker when one dies) and frees what it held, once.
+router and the workers (failing over to another worker when one dies) and frees what it held, once;
+`merge_choices` interleaves the runs of a request's n choices.
 """
 from __future__ import annotations
 
@@ -255,3 +256,44 @@ class Orchestrator:
             m.e2e.observe(end - rec.arrived)
             if rec.first_token_at is not None and rec.output_tokens > 1:
                 m.tpot.observe((end - rec.first_token_at) / (rec.output_tokens - 1))
+
+
+async def merge_choices(steps: list[AsyncIterator[Delta]],
+                        first: Delta | None) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from each choice's admitted steps as they come; `first`: choice 0's
+    first delta, already taken. Closing it closes every choice (their requests are released)."""
+    if len(steps) == 1:
+        try:
+            async for d in steps[0]:
+                yield 0, d
+        finally:
+            await steps[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+            await queue.put((i, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    if first is not None:
+        queue.put_nowait((0, first))
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(steps)]
+    try:
+        running = len(steps)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
