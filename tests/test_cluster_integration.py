@@ -261,6 +261,20 @@ def test_grpc_generate_streams_the_same_answer(client, cluster):
         assert "".join(m.text for m in msgs) == http.choices[0].message.content
         assert msgs[-1].finish_reason == http.choices[0].finish_reason
         assert msgs[-1].usage.completion_tokens == sum(len(m.token_ids) for m in msgs)
+        # n choices: tokens tagged by index, usage once at the end, summed over the choices
+        msgs = list(stub.Generate(pb.GenerateRequest(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in QUESTION],
+            max_tokens=24, temperature=0, n=2), timeout=120))
+        assert {m.index for m in msgs} == {0, 1}
+        for i in (0, 1):
+            mine = [m for m in msgs if m.index == i]
+            assert "".join(m.text for m in mine) == http.choices[0].message.content
+            assert mine[-1].finish_reason == http.choices[0].finish_reason
+        assert [m.HasField("usage") for m in msgs] == [False] * (len(msgs) - 1) + [True]
+        assert msgs[-1].usage.completion_tokens == sum(len(m.token_ids) for m in msgs)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", n=0), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(pb.GenerateRequest(prompt="hi", temperature=5), timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

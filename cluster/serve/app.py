@@ -269,48 +269,48 @@ class Ingress:
             tenant = self._tenant(metadata.get("authorization"))
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
-            rec, out = await self._grpc_record(request, tenant)
-            steps = self.orchestrator.run(rec)
-            await self._admitted(steps)
+            rec, out, n = await self._grpc_record(request, tenant)
+            recs, outs, choices = await self._start(rec, n, out)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             retry = f" (retry after {exc.headers()['Retry-After']}s)" if exc.retry_after_s else ""
             grpc_context.set_details(exc.message + retry)
             raise
+        unfinished = len(recs)
         try:
-            async for d in steps:
+            async for i, d in choices:
                 text, reasoning, calls, finish = d.text, "", [], d.finish_reason
-                if out is not None:
-                    deltas = out.feed(d.text, len(d.token_ids), final=finish is not None)
+                if outs[i] is not None:
+                    deltas = outs[i].feed(d.text, len(d.token_ids), final=finish is not None)
                     text, reasoning, calls = grpc_service.response_parts(deltas)
-                    finish = out.finish_reason(finish)
-                reasoning_tokens = out.reasoning_tokens if out is not None and out.reasoning else None
+                    finish = outs[i].finish_reason(finish)
+                unfinished -= finish is not None
+                usage = _usage(recs, outs) if finish and not unfinished else None
                 yield pb.GenerateResponse(
-                    request_id=rec.request_id, text=text, token_ids=d.token_ids,
+                    request_id=rec.request_id, index=i, text=text, token_ids=d.token_ids,
                     logprobs=[pb.TokenLogprob(
                         token_id=e.token_id, token=self._token_text(e.token_id), logprob=e.logprob,
                         top=[pb.TopLogprob(token_id=t, token=self._token_text(t), logprob=v)
                              for t, v in e.top]) for e in d.logprobs],
                     finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
-                    usage=pb.Usage(prompt_tokens=rec.prompt_tokens,
-                                   completion_tokens=rec.output_tokens,
-                                   cached_tokens=rec.cached_tokens,
-                                   reasoning_tokens=reasoning_tokens) if finish else None)
+                    usage=grpc_service.usage_message(usage) if usage else None)
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(exc.message)
             raise
         finally:
-            await steps.aclose()
+            await choices.aclose()
 
-    async def _grpc_record(self, request, tenant: str | None) -> tuple[RequestRecord, ChatOutput | None]:
+    async def _grpc_record(self, request, tenant: str | None,
+                           ) -> tuple[RequestRecord, ChatOutput | None, int]:
+        """The request's record, its chat parser (None for a prompt) and its number of choices."""
         inputs = [bool(request.prompt), bool(request.messages), bool(request.prompt_token_ids)]
         if sum(inputs) != 1:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
         data: dict[str, Any] = {"model": request.model or None, "stop": list(request.stop) or None,
                                 "ignore_eos": request.ignore_eos, "max_tokens": None}
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty"):
+                     "frequency_penalty", "repetition_penalty", "n"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
         if request.logit_bias:
@@ -332,13 +332,13 @@ class Ingress:
                 data["logprobs"], data["top_logprobs"] = True, request.logprobs
             req = oai.validate(oai.ChatCompletionRequest, data)
             self._check_model(req.model)
-            return await self._chat_record("grpc", req, tenant)
+            return *await self._chat_record("grpc", req, tenant), req.n
         data["prompt"] = request.prompt or list(request.prompt_token_ids)
         if request.HasField("logprobs"):
             data["logprobs"] = request.logprobs
         req = oai.validate(oai.CompletionRequest, data)
         self._check_model(req.model)
-        return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None
+        return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None, req.n
 
     # ------------------------------------------------------------------ request plumbing
     async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
@@ -426,26 +426,11 @@ class Ingress:
         return oai.completion_logprobs(entries, self._token_text, offset)
 
     async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
-        """`out`: a chat answer's parser (None for completions). With n > 1 the choices run as n
-        requests, the first alone until its prompt is computed: the others find its blocks in the
-        prefix cache of the worker that computed it (the router places them by prefix affinity)."""
+        """`out`: a chat answer's parser (None for completions)."""
         try:
-            recs, outs = self._choices(rec, req.n, out)
+            recs, outs, choices = await self._start(rec, req.n, out)
         except oai.OpenAIError as exc:
             return _error(exc)
-        steps = [self.orchestrator.run(r) for r in recs]
-        first: Delta | None = None
-        try:
-            await self._admitted(steps[0])
-            if len(steps) > 1:
-                first = await anext(steps[0], None)
-                await asyncio.gather(*(self._admitted(s) for s in steps[1:]))
-        except BaseException as exc:
-            await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
-            if isinstance(exc, oai.OpenAIError):
-                return _error(exc)
-            raise
-        choices = merge_choices(steps, first)
         if req.stream:
             return _ClosingStreamingResponse(self._sse(recs, choices, outs, req.include_usage),
                                              media_type="text/event-stream")
@@ -471,6 +456,26 @@ class Ingress:
         return JSONResponse(oai.chat_completion(rid, name, created, [
             oai.chat_choice(o.message("", 0), o.finish_reason(f), lp, i)
             for i, (o, f, lp) in enumerate(zip(outs, finish, lps))], _usage(recs, outs)))
+
+    async def _start(self, rec: RequestRecord, n: int, out: ChatOutput | None,
+                     ) -> tuple[list[RequestRecord], list[ChatOutput | None],
+                                AsyncIterator[tuple[int, Delta]]]:
+        """Admit a request's n choices; their records, parsers and merged (index, delta) steps.
+        With n > 1 the choices run as n requests, the first alone until its prompt is computed:
+        the others find its blocks in the prefix cache of the worker that computed it (the router
+        places them by prefix affinity). A rejection is raised, with nothing left held."""
+        recs, outs = self._choices(rec, n, out)
+        steps = [self.orchestrator.run(r) for r in recs]
+        first: Delta | None = None
+        try:
+            await self._admitted(steps[0])
+            if len(steps) > 1:
+                first = await anext(steps[0], None)
+                await asyncio.gather(*(self._admitted(s) for s in steps[1:]))
+        except BaseException:
+            await asyncio.gather(*(s.aclose() for s in steps), return_exceptions=True)
+            raise
+        return recs, outs, merge_choices(steps, first)
 
     def _choices(self, rec: RequestRecord, n: int,
                  out: ChatOutput | None) -> tuple[list[RequestRecord], list[ChatOutput | None]]:

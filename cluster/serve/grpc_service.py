@@ -126,3 +126,11 @@ def response_parts(deltas: list[dict[str, Any]]) -> tuple[str, str, list[pb.Tool
                          arguments=tc["function"].get("arguments", ""))
              for d in deltas for tc in d.get("tool_calls", [])]
     return content, reasoning, calls
+
+
+def usage_message(use: dict[str, Any]) -> pb.Usage:
+    """OpenAI's usage object (openai_protocol.usage) as inference.proto's Usage."""
+    details = use.get("completion_tokens_details") or {}
+    return pb.Usage(prompt_tokens=use["prompt_tokens"], completion_tokens=use["completion_tokens"],
+                    cached_tokens=use["prompt_tokens_details"]["cached_tokens"],
+                    reasoning_tokens=details.get("reasoning_tokens"))
