@@ -104,10 +104,8 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     """The ingress's SSE and JSON rendering of a reasoning answer (steps as the orchestrator yields
     them), without a cluster."""
     import asyncio
-    from types import SimpleNamespace
-
-    from pdcluster.cluster.serve.app import Ingress
     from pdcluster.cluster.serve.orchestrator import Delta, RequestRecord, merge_choices
+    from pdcluster.cluster.serve.responses import ResponseRenderer
     from pdcluster.engine.sampling import SamplingParams
 
     tokens = ["Two", " and", " two", "</think>", "\n\n", "Four", "."]
@@ -116,14 +114,13 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
         for i, t in enumerate(tokens):
             yield Delta([i], t, "stop" if i == len(tokens) - 1 else None)
 
-    ingress = SimpleNamespace(info=SimpleNamespace(model_name="m"), created=0)
+    renderer = ResponseRenderer("m", 0, str)
     chat = prepare_chat(FakeTokenizer("<think>\n"), _req(), ChatFormat("deepseek_r1", "hermes", True))
     rec = RequestRecord("chatcmpl-1", [1, 2, 3], SamplingParams(), None, prompt_tokens=3)
     rec.generated = list(range(len(tokens)))
 
     async def sse():
-        render = Ingress.func_or_class._sse(ingress, [rec], merge_choices([steps()], None), [chat.output],
-                                            include_usage=True)
+        render = renderer.sse([rec], [chat.output], merge_choices([steps()], None), include_usage=True)
         return [e async for e in render]
 
     events = [e.removeprefix("data: ").strip() for e in asyncio.run(sse())]
@@ -135,3 +132,9 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
     assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+
+    chat = prepare_chat(FakeTokenizer("<think>\n"), _req(), ChatFormat("deepseek_r1", "hermes", True))
+    body = json.loads(asyncio.run(renderer.json([rec], [chat.output], merge_choices([steps()], None))).body)
+    message = body["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Two and two", "Four.")
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}

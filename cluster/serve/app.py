@@ -1,7 +1,8 @@
 """Ray Serve ingress: the OpenAI HTTP API and the gRPC Inference service over the PD cluster.
 
 It authenticates, validates and tokenizes each request, checks it against the model's context once,
-and hands it to the orchestrator (orchestrator.py), whose deltas it renders as JSON, SSE or gRPC.
+admits its n choices through the orchestrator (orchestrator.py), and hands their deltas to the
+renderer (responses.py) for JSON, SSE or gRPC.
 """
 import asyncio
 import copy
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,7 @@ from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord, merge_choices
+from .responses import ClosingStreamingResponse, ResponseRenderer, error_response
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,6 @@ _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUT
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends: Starlette leaves a generator that was
-    suspended at a `yield` when the client went away to the garbage collector, and ours holds an
-    admission slot and KV blocks that must be freed now."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 def _api_keys(env_name: str | None) -> dict[str, str]:
@@ -93,21 +83,6 @@ def _text_bytes(value: Any) -> int:
     return 0
 
 
-def _usage(recs: list[RequestRecord], outs: list[ChatOutput | None]) -> dict[str, Any]:
-    """The usage of a request's choices (the prompt counted once); a chat answer under a reasoning
-    parser also counts its reasoning tokens."""
-    first = recs[0]
-    reasoning = None
-    if outs[0] is not None and outs[0].reasoning is not None:
-        reasoning = sum(o.reasoning_tokens for o in outs)
-    return oai.usage(first.prompt_tokens, sum(r.output_tokens for r in recs), first.cached_tokens,
-                     reasoning)
-
-
-def _error(exc: oai.OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-
-
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     """The JSON body, refused by its headers before it is read and cut off once over the limit
     (a chunked body declares no length)."""
@@ -125,7 +100,7 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     # Unknown routes and methods get OpenAI's error body too (a 405 keeps its Allow header).
-    response = _error(oai.OpenAIError(exc.status_code, str(exc.detail)))
+    response = error_response(oai.OpenAIError(exc.status_code, str(exc.detail)))
     response.headers.update(exc.headers or {})
     return response
 
@@ -133,7 +108,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return _error(oai.OpenAIError(500, "internal server error"))
+    return error_response(oai.OpenAIError(500, "internal server error"))
 
 
 def _grpc_response_format(fmt) -> dict[str, Any]:
@@ -171,13 +146,13 @@ class Ingress:
             ChatFormat.for_model, model_path, getattr(self.tokenizer.hf, "chat_template", None),
             self.spec.serve.reasoning_parser, self.spec.serve.tool_call_parser)
         self._token_texts: dict[int, str] = {}   # token id -> its text, for logprobs
+        self.responses = ResponseRenderer(self.info.model_name, int(time.time()), self._token_text)
         self.metrics = ServingMetrics()
         # This replica's requests are leased from the router under this id: if the replica dies
         # (SIGKILL, Serve's shutdown timeout) the lease runs out and the router frees their slots.
         owner = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.orchestrator = Orchestrator(self.info, self.metrics, owner=owner)
         self._lease = asyncio.create_task(self._renew_lease_forever())
-        self.created = int(time.time())
         serve_spec = self.spec.serve
         # The replica this one replaces (a redeploy) keeps the port until its streams finish.
         self.grpc_server = await grpc_service.start_server(
@@ -238,8 +213,8 @@ class Ingress:
         try:
             self._tenant(request.headers.get("authorization"))
         except oai.OpenAIError as exc:
-            return _error(exc)
-        return JSONResponse(oai.model_list(self.info.model_name, self.created))
+            return error_response(exc)
+        return JSONResponse(oai.model_list(self.info.model_name, self.responses.created))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -247,7 +222,7 @@ class Ingress:
             req, tenant = await self._parse(request, oai.ChatCompletionRequest)
             rec, out = await self._chat_record("chatcmpl", req, tenant)
         except oai.OpenAIError as exc:
-            return _error(exc)
+            return error_response(exc)
         return await self._respond(rec, req, out)
 
     @app.post("/v1/completions")
@@ -256,14 +231,12 @@ class Ingress:
             req, tenant = await self._parse(request, oai.CompletionRequest)
             rec = self._new_record("cmpl", await self._prompt_ids(req), req, tenant)
         except oai.OpenAIError as exc:
-            return _error(exc)
+            return error_response(exc)
         return await self._respond(rec, req, None)
 
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
-        """inference.proto's server-streaming Generate (through Serve's gRPC proxy)."""
-        from ...proto import inference_pb2 as pb
-
+        """inference.proto's server-streaming Generate (the replica's own gRPC server)."""
         try:
             metadata = dict(grpc_context.invocation_metadata())
             tenant = self._tenant(metadata.get("authorization"))
@@ -276,30 +249,13 @@ class Ingress:
             retry = f" (retry after {exc.headers()['Retry-After']}s)" if exc.retry_after_s else ""
             grpc_context.set_details(exc.message + retry)
             raise
-        unfinished = len(recs)
         try:
-            async for i, d in choices:
-                text, reasoning, calls, finish = d.text, "", [], d.finish_reason
-                if outs[i] is not None:
-                    deltas = outs[i].feed(d.text, len(d.token_ids), final=finish is not None)
-                    text, reasoning, calls = grpc_service.response_parts(deltas)
-                    finish = outs[i].finish_reason(finish)
-                unfinished -= finish is not None
-                usage = _usage(recs, outs) if finish and not unfinished else None
-                yield pb.GenerateResponse(
-                    request_id=rec.request_id, index=i, text=text, token_ids=d.token_ids,
-                    logprobs=[pb.TokenLogprob(
-                        token_id=e.token_id, token=self._token_text(e.token_id), logprob=e.logprob,
-                        top=[pb.TopLogprob(token_id=t, token=self._token_text(t), logprob=v)
-                             for t, v in e.top]) for e in d.logprobs],
-                    finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
-                    usage=grpc_service.usage_message(usage) if usage else None)
+            async for message in self.responses.grpc(recs, outs, choices):
+                yield message
         except oai.OpenAIError as exc:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(exc.message)
             raise
-        finally:
-            await choices.aclose()
 
     async def _grpc_record(self, request, tenant: str | None,
                            ) -> tuple[RequestRecord, ChatOutput | None, int]:
@@ -420,42 +376,16 @@ class Ingress:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
-    def _logprobs(self, chat: bool, entries: list, offset: int = 0) -> dict[str, Any] | None:
-        if chat:
-            return oai.chat_logprobs(entries, self._token_text)
-        return oai.completion_logprobs(entries, self._token_text, offset)
-
     async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
         """`out`: a chat answer's parser (None for completions)."""
         try:
             recs, outs, choices = await self._start(rec, req.n, out)
         except oai.OpenAIError as exc:
-            return _error(exc)
+            return error_response(exc)
         if req.stream:
-            return _ClosingStreamingResponse(self._sse(recs, choices, outs, req.include_usage),
-                                             media_type="text/event-stream")
-        text, finish, logprobs = [[] for _ in recs], [None] * len(recs), [[] for _ in recs]
-        try:
-            async for i, d in choices:
-                text[i].append(d.text)
-                logprobs[i] += d.logprobs
-                finish[i] = d.finish_reason or finish[i]
-                if outs[i] is not None:
-                    outs[i].feed(d.text, len(d.token_ids))
-        except oai.OpenAIError as exc:
-            return _error(exc)
-        finally:
-            await choices.aclose()
-        name, rid, created = self.info.model_name, rec.request_id, self.created
-        chat = out is not None
-        lps = [self._logprobs(chat, lp) if rec.params.logprobs is not None else None for lp in logprobs]
-        if not chat:
-            return JSONResponse(oai.completion(rid, name, created, [
-                oai.completion_choice("".join(t), f, lp, i)
-                for i, (t, f, lp) in enumerate(zip(text, finish, lps))], _usage(recs, outs)))
-        return JSONResponse(oai.chat_completion(rid, name, created, [
-            oai.chat_choice(o.message("", 0), o.finish_reason(f), lp, i)
-            for i, (o, f, lp) in enumerate(zip(outs, finish, lps))], _usage(recs, outs)))
+            return ClosingStreamingResponse(self.responses.sse(recs, outs, choices, req.include_usage),
+                                            media_type="text/event-stream")
+        return await self.responses.json(recs, outs, choices)
 
     async def _start(self, rec: RequestRecord, n: int, out: ChatOutput | None,
                      ) -> tuple[list[RequestRecord], list[ChatOutput | None],
@@ -511,45 +441,6 @@ class Ingress:
         except BaseException:
             await steps.aclose()
             raise
-
-    async def _sse(self, recs: list[RequestRecord], choices: AsyncIterator[tuple[int, Delta]],
-                   outs: list[ChatOutput | None], include_usage: bool) -> AsyncIterator[str]:
-        model, rid, created = self.info.model_name, recs[0].request_id, self.created
-        chat = outs[0] is not None
-        want_lp = recs[0].params.logprobs is not None
-        offset = [0] * len(recs)   # characters of completion text sent so far (completions' text_offset)
-        try:
-            if chat:
-                for i in range(len(recs)):
-                    yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
-                                                 index=i))
-            async for i, d in choices:
-                # a token whose text is held back (a partial character, a possible stop string)
-                # still reports its logprob in this chunk
-                lp = self._logprobs(chat, d.logprobs, offset[i]) if want_lp and d.logprobs else None
-                if chat:
-                    out = outs[i]
-                    deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
-                    if lp and not deltas:
-                        deltas = [{"content": ""}]
-                    for j, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
-                        yield oai.sse(oai.chat_chunk(rid, model, created, delta,
-                                                     logprobs=lp if j == 0 else None, index=i))
-                    if d.finish_reason:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {},
-                                                     out.finish_reason(d.finish_reason), index=i))
-                elif d.text or d.finish_reason or lp:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
-                                                       index=i))
-                offset[i] += len(d.text)
-            if include_usage:
-                obj = "chat.completion.chunk" if chat else "text_completion"
-                yield oai.sse(oai.usage_chunk(rid, model, created, obj, _usage(recs, outs)))
-        except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
-            yield oai.sse(exc.body())
-        finally:
-            await choices.aclose()
-        yield oai.sse("[DONE]")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

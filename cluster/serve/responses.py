@@ -1,0 +1,157 @@
+"""How an admitted request's choices become what the client reads: one OpenAI JSON body, an SSE
+stream of OpenAI chunks, or inference.proto's GenerateResponse messages.
+
+The ingress hands over the choices' records, their chat parsers (None for completions) and the
+merged (choice index, Delta) steps the orchestrator yields; every renderer closes those steps however
+it ends, which frees what the requests hold.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ...engine.outputs import TokenLogprob
+from ...proto import inference_pb2 as pb
+from . import grpc_service
+from . import openai_protocol as oai
+from .chat_output import ChatOutput
+from .orchestrator import Delta, RequestRecord
+
+Choices = AsyncIterator[tuple[int, Delta]]
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends: Starlette leaves a generator that was
+    suspended at a `yield` when the client went away to the garbage collector, and ours holds an
+    admission slot and KV blocks that must be freed now."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def error_response(exc: oai.OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def choices_usage(recs: list[RequestRecord], outs: list[ChatOutput | None]) -> dict[str, Any]:
+    """The usage of a request's choices (the prompt counted once); a chat answer under a reasoning
+    parser also counts its reasoning tokens."""
+    first = recs[0]
+    reasoning = None
+    if outs[0] is not None and outs[0].reasoning is not None:
+        reasoning = sum(o.reasoning_tokens for o in outs)
+    return oai.usage(first.prompt_tokens, sum(r.output_tokens for r in recs), first.cached_tokens,
+                     reasoning)
+
+
+class ResponseRenderer:
+    """Renders responses for one served model; `token_text` spells a token as logprobs show it."""
+
+    def __init__(self, model_name: str, created: int, token_text: Callable[[int], str]) -> None:
+        self.model_name = model_name
+        self.created = created
+        self.token_text = token_text
+
+    def logprobs(self, chat: bool, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        if chat:
+            return oai.chat_logprobs(entries, self.token_text)
+        return oai.completion_logprobs(entries, self.token_text, offset)
+
+    async def json(self, recs: list[RequestRecord], outs: list[ChatOutput | None],
+                   choices: Choices) -> Response:
+        """The whole answer as one chat.completion or text_completion body (an error body if the
+        request fails before it ends)."""
+        text, finish, logprobs = [[] for _ in recs], [None] * len(recs), [[] for _ in recs]
+        try:
+            async for i, d in choices:
+                text[i].append(d.text)
+                logprobs[i] += d.logprobs
+                finish[i] = d.finish_reason or finish[i]
+                if outs[i] is not None:
+                    outs[i].feed(d.text, len(d.token_ids))
+        except oai.OpenAIError as exc:
+            return error_response(exc)
+        finally:
+            await choices.aclose()
+        name, rid, created = self.model_name, recs[0].request_id, self.created
+        chat = outs[0] is not None
+        lps = [self.logprobs(chat, lp) if recs[0].params.logprobs is not None else None
+               for lp in logprobs]
+        if not chat:
+            return JSONResponse(oai.completion(rid, name, created, [
+                oai.completion_choice("".join(t), f, lp, i)
+                for i, (t, f, lp) in enumerate(zip(text, finish, lps))], choices_usage(recs, outs)))
+        return JSONResponse(oai.chat_completion(rid, name, created, [
+            oai.chat_choice(o.message("", 0), o.finish_reason(f), lp, i)
+            for i, (o, f, lp) in enumerate(zip(outs, finish, lps))], choices_usage(recs, outs)))
+
+    async def sse(self, recs: list[RequestRecord], outs: list[ChatOutput | None], choices: Choices,
+                  include_usage: bool) -> AsyncIterator[str]:
+        """The answer as server-sent events: OpenAI's chunks, by choice index, then `[DONE]`; an
+        error once streaming is an error event, as OpenAI sends it."""
+        model, rid, created = self.model_name, recs[0].request_id, self.created
+        chat = outs[0] is not None
+        want_lp = recs[0].params.logprobs is not None
+        offset = [0] * len(recs)   # characters of completion text sent so far (completions' text_offset)
+        try:
+            if chat:
+                for i in range(len(recs)):
+                    yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
+                                                 index=i))
+            async for i, d in choices:
+                # a token whose text is held back (a partial character, a possible stop string)
+                # still reports its logprob in this chunk
+                lp = self.logprobs(chat, d.logprobs, offset[i]) if want_lp and d.logprobs else None
+                if chat:
+                    out = outs[i]
+                    deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
+                    if lp and not deltas:
+                        deltas = [{"content": ""}]
+                    for j, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
+                        yield oai.sse(oai.chat_chunk(rid, model, created, delta,
+                                                     logprobs=lp if j == 0 else None, index=i))
+                    if d.finish_reason:
+                        yield oai.sse(oai.chat_chunk(rid, model, created, {},
+                                                     out.finish_reason(d.finish_reason), index=i))
+                elif d.text or d.finish_reason or lp:
+                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
+                                                       index=i))
+                offset[i] += len(d.text)
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield oai.sse(oai.usage_chunk(rid, model, created, obj, choices_usage(recs, outs)))
+        except oai.OpenAIError as exc:  # the status line is gone: report in the stream, as OpenAI does
+            yield oai.sse(exc.body())
+        finally:
+            await choices.aclose()
+        yield oai.sse("[DONE]")
+
+    async def grpc(self, recs: list[RequestRecord], outs: list[ChatOutput | None],
+                   choices: Choices) -> AsyncIterator[Any]:
+        """The answer as GenerateResponse messages, one per step of a choice; the stream's last
+        message carries the usage of all the choices. Errors propagate (the caller sets the status)."""
+        unfinished = len(recs)
+        try:
+            async for i, d in choices:
+                text, reasoning, calls, finish = d.text, "", [], d.finish_reason
+                if outs[i] is not None:
+                    deltas = outs[i].feed(d.text, len(d.token_ids), final=finish is not None)
+                    text, reasoning, calls = grpc_service.response_parts(deltas)
+                    finish = outs[i].finish_reason(finish)
+                unfinished -= finish is not None
+                use = choices_usage(recs, outs) if finish and not unfinished else None
+                yield pb.GenerateResponse(
+                    request_id=recs[0].request_id, index=i, text=text, token_ids=d.token_ids,
+                    logprobs=[pb.TokenLogprob(
+                        token_id=e.token_id, token=self.token_text(e.token_id), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=self.token_text(t), logprob=v)
+                             for t, v in e.top]) for e in d.logprobs],
+                    finish_reason=finish or "", reasoning_text=reasoning, tool_calls=calls,
+                    usage=grpc_service.usage_message(use) if use else None)
+        finally:
+            await choices.aclose()
