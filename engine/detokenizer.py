@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings, for streaming.
 
 Text is released only when it is final: an incomplete UTF-8 character is held back, and so is any
-tail that could still become the start of a stop string.
+tail that could still become the start of a stop string. Stop strings count only from a request's
+min_tokens-th token on, as in vLLM: a stop string that ends before it does not end the request.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ _CONTEXT_TOKENS = 6   # prompt tail decoded with the output, so the first words 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
-                 include_stop: bool = False, skip_special_tokens: bool = True) -> None:
+                 include_stop: bool = False, skip_special_tokens: bool = True,
+                 min_tokens: int = 0) -> None:
         self.tok = tokenizer
         self.skip_special = skip_special_tokens
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
@@ -24,6 +26,8 @@ class IncrementalDetokenizer:
         self.text = ""          # output text so far (cut at a stop string)
         self.emitted = 0        # characters of self.text already released
         self.stopped = False
+        self.min_tokens = min_tokens
+        self.num_tokens = 0     # generated tokens pushed so far
 
     def push(self, token_ids: list[int]) -> bool:
         """Add generated tokens; True if a stop string was hit (the text is then cut there)."""
@@ -31,6 +35,7 @@ class IncrementalDetokenizer:
             if self.stopped:
                 break
             self.ids.append(t)
+            self.num_tokens += 1
             prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
             full = self.tok.decode(self.ids[self.prefix_offset:], self.skip_special)
             if full.endswith("\ufffd") or len(full) <= len(prefix):
@@ -38,7 +43,8 @@ class IncrementalDetokenizer:
             start = max(len(self.text) - self.holdback, 0)
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self._check_stop(start)
+            if self.num_tokens >= self.min_tokens:
+                self._check_stop(start)
         return self.stopped
 
     def _check_stop(self, start: int) -> None:

@@ -219,7 +219,8 @@ class LLMEngine:
         if params.structured_output is not None:
             seq.matcher = self.grammar.matcher(params.structured_output)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
-                                       params.include_stop_str_in_output, params.skip_special_tokens)
+                                       params.include_stop_str_in_output, params.skip_special_tokens,
+                                       params.min_tokens)
         resumed = list(generated_token_ids or ())
         if kv_import is not None:
             if list(kv_import.token_ids) != ids:

@@ -1,7 +1,7 @@
 """Turn the logits of the sequences that finished their step into next tokens.
 
 Logits are first processed, batched, for the rows that ask for it: repetition, frequency and presence
-penalties, logit_bias, min_tokens (EOS masked) and, last, the grammar's token bitmask (one bitmask
+penalties, logit_bias, min_tokens (EOS masked; stop strings count from it, in the detokenizer) and, last, the grammar's token bitmask (one bitmask
 for the batch, filled only for constrained rows). Greedy rows then take the argmax; the others are
 temperature-scaled, top-k/top-p filtered and drawn with the sequence's own generator (seeded requests
 are reproducible whatever else is in the batch). Logprobs are those of the model's raw distribution

@@ -11,9 +11,9 @@ def tok(llm):
     return llm.tokenizer
 
 
-def stream(tok, text: str, stop=(), include=False):
+def stream(tok, text: str, stop=(), include=False, min_tokens=0):
     ids = tok.encode(text)
-    d = IncrementalDetokenizer(tok, tok.encode("Hello"), tuple(stop), include)
+    d = IncrementalDetokenizer(tok, tok.encode("Hello"), tuple(stop), include, min_tokens=min_tokens)
     pieces = []
     for t in ids:
         stopped = d.push([t])
@@ -35,6 +35,16 @@ def test_stop_string_spanning_tokens_is_cut(tok):
     assert stopped and out == " alpha bet"
     out, _ = stream(tok, " alpha beta gamma delta", stop=["a gam"], include=True)
     assert out == " alpha beta gam"
+
+
+def test_stop_strings_count_from_min_tokens(tok):
+    text = " stop here, then go on and stop again"
+    first = len(tok.encode(" stop"))
+    assert stream(tok, text, stop=["stop"]) == (" ", True)
+    # the first "stop" is within min_tokens: the request runs on to the second
+    out, stopped = stream(tok, text, stop=["stop"], min_tokens=first + 2)
+    assert stopped and out == " stop here, then go on and "
+    assert stream(tok, text, stop=["nowhere"], min_tokens=3) == (tok.decode(tok.encode(text)), False)
 
 
 def test_text_that_might_start_a_stop_string_is_held_back(tok):
