@@ -228,6 +228,9 @@ class ServeSpec(_Strict):
     # the model's architecture (cluster/serve/chat_output.py), "none" turns reasoning parsing off.
     reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3", "kimi_k2"] = "auto"
     tool_call_parser: Literal["auto", "hermes", "deepseek_v3", "kimi_k2"] = "auto"
+    # Serve's access log (a line per request from the proxy and the ingress, in their log files and
+    # on their stderr); off by default: the router's metrics count every request.
+    access_log: bool = False
 
     @field_validator("api_keys_env")
     @classmethod
