@@ -39,7 +39,11 @@ def run_up(args: argparse.Namespace) -> int:
     from .main import load_spec
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    driver_log = None if args.verbose else _route_ray_logs(local_cluster.runtime_dir() / "up.log")
+    try:
+        driver_log = None if args.verbose else _route_ray_logs(local_cluster.runtime_dir() / "up.log")
+    except RuntimeError as exc:  # a runtime dir another user could write
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     spec = load_spec(args.config)
     if spec is None:
         return 2
