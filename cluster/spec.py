@@ -399,6 +399,19 @@ class ClusterSpec(_Strict):
             res["NPU"] = pool.accelerators_per_node
         return res
 
+    def pool_shortfalls(self, cluster_resources: dict[str, float]) -> list[str]:
+        """Why workers would wait for nodes: a pool wanting more nodes than carry its role resource."""
+        problems = []
+        for role in ("prefill", "decode"):
+            pool = self.pool(role)
+            have = cluster_resources.get(pool.role_resource, 0)
+            if have < pool.replicas:
+                problems.append(
+                    f"{role} pool wants {pool.replicas} node(s) with resource {pool.role_resource!r} but "
+                    f"the cluster has {have:g}; workers wait until such nodes join "
+                    f"(ray start --resources='{{\"{pool.role_resource}\": 1}}')")
+        return problems
+
     def worker_actor_options(self, role: Role) -> dict[str, Any]:
         """Ray actor options for the one worker per node of this pool: it owns the whole node."""
         pool = self.pool(role)

@@ -306,6 +306,8 @@ def up_remote(spec: ClusterSpec, address: str, verbose: bool = False) -> UpState
     from ...actors.names import NAMESPACE
 
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=verbose)
+    for problem in spec.pool_shortfalls(ray.cluster_resources()):
+        log.error("%s", problem)  # said here too: the controller's own line stays in its log
     try:
         deploy(spec)
         return UpState(pid=0, ray_address=address, http_url=http_url(spec),
