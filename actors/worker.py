@@ -103,6 +103,7 @@ class EngineWorker:
                  config.tp_size, config.threads, "connected" if self.kv_store else "none")
 
     def _default_threads(self, tp_size: int) -> int:
+        """engine.threads when the spec leaves it unset, from what Ray says about the nodes."""
         import ray
 
         from ..cluster.policy.engine_threads import NodeView, engine_threads, workers_on_host
