@@ -290,8 +290,9 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started
         try:
             teardown(spec.router.drain_timeout_s, force)
         finally:
-            from ray import serve
-            serve.shutdown()
+            # Stopping this Ray instance stops Serve's controller and proxies with it (the app and
+            # our actors are gone already); serve.shutdown() would only add a raylet line saying
+            # its controller's last task "will be retried".
             ray.shutdown()
             current = read_state()
             if current is not None and current.pid == os.getpid():
