@@ -137,9 +137,25 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), attr)
-        serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
-                  logging_config=app["logging_config"])
+        try:
+            serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
+                      logging_config=app["logging_config"])
+        except RuntimeError as exc:
+            # Serve's own message names the deployment only; the replica's error says why
+            raise RuntimeError("\n".join([str(exc), *_deployment_errors(app["name"])])) from None
     wait_healthy(http_url(spec), timeout_s)
+
+
+def _deployment_errors(app_name: str) -> list[str]:
+    """Why the app's deployments failed, as Serve recorded it (a replica's exception)."""
+    import ray
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except ray.exceptions.RayError:
+        return []
+    return [f"{name}: {d.message}" for name, d in (app.deployments if app else {}).items() if d.message]
 
 
 def _check_redeploy(spec: ClusterSpec) -> None:
