@@ -123,14 +123,8 @@ class Controller:
         log.info("cluster ready: %s", ", ".join(f"{i.worker_id}@{i.node_ip}" for i in infos))
 
     def _check_pools(self) -> None:
-        have = ray.cluster_resources()
-        for role in ("prefill", "decode"):
-            pool = self.spec.pool(role)
-            if have.get(pool.role_resource, 0) < pool.replicas:
-                log.error("%s pool wants %d node(s) with resource %r but the cluster has %g; workers "
-                          "wait until such nodes join (ray start --resources='{\"%s\": 1}')",
-                          role, pool.replicas, pool.role_resource, have.get(pool.role_resource, 0),
-                          pool.role_resource)
+        for problem in self.spec.pool_shortfalls(ray.cluster_resources()):
+            log.error("%s", problem)
 
     async def ready(self) -> ClusterInfo:
         """Waits for the master, every worker and the router; raises if any failed to start."""

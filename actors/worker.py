@@ -33,6 +33,7 @@ class WorkerInfo:
     kv_store: bool  # connected to the Mooncake store, every TP rank (else decode recomputes prompts)
     tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
     deployment_id: str = ""  # salts the block hashes with the model's fingerprint
+    threads: int = 0  # torch intra-op threads the engine (and its CPU kernels) runs with
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class EngineWorker:
         config = self.spec.engine_config(deployment_id=deployment_id())
         if config.threads is None:
             # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which would leave a worker
-            # that owns its whole node on one core; TP ranks share the node's cores.
-            config = replace(config, threads=max(1, len(os.sched_getaffinity(0)) // config.tp_size))
+            # that owns its whole node on one core: take the host's cores, shared with the other
+            # workers placed on it and with the TP ranks.
+            config = replace(config, threads=self._default_threads(config.tp_size))
         store_host = self._store_host(ctx.gcs_address)
         # node mode: attach to the node's store client first, so the KV cache is allocated in memory
         # it shares (the TP ranks then find it running too)
@@ -97,8 +99,26 @@ class EngineWorker:
         self.kv_store = self.connector is not None and all(followers_stored)
         self.loop = EngineLoop(self.engine, name=f"{worker_id}-engine", mirror=self.followers,
                                on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
-        log.info("%s ready on node %s (TP %d, KV store: %s)", worker_id, self.node_ip,
-                 config.tp_size, "connected" if self.kv_store else "none")
+        log.info("%s ready on node %s (TP %d, %d threads, KV store: %s)", worker_id, self.node_ip,
+                 config.tp_size, config.threads, "connected" if self.kv_store else "none")
+
+    def _default_threads(self, tp_size: int) -> int:
+        """engine.threads when the spec leaves it unset, from what Ray says about the nodes."""
+        import ray
+
+        from ..cluster.policy.engine_threads import NodeView, engine_threads, workers_on_host
+
+        nodes = {n["NodeID"]: NodeView(hostname=n.get("NodeManagerHostname", ""),
+                                       cpus=n.get("Resources", {}).get("CPU", 0.0),
+                                       resources=frozenset(n.get("Resources", {})))
+                 for n in ray.nodes() if n.get("Alive")}
+        me = nodes.get(self.node_id, NodeView(hostname="", cpus=0.0, resources=frozenset()))
+        pools = {}
+        for role in ("prefill", "decode"):
+            pool = self.spec.pool(role)
+            pools[pool.role_resource] = pools.get(pool.role_resource, 0) + pool.replicas
+        workers = workers_on_host(nodes.values(), me.hostname, pools)
+        return engine_threads(len(os.sched_getaffinity(0)), me.cpus, workers, tp_size)
 
     def _node_store(self, store_host: str, gcs_address: str):
         """This node's store client (started if no worker here has yet) and a client attached to
@@ -135,6 +155,8 @@ class EngineWorker:
         return self.info()
 
     def info(self) -> WorkerInfo:
+        import torch
+
         e = self.engine
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, node_id=self.node_id, node_ip=self.node_ip,
@@ -142,7 +164,7 @@ class EngineWorker:
             block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
             block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
             model_fingerprint=e.fingerprint, kv_store=self.kv_store, deployment_id=e.config.deployment_id,
-            tp_pids=self.followers.pids if self.followers else ())
+            tp_pids=self.followers.pids if self.followers else (), threads=torch.get_num_threads())
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

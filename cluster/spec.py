@@ -228,6 +228,9 @@ class ServeSpec(_Strict):
     # the model's architecture (cluster/serve/chat_output.py), "none" turns reasoning parsing off.
     reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3", "kimi_k2"] = "auto"
     tool_call_parser: Literal["auto", "hermes", "deepseek_v3", "kimi_k2"] = "auto"
+    # Serve's access log (a line per request from the proxy and the ingress, in their log files and
+    # on their stderr); off by default: the router's metrics count every request.
+    access_log: bool = False
 
     @field_validator("api_keys_env")
     @classmethod
@@ -395,6 +398,19 @@ class ClusterSpec(_Strict):
             # GPUs are advertised by --num-gpus; NPUs are a plain resource for `ray start`.
             res["NPU"] = pool.accelerators_per_node
         return res
+
+    def pool_shortfalls(self, cluster_resources: dict[str, float]) -> list[str]:
+        """Why workers would wait for nodes: a pool wanting more nodes than carry its role resource."""
+        problems = []
+        for role in ("prefill", "decode"):
+            pool = self.pool(role)
+            have = cluster_resources.get(pool.role_resource, 0)
+            if have < pool.replicas:
+                problems.append(
+                    f"{role} pool wants {pool.replicas} node(s) with resource {pool.role_resource!r} but "
+                    f"the cluster has {have:g}; workers wait until such nodes join "
+                    f"(ray start --resources='{{\"{pool.role_resource}\": 1}}')")
+        return problems
 
     def worker_actor_options(self, role: Role) -> dict[str, Any]:
         """Ray actor options for the one worker per node of this pool: it owns the whole node."""

@@ -16,9 +16,11 @@ QUESTION = [{"role": "user", "content": "Give me two tips for learning to cook."
 def cluster():
     import ray
 
-    spec = h.small_spec(prefill={"replicas": 0})
+    # engine.threads unset, as in a user's spec; Ray offers 2 CPUs, as many threads as the offline
+    # engine (conftest) uses
+    spec = h.small_spec(prefill={"replicas": 0}, engine={"threads": None})
     assert spec.colocated
-    ray.init(num_cpus=4, include_dashboard=False, resources={"pd_decode": 1})
+    ray.init(num_cpus=2, include_dashboard=False, resources={"pd_decode": 1})
     try:
         yield spec, h.serve_cluster(spec)
     finally:
@@ -35,6 +37,14 @@ def test_colocated_stream_equals_offline_and_uses_no_prefill_worker(cluster, llm
     # TTFT is measured from the decode worker's first token; no KV crossed the store
     assert "pdcluster_ttft_seconds_count 1.0" in metrics
     assert "pdcluster_kv_handoff_bytes_total 0.0" in metrics
+
+
+def test_the_colocated_worker_runs_on_all_its_nodes_cores(cluster):
+    import os
+
+    (worker,) = h.snapshot().workers
+    # the one worker on this machine: every core Ray offers it (not half, as when PD shares a node)
+    assert worker.info.threads == min(len(os.sched_getaffinity(0)), 2)
 
 
 def test_colocated_router_learns_prefill_rate_from_the_decode_workers_counters(cluster):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -141,3 +142,14 @@ def test_down_drains_in_flight_requests_then_exits(up):
     port = str(spec.store.rpc_port)
     masters = subprocess.run(["pgrep", "-af", "mooncake_master"], capture_output=True, text=True).stdout
     assert not [line for line in masters.splitlines() if port in line], masters
+
+
+def test_up_prints_where_it_serves_and_keeps_routine_lines_in_the_logs_it_names(up):
+    _, base, _, tmp, _ = up
+    printed = (tmp / "up.log").read_text()
+    assert f"OpenAI API: {base}/v1" in printed and f"{base}/health" in printed, printed
+    logs = Path(re.search(r"workers: (\S+)", printed).group(1))
+    assert any(logs.glob("worker-*")), logs  # the actors' own output is there
+    # Mooncake's client lines at every start (and at `down`) and Serve's progress lines are not here
+    for routine in ("metadata not found", "Failed to ping master", "Started Serve", "Deploying new version"):
+        assert routine not in printed, printed[-3000:]

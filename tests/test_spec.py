@@ -182,3 +182,10 @@ def test_state_file_lives_in_a_private_runtime_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "shared"))
     with pytest.raises(RuntimeError, match="not be writable by others"):
         deployment.state_file()
+
+
+def test_pool_shortfalls_name_the_pool_and_the_resource_its_nodes_lack():
+    spec = ClusterSpec.from_dict({"prefill": {"replicas": 0}, "decode": {"replicas": 2}})
+    assert spec.pool_shortfalls({"pd_decode": 2}) == []  # a colocated spec needs no prefill node
+    (problem,) = spec.pool_shortfalls({"pd_prefill": 4, "pd_decode": 1})
+    assert problem.startswith("decode pool wants 2 node(s) with resource 'pd_decode'")

@@ -50,6 +50,7 @@ class WorkerStatus:
     free_blocks: int
     total_blocks: int
     placed_total: int
+    threads: int = 0  # the engine's torch threads
     # speculative decoding (engine totals)
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -78,14 +79,6 @@ def _spec_totals(stats: dict[str, Any]) -> dict[str, int]:
     return {"spec_draft_tokens": stats.get("spec_draft_tokens_total", 0),
             "spec_accepted_tokens": stats.get("spec_accepted_tokens_total", 0),
             "spec_verifications": stats.get("spec_verifications_total", 0)}
-
-
-def local_spec(spec: ClusterSpec) -> ClusterSpec:
-    """Both workers share this machine's cores: give each half of them unless the spec says."""
-    if spec.engine.threads is not None or spec.engine.device not in ("cpu", "auto"):
-        return spec
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
 
 
 def runtime_dir() -> Path:
@@ -139,12 +132,30 @@ def deploy(spec: ClusterSpec, timeout_s: float = READY_TIMEOUT_S) -> None:
     # and KubeRay's serveConfigV2: one source of truth, exercised by every cluster test.
     _check_redeploy(spec)
     config = serve_config(spec)
-    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"])
+    serve.start(proxy_location=config["proxy_location"], http_options=config["http_options"],
+                logging_config=config["logging_config"])
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), attr)
-        serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+        try:
+            serve.run(builder(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
+                      logging_config=app["logging_config"])
+        except RuntimeError as exc:
+            # Serve's own message names the deployment only; the replica's error says why
+            raise RuntimeError("\n".join([str(exc), *_deployment_errors(app["name"])])) from None
     wait_healthy(http_url(spec), timeout_s)
+
+
+def _deployment_errors(app_name: str) -> list[str]:
+    """Why the app's deployments failed, as Serve recorded it (a replica's exception)."""
+    import ray
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except ray.exceptions.RayError:
+        return []
+    return [f"{name}: {d.message}" for name, d in (app.deployments if app else {}).items() if d.message]
 
 
 def _check_redeploy(spec: ClusterSpec) -> None:
@@ -247,8 +258,11 @@ def teardown(drain_timeout_s: float | None = None, force: threading.Event | None
     ray.kill(controller)
 
 
-def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
-    """Run the cluster on this machine until `stop` is set; `on_ready(state)` is called once it serves."""
+def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started=None,
+             verbose: bool = False) -> None:
+    """Run the cluster on this machine until `stop` is set: `on_started(log_dir)` is called once Ray
+    runs (the folder that holds every actor's log), `on_ready(state)` once it serves. The actors'
+    own output (Serve's, Mooncake's, the workers') stays in those logs unless `verbose`."""
     import ray
 
     from ...actors.names import NAMESPACE
@@ -257,14 +271,15 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
     if state is not None and state.pid and _pid_alive(state.pid):
         raise RuntimeError(f"a local pdcluster is already running (pid {state.pid}, {state.http_url}); "
                            "stop it with `pdcluster down`")
-    spec = local_spec(spec)
     resources = {spec.prefill.role_resource: 1, spec.decode.role_resource: 1,
                  **spec.prefill.resources, **spec.decode.resources}
     # address="local": always a new Ray instance of our own, never a `ray start` cluster that happens
     # to run on this machine (that is what --address is for).
     ctx = ray.init(address="local", namespace=NAMESPACE, resources=resources,
                    num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                   logging_level=logging.WARNING)
+                   logging_level=logging.WARNING, log_to_driver=verbose)
+    if on_started is not None:
+        on_started(os.path.join(ctx.address_info["session_dir"], "logs"))
     force = threading.Event()
     if threading.current_thread() is threading.main_thread():
         # After ray.init, which installs its own handlers: SIGTERM (`pdcluster down`) and Ctrl-C
@@ -291,21 +306,25 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None) -> None:
         try:
             teardown(spec.router.drain_timeout_s, force)
         finally:
-            from ray import serve
-            serve.shutdown()
+            # Stopping this Ray instance stops Serve's controller and proxies with it (the app and
+            # our actors are gone already); serve.shutdown() would only add a raylet line saying
+            # its controller's last task "will be retried".
             ray.shutdown()
             current = read_state()
             if current is not None and current.pid == os.getpid():
                 state_file().unlink(missing_ok=True)
 
 
-def up_remote(spec: ClusterSpec, address: str) -> UpState:
-    """Deploy onto an existing Ray cluster (its nodes carry the role resources) and return."""
+def up_remote(spec: ClusterSpec, address: str, verbose: bool = False) -> UpState:
+    """Deploy onto an existing Ray cluster (its nodes carry the role resources) and return; the
+    actors' own output stays in the cluster's logs unless `verbose`."""
     import ray
 
     from ...actors.names import NAMESPACE
 
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=verbose)
+    for problem in spec.pool_shortfalls(ray.cluster_resources()):
+        log.error("%s", problem)  # said here too: the controller's own line stays in its log
     try:
         deploy(spec)
         return UpState(pid=0, ray_address=address, http_url=http_url(spec),
@@ -376,7 +395,7 @@ def status(address: str | None = None) -> ClusterStatus:
             worker_id=w.info.worker_id, role=w.info.role, node_ip=w.info.node_ip, healthy=w.healthy,
             running_seqs=w.report.running_seqs if w.report else 0,
             free_blocks=w.report.free_blocks if w.report else 0,
-            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total,
+            total_blocks=w.info.num_total_blocks, placed_total=w.placed_total, threads=w.info.threads,
             **_spec_totals(w.report.stats if w.report else {})) for w in snap.workers]
         return ClusterStatus(ray_address=address, serve_status=str(serve_status),
                              in_flight=snap.in_flight, queued=snap.queued,

@@ -30,13 +30,21 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
         # so the ingress serves gRPC itself, on serve.http_host:serve.grpc_port (grpc_service.py).
         "proxy_location": "HeadOnly",
         "http_options": {"host": spec.serve.http_host, "port": spec.serve.http_port},
+        # The proxy's (and the controller's) logging, then the app's: access lines only when asked.
+        "logging_config": serve_logging(spec),
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": APP_IMPORT_PATH,
             "args": {"spec": spec.to_dict()},
+            "logging_config": serve_logging(spec),
         }],
     }
+
+
+def serve_logging(spec: ClusterSpec) -> dict[str, Any]:
+    """Serve's `LoggingConfig` for the proxies and the app."""
+    return {"enable_access_log": spec.serve.access_log}
 
 
 class _Dumper(yaml.SafeDumper):
