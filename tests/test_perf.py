@@ -88,9 +88,9 @@ def test_largest_concurrency_meeting_tps():
 def test_markdown_table_and_json():
     s = summarize([A, B, C], concurrency=2, slo_ttft_s=0.3)
     table = format_table([s], title="t")
-    assert "| Conc. | OK/Req | TTFT p50/p99 (s) | TPOT p50/p99 (ms) | per-req TPS | Throughput (tok/s) " \
+    assert "| Conc. | OK/Req | TTFT p50/p99 (s) | TPOT mean/p50/p99 (ms) | per-req TPS | Output tok/s " \
            "| E2E p50/p99 (s) | Goodput (req/s, %) |" in table
-    assert "| 2 | 2/3 | 0.350 / 0.497 | 75.0 / 99.5 | 13.3 | 6.2 | 0.60 / 0.89 | 0.77 (33%) |" in table
+    assert "| 2 | 2/3 | 0.350 / 0.497 | 75.0 / 75.0 / 99.5 | 13.3 | 6.2 | 0.60 / 0.89 | 0.77 (33%) |" in table
     empty = summarize([C], concurrency=1)
     doc = json.loads(json.dumps(levels_to_json([s, empty])))
     assert doc[0]["ttft_p50_s"] == pytest.approx(0.35) and doc[1]["ttft_p50_s"] is None

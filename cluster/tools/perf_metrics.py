@@ -150,27 +150,29 @@ def _f(x: float, digits: int) -> str:
 def format_table(levels: Sequence[LevelStats], title: str | None = None,
                  labels: Sequence[str] | None = None, label_header: str = "Conc.") -> str:
     """Markdown table, one row per level (evalscope's columns plus success and goodput); rows are
-    labelled by concurrency unless `labels` are given."""
-    head = (f"| {label_header} | OK/Req | TTFT p50/p99 (s) | TPOT p50/p99 (ms) | per-req TPS "
-            "| Throughput (tok/s) | E2E p50/p99 (s) | Goodput (req/s, %) |")
+    labelled by concurrency unless `labels` are given. The mean TPOT is evalscope's "Avg TPOT"; the
+    throughput counts output tokens only (evalscope's "Output Throughput", not its "Total
+    Throughput", which adds the prompt tokens)."""
+    head = (f"| {label_header} | OK/Req | TTFT p50/p99 (s) | TPOT mean/p50/p99 (ms) | per-req TPS "
+            "| Output tok/s | E2E p50/p99 (s) | Goodput (req/s, %) |")
     lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * 8]
     for i, lv in enumerate(levels):
         label = labels[i] if labels is not None else str(lv.concurrency)
         lines.append(
             f"| {label} | {lv.ok}/{lv.requests} | {_f(lv.ttft_p50_s, 3)} / {_f(lv.ttft_p99_s, 3)} "
-            f"| {_f(lv.tpot_p50_ms, 1)} / {_f(lv.tpot_p99_ms, 1)} | {_f(lv.tps, 1)} "
+            f"| {_f(lv.tpot_mean_ms, 1)} / {_f(lv.tpot_p50_ms, 1)} / {_f(lv.tpot_p99_ms, 1)} | {_f(lv.tps, 1)} "
             f"| {_f(lv.throughput_tok_s, 1)} | {_f(lv.e2e_p50_s, 2)} / {_f(lv.e2e_p99_s, 2)} "
             f"| {_f(lv.goodput_rps, 2)} ({_f(100 * lv.goodput_fraction, 0)}%) |")
     return "\n".join(lines)
 
 
-# The comparison's columns: (header, LevelStats attribute, decimals, True when higher is better).
-COMPARED_METRICS: tuple[tuple[str, str, int, bool], ...] = (
-    ("TTFT p50 (s)", "ttft_p50_s", 3, False),
-    ("TPOT mean (ms)", "tpot_mean_ms", 1, False),
-    ("per-req TPS", "tps", 1, True),
-    ("Throughput (tok/s)", "throughput_tok_s", 1, True),
-    ("Goodput (req/s)", "goodput_rps", 2, True),
+# The comparison's columns: (header, LevelStats attribute, decimals).
+COMPARED_METRICS: tuple[tuple[str, str, int], ...] = (
+    ("TTFT p50 (s)", "ttft_p50_s", 3),
+    ("TPOT mean (ms)", "tpot_mean_ms", 1),
+    ("per-req TPS", "tps", 1),
+    ("Output tok/s", "throughput_tok_s", 1),
+    ("Goodput (req/s)", "goodput_rps", 2),
 )
 
 
@@ -188,8 +190,8 @@ def format_comparison(results: Mapping[str, Sequence[LevelStats]]) -> str:
     if not names:
         return ""
     base = {lv.concurrency: lv for lv in results[names[0]]}
-    head = ("| Conc. | Endpoint | " + " | ".join(h for h, _, _, _ in COMPARED_METRICS) + " | "
-            + " | ".join(f"{h.split(' (')[0]} x {names[0]}" for h, _, _, _ in COMPARED_METRICS) + " |")
+    head = ("| Conc. | Endpoint | " + " | ".join(h for h, _, _ in COMPARED_METRICS) + " | "
+            + " | ".join(f"{h.split(' (')[0]} x {names[0]}" for h, _, _ in COMPARED_METRICS) + " |")
     lines = [head, "|" + "---|" * (2 + 2 * len(COMPARED_METRICS))]
     concurrencies = sorted({lv.concurrency for levels in results.values() for lv in levels})
     for conc in concurrencies:
@@ -198,9 +200,9 @@ def format_comparison(results: Mapping[str, Sequence[LevelStats]]) -> str:
             if lv is None:
                 continue
             ref = base.get(conc)
-            values = [_f(getattr(lv, attr), digits) for _, attr, digits, _ in COMPARED_METRICS]
+            values = [_f(getattr(lv, attr), digits) for _, attr, digits in COMPARED_METRICS]
             ratios = [_f(ratio(getattr(lv, attr), getattr(ref, attr)) if ref else math.nan, 2)
-                      for _, attr, _, _ in COMPARED_METRICS]
+                      for _, attr, _ in COMPARED_METRICS]
             lines.append(f"| {conc} | {name} | " + " | ".join(values + ratios) + " |")
     return "\n".join(lines)
 
