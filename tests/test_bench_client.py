@@ -115,9 +115,10 @@ def test_measures_server_timing_with_exact_counts(server: _Server):
     one, four = results["local"]
     for lv in (one, four):
         assert (lv.requests, lv.ok, lv.output_tokens) == (8, 8, 40)
-        # Lower bounds are the server's sleeps; upper bounds leave room for a busy 2-core machine.
+        # Lower bounds are the server's sleeps; upper bounds leave room for a busy 2-core machine
+        # (where a late read of the first token can also shorten the measured span a little).
         assert 0.2 <= lv.ttft_p50_s < 0.45
-        assert 50.0 <= lv.tpot_p50_ms < 90.0
+        assert 45.0 <= lv.tpot_p50_ms < 90.0
         assert 0.4 <= lv.e2e_p50_s < 0.8
     assert server.max_active == 4  # the closed loop really ran 4 at a time
     assert four.duration_s < one.duration_s / 2  # 2 waves of 4 instead of 8 requests in a row

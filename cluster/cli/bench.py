@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, help="TPOT SLO in ms (goodput)")
     p.add_argument("--min-tps", type=float, help="report the largest concurrency with per-request TPS >= this")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="repeat a run's prompts (default: fresh ones; a server's prefix "
+                                            "cache would serve repeated prompts from the last run)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

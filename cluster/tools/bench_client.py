@@ -143,7 +143,9 @@ class BenchConfig:
     slo_ttft_s: float | None = None
     slo_tpot_ms: float | None = None
     timeout_s: float = 600.0
-    seed: int = 0
+    # None: fresh prompts every run, as evalscope's random dataset; a fixed seed repeats a run's prompts,
+    # which a server's prefix cache then serves from the last run
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.api not in ("completions", "chat"):
