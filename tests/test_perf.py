@@ -32,7 +32,7 @@ def test_per_request_metrics():
 def test_usage_token_count_overrides_chunk_count():
     # 3 chunks carried 5 tokens (the server batched some into one chunk): TPOT divides by 5 - 1.
     t = RequestTrace(0.0, [0.2, 0.4, 0.6], output_tokens=5, end=0.65)
-    assert t.tpot == pytest.approx(0.4 / 4)
+    assert t.tpot == pytest.approx((0.65 - 0.2) / 4)  # to the end of the response, as evalscope
     assert t.e2e == pytest.approx(0.65)
 
 
@@ -88,17 +88,40 @@ def test_largest_concurrency_meeting_tps():
 def test_markdown_table_and_json():
     s = summarize([A, B, C], concurrency=2, slo_ttft_s=0.3)
     table = format_table([s], title="t")
-    assert "| Conc. | OK/Req | TTFT p50/p99 (s) | TPOT p50/p99 (ms) | per-req TPS | Throughput (tok/s) " \
+    assert "| Conc. | OK/Req | TTFT p50/p99 (s) | TPOT mean/p50/p99 (ms) | per-req TPS | Output tok/s " \
            "| E2E p50/p99 (s) | Goodput (req/s, %) |" in table
-    assert "| 2 | 2/3 | 0.350 / 0.497 | 75.0 / 99.5 | 13.3 | 6.2 | 0.60 / 0.89 | 0.77 (33%) |" in table
+    assert "| 2 | 2/3 | 0.350 / 0.497 | 75.0 / 75.0 / 99.5 | 13.3 | 6.2 | 0.60 / 0.89 | 0.77 (33%) |" in table
     empty = summarize([C], concurrency=1)
     doc = json.loads(json.dumps(levels_to_json([s, empty])))
     assert doc[0]["ttft_p50_s"] == pytest.approx(0.35) and doc[1]["ttft_p50_s"] is None
     assert "| 1 | 0/1 | - / - |" in format_table([empty])
 
 
-def test_comparison_ratios():
-    fast, slow = _level(4, 30.0), _level(4, 15.0)
-    out = format_comparison("pd", [fast], "colo", [slow])
-    row = out.splitlines()[-1]
-    assert row.startswith("| 4 | 30.0 | 15.0 | 2.00 |")
+def test_comparison_of_several_endpoints_gives_ratios_to_the_first():
+    out = format_comparison({"pd": [_level(1, 40.0), _level(4, 30.0)], "colo": [_level(4, 15.0)],
+                             "llama": [_level(1, 20.0), _level(4, 60.0)]})
+    lines = out.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:2] == ["Conc.", "Endpoint"] and "per-req TPS x pd" in head
+    tps, tps_ratio = head.index("per-req TPS"), head.index("per-req TPS x pd")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    # by concurrency, then in the order given; an endpoint without a level is left out
+    assert [(r[0], r[1]) for r in rows] == [("1", "pd"), ("1", "llama"), ("4", "pd"), ("4", "colo"),
+                                            ("4", "llama")]
+    assert [(r[tps], r[tps_ratio]) for r in rows] == [("40.0", "1.00"), ("20.0", "0.50"), ("30.0", "1.00"),
+                                                      ("15.0", "0.50"), ("60.0", "2.00")]
+
+
+def test_definitions_match_evalscope_perf():
+    # evalscope perf (1.14): query_latency = last JSON chunk (the usage) - start; TPOT = (query_latency
+    # - TTFT) / (completion_tokens - 1), completion_tokens from the usage; ITL = gaps between chunks
+    # with content; output throughput = all completion tokens / (last completion - first start).
+    # R1's usage arrives 0.05 s after its last token; R2's second chunk carried 2 tokens.
+    r1 = RequestTrace(0.0, [0.4, 0.5, 0.6, 0.7], output_tokens=4, end=0.75)
+    r2 = RequestTrace(0.1, [0.3, 0.5, 0.6], output_tokens=4, end=0.6)
+    assert r1.tpot == pytest.approx((0.75 - 0.4) / 3) and r2.tpot == pytest.approx((0.6 - 0.3) / 3)
+    assert r2.itl == pytest.approx([0.2, 0.1])
+    s = summarize([r1, r2], concurrency=2)
+    assert s.tpot_mean_ms == pytest.approx(1000 * ((0.35 / 3) + (0.3 / 3)) / 2)
+    assert s.throughput_tok_s == pytest.approx(8 / 0.75)
+    assert s.ttft_mean_s == pytest.approx((0.4 + 0.2) / 2)

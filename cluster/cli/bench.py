@@ -1,5 +1,6 @@
 """`pdcluster bench`: concurrency sweep against an OpenAI-compatible endpoint (ours or any other),
-optionally side by side with a second endpoint; writes bench.json, bench.md and bench.png to --out.
+optionally side by side with others (--compare, repeatable); writes bench.json, bench.md and bench.png
+to --out.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from ..tools.bench_client import (
     BenchConfig,
     Endpoint,
+    quiet_http_logs,
     render_markdown,
     run_sweep,
     token_counter,
@@ -29,7 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model name sent in the request body")
     p.add_argument("--api-key")
     p.add_argument("--name", default="target", help="label of --base-url in the report")
-    p.add_argument("--compare", metavar="NAME=URL", help="run the same sweep against this endpoint too")
+    p.add_argument("--compare", metavar="NAME=URL", action="append", default=[],
+                   help="run the same sweep against this endpoint too (repeatable); the comparison "
+                        "gives ratios to --base-url")
+    p.add_argument("--api", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions, or /v1/chat/completions with the prompt as one user message")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=0, help="unmeasured requests per endpoint first")
     p.add_argument("--tokenizer", help="tokenizer folder for exact prompt lengths (default: the embedded "
                                        "SmolLM2 GGUF's tokenizer)")
     p.add_argument("--input-len", type=int, default=128)
@@ -40,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, help="TPOT SLO in ms (goodput)")
     p.add_argument("--min-tps", type=float, help="report the largest concurrency with per-request TPS >= this")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="repeat a run's prompts (default: fresh ones; a server's prefix "
+                                            "cache would serve repeated prompts from the last run)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -59,14 +68,17 @@ def load_tokenizer(path: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_http_logs()
     endpoints = [Endpoint(args.name, args.base_url)]
-    if args.compare:
-        name, sep, url = args.compare.partition("=")
-        if not sep or not name or not url:
-            raise SystemExit("bench: --compare takes NAME=URL")
-        endpoints.append(Endpoint(name, url))
+    try:
+        endpoints += [Endpoint.parse(text) for text in args.compare]
+    except ValueError as e:
+        raise SystemExit(f"bench: --compare: {e}") from None
+    if len({e.name for e in endpoints}) < len(endpoints):
+        raise SystemExit("bench: endpoint names must differ (--name and each --compare NAME)")
     cfg = BenchConfig(model=args.model, input_len=args.input_len, output_len=args.output_len,
                       concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
+                      api=args.api, temperature=args.temperature, warmup_requests=args.warmup,
                       api_key=args.api_key, slo_ttft_s=args.slo_ttft, slo_tpot_ms=args.slo_tpot,
                       timeout_s=args.timeout, seed=args.seed)
     count = token_counter(load_tokenizer(args.tokenizer))

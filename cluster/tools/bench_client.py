@@ -1,8 +1,11 @@
-"""Benchmark client for any OpenAI-compatible completions endpoint: closed-loop concurrency sweep with
-streaming, random prompts of an exact token count, evalscope-style report (Markdown, JSON, plot).
+"""Benchmark client for any OpenAI-compatible endpoint (completions or chat completions): closed-loop
+concurrency sweep with streaming, random prompts of an exact token count, evalscope-style report
+(Markdown, JSON, plot).
 
-Several endpoints (e.g. PD vs colocated) run level by level in one process, so ratios hold on a
-noisy machine.
+Several endpoints (e.g. PD vs colocated vs llama.cpp) run level by level in one process, so ratios
+hold on a noisy machine. The client does as little as it can per chunk (a timestamp and a JSON
+parse; tokens are counted from the server's usage at the end), because on a small machine its CPU
+is taken from the server it measures.
 """
 from __future__ import annotations
 
@@ -94,15 +97,34 @@ def make_prompt(count: TokenCounter, n_tokens: int, rng: random.Random) -> str:
     return text
 
 
+def quiet_http_logs() -> None:
+    """httpx logs every request at INFO ("HTTP Request: POST ..."): keep a sweep's console readable."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
     base_url: str  # http://host:port or http://host:port/v1
 
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """NAME=URL, as given on a command line."""
+        name, sep, url = text.partition("=")
+        if not sep or not name or not url:
+            raise ValueError(f"expected NAME=URL, got {text!r}")
+        return cls(name, url)
+
+    def url(self, api: str = "completions") -> str:
+        """The URL of `api` ("completions" or "chat"): /v1/completions or /v1/chat/completions."""
+        path = {"completions": "completions", "chat": "chat/completions"}[api]
+        base = self.base_url.rstrip("/")
+        return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
+
     @property
     def completions_url(self) -> str:
-        base = self.base_url.rstrip("/")
-        return f"{base}/completions" if base.endswith("/v1") else f"{base}/v1/completions"
+        return self.url("completions")
 
 
 @dataclass(frozen=True)
@@ -111,26 +133,52 @@ class BenchConfig:
     input_len: int = 128
     output_len: int = 128
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    requests_per_level: int | None = None  # default: 4 x concurrency
+    requests_per_level: int | None = None  # default: waves x concurrency, at least min_requests
+    waves: int = 4
+    min_requests: int = 1
+    api: str = "completions"  # or "chat": /v1/chat/completions, the prompt as one user message
+    temperature: float = 0.0  # greedy, as evalscope's runs are; servers default to sampling at 1.0
+    warmup_requests: int = 0  # per endpoint before its first level, not measured
     api_key: str | None = None
     slo_ttft_s: float | None = None
     slo_tpot_ms: float | None = None
     timeout_s: float = 600.0
-    seed: int = 0
+    # None: fresh prompts every run, as evalscope's random dataset; a fixed seed repeats a run's prompts,
+    # which a server's prefix cache then serves from the last run
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.api not in ("completions", "chat"):
+            raise ValueError(f"api must be 'completions' or 'chat', got {self.api!r}")
 
     def requests_at(self, concurrency: int) -> int:
-        return self.requests_per_level or 4 * concurrency
+        return self.requests_per_level or max(self.min_requests, self.waves * concurrency)
 
     def body(self, prompt: str) -> dict[str, Any]:
-        return {"model": self.model, "prompt": prompt, "max_tokens": self.output_len,
-                "ignore_eos": True,  # vLLM-style servers then produce exactly max_tokens
-                "stream": True, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": self.model, "max_tokens": self.output_len, "temperature": self.temperature,
+            "ignore_eos": True,  # vLLM-style servers then produce exactly max_tokens
+            "stream": True, "stream_options": {"include_usage": True}}
+        if self.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        return body
+
+
+def _has_text(chunk: dict[str, Any]) -> bool:
+    for c in chunk.get("choices") or ():
+        delta = c.get("delta")
+        if c.get("text") or (delta and (delta.get("content") or delta.get("reasoning_content"))):
+            return True
+    return False
 
 
 async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                             headers: dict[str, str], prompt_tokens: int) -> RequestTrace:
-    """One streamed completion; a timestamp per SSE chunk that carries text."""
-    start = time.perf_counter()
+    """One streamed completion: a timestamp per SSE chunk that carries text; the response ends at its
+    last JSON chunk (the usage), as evalscope times it."""
+    start = last = time.perf_counter()
     times: list[float] = []
     usage: dict[str, Any] = {}
     try:
@@ -142,25 +190,25 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
+                now = time.perf_counter()
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                now = time.perf_counter()
+                last = now
                 if chunk.get("error"):
                     return RequestTrace(start, times, prompt_tokens, ok=False, error=str(chunk["error"])[:200],
                                         end=now)
-                if any(c.get("text") for c in chunk.get("choices") or ()):
+                if _has_text(chunk):
                     times.append(now)
                 usage = chunk.get("usage") or usage
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return RequestTrace(start, times, prompt_tokens, ok=False, error=f"{type(e).__name__}: {e}",
                             end=time.perf_counter())
-    end = time.perf_counter()
     if not times:
-        return RequestTrace(start, [], prompt_tokens, ok=False, error="no tokens streamed", end=end)
+        return RequestTrace(start, [], prompt_tokens, ok=False, error="no tokens streamed", end=time.perf_counter())
     return RequestTrace(start, times, usage.get("prompt_tokens", prompt_tokens), ok=True,
-                        output_tokens=usage.get("completion_tokens"), end=end)
+                        output_tokens=usage.get("completion_tokens"), end=last)
 
 
 async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, cfg: BenchConfig, concurrency: int,
@@ -172,7 +220,7 @@ async def run_level(client: httpx.AsyncClient, endpoint: Endpoint, cfg: BenchCon
 
     async def worker() -> None:
         for prompt in todo:  # one iterator shared by all workers
-            traces.append(await stream_completion(client, endpoint.completions_url, cfg.body(prompt), headers,
+            traces.append(await stream_completion(client, endpoint.url(cfg.api), cfg.body(prompt), headers,
                                                   cfg.input_len))
             on_done()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -213,6 +261,10 @@ async def run_sweep(cfg: BenchConfig, endpoints: Sequence[Endpoint], count: Toke
     results: dict[str, list[LevelStats]] = {e.name: [] for e in endpoints}
     limits = httpx.Limits(max_connections=max(cfg.concurrency), max_keepalive_connections=max(cfg.concurrency))
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
+        if cfg.warmup_requests:
+            warm = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.warmup_requests)]
+            for ep in endpoints:
+                await run_level(client, ep, cfg, len(warm), warm)
         for conc in cfg.concurrency:
             prompts = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.requests_at(conc))]
             for ep in endpoints:
@@ -235,10 +287,8 @@ def render_markdown(cfg: BenchConfig, results: dict[str, list[LevelStats]], min_
         if min_tps is not None:
             best = largest_concurrency_meeting_tps(levels, min_tps)
             parts.append(f"Largest concurrency with per-request TPS >= {min_tps:g}: {best}")
-    names = list(results)
-    if len(names) == 2:
-        parts.append("### Comparison\n\n" + format_comparison(names[0], results[names[0]],
-                                                             names[1], results[names[1]]))
+    if len(results) > 1:
+        parts.append("### Comparison\n\n" + format_comparison(results))
     return "\n\n".join(parts) + "\n"
 
 
@@ -263,13 +313,14 @@ def write_report(out_dir: Path, cfg: BenchConfig, endpoints: Sequence[Endpoint],
 
 
 def plot(results: dict[str, list[LevelStats]], path: Path, min_tps: float | None = None) -> bool:
-    """Per-request TPS and system throughput against concurrency; False if matplotlib is missing."""
+    """Per-request TPS and system throughput against concurrency; False (and a warning) if matplotlib,
+    a dependency of the package, cannot be imported."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no plot (pip install matplotlib)")
+    except ImportError as e:
+        log.warning("no plot: %s", e)
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, levels in results.items():

@@ -10,11 +10,21 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..spec import ClusterSpec
 from ..supervised_process import free_port
-from .bench_client import BenchConfig, Endpoint, render_markdown, run_sweep, token_counter, write_report
+from .bench_client import (
+    BenchConfig,
+    Endpoint,
+    TokenCounter,
+    render_markdown,
+    run_sweep,
+    token_counter,
+    write_report,
+)
+from .perf_metrics import LevelStats
 
 # Both deployments get the same CPUs: PD runs a prefill and a decode engine with one thread each;
 # colocated runs one engine (decode workers compute prompts too: `prefill.replicas: 0`) with two.
@@ -32,6 +42,52 @@ def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]
     })
 
 
+def local_ports() -> dict[str, dict[str, int]]:
+    """Free ports for one local deployment's store and Serve (shared by the deployments of a run)."""
+    return {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
+            "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+
+
+def prompt_counter(spec: ClusterSpec) -> TokenCounter:
+    """Counts tokens with the served model's own tokenizer (for prompts of an exact length)."""
+    from ...engine.tokenizer import Tokenizer
+    from ...engine.weights import resolve_model_path
+    return token_counter(Tokenizer(resolve_model_path(spec.model.path)).hf)
+
+
+def sweep_deployments(cfg: BenchConfig, specs: dict[str, ClusterSpec], count: TokenCounter,
+                      peers: Sequence[Endpoint] = (), progress: bool = True,
+                      ) -> tuple[dict[str, list[LevelStats]], list[Endpoint]]:
+    """Deploys each spec in turn on a local Ray (one pdcluster per Ray namespace) and runs the sweep
+    against it; `peers` (other servers) are swept level by level beside the first deployment, on
+    the same prompts. Returns the results by name (deployments, then peers) and the endpoints."""
+    import ray
+    from ray import serve
+
+    from ...actors.names import NAMESPACE
+    from ..launch.deployment import deploy, http_url, teardown
+
+    ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
+    results: dict[str, list[LevelStats]] = {}
+    endpoints: list[Endpoint] = []
+    try:
+        for i, (name, spec) in enumerate(specs.items()):
+            deploy(spec)
+            try:
+                endpoint = Endpoint(name, http_url(spec) + "/v1")
+                swept = [endpoint, *(peers if i == 0 else ())]
+                endpoints += swept
+                results.update(asyncio.run(run_sweep(cfg, swept, count, progress=progress)))
+            finally:
+                teardown()
+                serve.shutdown()     # the next deployment starts Serve afresh
+    finally:
+        ray.shutdown()
+    order = [e.name for e in endpoints if e.name in specs] + [p.name for p in peers]
+    return {name: results[name] for name in order}, endpoints
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -43,37 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    import ray
-    from ray import serve
-
-    from ...actors.names import NAMESPACE
-    from ...engine.tokenizer import Tokenizer
-    from ...engine.weights import resolve_model_path
-    from ..launch.deployment import deploy, http_url, teardown
-
-    ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
-             "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+    ports = local_ports()
     specs = {"pd": local_spec(False, args.kv_blocks, ports),
              "colocated": local_spec(True, args.kv_blocks, ports)}
-    count = token_counter(Tokenizer(resolve_model_path(specs["pd"].model.path)).hf)
     cfg = BenchConfig(model=specs["pd"].model.served_name, input_len=args.input_len,
                       output_len=args.output_len, concurrency=tuple(args.concurrency),
                       requests_per_level=args.requests_per_level)
-    ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
-    results, endpoints = {}, []
-    try:
-        for name, spec in specs.items():
-            deploy(spec)
-            try:
-                endpoint = Endpoint(name, http_url(spec) + "/v1")
-                endpoints.append(endpoint)
-                results.update(asyncio.run(run_sweep(cfg, [endpoint], count)))
-            finally:
-                teardown()
-                serve.shutdown()     # the next deployment starts Serve afresh
-    finally:
-        ray.shutdown()
+    results, endpoints = sweep_deployments(cfg, specs, prompt_counter(specs["pd"]))
     print(render_markdown(cfg, results))
     for path in write_report(args.out, cfg, endpoints, results):
         print(f"wrote {path}")

@@ -20,7 +20,7 @@ import torch
 # back to back in each of several rounds, so a slow spell of a shared machine hits both.
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
 
@@ -47,7 +47,7 @@ class _Clock:
         pass
 
 
-def _decode_rate(times: list[float]) -> float:
+def decode_rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
@@ -61,10 +61,10 @@ def _hf_generate(model, prompt: list[int], new: int) -> tuple[float, list[float]
     return time.perf_counter() - t0, clock.times
 
 
-def _ours_generate(llm, prompts: list[list[int]], new: int) -> tuple[float, list[float]]:
-    """Runs all prompts as one batch; returns wall time and the token times of the first one."""
+def generate_batch(eng, prompts: list[list[int]], new: int) -> tuple[float, list[float]]:
+    """Runs all prompts as one continuous batch on an engine (`LLMEngine`), greedy, exactly `new`
+    tokens each; returns the wall time and the token times of the first prompt."""
     from ...engine import SamplingParams
-    eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -102,22 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     vocab = llm.engine.hf_config["vocab_size"]
     n_in, n_out = args.input_len, args.output_len
 
-    warm = _prompts(1, 16, vocab, 0)
-    _ours_generate(llm, warm, 4), _hf_generate(hf, warm[0], 4)  # first-call costs out of the way
+    warm = random_prompts(1, 16, vocab, 0)
+    generate_batch(llm.engine, warm, 4), _hf_generate(hf, warm[0], 4)  # first-call costs out of the way
 
-    base = _prompts(args.baseline_requests, n_in, vocab, 2)
+    base = random_prompts(args.baseline_requests, n_in, vocab, 2)
     rows: dict[str, list[tuple[float, float]]] = {}   # measure -> (ours, transformers) per round
     for r in range(args.rounds):
         # batch-1 decode rate: token times after the first, so prefill is excluded on both sides
-        p1 = _prompts(1, n_in, vocab, 1000 * (r + 1))
+        p1 = random_prompts(1, n_in, vocab, 1000 * (r + 1))
         rows.setdefault("decode tok/s, batch 1", []).append(
-            (_decode_rate(_ours_generate(llm, p1, n_out)[1]),
-             _decode_rate(_hf_generate(hf, p1[0], n_out)[1])))
+            (decode_rate(generate_batch(llm.engine, p1, n_out)[1]),
+             decode_rate(_hf_generate(hf, p1[0], n_out)[1])))
         hf_agg = len(base) * n_out / sum(_hf_generate(hf, p, n_out)[0] for p in base)
         for c in args.concurrency:
             # new prompts every round: the prefix cache must not serve a round from the last one
-            prompts = _prompts(c, n_in, vocab, 1000 * (r + 1) + c)
-            agg = c * n_out / _ours_generate(llm, prompts, n_out)[0]
+            prompts = random_prompts(c, n_in, vocab, 1000 * (r + 1) + c)
+            agg = c * n_out / generate_batch(llm.engine, prompts, n_out)[0]
             rows.setdefault(f"output tok/s, {c} concurrent", []).append((agg, hf_agg))
 
     print(f"model {llm.engine.model_path.name}  {args.dtype}  threads {args.threads}  "

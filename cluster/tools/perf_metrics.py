@@ -4,14 +4,15 @@ end-to-end latency, goodput, from per-request token timestamps; plus the Markdow
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-# Definitions (all times in seconds on one monotonic clock; n = output tokens of a request):
-#   TTFT = first token time - start;  TPOT = (last token time - first token time) / (n - 1), i.e. the
-#   first token is excluded; ITL = gaps between consecutive streamed chunks; per-request TPS of a level
-#   = 1000 / mean TPOT in ms (evalscope's definition); system throughput = output tokens of the level's
-#   successful requests / (last finish - first start); E2E = finish - start.
+# Definitions, evalscope perf's (all times in seconds on one monotonic clock; n = output tokens of a
+# request, from the server's usage when it reports one, else the number of chunks that carried text):
+#   TTFT = first token time - start;  E2E = finish - start, where finish is when the response ended;
+#   TPOT = (E2E - TTFT) / (n - 1), i.e. the first token is excluded; ITL = gaps between consecutive
+#   streamed chunks; per-request TPS of a level = 1000 / mean TPOT in ms; system throughput = output
+#   tokens of the level's successful requests / (last finish - first start).
 #   Percentiles use linear interpolation between closest ranks (numpy's default, Hyndman-Fan type 7).
 #   Goodput = successful requests with TTFT <= SLO and TPOT <= SLO, per second of the level and as a
 #   fraction of all requests sent (failed ones count against it).
@@ -37,10 +38,11 @@ class RequestTrace:
 
     @property
     def tpot(self) -> float | None:
-        """Seconds per output token after the first; None with fewer than 2 tokens."""
+        """Seconds per output token after the first, up to the end of the response; None with fewer
+        than 2 tokens."""
         if not self.token_times or self.n_output < 2:
             return None
-        return (self.token_times[-1] - self.token_times[0]) / (self.n_output - 1)
+        return (self.finish - self.token_times[0]) / (self.n_output - 1)
 
     @property
     def itl(self) -> list[float]:
@@ -148,38 +150,60 @@ def _f(x: float, digits: int) -> str:
 def format_table(levels: Sequence[LevelStats], title: str | None = None,
                  labels: Sequence[str] | None = None, label_header: str = "Conc.") -> str:
     """Markdown table, one row per level (evalscope's columns plus success and goodput); rows are
-    labelled by concurrency unless `labels` are given."""
-    head = (f"| {label_header} | OK/Req | TTFT p50/p99 (s) | TPOT p50/p99 (ms) | per-req TPS "
-            "| Throughput (tok/s) | E2E p50/p99 (s) | Goodput (req/s, %) |")
+    labelled by concurrency unless `labels` are given. The mean TPOT is evalscope's "Avg TPOT"; the
+    throughput counts output tokens only (evalscope's "Output Throughput", not its "Total
+    Throughput", which adds the prompt tokens)."""
+    head = (f"| {label_header} | OK/Req | TTFT p50/p99 (s) | TPOT mean/p50/p99 (ms) | per-req TPS "
+            "| Output tok/s | E2E p50/p99 (s) | Goodput (req/s, %) |")
     lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * 8]
     for i, lv in enumerate(levels):
         label = labels[i] if labels is not None else str(lv.concurrency)
         lines.append(
             f"| {label} | {lv.ok}/{lv.requests} | {_f(lv.ttft_p50_s, 3)} / {_f(lv.ttft_p99_s, 3)} "
-            f"| {_f(lv.tpot_p50_ms, 1)} / {_f(lv.tpot_p99_ms, 1)} | {_f(lv.tps, 1)} "
+            f"| {_f(lv.tpot_mean_ms, 1)} / {_f(lv.tpot_p50_ms, 1)} / {_f(lv.tpot_p99_ms, 1)} | {_f(lv.tps, 1)} "
             f"| {_f(lv.throughput_tok_s, 1)} | {_f(lv.e2e_p50_s, 2)} / {_f(lv.e2e_p99_s, 2)} "
             f"| {_f(lv.goodput_rps, 2)} ({_f(100 * lv.goodput_fraction, 0)}%) |")
     return "\n".join(lines)
 
 
-def format_comparison(name_a: str, levels_a: Sequence[LevelStats], name_b: str,
-                      levels_b: Sequence[LevelStats]) -> str:
-    """Side-by-side Markdown of two sweeps at matching concurrencies, with ratios a/b."""
-    by_conc = {lv.concurrency: lv for lv in levels_b}
-    metrics = [("per-req TPS", "tps", 1), ("TTFT p50 (s)", "ttft_p50_s", 3), ("TPOT p50 (ms)", "tpot_p50_ms", 1),
-               ("Throughput (tok/s)", "throughput_tok_s", 1), ("Goodput (req/s)", "goodput_rps", 2)]
-    head = "| Conc. | " + " | ".join(f"{m} {name_a} | {m} {name_b} | {name_a}/{name_b}" for m, _, _ in metrics) + " |"
-    lines = [head, "|" + "---|" * (1 + 3 * len(metrics))]
-    for a in levels_a:
-        b = by_conc.get(a.concurrency)
-        if b is None:
-            continue
-        cells = []
-        for _, attr, digits in metrics:
-            va, vb = getattr(a, attr), getattr(b, attr)
-            ratio = va / vb if vb and not math.isnan(vb) else math.nan
-            cells += [_f(va, digits), _f(vb, digits), _f(ratio, 2)]
-        lines.append(f"| {a.concurrency} | " + " | ".join(cells) + " |")
+# The comparison's columns: (header, LevelStats attribute, decimals).
+COMPARED_METRICS: tuple[tuple[str, str, int], ...] = (
+    ("TTFT p50 (s)", "ttft_p50_s", 3),
+    ("TPOT mean (ms)", "tpot_mean_ms", 1),
+    ("per-req TPS", "tps", 1),
+    ("Output tok/s", "throughput_tok_s", 1),
+    ("Goodput (req/s)", "goodput_rps", 2),
+)
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, nan when either is missing or b is 0."""
+    if math.isnan(a) or math.isnan(b) or b == 0:
+        return math.nan
+    return a / b
+
+
+def format_comparison(results: Mapping[str, Sequence[LevelStats]]) -> str:
+    """Side-by-side Markdown of several sweeps: one row per concurrency and endpoint, in the order
+    given, with each metric's ratio to the first endpoint's at the same concurrency (x first)."""
+    names = list(results)
+    if not names:
+        return ""
+    base = {lv.concurrency: lv for lv in results[names[0]]}
+    head = ("| Conc. | Endpoint | " + " | ".join(h for h, _, _ in COMPARED_METRICS) + " | "
+            + " | ".join(f"{h.split(' (')[0]} x {names[0]}" for h, _, _ in COMPARED_METRICS) + " |")
+    lines = [head, "|" + "---|" * (2 + 2 * len(COMPARED_METRICS))]
+    concurrencies = sorted({lv.concurrency for levels in results.values() for lv in levels})
+    for conc in concurrencies:
+        for name in names:
+            lv = next((x for x in results[name] if x.concurrency == conc), None)
+            if lv is None:
+                continue
+            ref = base.get(conc)
+            values = [_f(getattr(lv, attr), digits) for _, attr, digits in COMPARED_METRICS]
+            ratios = [_f(ratio(getattr(lv, attr), getattr(ref, attr)) if ref else math.nan, 2)
+                      for _, attr, _ in COMPARED_METRICS]
+            lines.append(f"| {conc} | {name} | " + " | ".join(values + ratios) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,187 @@
+"""Served performance against the offline engine it serves, in one run: the engine in process (no Ray)
+at each batch size, then the colocated and the PD deployments (and any --peer servers) at the same
+concurrencies, with served throughput and TPOT as ratios of the offline engine's and the goals beside.
+
+    python -m pdcluster.cluster.tools.bench_served [--concurrency 1 8 32] [--peer llama.cpp=http://127.0.0.1:8100]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bench_client import BenchConfig, Endpoint, quiet_http_logs, render_markdown, write_report
+from .bench_cluster import local_ports, local_spec, prompt_counter, sweep_deployments
+from .bench_engine import generate_batch, random_prompts
+from .perf_metrics import LevelStats, ratio
+
+# The goals the served path is held to (issue #21): at the lowest concurrency a request's TPOT within
+# 1.15x of the offline engine's decode step at batch 1; at the highest, throughput at least 0.9x the
+# offline engine's with as many requests in one batch.
+TPOT_GOAL = 1.15
+THROUGHPUT_GOAL = 0.9
+
+
+@dataclass(frozen=True)
+class OfflineLevel:
+    """The engine in process with `batch` requests added at once: the median gap between the first
+    request's tokens (one decode step once prompts are in) and output tokens/s over the whole run."""
+
+    batch: int
+    step_ms: float
+    throughput_tok_s: float
+
+
+def measure_offline(engine, concurrency: Sequence[int], input_len: int, output_len: int,
+                    seed: int = 0) -> list[OfflineLevel]:
+    vocab = engine.hf_config["vocab_size"]
+    generate_batch(engine, random_prompts(1, 16, vocab, seed), 4)  # first-call costs out of the way
+    levels = []
+    for c in concurrency:
+        # fresh prompts per level: the prefix cache must not serve one level from another
+        wall, times = generate_batch(engine, random_prompts(c, input_len, vocab, seed + 1000 + c), output_len)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        step_ms = 1000 * statistics.median(gaps) if gaps else math.nan
+        levels.append(OfflineLevel(c, step_ms, c * output_len / wall))
+    return levels
+
+
+def _fmt(x: float, digits: int) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _goal(value: float, limit: float, at_most: bool) -> str:
+    if math.isnan(value):
+        return "-"
+    met = value <= limit if at_most else value >= limit
+    return f"{'met' if met else 'missed'} ({'<=' if at_most else '>='} {limit:g}x)"
+
+
+def format_offline(levels: Sequence[OfflineLevel]) -> str:
+    lines = ["| batch | decode step (ms) | throughput (tok/s) |", "|---|---|---|"]
+    lines += [f"| {lv.batch} | {_fmt(lv.step_ms, 1)} | {_fmt(lv.throughput_tok_s, 1)} |" for lv in levels]
+    return "\n".join(lines)
+
+
+def format_vs_offline(offline: Sequence[OfflineLevel], served: Mapping[str, Sequence[LevelStats]]) -> str:
+    """One row per served endpoint and concurrency: mean TPOT over the offline decode step at batch 1
+    and throughput over the offline throughput at the same batch, with the goal where it applies
+    (TPOT at the lowest concurrency, throughput at the highest)."""
+    by_batch = {lv.batch: lv for lv in offline}
+    step1 = by_batch[min(by_batch)].step_ms if by_batch else math.nan
+    lines = [("| served | conc. | TTFT p50 (s) | TPOT mean (ms) | TPOT / offline step | "
+             "throughput (tok/s) | throughput / offline | goal |"), "|---|---|---|---|---|---|---|---|"]
+    for name, levels in served.items():
+        if not levels:
+            continue
+        lowest, highest = min(lv.concurrency for lv in levels), max(lv.concurrency for lv in levels)
+        for lv in levels:
+            off = by_batch.get(lv.concurrency)
+            tpot_x = ratio(lv.tpot_mean_ms, step1)
+            tput_x = ratio(lv.throughput_tok_s, off.throughput_tok_s) if off else math.nan
+            goals = []
+            if lv.concurrency == lowest:
+                goals.append("TPOT " + _goal(tpot_x, TPOT_GOAL, at_most=True))
+            if lv.concurrency == highest:
+                goals.append("throughput " + _goal(tput_x, THROUGHPUT_GOAL, at_most=False))
+            lines.append(f"| {name} | {lv.concurrency} | {_fmt(lv.ttft_p50_s, 3)} | {_fmt(lv.tpot_mean_ms, 1)} "
+                         f"| {_fmt(tpot_x, 2)} | {_fmt(lv.throughput_tok_s, 1)} | {_fmt(tput_x, 2)} "
+                         f"| {'; '.join(goals)} |")
+    return "\n".join(lines)
+
+
+def format_vs_peers(ours: Mapping[str, Sequence[LevelStats]], peers: Mapping[str, Sequence[LevelStats]]) -> str:
+    """Each of our deployments against each peer at the same concurrency: throughput ours/peer and
+    TPOT peer/ours, so above 1 is ahead on both."""
+    lines = ["| ours | peer | conc. | throughput ours/peer | TPOT peer/ours | |", "|---|---|---|---|---|---|"]
+    for name, levels in ours.items():
+        for peer, peer_levels in peers.items():
+            at = {lv.concurrency: lv for lv in peer_levels}
+            for lv in levels:
+                p = at.get(lv.concurrency)
+                if p is None:
+                    continue
+                tput, tpot = ratio(lv.throughput_tok_s, p.throughput_tok_s), ratio(p.tpot_mean_ms, lv.tpot_mean_ms)
+                verdict = ("-" if math.isnan(tput) or math.isnan(tpot) else
+                           "ahead" if tput >= 1 and tpot >= 1 else
+                           "behind" if tput < 1 and tpot < 1 else
+                           f"{'ahead' if tput >= 1 else 'behind'} on throughput, "
+                           f"{'ahead' if tpot >= 1 else 'behind'} on TPOT")
+                lines.append(f"| {name} | {peer} | {lv.concurrency} | {_fmt(tput, 2)} | {_fmt(tpot, 2)} "
+                             f"| {verdict} |")
+    return "\n".join(lines)
+
+
+def render_report(cfg: BenchConfig, offline: Sequence[OfflineLevel], results: Mapping[str, Sequence[LevelStats]],
+                  peer_names: Sequence[str]) -> str:
+    ours = {k: v for k, v in results.items() if k not in peer_names}
+    peers = {k: v for k, v in results.items() if k in peer_names}
+    parts = [f"## Served vs offline engine: {cfg.model}, {cfg.input_len} in / {cfg.output_len} out, greedy",
+             "### Offline engine (in process, no Ray)", format_offline(offline),
+             "### Served, as ratios of the offline engine", format_vs_offline(offline, ours)]
+    if peers:
+        parts += ["### Against peers", format_vs_peers(ours, peers)]
+    parts.append(render_markdown(cfg, dict(results)))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--requests-per-level", type=int, default=None,
+                    help="default: one wave (as many as the concurrency), at least 4")
+    ap.add_argument("--kv-blocks", type=int, default=1024)
+    ap.add_argument("--peer", metavar="NAME=URL", action="append", default=[],
+                    help="another OpenAI-compatible server swept beside the colocated deployment (repeatable)")
+    ap.add_argument("--deployments", nargs="+", choices=["colocated", "pd"], default=["colocated", "pd"])
+    ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    quiet_http_logs()
+    try:
+        peers = [Endpoint.parse(text) for text in args.peer]
+    except ValueError as e:
+        ap.error(f"--peer: {e}")
+    if len({p.name for p in peers} | set(args.deployments)) < len(peers) + len(args.deployments):
+        ap.error("--peer names must differ from each other and from the deployments")
+
+    ports = local_ports()
+    specs = {name: local_spec(name == "colocated", args.kv_blocks, ports) for name in args.deployments}
+    first = specs[args.deployments[0]]
+    cfg = BenchConfig(model=first.model.served_name, input_len=args.input_len, output_len=args.output_len,
+                      concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
+                      waves=1, min_requests=4, warmup_requests=2)
+
+    from ...engine.llm_engine import LLMEngine
+    t0 = time.perf_counter()
+    # the colocated deployment's engine, with all of this machine's cores, in this process
+    engine = LLMEngine(local_spec(True, args.kv_blocks, ports).engine_config())
+    offline = measure_offline(engine, args.concurrency, args.input_len, args.output_len)
+    del engine
+    gc.collect()
+    print(f"offline engine measured in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results, endpoints = sweep_deployments(cfg, specs, prompt_counter(first), peers, progress=False)
+    report = render_report(cfg, offline, results, [p.name for p in peers])
+    print(report)
+    for path in write_report(args.out, cfg, endpoints, results):
+        print(f"wrote {path}")
+    (args.out / "offline.json").write_text(json.dumps([asdict(lv) for lv in offline], indent=2))
+    (args.out / "served.md").write_text(report)
+    print(f"wrote {args.out / 'offline.json'}\nwrote {args.out / 'served.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
