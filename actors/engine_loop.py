@@ -69,8 +69,8 @@ class EngineLoop:
     # ------------------------------------------------------------------ event-loop side
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                sink: Sink, **add_kwargs: Any) -> None:
-        """Queue a request; `sink` gets its RequestOutputs, then nothing after the finished one or an
-        exception. A request the engine cannot take (it checks the prompt against its context and
+        """Queue a request; `sink` gets its RequestOutputs up to the finished one, or an exception
+        that ends it. A request the engine cannot take (it checks the prompt against its context and
         memory) gets a ValueError there."""
         if self._broken is not None:
             raise RuntimeError(f"tensor-parallel engine failed: {self._broken}")
