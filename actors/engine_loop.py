@@ -2,7 +2,7 @@
 
 The engine is not thread-safe, so a single background thread owns it: it applies queued add/abort
 commands, runs `step()` while there is work, sleeps on a condition when idle, and hands each step's
-outputs to the actor's event loop, where they land in per-request asyncio queues.
+outputs to the actor's event loop in one call, which passes each request's to that request's sink.
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ CLOSED_MEMORY = 4096  # finished/aborted request ids remembered per engine
 
 
 class RequestAborted(Exception):
-    """Put in a request's queue when it is aborted, so a consumer still waiting on it wakes up."""
+    """Given to a request's sink when it is aborted, so a consumer still waiting on it wakes up."""
+
+
+Sink = Callable[[RequestOutput | BaseException], None]  # one request's results, in order
 
 
 class Mirror(Protocol):
@@ -37,7 +40,8 @@ class Mirror(Protocol):
 
 class EngineLoop:
     """Runs `engine` on a daemon thread. `submit`/`abort` must be called from the event loop thread
-    that owns the returned queues (the actor's loop); results come back through those queues.
+    that runs the sinks (the actor's loop); each request's results come back through its sink, in
+    order, called on that loop once per engine step.
 
     With a `mirror` (tensor parallel) a failed step is fatal — the ranks' process group is broken —
     and `on_fatal(exc)` is called (the worker exits, so its callers fail over); without one the
@@ -52,7 +56,7 @@ class EngineLoop:
         self._commands: deque[tuple] = deque()
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, Sink] = {}
         self._stats = engine.stats()
         # Recently aborted or finished ids: an abort can reach the actor before the call that submits
         # the request (Ray does not order an async actor's calls), and must still win.
@@ -64,40 +68,38 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ event-loop side
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               **add_kwargs: Any) -> asyncio.Queue:
-        """Queue a request; its RequestOutputs (or an exception) arrive in the queue. A request the
-        engine cannot take (it checks the prompt against its context and memory) gets a ValueError
-        there."""
+               sink: Sink, **add_kwargs: Any) -> None:
+        """Queue a request; `sink` gets its RequestOutputs up to the finished one, or an exception
+        that ends it. A request the engine cannot take (it checks the prompt against its context and
+        memory) gets a ValueError there."""
         if self._broken is not None:
             raise RuntimeError(f"tensor-parallel engine failed: {self._broken}")
         if request_id in self._closed:
             raise RequestAborted(request_id)
-        if request_id in self._queues:
+        if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already running")
         self._loop = self._loop or asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._sinks[request_id] = sink
         self._command(("add", request_id, list(prompt_token_ids), params, add_kwargs))
-        return queue
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a no-op for unknown or finished requests."""
         self._close(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(RequestAborted(request_id))
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(RequestAborted(request_id))
             self._command(("abort", request_id))
 
     def abort_all(self) -> int:
         """abort() every request; returns how many there were."""
-        ids = list(self._queues)
+        ids = list(self._sinks)
         for request_id in ids:
             self.abort(request_id)
         return len(ids)
 
     @property
     def num_requests(self) -> int:
-        return len(self._queues)
+        return len(self._sinks)
 
     def stats(self):
         """The engine's stats as of its last step (a snapshot: the engine is not touched here)."""
@@ -121,13 +123,13 @@ class EngineLoop:
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         for request_id, item in items:
-            queue = self._queues.get(request_id)
-            if queue is None:
+            sink = self._sinks.get(request_id)
+            if sink is None:
                 continue  # aborted meanwhile: nobody is listening
             if isinstance(item, BaseException) or item.finished:
-                del self._queues[request_id]
+                del self._sinks[request_id]
                 self._close(request_id)
-            queue.put_nowait(item)
+            sink(item)
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -188,10 +190,10 @@ class EngineLoop:
                 loop.call_soon_threadsafe(self._fail_all, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request_id, queue in self._queues.items():
-            queue.put_nowait(RuntimeError(f"tensor-parallel engine failed: {exc}"))
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
             self._close(request_id)
-        self._queues.clear()
+            sink(RuntimeError(f"tensor-parallel engine failed: {exc}"))
 
     def _apply(self, cmd: tuple, results: list) -> None:
         if cmd[0] == "add":

@@ -41,7 +41,8 @@ class PrefillWorker(EngineWorker):
         # max_tokens == 1: nothing for decode to do. Export otherwise: the engine stops after the first
         # token and reports finish_reason "handoff" (unless the token already finished the request).
         export = params.max_tokens != 1
-        queue = self.loop.submit(request_id, prompt_token_ids, params, kv_export=export)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.loop.submit(request_id, prompt_token_ids, params, queue.put_nowait, kv_export=export)
         try:
             out = await queue.get()
         except asyncio.CancelledError:

@@ -66,6 +66,13 @@ class FakeEngine:
         return _Stats(len(self.seqs), 100 - len(self.seqs))
 
 
+def _submit(loop: EngineLoop, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
+    """Submit a request whose results land in a queue (the prefill worker's way)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop.submit(request_id, prompt, params, queue.put_nowait)
+    return queue
+
+
 async def _drain(queue: asyncio.Queue) -> list:
     items = []
     while True:
@@ -80,8 +87,8 @@ def test_requests_stream_their_own_outputs_and_finish():
     loop = EngineLoop(engine)
 
     async def run():
-        qa = loop.submit("a", [1, 2, 3], SamplingParams(max_tokens=3))
-        qb = loop.submit("b", [4, 5], SamplingParams(max_tokens=5))
+        qa = _submit(loop, "a", [1, 2, 3], SamplingParams(max_tokens=3))
+        qb = _submit(loop, "b", [4, 5], SamplingParams(max_tokens=5))
         a, b = await asyncio.gather(_drain(qa), _drain(qb))
         return a, b
 
@@ -98,7 +105,7 @@ def test_abort_wakes_the_consumer_and_frees_the_request():
     loop = EngineLoop(engine)
 
     async def run():
-        q = loop.submit("long", [1], SamplingParams(max_tokens=10_000))
+        q = _submit(loop, "long", [1], SamplingParams(max_tokens=10_000))
         first = await q.get()
         loop.abort("long")
         rest = await _drain(q)
@@ -120,7 +127,7 @@ def test_an_abort_that_arrives_first_wins():
     async def run():
         loop.abort("early")
         with pytest.raises(RequestAborted):
-            loop.submit("early", [1], SamplingParams(max_tokens=4))
+            _submit(loop, "early", [1], SamplingParams(max_tokens=4))
 
     asyncio.run(run())
     loop.stop()
@@ -131,9 +138,9 @@ def test_errors_reach_the_request():
 
     async def run():
         # the engine checks the request on its own thread and the refusal reaches the queue
-        refused = await _drain(loop.submit("bad", [666], SamplingParams()))
+        refused = await _drain(_submit(loop, "bad", [666], SamplingParams()))
         # any other failure to add fails that request only: the engine thread keeps serving
-        buggy = await _drain(loop.submit("buggy", [667], SamplingParams()))
+        buggy = await _drain(_submit(loop, "buggy", [667], SamplingParams()))
         return refused, buggy, await _drain_one(loop)
 
     (err,), (bug,), served = asyncio.run(run())
@@ -149,7 +156,7 @@ def test_errors_reach_the_request():
 
 
 async def _drain_one(loop: EngineLoop) -> list:
-    return await _drain(loop.submit("x", [1], SamplingParams(max_tokens=3)))
+    return await _drain(_submit(loop, "x", [1], SamplingParams(max_tokens=3)))
 
 
 def test_idle_loop_sleeps():
@@ -183,9 +190,9 @@ def test_a_mirror_gets_every_command_and_step_so_its_engine_stays_in_step():
     loop = EngineLoop(engine, mirror=mirror)
 
     async def run():
-        done = loop.submit("a", [1], SamplingParams(max_tokens=3))
-        refused = loop.submit("bad", [666], SamplingParams())
-        long = loop.submit("long", [1], SamplingParams(max_tokens=10**6))
+        done = _submit(loop, "a", [1], SamplingParams(max_tokens=3))
+        refused = _submit(loop, "bad", [666], SamplingParams())
+        long = _submit(loop, "long", [1], SamplingParams(max_tokens=10**6))
         await _drain(done), await _drain(refused)
         loop.abort("long")
         while not isinstance(await long.get(), RequestAborted):
@@ -205,7 +212,7 @@ def test_a_lost_rank_is_fatal():
     loop = EngineLoop(FakeEngine(), mirror=ReplayMirror(fail=True), on_fatal=fatal.append)
 
     async def run():
-        loop.submit("x", [1], SamplingParams(max_tokens=3))
+        _submit(loop, "x", [1], SamplingParams(max_tokens=3))
         for _ in range(500):
             if fatal:
                 return

@@ -2,7 +2,8 @@
 
 `RequestRecord` is everything the ingress knows of a request; `Orchestrator.run` moves it through the
 router and the workers (failing over to another worker when one dies) and frees what it held, once;
-`merge_choices` interleaves the runs of a request's n choices.
+its decode outputs come over the replica's step streams (step_streams.py). `merge_choices`
+interleaves the runs of a request's n choices.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import ray
 from ...actors.controller import ClusterInfo
 from ...actors.engine_loop import RequestAborted
 from ...actors.router import Admission, LeasedRequest
-from ...engine.outputs import TokenLogprob
+from ...engine.outputs import RequestOutput, TokenLogprob
 from ...engine.prefix_hash import model_salt
 from ...engine.sampling import SamplingParams
 from ..policy.prefix_affinity import prefix_block_hashes
 from . import openai_protocol as oai
 from .metrics import ServingMetrics
+from .step_streams import StepStreams, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,6 @@ def grammar_failed(message: str | None) -> oai.OpenAIError:
                            code="structured_output_failed")
 
 
-class _WorkerLost(Exception):
-    """A worker actor died or cannot be reached during a call."""
-
-
 def stopped() -> oai.OpenAIError:
     """A worker aborted the request (the end of a drain that timed out)."""
     return oai.OpenAIError(503, "the request was stopped before it finished because the server is "
@@ -85,6 +83,27 @@ def stopped() -> oai.OpenAIError:
 
 def _unwrap(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
+
+
+def _request_error(exc: BaseException, worker_id: str) -> Exception:
+    """What the client gets for a worker's error about its request: a request the worker refused is
+    a 400, one it aborted the drain's 503, any other failure a 500."""
+    if isinstance(exc, ValueError):
+        return oai.OpenAIError(400, str(exc))
+    if isinstance(exc, RequestAborted):
+        return stopped()
+    log.error("worker %s failed: %s: %s", worker_id, type(exc).__name__, exc)
+    return oai.OpenAIError(500, f"internal error on worker {worker_id}")
+
+
+def _outputs(entries: list, worker_id: str) -> list[RequestOutput]:
+    """A request's outputs from its step-stream entries; raises the error that ends it, if any."""
+    for entry in entries:
+        if isinstance(entry, WorkerLost):
+            raise entry
+        if isinstance(entry, BaseException):
+            raise _request_error(entry, worker_id) from None
+    return list(entries)
 
 
 class Orchestrator:
@@ -97,6 +116,7 @@ class Orchestrator:
         self.metrics = metrics
         self.owner = owner
         self.live: dict[str, RequestRecord] = {}
+        self.streams = StepStreams(owner)
 
     async def renew_lease(self) -> None:
         """Tell the router this replica lives and what it runs; describe the requests it does not
@@ -117,7 +137,8 @@ class Orchestrator:
 
         Whatever ends it (finish, error, rejection, the client leaving) its `finally` frees the
         request's KV blocks on the workers and its admission slot, exactly once."""
-        in_prefill = in_decode = None  # the worker call in flight, cancelled if the request ends
+        in_prefill = None  # the prefill call in flight, cancelled if the request ends
+        in_decode: str | None = None  # the decode worker running it, told to abort if it ends early
         try:
             admission: Admission = await self.router.admit.remote(
                 rec.request_id, len(rec.prompt_ids), rec.params.max_tokens,
@@ -143,7 +164,7 @@ class Orchestrator:
                     try:
                         first = await self._call(in_prefill, rec.prefill_worker)
                         break
-                    except _WorkerLost:  # nothing streamed yet: run the prompt on another worker
+                    except WorkerLost:  # nothing streamed yet: run the prompt on another worker
                         in_prefill = None
                         rec.prefill_worker = await self._replacement(rec, rec.prefill_worker, attempt)
                 in_prefill = None
@@ -161,13 +182,16 @@ class Orchestrator:
                     # The handoff carries the prompt and the first token; after a failover the new
                     # worker continues after every token the client already has.
                     colocated = rec.handoff is None
-                    in_decode = self.info.handles[rec.decode_worker].generate.remote(
-                        rec.request_id, rec.params, rec.handoff,
-                        rec.prompt_ids if colocated else (),
+                    in_decode = rec.decode_worker
+                    entries = self.streams.start(
+                        in_decode, self.info.handles[in_decode], rec.request_id, rec.params,
+                        rec.handoff, rec.prompt_ids if colocated else (),
                         rec.generated if colocated else rec.generated[1:])
                     try:
-                        async for ref in in_decode:
-                            outs = await self._call(ref, rec.decode_worker)
+                        while finish is None:
+                            outs = _outputs(await entries.get(), in_decode)
+                            while not entries.empty():  # steps that came meanwhile: one Delta
+                                outs += _outputs(entries.get_nowait(), in_decode)
                             if rec.first_token_at is None:  # colocated: decode ran the prompt
                                 self._first_token(rec, outs[0].num_prompt_tokens,
                                                   outs[0].num_cached_tokens)
@@ -183,25 +207,28 @@ class Orchestrator:
                             yield Delta(ids, "".join(o.delta_text for o in outs), finish,
                                         [lp for o in outs for lp in o.logprobs])
                         break
-                    except _WorkerLost:
+                    except WorkerLost:
+                        self.streams.stop(in_decode, rec.request_id)
                         in_decode = None
                         rec.decode_worker = await self._replacement(rec, rec.decode_worker, attempt)
+                self.streams.stop(in_decode, rec.request_id)
                 in_decode = None
-                if finish is None:  # the worker stopped it (drain timeout): say so, never truncate
-                    raise stopped()
             rec.status = "ok"
         except (asyncio.CancelledError, GeneratorExit):
             rec.status = "cancelled"
             raise
         finally:
             self.live.pop(rec.request_id, None)  # unlisted, the router frees it even if release is lost
-            for call, worker in ((in_prefill, rec.prefill_worker), (in_decode, rec.decode_worker)):
-                if call is not None:
-                    try:
-                        ray.cancel(call)
-                    except Exception as exc:  # noqa: BLE001 - the abort below still frees its blocks
-                        log.warning("cancelling %s's call on %s failed: %s", rec.request_id, worker, exc)
-                    self.info.handles[worker].abort.remote(rec.request_id)
+            if in_prefill is not None:
+                try:
+                    ray.cancel(in_prefill)
+                except Exception as exc:  # noqa: BLE001 - the abort below still frees its blocks
+                    log.warning("cancelling %s's prefill on %s failed: %s", rec.request_id,
+                                rec.prefill_worker, exc)
+                self.info.handles[rec.prefill_worker].abort.remote(rec.request_id)
+            if in_decode is not None:  # ended early (an error, the client left): free its blocks
+                self.streams.stop(in_decode, rec.request_id)
+                self.info.handles[in_decode].abort.remote(rec.request_id)
             self.router.release.remote(rec.request_id)
             self._observe_end(rec)
 
@@ -220,21 +247,15 @@ class Orchestrator:
         self.metrics.prefix_hit_tokens.inc(cached_tokens)
 
     async def _call(self, ref, worker_id: str) -> Any:
-        """Await a worker call: a request the worker refused is a 400, a failure inside it a 500,
-        and a worker that died or cannot be reached is `_WorkerLost` (the caller fails over)."""
+        """Await a worker call: its error about the request as `_request_error` says, and a worker
+        that died or cannot be reached is `WorkerLost` (the caller fails over)."""
         try:
             return await ref
         except ray.exceptions.RayTaskError as exc:
-            cause = _unwrap(exc)
-            if isinstance(cause, ValueError):
-                raise oai.OpenAIError(400, str(cause)) from None
-            if isinstance(cause, RequestAborted):
-                raise stopped() from None
-            log.error("worker %s failed: %s", worker_id, exc)
-            raise oai.OpenAIError(500, f"internal error on worker {worker_id}") from None
+            raise _request_error(_unwrap(exc), worker_id) from None
         except ray.exceptions.RayError as exc:
             log.error("worker %s lost: %s: %s", worker_id, type(exc).__name__, exc)
-            raise _WorkerLost(worker_id) from exc
+            raise WorkerLost(worker_id) from exc
 
     async def _replacement(self, rec: RequestRecord, failed: str, attempt: int) -> str:
         """Another worker of `failed`'s role for this request (the router stops using `failed`)."""
