@@ -63,6 +63,14 @@ def test_n_plus_q_plus_k_requests_give_exactly_k_early_rejections(cluster):
     assert metrics[("pdcluster_inflight_requests", ())] == 0
 
 
+def test_a_burst_far_beyond_the_queue_gets_only_the_routers_answers(cluster):
+    """48 requests at once: Serve's proxy hands every one to the ingress (none of its own 503s for
+    a burst), and the router runs N + Q and turns the rest away with 429."""
+    responses = asyncio.run(_post_all(cluster[1], 48))
+    assert sorted(r.status_code for r in responses) == [200] * (N + Q) + [429] * (48 - N - Q)
+    h.wait_for(lambda: h.idle(h.snapshot()))
+
+
 def test_grpc_is_rejected_with_resource_exhausted_and_a_queued_client_can_leave(cluster):
     spec, base = cluster
     statuses, rejected_code = asyncio.run(_fill_then_probe(base, spec.serve.grpc_port))

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 10.0
 ROUTER_RESTART_WAIT_S = 25.0  # under Serve's health-check timeout (30 s)
 LEASE_RENEW_S = 1.0  # well inside the router's LEASE_TTL_S
-MAX_SERVE_QUEUED = 16  # requests Serve holds for the ingress when it is at max_ongoing_requests
 # HTTP status of an OpenAIError -> gRPC status code
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -451,9 +450,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # decides what waits and what is turned away with a 429.
     ongoing = 2 * (r.max_concurrency + r.max_queue) + 64
     return Ingress.options(
-        # Beyond those, Serve's proxy answers at once (HTTP 503, gRPC UNAVAILABLE) instead of queueing
-        # without bound: a few in Serve's queue, the router's queue holds the rest.
-        num_replicas=1, max_ongoing_requests=ongoing, max_queued_requests=MAX_SERVE_QUEUED,
+        # Serve's proxy counts a request as queued until it is assigned to the replica, which takes
+        # a moment: a burst of simultaneous requests is all "queued" at once, and a small bound
+        # answers part of it 503 though the replica would take it (Ray's router says so). The same
+        # bound as the replica's keeps the router the one that turns requests away; beyond it the
+        # proxy answers at once (HTTP 503, gRPC UNAVAILABLE) instead of queueing without bound.
+        num_replicas=1, max_ongoing_requests=ongoing, max_queued_requests=ongoing,
         # When Serve itself stops this replica (redeploy, KubeRay upgrade) it waits this long for
         # the streams in progress, as `pdcluster down` does (local_cluster.teardown).
         graceful_shutdown_timeout_s=r.drain_timeout_s,
