@@ -65,9 +65,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     fused = fused_ops_kernel() if cache.device.type == "cpu" else None
     if fused is None or not fused.write_kv(cache, layer, k, v, meta.slot_blocks, meta.slot_offsets):
         write_kv(cache, layer, torch.stack((k, v), dim=1), meta)
-    out = torch.empty_like(q)
     nd = meta.num_decode
     kernel = paged_decode_kernel() if nd and q.device.type == "cpu" else None
+    if kernel is not None and nd == q.shape[0] and kernel.supports(q, cache):   # decodes only
+        return kernel(q, cache, layer, meta.decode_block_tables, meta.decode_lens, scale)
+    out = torch.empty_like(q)
     if kernel is not None and kernel.supports(q, cache):
         out[:nd] = kernel(q[:nd], cache, layer, meta.decode_block_tables, meta.decode_lens, scale)
     elif nd:
