@@ -16,8 +16,9 @@ import torch
 from .layers.block_quant import QBLOCK, BlockWeights
 
 # Only what the torch path cannot do well lives here: decode attention that reads the paged KV cache
-# in place (csrc/paged_decode_attention.c), and decode-sized matmuls over weights kept in GGUF's
-# 32-wide quantized blocks (csrc/block_linear.c, see block_quant.py). The library is compiled once per
+# in place (csrc/paged_decode_attention.c), decode-sized matmuls over weights kept in GGUF's
+# 32-wide quantized blocks (csrc/block_linear.c, see block_quant.py), and the per-layer small ops
+# (norm, rotary, activation, KV write) fused into one call each (csrc/fused_ops.c). The library is compiled once per
 # source, compiler and CPU (it uses -march=native) into a cache folder and shared by every process on
 # the machine. No compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path
 # in charge, which is also the reference the kernels are tested against (tests/test_cpu_kernels.py).
@@ -156,6 +157,7 @@ class BlockLinearKernel:
         self._scratch = lib.block_linear_scratch
         self._scratch.argtypes = [i64, i64, ctypes.c_int]
         self._scratch.restype = i64
+        self._scratch_sizes: dict[tuple[int, int, int], int] = {}   # (rows, k, threads) -> floats
         for name in ("qblock", "small_rows", "tile_rows"):
             getattr(lib, f"block_linear_{name}").restype = i64
         if lib.block_linear_qblock() != QBLOCK:
@@ -189,11 +191,112 @@ class BlockLinearKernel:
         y = torch.empty(rows, n, dtype=torch.float32, device="cpu")
         if rows == 0:
             return y
-        scratch = torch.empty(self._scratch(rows, k, threads), dtype=torch.float32, device="cpu")
+        size = self._scratch_sizes.get((rows, k, threads))
+        if size is None:
+            size = self._scratch_sizes[rows, k, threads] = self._scratch(rows, k, threads)
+        scratch = torch.empty(size, dtype=torch.float32, device="cpu")
         m = bw.m if bw.m is not None else bw.d
         self._fn(self.QTYPES[bw.qtype], x.data_ptr(), rows, k, bw.qs.data_ptr(), bw.d.data_ptr(),
                  m.data_ptr(), n, y.data_ptr(), scratch.data_ptr(), threads)
         return y
+
+
+class FusedOpsKernel:
+    """RMSNorm, neox rotary, SiLU-and-mul and the MHA KV-cache write, each one C call on float32 CPU
+    tensors of at most `max_rows` rows (decode steps and small chunks; bigger inputs are better
+    served by torch's multithreaded ops). Each op returns None (or False) where its inputs are not
+    ones it takes, and the caller runs the torch path."""
+
+    max_rows = 256
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        self._norm = lib.rms_norm_f32
+        self._norm.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr]
+        self._silu = lib.silu_and_mul_f32
+        self._silu.argtypes = [ptr, i64, i64, i64, ptr]
+        self._rotary = lib.rotary_neox_f32
+        self._rotary.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+        self._write = lib.write_kv_f32
+        self._write.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]
+        for fn in (self._norm, self._silu, self._rotary, self._write):
+            fn.restype = None
+        self._last_slots: tuple | None = None   # (blocks, offsets, cache shape) last checked
+
+    def _rows_ok(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2
+                and x.stride(-1) == 1 and x.shape[-1] > 0 and 0 < x.numel() // x.shape[-1] <= self.max_rows)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """RMSNorm of x's rows (x 2-D with contiguous rows, or contiguous), or None where the torch
+        path must run."""
+        if (not self._rows_ok(x) or weight.dtype != torch.float32 or not weight.is_contiguous()
+                or weight.shape != x.shape[-1:] or not (x.dim() == 2 or x.is_contiguous())):
+            return None
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self._norm(x.data_ptr(), rows, dim, x.stride(0) if x.dim() == 2 else dim, weight.data_ptr(),
+                   eps, out.data_ptr())
+        return out
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """SiLU of the first half of each row times the second half ([T, 2n] -> [T, n])."""
+        if not self._rows_ok(gate_up) or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+            return None
+        rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, n, dtype=torch.float32)
+        self._silu(gate_up.data_ptr(), rows, n, gate_up.stride(0), out.data_ptr())
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """Neox rotary of x [T, heads, head_dim] by cos/sin [T, rot_dim] (contiguous float32), over
+        the first rot_dim dims of each head."""
+        if (not self._rows_ok(x) or x.dim() != 3 or cos.dtype != torch.float32
+                or not cos.is_contiguous() or not sin.is_contiguous() or cos.shape != sin.shape
+                or cos.dim() != 2 or cos.shape[0] != x.shape[0] or cos.shape[1] % 2
+                or cos.shape[1] > x.shape[2]):
+            return None
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self._rotary(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.stride(0), x.stride(1),
+                     cos.data_ptr(), sin.data_ptr(), cos.shape[1], out.data_ptr())
+        return out
+
+    def write_kv(self, cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> bool:
+        """k, v [T, kv_heads, head_dim] into their slots of an MHA cache [blocks, layers, block, 2,
+        kv_heads, head_dim]; False (nothing written) where the torch path must do it. Raises
+        ValueError for a slot outside the cache."""
+        if (cache.dim() != 6 or cache.shape[3] != 2 or cache.dtype != torch.float32
+                or not cache.is_contiguous() or cache.device.type != "cpu"
+                or not 0 <= layer < cache.shape[1]):
+            return False
+        entry_shape = cache.shape[4:]
+        for t in (k, v):
+            if (not self._rows_ok(t) or t.shape[1:] != entry_shape or t.shape[0] != k.shape[0]
+                    or t.stride(1) != entry_shape[1]):
+                return False
+        self._check_slots(slot_blocks, slot_offsets, k.shape[0], cache)
+        self._write(cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                    k.shape[0], entry_shape.numel(), slot_blocks.data_ptr(), slot_offsets.data_ptr(),
+                    cache.shape[1], cache.shape[2], layer)
+        return True
+
+    def _check_slots(self, blocks: torch.Tensor, offsets: torch.Tensor, tokens: int,
+                     cache: torch.Tensor) -> None:
+        """Every layer of a step passes the same two tensors: checked once per step (the
+        references held here keep them alive, so identity cannot match new tensors)."""
+        last = self._last_slots
+        if last is not None and last[0] is blocks and last[1] is offsets and last[2] == cache.shape:
+            return
+        if (blocks.dtype != torch.int64 or offsets.dtype != torch.int64 or not blocks.is_contiguous()
+                or not offsets.is_contiguous() or blocks.shape != (tokens,)
+                or offsets.shape != (tokens,)):
+            raise ValueError("slot_blocks and slot_offsets must be contiguous int64, one per token")
+        if tokens and (int(blocks.min()) < 0 or int(blocks.max()) >= cache.shape[0]
+                       or int(offsets.min()) < 0 or int(offsets.max()) >= cache.shape[2]):
+            raise ValueError("a KV slot points outside the cache")
+        self._last_slots = (blocks, offsets, cache.shape)
 
 
 @functools.cache
@@ -243,9 +346,14 @@ def block_linear_kernel() -> BlockLinearKernel | None:
     return _wrap(BlockLinearKernel, "block_linear")
 
 
+@functools.cache
+def fused_ops_kernel() -> FusedOpsKernel | None:
+    return _wrap(FusedOpsKernel, "fused_ops")
+
+
 def reset() -> None:
     """Forget the loaded kernels (tests switch them off and on)."""
-    for cached in (kernel_library, paged_decode_kernel, block_linear_kernel):
+    for cached in (kernel_library, paged_decode_kernel, block_linear_kernel, fused_ops_kernel):
         cached.cache_clear()
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .cpu_kernels import paged_decode_kernel
+from .cpu_kernels import fused_ops_kernel, paged_decode_kernel
 from .detokenizer import IncrementalDetokenizer
 from .device import keep_freed_memory, select_device, select_dtype
 from .distributed import init_tensor_parallel
@@ -114,6 +114,7 @@ class LLMEngine:
             # after loading, so the weights' load-time temporaries were returned the usual way
             keep_freed_memory()
             paged_decode_kernel()  # built (or found) now rather than in the first request's step
+            fused_ops_kernel()
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._saved_outputs: dict[str, RequestOutput] = {}  # first tokens held until their KV is stored

@@ -10,8 +10,11 @@ import sys
 import pytest
 import torch
 
-from pdcluster.engine.layers import attention
 from pdcluster.engine import cpu_kernels
+from pdcluster.engine.layers import activation, attention, norm, rotary
+from pdcluster.engine.layers.activation import silu_and_mul
+from pdcluster.engine.layers.norm import RMSNorm
+from pdcluster.engine.layers.rotary import RotaryEmbedding
 from pdcluster.engine.layers.attention import AttentionMetadata, paged_attention
 
 needs_compiler = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
@@ -112,8 +115,66 @@ def test_unsupported_inputs_fall_back_to_torch(kernel):
     assert not kernel.supports(q.reshape(q.shape[0], -1), cache)
 
 
+@pytest.fixture
+def fused():
+    k = cpu_kernels.fused_ops_kernel()
+    assert k is not None, "a C compiler is present, so the kernel must build"
+    return k
+
+
+@needs_compiler
+def test_fused_ops_match_the_torch_path(monkeypatch, fused):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 96, generator=g) * 3
+    norm_layer = RMSNorm(96, 1e-5)
+    norm_layer.weight.data = torch.randn(96, generator=g)
+    head_norm = RMSNorm(32, 1e-6)                           # per head (Qwen3's q/k norm)
+    head_norm.weight.data = torch.randn(32, generator=g)
+    gate_up = torch.randn(7, 2 * 80, generator=g) * 6
+    qkv = torch.randn(7, 6 + 2 * 2, 32, generator=g)        # 6 q heads, 2 kv heads, in one tensor
+    positions = torch.tensor([0, 5, 17, 300, 1023, 2, 9])
+    ropes = [RotaryEmbedding(32, 1024, 10000.0), RotaryEmbedding(16, 1024, 500.0)]  # full, partial
+
+    def run():
+        rotated = [r(positions, qkv[:, :8], qkv[:, 6:8]) for r in ropes]
+        for r in ropes:
+            r._last_positions = None
+        return (norm_layer(x), head_norm(qkv[:, :6].contiguous()), silu_and_mul(gate_up), rotated)
+
+    fast = run()
+    with monkeypatch.context() as m:
+        for module in (norm, rotary, activation):
+            m.setattr(module, "fused_ops_kernel", lambda: None)
+        ref = run()
+    # rotary rounds as torch does (same products, same sums); the norm's mean and SiLU's exp may
+    # differ in the last bits
+    assert all(torch.equal(a, b) for fr, rr in zip(fast[3], ref[3]) for a, b in zip(fr, rr))
+    for a, b in zip(fast[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@needs_compiler
+def test_fused_kv_write_matches_torch_and_checks_slots(fused):
+    cache, meta, _, k, v = _decode_case(5, [20, 5, 33], 4, 2, 64, 16)
+    ref = cache.clone()
+    attention.write_kv(ref, 1, torch.stack((k, v), dim=1), meta)
+    assert fused.write_kv(cache, 1, k, v, meta.slot_blocks, meta.slot_offsets)
+    assert torch.equal(cache, ref)
+    bad = meta.slot_blocks.clone()
+    bad[1] = cache.shape[0]
+    with pytest.raises(ValueError, match="outside the cache"):
+        fused.write_kv(cache, 1, k, v, bad, meta.slot_offsets)
+    assert torch.equal(cache, ref)                             # nothing written
+    # inputs it does not take: the caller's torch path writes them
+    assert not fused.write_kv(cache.to(torch.bfloat16), 1, k, v, meta.slot_blocks, meta.slot_offsets)
+    assert not fused.write_kv(cache, 1, k[..., :32], v[..., :32], meta.slot_blocks, meta.slot_offsets)
+    assert fused.rms_norm(torch.randn(fused.max_rows + 1, 8), torch.ones(8), 1e-6) is None
+    assert fused.silu_and_mul(torch.randn(3, 8, dtype=torch.float64)) is None
+
+
 def _no_kernels() -> bool:
-    return cpu_kernels.paged_decode_kernel() is None and cpu_kernels.block_linear_kernel() is None
+    return (cpu_kernels.paged_decode_kernel() is None and cpu_kernels.block_linear_kernel() is None
+            and cpu_kernels.fused_ops_kernel() is None)
 
 
 def test_no_compiler_or_switched_off_means_torch_path(monkeypatch):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..cpu_kernels import paged_decode_kernel
+from ..cpu_kernels import fused_ops_kernel, paged_decode_kernel
 
 # Cache layout (one tensor, see DESIGN "KV in the store"): `cache[num_blocks, num_layers, block_size,
 # *token_shape]`; one block holds every layer's KV for `block_size` tokens contiguously, so it can be
@@ -62,10 +62,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 
     Writes k/v into the cache first, then attends each sequence over its whole context.
     """
-    write_kv(cache, layer, torch.stack((k, v), dim=1), meta)
-    out = torch.empty_like(q)
+    fused = fused_ops_kernel() if cache.device.type == "cpu" else None
+    if fused is None or not fused.write_kv(cache, layer, k, v, meta.slot_blocks, meta.slot_offsets):
+        write_kv(cache, layer, torch.stack((k, v), dim=1), meta)
     nd = meta.num_decode
     kernel = paged_decode_kernel() if nd and q.device.type == "cpu" else None
+    if kernel is not None and nd == q.shape[0] and kernel.supports(q, cache):   # decodes only
+        return kernel(q, cache, layer, meta.decode_block_tables, meta.decode_lens, scale)
+    out = torch.empty_like(q)
     if kernel is not None and kernel.supports(q, cache):
         out[:nd] = kernel(q[:nd], cache, layer, meta.decode_block_tables, meta.decode_lens, scale)
     elif nd:

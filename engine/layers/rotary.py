@@ -9,6 +9,8 @@ import math
 import torch
 from torch import nn
 
+from ..cpu_kernels import fused_ops_kernel
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
@@ -56,6 +58,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotate each x of shape [tokens, heads, head_dim] at the given positions."""
         cos, sin = self._cos_sin(positions)
+        fused = fused_ops_kernel() if positions.device.type == "cpu" else None
+        if fused is not None:   # cos/sin [T, 1, rot_dim] are contiguous rows of the tables
+            outs = tuple(fused.rotary(x, cos.squeeze(1), sin.squeeze(1)) for x in xs)
+            if all(o is not None for o in outs):
+                return outs
         return tuple(_apply_rotary(x, cos, sin, self.rot_dim) for x in xs)
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
