@@ -73,11 +73,10 @@ def format_offline(levels: Sequence[OfflineLevel]) -> str:
 
 
 def format_vs_offline(offline: Sequence[OfflineLevel], served: Mapping[str, Sequence[LevelStats]]) -> str:
-    """One row per served endpoint and concurrency: mean TPOT over the offline decode step at batch 1
-    and throughput over the offline throughput at the same batch, with the goal where it applies
+    """One row per served endpoint and concurrency: mean TPOT over the offline decode step, and
+    throughput over the offline throughput, both at the same batch, with the goal where it applies
     (TPOT at the lowest concurrency, throughput at the highest)."""
     by_batch = {lv.batch: lv for lv in offline}
-    step1 = by_batch[min(by_batch)].step_ms if by_batch else math.nan
     lines = [("| served | conc. | TTFT p50 (s) | TPOT mean (ms) | TPOT / offline step | "
              "throughput (tok/s) | throughput / offline | goal |"), "|---|---|---|---|---|---|---|---|"]
     for name, levels in served.items():
@@ -86,7 +85,7 @@ def format_vs_offline(offline: Sequence[OfflineLevel], served: Mapping[str, Sequ
         lowest, highest = min(lv.concurrency for lv in levels), max(lv.concurrency for lv in levels)
         for lv in levels:
             off = by_batch.get(lv.concurrency)
-            tpot_x = ratio(lv.tpot_mean_ms, step1)
+            tpot_x = ratio(lv.tpot_mean_ms, off.step_ms) if off else math.nan
             tput_x = ratio(lv.throughput_tok_s, off.throughput_tok_s) if off else math.nan
             goals = []
             if lv.concurrency == lowest:
