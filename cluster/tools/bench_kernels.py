@@ -14,8 +14,9 @@ import torch.nn.functional as F
 # Matmuls: every projection and the LM head of the loaded model, through the block kernel (GGUF
 # Q4_1/Q8_0 blocks) and through BLAS on the dense float32 weight (`F.linear`), per decode batch size.
 # Decode attention: one step's attention over all layers for 32 sequences of `--context` tokens, the
-# compiled kernel against the torch gather + SDPA path. Times are the best of `--repeats` passes, each
-# pass timing both sides back to back.
+# compiled kernel against the torch gather + SDPA path. Small ops: one decode step's RMSNorms, rotary,
+# SiLU-and-mul and KV writes over all layers, the fused C kernels against the torch ops they replace.
+# Times are the best of `--repeats` passes, each pass timing both sides back to back.
 
 
 def _paired(ours, ref, repeats: int) -> tuple[float, float]:
@@ -88,6 +89,56 @@ def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
             *_paired(step, torch_step, repeats))
 
 
+def _small_ops(model, intermediate: int, rows: list[int], repeats: int) -> list[tuple[str, float, float]]:
+    from ...engine.cpu_kernels import fused_ops_kernel
+    from ...engine.layers import activation, norm, rotary
+    from ...engine.layers.activation import silu_and_mul
+    from ...engine.layers.attention import AttentionMetadata, write_kv
+    fused = fused_ops_kernel()
+    if fused is None:
+        raise SystemExit("the fused small-op kernels are not built here")
+    layers = model.model.layers
+    attn = layers[0].self_attn
+    hidden = layers[0].input_layernorm.weight.shape[0]
+    cache = torch.zeros(64, len(layers), 16, 2, attn.num_kv_heads, attn.head_dim)
+
+    def measure(r: int) -> tuple[str, float, float]:
+        x = torch.randn(r, hidden)
+        q = torch.randn(r, attn.num_heads, attn.head_dim)
+        k = torch.randn(r, attn.num_kv_heads, attn.head_dim)
+        v = torch.randn(r, attn.num_kv_heads, attn.head_dim)
+        gate_up = torch.randn(r, 2 * intermediate)
+        positions = torch.randint(0, 512, (r,))
+        slots = torch.randperm(64 * 16)[:r]
+        meta = AttentionMetadata(   # only the slots matter to the KV write
+            slot_blocks=slots // 16, slot_offsets=slots % 16, num_decode=r,
+            decode_block_tables=torch.zeros(r, 1, dtype=torch.long),
+            decode_mask=torch.ones(r, 1, 1, 16, dtype=torch.bool), decode_lens=torch.ones(r, dtype=torch.long))
+
+        def step(kernels: bool) -> None:
+            for i, layer in enumerate(layers):
+                layer.input_layernorm(x)
+                layer.self_attn.rotary(positions, q, k)
+                if not (kernels and fused.write_kv(cache, i, k, v, meta.slot_blocks, meta.slot_offsets)):
+                    write_kv(cache, i, torch.stack((k, v), dim=1), meta)
+                layer.post_attention_layernorm(x)
+                silu_and_mul(gate_up)
+
+        def torch_step() -> None:
+            modules = (norm, rotary, activation)
+            for m in modules:
+                m.fused_ops_kernel = lambda: None
+            try:
+                step(False)
+            finally:
+                for m in modules:
+                    m.fused_ops_kernel = fused_ops_kernel
+
+        return f"small ops of a step, {r} rows", *_paired(lambda: step(True), torch_step, repeats)
+
+    return [measure(r) for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
@@ -95,13 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
     from ...engine import LLM
-    model = LLM(num_kv_blocks=16).engine.model
-    rows = _matmuls(model, args.rows, args.repeats) + [_attention(model, args.context, args.repeats)]
+    engine = LLM(num_kv_blocks=16).engine
+    model = engine.model
+    rows = (_matmuls(model, args.rows, args.repeats) + [_attention(model, args.context, args.repeats)]
+            + _small_ops(model, engine.hf_config["intermediate_size"], args.rows, args.repeats))
     print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
     print(f"{'measure':<44}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
     for label, ours, ref in rows:
         print(f"{label:<44}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
-    print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention.")
+    print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention; "
+          "torch ops for the small ops.")
     return 0
 
 
