@@ -262,7 +262,10 @@ def test_prefill_returns_the_first_token_only_once_its_blocks_are_stored(checkpo
         # the other request keeps stepping; the export's first token waits for its blocks
         assert [(o.request_id, len(o.new_token_ids)) for o in step] == [("other", 1)]
         outs += step
-    assert store.save_started is not None and store.blocks == {}
+    deadline = time.monotonic() + GATE_TIMEOUT_S   # the transfer thread may not have run yet
+    while store.save_started is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.save_started is not None and store.blocks == {}   # held at the gate, nothing stored
     assert all(o.request_id == "other" for o in outs)
     store.save_gate.set()
     for _ in range(10):
