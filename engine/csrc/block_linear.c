@@ -6,8 +6,9 @@
  * weight they are 7x / 3.8x fewer bytes. A register-blocked micro-kernel multiplies MR rows of x by
  * NR weight rows (all accumulators in vector registers), reading the weights dequantized into a small
  * buffer: a whole panel of NR rows, reused by every row tile of x, or for a single row tile (a decode
- * batch) one 32-wide block of them at a time. Fewer than SMALL_ROWS
- * rows of x (batch-1 decode) take a dot-product path that dequantizes straight into registers.
+ * batch) one 32-wide block of them at a time. Fewer than SMALL_ROWS rows of x (decode batches up
+ * to a few dozen, where a 32-row tile would mostly multiply padding) take a dot-product path that
+ * dequantizes straight into registers and prefetches the weights ahead of itself.
  *
  * Dequantization reproduces gguf's own exactly (the float32 product is rounded before the add, as
  * numpy does it), so the kernel multiplies by bit-identical weights to the dense model's; only the
@@ -22,6 +23,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16          /* floats per vector register */
@@ -62,6 +66,23 @@ static inline __attribute__((always_inline)) void dequant_block(
     if (qtype == QTYPE_Q4_1) {
         const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * (QBLOCK / 2);
         const float mb = m[row * nb + b];
+#if VL == 16
+        /* The block's 16 possible weights d * q + m (q = 0..15, rounded as below) fill one register,
+         * and each weight is looked up from it by its nibble: per block one multiply and one add
+         * instead of one per 16 weights, and no int->float conversions. vpermps reads only the low
+         * 4 bits of each index lane, so the byte zero-extended to 32 bits indexes its low nibble
+         * as it stands, and shifted right by 4 its high one. */
+        const vf iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        vf table = iota * db;
+        ROUNDED(table);
+        table += mb;
+        __m128i bytes;
+        memcpy(&bytes, qs, sizeof bytes);
+        const __m512i lanes = _mm512_cvtepu8_epi32(bytes);
+        out[0] = (vf)_mm512_permutexvar_ps(lanes, (__m512)table);
+        out[1] = (vf)_mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), (__m512)table);
+        return;
+#endif
         for (int h = 0; h < QBLOCK / 2; h += VL) {
             vu8 bytes;
             memcpy(&bytes, qs + h, sizeof bytes);
@@ -181,16 +202,22 @@ static inline __attribute__((always_inline)) void tile_fused(
 
 /* A few rows of x (batch-1/small-batch decode): the register tile above would multiply mostly
  * padding, so each weight row is instead dotted with each x row along k, dequantized block by block
- * straight into registers. MS rows of x by SNR rows of W; acc[r][j] holds VL-lane partial sums. */
+ * straight into registers. MS rows of x by NS rows of W; acc[r][j] holds VL-lane partial sums.
+ * Work is split over groups of SNR rows of W; a group is multiplied by 8 rows of x at a time (as two
+ * 8 x 2 tiles: 16 accumulators), then 4, 2, 1, so each weight is dequantized once per 8 rows. */
 #define SNR 4
+#define PF_ROWS (4 * SNR)  /* how far ahead the dot-product path prefetches (rows of W) */
 #if VL == 16
-#define SMALL_ROWS 7      /* fewer x rows than this take the dot-product path (from 7 the tile wins) */
+#define SMALL_ROWS 28     /* fewer x rows than this take the dot-product path (from ~28 the tile wins) */
 #else
 #define SMALL_ROWS 0      /* (narrower vectors: too few registers for its accumulators) */
 #endif
 
 static inline float lane_sum(vf v)
 {
+#if VL == 16
+    return _mm512_reduce_add_ps((__m512)v);   /* the same pairwise order, in registers */
+#endif
     float half[VL / 2];
     for (int width = VL / 2; width >= 1; width /= 2) {   /* pairwise: log2(VL) dependent adds */
         for (int l = 0; l < width; l++) half[l] = v[l] + v[l + width];
@@ -201,48 +228,85 @@ static inline float lane_sum(vf v)
 
 static inline __attribute__((always_inline)) void small_tile(
     int qtype, const float *x, int64_t K, const void *w, const float *d, const float *m,
-    int64_t n0, int64_t nr, int64_t N, float *y, const int MS)
+    int64_t n0, int64_t nr, int64_t N, float *y, const int MS, const int NS)
 {
     const int64_t nb = K / QBLOCK;
-    vf acc[MS][SNR];
+    vf acc[8][SNR];   /* fixed sizes: MS x NS of it is used (a variable-length array lives in memory) */
+    _Pragma("GCC unroll 16")
     for (int r = 0; r < MS; r++)
-        for (int j = 0; j < SNR; j++) acc[r][j] = (vf){0};
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NS; j++) acc[r][j] = (vf){0};
+    /* this path is bound by the weights' latency from DRAM (one pass over each byte, few
+     * instructions per byte): ask for the rows PF_ROWS ahead, block by block, as these go by */
+    const int64_t pf_row = n0 + PF_ROWS < N ? n0 + PF_ROWS : n0;
+    const int64_t block_bytes = qtype == QTYPE_Q4_1 ? QBLOCK / 2 : QBLOCK;
+    const char *pf_w = (const char *)w + pf_row * nb * block_bytes;
     for (int64_t b = 0; b < nb; b++) {
+        if ((b * block_bytes) % 64 == 0)
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < NS; j++) __builtin_prefetch(pf_w + (j * nb + b) * block_bytes);
+        if (b % 16 == 0)
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < NS; j++) {
+                __builtin_prefetch(d + (pf_row + j) * nb + b);
+                if (qtype == QTYPE_Q4_1) __builtin_prefetch(m + (pf_row + j) * nb + b);
+            }
         vf wv[SNR][BLOCK_VECS];
-        for (int j = 0; j < SNR; j++)   /* past the last row: recompute row n0, never stored */
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NS; j++)   /* past the last row: recompute row n0, never stored */
             dequant_block(qtype, w, d, m, n0 + (j < nr ? j : 0), nb, b, wv[j]);
+        _Pragma("GCC unroll 16")
         for (int v = 0; v < BLOCK_VECS; v++)
+            _Pragma("GCC unroll 16")
             for (int r = 0; r < MS; r++) {
                 vf xv;
                 memcpy(&xv, x + r * K + b * QBLOCK + v * VL, sizeof xv);
-                for (int j = 0; j < SNR; j++) acc[r][j] += xv * wv[j][v];
+                _Pragma("GCC unroll 16")
+                for (int j = 0; j < NS; j++) acc[r][j] += xv * wv[j][v];
             }
     }
+    /* constant bounds only: an index the compiler cannot resolve would put acc in memory */
+    _Pragma("GCC unroll 16")
     for (int r = 0; r < MS; r++)
-        for (int64_t j = 0; j < nr; j++)
-            y[r * N + n0 + j] = lane_sum(acc[r][j]);
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NS; j++)
+            if (j < nr) y[r * N + n0 + j] = lane_sum(acc[r][j]);
 }
 
-#define SMALL_ARGS int qtype, const float *x, int64_t K, const void *w, const float *d, \
-    const float *m, int64_t n0, int64_t nr, int64_t N, float *y
-#define SMALL_CALL(MS) small_tile(qtype, x, K, w, d, m, n0, nr, N, y, MS)
-static __attribute__((noinline)) void small_tile_4(SMALL_ARGS) { SMALL_CALL(4); }
-static __attribute__((noinline)) void small_tile_2(SMALL_ARGS) { SMALL_CALL(2); }
-static __attribute__((noinline)) void small_tile_1(SMALL_ARGS) { SMALL_CALL(1); }
+/* one function per weight type and tile shape, so that the compiler lays out each loop for its
+ * constants (qtype chosen at run time inside the loop costs registers and half the speed) */
+#define SMALL_ARGS const float *x, int64_t K, const void *w, const float *d, const float *m, \
+    int64_t n0, int64_t nr, int64_t N, float *y
+typedef void (*small_fn)(SMALL_ARGS);
+#define SMALL_DEF(NAME, QT, MS, NS) static __attribute__((noinline)) void NAME(SMALL_ARGS) \
+    { small_tile(QT, x, K, w, d, m, n0, nr, N, y, MS, NS); }
+SMALL_DEF(q4_1_8x2, QTYPE_Q4_1, 8, 2)
+SMALL_DEF(q4_1_4x4, QTYPE_Q4_1, 4, SNR)
+SMALL_DEF(q4_1_2x4, QTYPE_Q4_1, 2, SNR)
+SMALL_DEF(q4_1_1x4, QTYPE_Q4_1, 1, SNR)
+SMALL_DEF(q8_0_8x2, QTYPE_Q8_0, 8, 2)
+SMALL_DEF(q8_0_4x4, QTYPE_Q8_0, 4, SNR)
+SMALL_DEF(q8_0_2x4, QTYPE_Q8_0, 2, SNR)
+SMALL_DEF(q8_0_1x4, QTYPE_Q8_0, 1, SNR)
 
 static void block_linear_small(int qtype, const float *x, int64_t M, int64_t K, const void *w,
                                const float *d, const float *m, int64_t N, float *y, int num_threads)
 {
+    const int q4 = qtype == QTYPE_Q4_1;
+    const small_fn t8 = q4 ? q4_1_8x2 : q8_0_8x2, t4 = q4 ? q4_1_4x4 : q8_0_4x4,
+                   t2 = q4 ? q4_1_2x4 : q8_0_2x4, t1 = q4 ? q4_1_1x4 : q8_0_1x4;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t n0 = 0; n0 < N; n0 += SNR) {
         const int64_t nr = N - n0 < SNR ? N - n0 : SNR;
-        for (int64_t r0 = 0; r0 < M;) {
+        int64_t r0 = 0;
+        for (; M - r0 >= 8; r0 += 8)
+            for (int64_t j0 = 0; j0 < nr; j0 += 2)
+                t8(x + r0 * K, K, w, d, m, n0 + j0, nr - j0 < 2 ? nr - j0 : 2, N, y + r0 * N);
+        while (r0 < M) {
             const int64_t left = M - r0;
-            void (*tile_fn)(SMALL_ARGS) = left >= 4 ? small_tile_4 : left >= 2 ? small_tile_2
-                                                                         : small_tile_1;
-            const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            tile_fn(qtype, x + r0 * K, K, w, d, m, n0, nr, N, y + r0 * N);
-            r0 += rows;
+            const small_fn tile_fn = left >= 4 ? t4 : left >= 2 ? t2 : t1;
+            tile_fn(x + r0 * K, K, w, d, m, n0, nr, N, y + r0 * N);
+            r0 += left >= 4 ? 4 : left >= 2 ? 2 : 1;
         }
     }
 }
