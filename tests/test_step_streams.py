@@ -166,9 +166,6 @@ class _Ref:
     def __init__(self, coro) -> None:
         self._task = asyncio.ensure_future(coro)
 
-    def as_future(self) -> asyncio.Future:
-        return self._task
-
     def __await__(self):
         return self._task.__await__()
 

@@ -36,7 +36,7 @@ class StepStreams:
         if worker_id not in self._readers:
             self._readers[worker_id] = asyncio.create_task(self._read(worker_id, handle))
         call = handle.start.remote(self.owner, request_id, *args)
-        call.as_future().add_done_callback(
+        asyncio.ensure_future(call).add_done_callback(
             lambda started: self._started(worker_id, request_id, queue, started))
         return queue
 
