@@ -273,8 +273,8 @@ static inline __attribute__((always_inline)) void small_tile(
             if (j < nr) y[r * N + n0 + j] = lane_sum(acc[r][j]);
 }
 
-/* one function per weight type and tile shape, so that the compiler lays out each loop for its
- * constants (qtype chosen at run time inside the loop costs registers and half the speed) */
+/* one function per weight type and tile shape, each loop compiled for its constants (no run-time
+ * branch on the weight type inside the block loop) */
 #define SMALL_ARGS const float *x, int64_t K, const void *w, const float *d, const float *m, \
     int64_t n0, int64_t nr, int64_t N, float *y
 typedef void (*small_fn)(SMALL_ARGS);
