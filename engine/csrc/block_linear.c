@@ -81,8 +81,7 @@ static inline __attribute__((always_inline)) void dequant_block(
         const __m512i lanes = _mm512_cvtepu8_epi32(bytes);
         out[0] = (vf)_mm512_permutexvar_ps(lanes, (__m512)table);
         out[1] = (vf)_mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), (__m512)table);
-        return;
-#endif
+#else
         for (int h = 0; h < QBLOCK / 2; h += VL) {
             vu8 bytes;
             memcpy(&bytes, qs + h, sizeof bytes);
@@ -93,6 +92,7 @@ static inline __attribute__((always_inline)) void dequant_block(
                 out[(half * (QBLOCK / 2) + h) / VL] = prod + mb;
             }
         }
+#endif
     } else {
         const uint8_t *qs = (const uint8_t *)w + (row * nb + b) * QBLOCK;
         for (int h = 0; h < QBLOCK; h += VL) {
@@ -217,13 +217,14 @@ static inline float lane_sum(vf v)
 {
 #if VL == 16
     return _mm512_reduce_add_ps((__m512)v);   /* the same pairwise order, in registers */
-#endif
+#else
     float half[VL / 2];
     for (int width = VL / 2; width >= 1; width /= 2) {   /* pairwise: log2(VL) dependent adds */
         for (int l = 0; l < width; l++) half[l] = v[l] + v[l + width];
         for (int l = 0; l < width; l++) v[l] = half[l];
     }
     return v[0];
+#endif
 }
 
 static inline __attribute__((always_inline)) void small_tile(
