@@ -33,6 +33,16 @@ def _cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
+def _logs(tmp: Path, down: subprocess.Popen) -> str:
+    """What `down` and `up` said, for a failure's message."""
+    said = [f"down (exit {down.poll()}): {(tmp / 'down.log').read_text()[-2000:]}",
+            f"up: {(tmp / 'up.log').read_text()[-3000:]}"]
+    driver = tmp / "pdcluster" / "up.log"  # Ray's and Serve's own lines in the up process
+    if driver.exists():
+        said.append(f"up's Ray lines: {driver.read_text()[-3000:]}")
+    return "\n".join(said)
+
+
 def _stream(base: str, max_tokens: int, events: list, first: threading.Event) -> None:
     h.stream_completion(base, f"Count from {max_tokens}:", max_tokens, events, first, timeout_s=120)
 
@@ -111,7 +121,7 @@ def test_down_drains_in_flight_requests_then_exits(up):
     # Draining: the health check turns away load balancers, new requests get 503 + Retry-After.
     h_deadline = time.monotonic() + 30
     while (health := httpx.get(base + "/health", timeout=10)).status_code == 200:
-        assert time.monotonic() < h_deadline, "never reported draining"
+        assert time.monotonic() < h_deadline, f"never reported draining\n{_logs(tmp, down)}"
         time.sleep(0.2)
     assert (health.status_code, health.json()["status"]) == (503, "draining")
     refused = httpx.post(base + "/v1/completions", timeout=30,

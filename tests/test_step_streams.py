@@ -1,7 +1,8 @@
 """Decode outputs per engine step per ingress replica, with a scripted engine and no Ray: one message
 carries a step's outputs of all of an owner's requests, owners never see each other's, a stream that
 opens late gets what came before, an aborted request's entries stop, and a worker lost under its
-stream moves every request on it to another worker, which finishes them."""
+stream moves every request on it to another worker, which finishes them; a request that ended at
+the ingress but runs on at its worker is aborted there."""
 from __future__ import annotations
 
 import asyncio
@@ -273,3 +274,29 @@ def test_a_worker_lost_under_its_stream_moves_every_request_on_it_elsewhere():
     assert sorted(router.released) == ["r1", "r2"]
     d0.loop.stop()
     d1.loop.stop()
+
+
+def test_a_request_that_ended_here_but_runs_on_there_is_aborted_there():
+    """Its abort was lost (the ingress stopped listening, the worker never heard): the next outputs
+    the stream brings for it abort it, and its blocks are freed long before it would finish."""
+    worker = _worker(GatedEngine())
+
+    async def run():
+        handle, streams = FakeHandle(worker), StepStreams("ingress-a")
+        queue = streams.start("d0", handle, "left", SamplingParams(max_tokens=10**6), None, [1])
+        await asyncio.wait_for(queue.get(), 5)
+        streams.stop("d0", "left")  # ...and no abort sent
+        deadline = asyncio.get_running_loop().time() + 5
+        while worker.loop.num_requests:
+            assert asyncio.get_running_loop().time() < deadline, "still running on the worker"
+            await asyncio.sleep(0.01)
+        done = streams.start("d0", handle, "next", SamplingParams(max_tokens=3), None, [1])
+        entries = []
+        while not entries or not _ended(entries):
+            entries += await asyncio.wait_for(done.get(), 5)
+        return entries
+
+    entries = asyncio.run(run())
+    assert not worker.loop.engine.seqs
+    assert [o.new_token_ids for o in entries] == [[1], [2], [3]]  # the stream serves on
+    worker.loop.stop()

@@ -300,8 +300,10 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started
         state_file().write_text(json.dumps(asdict(state)))
         if on_ready is not None:
             on_ready(state)
-        while not stop.wait(1.0):
-            pass
+        # Polled, not stop.wait(): the signal handler sets `stop` on this thread, and would deadlock
+        # on the event's lock were it to interrupt wait() while wait() holds it.
+        while not stop.is_set():
+            time.sleep(0.2)
     finally:
         try:
             teardown(spec.router.drain_timeout_s, force)

@@ -23,6 +23,7 @@ from ...engine.outputs import RequestOutput, TokenLogprob
 from ...engine.prefix_hash import model_salt
 from ...engine.sampling import SamplingParams
 from ..policy.prefix_affinity import prefix_block_hashes
+from . import detached
 from . import openai_protocol as oai
 from .metrics import ServingMetrics
 from .step_streams import StepStreams, WorkerLost
@@ -218,6 +219,7 @@ class Orchestrator:
             rec.status = "cancelled"
             raise
         finally:
+            # The calls below are detached: Ray would cancel a cancelled request's own calls with it.
             self.live.pop(rec.request_id, None)  # unlisted, the router frees it even if release is lost
             if in_prefill is not None:
                 try:
@@ -225,11 +227,11 @@ class Orchestrator:
                 except Exception as exc:  # noqa: BLE001 - the abort below still frees its blocks
                     log.warning("cancelling %s's prefill on %s failed: %s", rec.request_id,
                                 rec.prefill_worker, exc)
-                self.info.handles[rec.prefill_worker].abort.remote(rec.request_id)
+                detached.call(self.info.handles[rec.prefill_worker].abort.remote, rec.request_id)
             if in_decode is not None:  # ended early (an error, the client left): free its blocks
                 self.streams.stop(in_decode, rec.request_id)
-                self.info.handles[in_decode].abort.remote(rec.request_id)
-            self.router.release.remote(rec.request_id)
+                detached.call(self.info.handles[in_decode].abort.remote, rec.request_id)
+            detached.call(self.router.release.remote, rec.request_id)
             self._observe_end(rec)
 
     def prefix_hashes(self, prompt_ids: list[int]) -> list[str]:

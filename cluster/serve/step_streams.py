@@ -10,6 +10,8 @@ from typing import Any
 
 import ray
 
+from . import detached
+
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ class StepStreams:
         queue: asyncio.Queue = asyncio.Queue()
         # Listening before the request starts: its first outputs may come before start() returns.
         self._queues.setdefault(worker_id, {})[request_id] = queue
-        if worker_id not in self._readers:
-            self._readers[worker_id] = asyncio.create_task(self._read(worker_id, handle))
+        if worker_id not in self._readers:  # it outlives this request, and its cancellation
+            self._readers[worker_id] = detached.task(self._read(worker_id, handle))
         call = handle.start.remote(self.owner, request_id, *args)
         asyncio.ensure_future(call).add_done_callback(
             lambda started: self._started(worker_id, request_id, queue, started))
@@ -57,7 +59,9 @@ class StepStreams:
 
     async def _read(self, worker_id: str, handle: Any) -> None:
         """Hand each message's entries to their requests; reopen a stream that ends; on a broken one
-        every request on the worker hears it and this reader ends (the next start opens another)."""
+        every request on the worker hears it and this reader ends (the next start opens another).
+        A request that still runs there though it ended here is aborted there again: should the
+        abort its end sent be lost, nothing else would free its blocks before it finished."""
         try:
             while True:
                 async for ref in handle.outputs.remote(self.owner):
@@ -65,11 +69,22 @@ class StepStreams:
                     queues = self._queues.get(worker_id, {})
                     for request_id, entries in batch.items():
                         queue = queues.get(request_id)
-                        if queue is not None:  # else it ended here already (left, failed over)
+                        if queue is not None:
                             queue.put_nowait(entries)
+                        elif not _final(entries[-1]):
+                            # It ended here (its client left, it failed over) and runs on there: a
+                            # step under way as it ended, or its abort was lost. Aborting one that
+                            # has ended there too is a no-op.
+                            log.debug("%s still runs on %s: aborting it", request_id, worker_id)
+                            detached.call(handle.abort.remote, request_id)
         except ray.exceptions.RayError as exc:
             log.error("output stream of %s lost: %s: %s", worker_id, type(exc).__name__, exc)
             for queue in self._queues.pop(worker_id, {}).values():
                 queue.put_nowait([WorkerLost(worker_id)])
         finally:
             del self._readers[worker_id]
+
+
+def _final(entry: Any) -> bool:
+    """A request's last entry from its worker: its finished output, or the error that ended it."""
+    return isinstance(entry, BaseException) or bool(getattr(entry, "finished", False))
