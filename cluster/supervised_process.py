@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -25,11 +26,40 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 
 
+# Ports only a process that names them gets: above Ray's worker ports (10002-19999), below the
+# kernel's ephemeral range, which serves bind(0) and every outgoing connection.
+_NAMED_PORTS_FROM = 20000
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the caller retries if someone takes it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port that was free a moment ago (the caller retries if someone takes it first), and that no
+    other process is handed by chance before the caller binds it: one from bind(0) is an ephemeral
+    port, which the next outgoing connection or bind(0) of any process (Ray starts dozens) may take.
+    Never the same port twice in this process."""
+    low, _ = _ephemeral_range()
+    for _ in range(200 if low - _NAMED_PORTS_FROM >= 1000 else 0):
+        port = random.randrange(_NAMED_PORTS_FROM, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no such range here
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default (macOS starts higher)
 
 
 def listening_inodes(port: int) -> set[int] | None:

@@ -116,6 +116,20 @@ def test_master_listens_on_loopback_and_is_healthy(master: MooncakeMaster) -> No
     assert _listen_addrs(cfg.metrics_port) == {"127.0.0.1"}
 
 
+def test_picked_ports_are_never_ones_the_kernel_hands_out_by_itself() -> None:
+    """A picked port lies below the ephemeral range (whence bind(0) and outgoing connections take
+    theirs, so no other process gets it by chance before the master binds it), is bindable, and is
+    never picked twice."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low < 21000:
+        pytest.skip(f"this kernel's ephemeral range starts at {low}")
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= p < low for p in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))
+
+
 def test_master_refuses_a_port_another_process_holds(tmp_path: Path) -> None:
     """mooncake_master keeps running when its RPC port is taken and serves nothing there; the health
     probe would then answer for the other process. Start must fail instead, and new picked ports win."""
