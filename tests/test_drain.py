@@ -116,14 +116,17 @@ def test_down_drains_in_flight_requests_then_exits(up):
     threads[1].start()
     assert short_started.wait(120), short
 
-    t0 = time.monotonic()
+    t0, since = time.monotonic(), time.strftime("%H:%M:%S")
     down = _cli("down", env=env, log=tmp / "down.log")
     # Draining: the health check turns away load balancers, new requests get 503 + Retry-After.
     h_deadline = time.monotonic() + 30
-    while (health := httpx.get(base + "/health", timeout=10)).status_code == 200:
-        assert time.monotonic() < h_deadline, f"never reported draining\n{_logs(tmp, down)}"
-        time.sleep(0.2)
-    assert (health.status_code, health.json()["status"]) == (503, "draining")
+    try:
+        while (health := httpx.get(base + "/health", timeout=10)).status_code == 200:
+            assert time.monotonic() < h_deadline, "never reported draining"
+            time.sleep(0.2)
+        assert (health.status_code, health.json()["status"]) == (503, "draining")
+    except (AssertionError, httpx.HTTPError) as exc:
+        raise AssertionError(f"{exc!r} (down ran at {since})\n{_logs(tmp, down)}") from exc
     refused = httpx.post(base + "/v1/completions", timeout=30,
                          json={"model": h.MODEL, "prompt": "hi", "max_tokens": 4})
     assert refused.status_code == 503

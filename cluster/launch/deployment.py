@@ -236,6 +236,7 @@ def teardown(drain_timeout_s: float | None = None, force: threading.Event | None
         except ValueError:
             return None
 
+    log.warning("stopping: draining, then removing the app and the cluster's actors")
     controller, router = named(CONTROLLER_NAME), named(ROUTER_NAME)
     if controller is not None and router is not None:
         try:
