@@ -24,9 +24,15 @@ def test_a_cancelled_requests_detached_calls_are_not_cancelled_with_it(ray_local
 
     @ray.remote
     class Worker:
-        async def work(self, seconds: float) -> str:
-            await asyncio.sleep(seconds)
+        def __init__(self) -> None:
+            self.released = asyncio.Event()
+
+        async def work(self) -> str:
+            await self.released.wait()
             return "done"
+
+        def release(self) -> None:
+            self.released.set()
 
     @ray.remote
     class Ingress:
@@ -42,10 +48,13 @@ def test_a_cancelled_requests_detached_calls_are_not_cancelled_with_it(ray_local
             await asyncio.sleep(100)  # until cancelled
 
         async def _read(self) -> str:
-            return await self.worker.work.remote(2.0)
+            return await self.worker.work.remote()
 
         def started(self) -> bool:
             return self.stream is not None
+
+        def stream_ended(self) -> bool:
+            return self.stream.done()
 
         async def stream_result(self) -> str:
             try:
@@ -53,18 +62,27 @@ def test_a_cancelled_requests_detached_calls_are_not_cancelled_with_it(ray_local
             except ray.exceptions.RayError as exc:
                 return repr(exc)[:200]
 
-    worker = Worker.remote()
-    results = {}
-    for detach in (False, True):
-        ingress = Ingress.remote(worker)
-        call = ingress.request.remote(detach)
-        deadline = time.monotonic() + 30
-        while not ray.get(ingress.started.remote()):
+    def wait_for(predicate, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+    results = {}
+    for detach in (False, True):
+        worker = Worker.remote()
+        ingress = Ingress.remote(worker)
+        call = ingress.request.remote(detach)
+        wait_for(lambda i=ingress: ray.get(i.started.remote()))
         ray.cancel(call)
         with pytest.raises(ray.exceptions.TaskCancelledError):
             ray.get(call, timeout=30)
+        if detach:
+            time.sleep(1.0)  # what was cancelled with the request has been by now
+            assert not ray.get(ingress.stream_ended.remote())
+        else:  # the reader's call goes down with the request it started in
+            wait_for(lambda i=ingress: ray.get(i.stream_ended.remote()))
+        ray.get(worker.release.remote())
         results[detach] = ray.get(ingress.stream_result.remote(), timeout=30)
     # The control: without `detached` the reader's call went down with the request it started in.
     assert "TaskCancelledError" in results[False], results

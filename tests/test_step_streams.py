@@ -9,6 +9,7 @@ import asyncio
 import threading
 from types import SimpleNamespace
 
+import pytest
 import ray
 from pdcluster.actors.decode_worker import DecodeWorker, HandoffRefused
 from pdcluster.actors.engine_loop import EngineLoop, RequestAborted
@@ -300,3 +301,29 @@ def test_a_request_that_ended_here_but_runs_on_there_is_aborted_there():
     assert not worker.loop.engine.seqs
     assert [o.new_token_ids for o in entries] == [[1], [2], [3]]  # the stream serves on
     worker.loop.stop()
+
+
+def test_a_call_ray_cancelled_with_its_request_ends_it_as_cancelled_not_as_a_lost_worker():
+    """Ray cancels the calls a cancelled request has in flight; should that news reach the request
+    first, it must not fail over (marking a healthy worker failed), only end and free its slot."""
+    class PrefillRouter(FakeRouter):
+        async def _admit(self, request_id: str) -> Admission:
+            return Admission(request_id, True, "p0", "d0")
+
+    async def cancelled_by_ray(*_args):
+        raise ray.exceptions.TaskCancelledError()
+
+    router = PrefillRouter()
+    prefill = SimpleNamespace(prefill=SimpleNamespace(remote=lambda *a: _Ref(cancelled_by_ray(*a))),
+                              abort=SimpleNamespace(remote=lambda *a: None))
+    info = SimpleNamespace(router=router, handles={"p0": prefill}, block_size=16,
+                           model_fingerprint="m", deployment_id="")
+    orch = Orchestrator(info, ServingMetrics(), owner="ingress-a")
+    rec = RequestRecord("r", [1, 2, 3], SamplingParams(max_tokens=6), None)
+
+    async def run():
+        return [d async for d in orch.run(rec)]
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(run())
+    assert router.rerouted == [] and router.released == ["r"] and rec.status == "cancelled"

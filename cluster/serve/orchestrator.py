@@ -26,7 +26,7 @@ from ..policy.prefix_affinity import prefix_block_hashes
 from . import detached
 from . import openai_protocol as oai
 from .metrics import ServingMetrics
-from .step_streams import StepStreams, WorkerLost
+from .step_streams import StepStreams, WorkerLost, cancelled_with_request
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +249,16 @@ class Orchestrator:
         self.metrics.prefix_hit_tokens.inc(cached_tokens)
 
     async def _call(self, ref, worker_id: str) -> Any:
-        """Await a worker call: its error about the request as `_request_error` says, and a worker
-        that died or cannot be reached is `WorkerLost` (the caller fails over)."""
+        """Await a worker call: its error about the request as `_request_error` says, a worker that
+        died or cannot be reached is `WorkerLost` (the caller fails over), and a call Ray cancelled
+        with this request is this request's cancellation."""
         try:
             return await ref
-        except ray.exceptions.RayTaskError as exc:
-            raise _request_error(_unwrap(exc), worker_id) from None
         except ray.exceptions.RayError as exc:
+            if cancelled_with_request(exc):  # not the worker's doing: no failover, no error logged
+                raise asyncio.CancelledError from None
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise _request_error(_unwrap(exc), worker_id) from None
             log.error("worker %s lost: %s: %s", worker_id, type(exc).__name__, exc)
             raise WorkerLost(worker_id) from exc
 

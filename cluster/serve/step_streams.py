@@ -49,11 +49,11 @@ class StepStreams:
     def _started(self, worker_id: str, request_id: str, queue: asyncio.Queue,
                  started: asyncio.Future) -> None:
         """start() tells a request's own errors on the stream; failing itself, the call lost the
-        worker (it died before the call ran)."""
-        if started.cancelled() or started.exception() is None:
+        worker (it died before the call ran), unless Ray cancelled it with its request."""
+        exc = None if started.cancelled() else started.exception()
+        if exc is None or cancelled_with_request(exc):
             return
         if self._queues.get(worker_id, {}).get(request_id) is queue:
-            exc = started.exception()
             log.error("starting %s on %s failed: %s: %s", request_id, worker_id, type(exc).__name__, exc)
             queue.put_nowait([WorkerLost(worker_id)])
 
@@ -83,6 +83,11 @@ class StepStreams:
                 queue.put_nowait([WorkerLost(worker_id)])
         finally:
             del self._readers[worker_id]
+
+
+def cancelled_with_request(exc: BaseException) -> bool:
+    """A call Ray cancelled because the request that made it was cancelled (its client left)."""
+    return isinstance(getattr(exc, "cause", None) or exc, ray.exceptions.TaskCancelledError)
 
 
 def _final(entry: Any) -> bool:
