@@ -130,40 +130,51 @@ def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[
 def _engine_main(args) -> list[tuple[str, dict[str, list[float]]]]:
     import torch
 
-    from ...engine import LLM, SamplingParams
+    from ...engine import LLM
     from ..kvstore.connector import make_connector
     from ..kvstore.master import MasterConfig, MooncakeMaster
     from ..spec import StoreSpec
 
     torch.set_num_threads(1)
     kw = {"enable_prefix_caching": False, "num_kv_blocks": args.kv_blocks, "max_num_batched_tokens": 4096}
-    rows = []
     with MooncakeMaster(MasterConfig()) as master:
         spec = StoreSpec(rpc_port=master.config.rpc_port, metadata_port=master.config.metadata_port,
                          global_segment_mib=2048, local_buffer_mib=256)
         prefill = LLM(**kw, async_kv_transfer=False).engine
         decodes = {m: LLM(**kw, async_kv_transfer=m == "async").engine for m in args.modes}
-        for eng in (prefill, *decodes.values()):
-            if make_connector(spec, eng) is None:
-                raise SystemExit("store unreachable")
-        vocab = prefill.hf_config["vocab_size"]
-        rng = random.Random(0)
-        handoffs = []
-        for i in range(args.arrivals):
-            ids = [rng.randrange(100, vocab - 100) for _ in range(args.arrival_len)]
-            prefill.add_request(f"a{i}", prompt_token_ids=ids, kv_export=True,
-                                params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-            outs = []
-            while prefill.has_unfinished_requests():
-                outs += prefill.step()
-            handoffs.append((f"a{i}", ids, outs[-1].kv_handoff))
-        for mode, decode in decodes.items():
-            s0 = decode.stats()
-            windows = _engine_windows(decode, handoffs, args, vocab)
-            s1 = decode.stats()
-            if s1.kv_recomputed_tokens != s0.kv_recomputed_tokens:
-                raise SystemExit(f"{mode}: blocks were recomputed, not loaded")
-            rows.append((_NAMES[mode], windows))
+        connectors = [make_connector(spec, eng) for eng in (prefill, *decodes.values())]
+        if None in connectors:
+            raise SystemExit("store unreachable")
+        try:
+            rows = _engine_rows(prefill, decodes, args)
+        finally:  # before the master stops: a client closed after it logs every failed unmount
+            for connector in connectors:
+                connector.close()
+    return rows
+
+
+def _engine_rows(prefill, decodes: dict, args) -> list[tuple[str, dict[str, list[float]]]]:
+    from ...engine import SamplingParams
+
+    rows = []
+    vocab = prefill.hf_config["vocab_size"]
+    rng = random.Random(0)
+    handoffs = []
+    for i in range(args.arrivals):
+        ids = [rng.randrange(100, vocab - 100) for _ in range(args.arrival_len)]
+        prefill.add_request(f"a{i}", prompt_token_ids=ids, kv_export=True,
+                            params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        outs = []
+        while prefill.has_unfinished_requests():
+            outs += prefill.step()
+        handoffs.append((f"a{i}", ids, outs[-1].kv_handoff))
+    for mode, decode in decodes.items():
+        s0 = decode.stats()
+        windows = _engine_windows(decode, handoffs, args, vocab)
+        s1 = decode.stats()
+        if s1.kv_recomputed_tokens != s0.kv_recomputed_tokens:
+            raise SystemExit(f"{mode}: blocks were recomputed, not loaded")
+        rows.append((_NAMES[mode], windows))
     return rows
 
 
