@@ -303,9 +303,12 @@ def test_a_request_that_ended_here_but_runs_on_there_is_aborted_there():
     worker.loop.stop()
 
 
-def test_a_call_ray_cancelled_with_its_request_ends_it_as_cancelled_not_as_a_lost_worker():
+def test_a_call_ray_cancelled_with_its_request_ends_it_as_cancelled_not_as_a_lost_worker(monkeypatch):
     """Ray cancels the calls a cancelled request has in flight; should that news reach the request
     first, it must not fail over (marking a healthy worker failed), only end and free its slot."""
+    cancelled: list = []
+    # the real ray.cancel would start a Ray instance here (Ray's auto-init) to cancel a stand-in ref
+    monkeypatch.setattr(ray, "cancel", cancelled.append)
     class PrefillRouter(FakeRouter):
         async def _admit(self, request_id: str) -> Admission:
             return Admission(request_id, True, "p0", "d0")
@@ -327,3 +330,5 @@ def test_a_call_ray_cancelled_with_its_request_ends_it_as_cancelled_not_as_a_los
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(run())
     assert router.rerouted == [] and router.released == ["r"] and rec.status == "cancelled"
+    assert len(cancelled) == 1  # the prefill call in flight
+    assert not ray.is_initialized()
