@@ -87,18 +87,24 @@ class EngineWorker:
             self.followers = TPFollowers(spec, worker_id, config.tp_size, config.threads,
                                          store_host, ctx.gcs_address, on_exit=self._die)
             os.environ.update(self.followers.env)  # where this rank meets them
-        try:
-            self.engine = LLMEngine(config)
-            self.connector = make_connector(self.spec.store, self.engine, local_hostname=store_host,
+
+        def build() -> LLMEngine:
+            """The engine and its store connector, built on the engine's thread (see EngineLoop)."""
+            engine = LLMEngine(config)
+            self.connector = make_connector(self.spec.store, engine, local_hostname=store_host,
                                             gcs_address=ctx.gcs_address, backend=backend)
+            return engine
+
+        try:
+            self.loop = EngineLoop(build, name=f"{worker_id}-engine", mirror=self.followers,
+                                   on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
             followers_stored = self.followers.wait_ready() if self.followers else []
         except BaseException:
             if self.followers is not None:
                 self.followers.kill()
             raise
+        self.engine = self.loop.engine
         self.kv_store = self.connector is not None and all(followers_stored)
-        self.loop = EngineLoop(self.engine, name=f"{worker_id}-engine", mirror=self.followers,
-                               on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
         log.info("%s ready on node %s (TP %d, %d threads, KV store: %s)", worker_id, self.node_ip,
                  config.tp_size, config.threads, "connected" if self.kv_store else "none")
 
@@ -155,8 +161,6 @@ class EngineWorker:
         return self.info()
 
     def info(self) -> WorkerInfo:
-        import torch
-
         e = self.engine
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, node_id=self.node_id, node_ip=self.node_ip,
@@ -164,7 +168,7 @@ class EngineWorker:
             block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
             block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
             model_fingerprint=e.fingerprint, kv_store=self.kv_store, deployment_id=e.config.deployment_id,
-            tp_pids=self.followers.pids if self.followers else (), threads=torch.get_num_threads())
+            tp_pids=self.followers.pids if self.followers else (), threads=e.threads)
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

@@ -59,8 +59,16 @@ def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
     not count. zlib's CRC: stdlib, fast, and accidental corruption is all it must catch."""
     if block.dim() < 3:
         raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
-    part = block if num_tokens is None else block[:, :num_tokens]
-    host = part.detach().to("cpu").contiguous()          # no copy for a whole CPU block
+    part = (block if num_tokens is None else block[:, :num_tokens]).detach()
+    if part.device.type == "cpu" and block.is_contiguous():
+        # layer by layer, each layer's slots being contiguous: no copy, so no torch op runs here (a
+        # transfer thread calls this, and an op there would open OpenMP regions off the engine's
+        # thread; see actors/engine_loop.py). The CRC of the layers in turn is the CRC of their bytes.
+        crc = 0
+        for layer in part:
+            crc = zlib.crc32(memoryview(layer.view(torch.uint8).numpy()), crc)
+        return crc
+    host = part.to("cpu").contiguous()
     return zlib.crc32(memoryview(host.view(torch.uint8).numpy()))
 
 

@@ -73,6 +73,9 @@ class LLMEngine:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
+        # torch's (and its OpenMP's) thread count is per thread: the one this engine is built on
+        # is the one it steps on (actors/engine_loop.py)
+        self.threads = torch.get_num_threads()
         self.device = select_device(config.device)
         self.dtype = select_dtype(config.dtype, self.device)
         path = resolve_model_path(config.model)

@@ -66,6 +66,35 @@ class FakeEngine:
         return _Stats(len(self.seqs), 100 - len(self.seqs))
 
 
+def test_a_builder_runs_on_the_thread_that_steps_and_its_failure_reaches_the_caller():
+    # every OpenMP region of a real engine, its construction's included, must open on one thread
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return FakeEngine()
+
+    loop = EngineLoop(build)
+    assert built_on == [loop._thread] and loop.engine.thread is None
+
+    async def run():
+        return await _drain(_submit(loop, "a", [1], SamplingParams(max_tokens=2)))
+
+    assert [o.new_token_ids for o in asyncio.run(run())] == [[1], [2]]
+    assert loop.engine.thread is built_on[0]
+    loop.stop()
+
+    def broken():
+        raise MemoryError("no room for the KV cache")
+
+    with pytest.raises(MemoryError, match="no room"):
+        EngineLoop(broken, name="broken-engine")
+    for t in threading.enumerate():  # the thread ends: nothing steps a half-built engine
+        if t.name == "broken-engine":
+            t.join(5)
+            assert not t.is_alive()
+
+
 def _submit(loop: EngineLoop, request_id: str, prompt: list[int], params: SamplingParams) -> asyncio.Queue:
     """Submit a request whose results land in a queue (the prefill worker's way)."""
     queue: asyncio.Queue = asyncio.Queue()

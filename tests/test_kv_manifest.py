@@ -40,6 +40,17 @@ def test_checksum_covers_valid_slots_of_every_layer_only() -> None:
     assert km.block_checksum(block, 5) != partial
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 5, BS - 1, BS])
+def test_partial_checksum_is_the_crc_of_the_valid_slots_bytes_layer_after_layer(dtype, num_tokens) -> None:
+    # computed layer by layer without a copy; a reader on another engine checks it against the bytes
+    block = _mha_cache(dtype=dtype)[3]
+    valid = block[:, :num_tokens].contiguous().view(torch.uint8).numpy().tobytes()
+    assert km.block_checksum(block, num_tokens) == zlib.crc32(valid)
+    mla = torch.randn(4, 3, BS, 24).to(dtype)[1]  # [num_layers, block_size, latent]
+    assert km.block_checksum(mla, num_tokens) == zlib.crc32(mla[:, :num_tokens].contiguous().view(torch.uint8).numpy().tobytes())
+
+
 def test_checksum_of_bfloat16_and_single_bit_flip() -> None:
     block = _mha_cache(dtype=torch.bfloat16)[0]
     before = km.block_checksum(block)
