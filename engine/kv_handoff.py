@@ -5,10 +5,10 @@ trusted; `cluster/kvstore/manifest.py` turns this record into the versioned kv.p
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 
 import torch
+from zlib_ng import zlib_ng
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class KVHandoff:
 def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
     """CRC-32 of one block (`cache[b]`: [num_layers, block_size, *token_shape]) over its first
     `num_tokens` token slots of every layer (all when None), so a partial block's stale tail does
-    not count. zlib's CRC: stdlib, fast, and accidental corruption is all it must catch."""
+    not count. zlib's CRC-32 (zlib-ng's build of it: the same checksum, 4-5x the speed of the stdlib's),
+    and accidental corruption is all it must catch."""
     if block.dim() < 3:
         raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
     part = (block if num_tokens is None else block[:, :num_tokens]).detach()
@@ -66,10 +67,10 @@ def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
         # thread; see actors/engine_loop.py). The CRC of the layers in turn is the CRC of their bytes.
         crc = 0
         for layer in part:
-            crc = zlib.crc32(memoryview(layer.view(torch.uint8).numpy()), crc)
+            crc = zlib_ng.crc32(memoryview(layer.view(torch.uint8).numpy()), crc)
         return crc
     host = part.to("cpu").contiguous()
-    return zlib.crc32(memoryview(host.view(torch.uint8).numpy()))
+    return zlib_ng.crc32(memoryview(host.view(torch.uint8).numpy()))
 
 
 def store_key(block_hash: bytes) -> str:

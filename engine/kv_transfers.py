@@ -7,6 +7,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from .distributed import min_each_over_ranks
+from .kv_connector import mark_transfer_thread
 from .kv_io import KVExchange, KVLoad, KVSave
 
 
@@ -26,7 +27,8 @@ class KVTransfers:
 
     def __init__(self, kv: KVExchange) -> None:
         self.kv = kv
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transfer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transfer",
+                                        initializer=mark_transfer_thread)
         self._pending: list[Transfer] = []
 
     def submit(self, job: KVLoad | KVSave) -> Transfer:

@@ -2,13 +2,17 @@
 very memfd it names, on this host, and replica addresses translate only inside the segment."""
 from __future__ import annotations
 
+import ctypes
 import mmap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 import torch
 
 from pdcluster.cluster.kvstore import same_host
+from pdcluster.engine.kv_connector import mark_transfer_thread
 
 
 @pytest.fixture
@@ -78,6 +82,33 @@ def test_copy_spans_splits_large_copies_and_lands_every_byte(kernels, monkeypatc
         assert torch.equal(dst, src[order])
     finally:
         same_host.stream_copier.cache_clear()
+
+
+def test_a_kv_transfer_thread_copies_on_itself_alone_while_others_fan_out(monkeypatch) -> None:
+    # the step keeps the engine's cores while a transfer runs: the transfer must not take them
+    threads_used: list[str] = []
+
+    def recording_copy(spans):
+        threads_used.append(threading.current_thread().name)
+        for dst, src, n in spans:
+            ctypes.memmove(dst, src, n)
+
+    monkeypatch.setattr(same_host, "stream_copier", lambda: recording_copy)
+    monkeypatch.setattr(same_host, "_copy_threads", lambda: 4)
+    blocks, size = 8, 2 << 20  # 16 MiB: above the pool's threshold
+    src = torch.randint(0, 256, (blocks, size), dtype=torch.uint8)
+
+    def copy_all() -> torch.Tensor:
+        dst = torch.zeros_like(src)
+        same_host.copy_spans([(dst[i].data_ptr(), src[i].data_ptr(), size) for i in range(blocks)])
+        return dst
+
+    assert torch.equal(copy_all(), src)
+    assert len(threads_used) == 4 and all(name.startswith("kv-copy") for name in threads_used)
+    threads_used.clear()
+    with ThreadPoolExecutor(1, thread_name_prefix="kv-transfer", initializer=mark_transfer_thread) as pool:
+        assert torch.equal(pool.submit(copy_all).result(), src)
+    assert len(threads_used) == 1 and threads_used[0].startswith("kv-transfer")
 
 
 def test_streaming_copy_handles_unaligned_ends_and_leaves_neighbours_alone() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from ...engine.kv_connector import on_transfer_thread
 from .master import METADATA_OPENER
 
 # Over Mooncake's TCP transport every byte of a get crosses the loopback stack, several times slower
@@ -342,12 +343,13 @@ def _memmove_all(spans: Sequence[tuple[int, int, int]]) -> None:
 
 def copy_spans(spans: Sequence[tuple[int, int, int]]) -> None:
     """Copy each (dst, src, nbytes) (spans must not overlap): memmove for small totals; from 8 MiB
-    streaming stores (where the kernel builds) split over up to four threads. The bytes land either
+    streaming stores (where the kernel builds) split over up to four threads, or on the caller's
+    thread alone on a KV transfer thread (the step owns the other cores). The bytes land either
     way before it returns."""
     global _pool
     total = sum(n for _, _, n in spans)
     copy = (stream_copier() if total >= _STREAM_MIN_BYTES else None) or _memmove_all
-    threads = _copy_threads()
+    threads = 1 if on_transfer_thread() else _copy_threads()
     if threads == 1 or len(spans) < 2 or total < _PARALLEL_MIN_BYTES:
         copy(spans)
         return

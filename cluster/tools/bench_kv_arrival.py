@@ -76,7 +76,7 @@ async def _run(url: str, model: str, args, count) -> dict[str, list[float]]:
         for t in streams:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-    windows: dict[str, list[float]] = {"quiet": [], "arrivals": []}
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": [], JOIN: [], IN_FLIGHT: []}
     for times in chunk_times:
         for a, b in itertools.pairwise(times):
             if quiet_from <= b < busy_from:
@@ -84,6 +84,12 @@ async def _run(url: str, model: str, args, count) -> dict[str, list[float]]:
             elif busy_from <= b <= busy_to:
                 windows["arrivals"].append(b - a)
     return windows
+
+
+# The arrivals window's steps split in two (engine level): a newcomer's first step (in the step path
+# its KV is loaded inside it) and the other steps taken while a transfer was in flight.
+JOIN = "arrivals: a newcomer's first step"
+IN_FLIGHT = "arrivals: other steps, KV in flight"
 
 
 def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[float]]:
@@ -98,7 +104,7 @@ def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[
                            params=long)
     for _ in range(10):
         decode.step()
-    windows: dict[str, list[float]] = {"quiet": [], "arrivals": []}
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": [], JOIN: [], IN_FLIGHT: []}
 
     def timed_step() -> list:
         t0 = time.perf_counter()
@@ -116,9 +122,15 @@ def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[
                                params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
             waiting.add(rid)
             arrived += 1
+        loading = decode.stats().num_loading_kv
         dt, outs = timed_step()
         windows["arrivals"].append(dt)
-        waiting -= {o.request_id for o in outs if o.new_token_ids}
+        joined = waiting & {o.request_id for o in outs if o.new_token_ids}
+        if joined:  # its decode reads its whole prompt's KV: a costlier step with or without a transfer
+            windows[JOIN].append(dt)
+        elif loading:
+            windows[IN_FLIGHT].append(dt)
+        waiting -= joined
         step += 1
     for i in range(args.streams):
         decode.abort_request(f"s{i}")
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, w in rows:
         base = _pct(w["quiet"], 0.99)
         for window, itl in w.items():
+            if not itl:
+                continue
             print(f"| {name} | {window} | {len(itl)} | {statistics.median(itl) * 1e3:.1f} | "
                   f"{_pct(itl, 0.99) * 1e3:.1f} | {max(itl) * 1e3:.1f} | {_pct(itl, 0.99) / base:.2f}x |")
     return 0
