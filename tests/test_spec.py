@@ -189,3 +189,36 @@ def test_pool_shortfalls_name_the_pool_and_the_resource_its_nodes_lack():
     assert spec.pool_shortfalls({"pd_decode": 2}) == []  # a colocated spec needs no prefill node
     (problem,) = spec.pool_shortfalls({"pd_prefill": 4, "pd_decode": 1})
     assert problem.startswith("decode pool wants 2 node(s) with resource 'pd_decode'")
+
+
+def test_up_is_findable_by_down_while_it_starts_and_a_stop_then_tears_it_down(tmp_path, monkeypatch):
+    # The endpoint answers before the deployment returns: a `down` sent then must find this process
+    # (it once found no state file, said "no local pdcluster is running", and up served on).
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import ray
+
+    from pdcluster.cluster.launch import deployment
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    stop, events = threading.Event(), []
+    monkeypatch.setattr(ray, "init", lambda **_: SimpleNamespace(address_info={"gcs_address": "127.0.0.1:1"}))
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append("ray.shutdown"))
+
+    def deploy(spec):
+        state = deployment.read_state()
+        events.append(("deploying, state pid", state.pid if state else None))
+        stop.set()  # what `down`'s SIGTERM does
+
+    monkeypatch.setattr(deployment, "deploy", deploy)
+    monkeypatch.setattr(deployment, "teardown", lambda *a: events.append("teardown"))
+    # not the main thread: no signal handlers are installed into pytest
+    t = threading.Thread(target=deployment.up_local,
+                         args=(ClusterSpec.default(), stop, lambda state: events.append("serving")))
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert events == [("deploying, state pid", os.getpid()), "teardown", "ray.shutdown"]
+    assert deployment.read_state() is None  # removed once stopped

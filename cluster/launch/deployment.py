@@ -292,13 +292,18 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
     try:
-        deploy(spec)
+        # Written before deploying, not once it serves: the endpoint answers as soon as Serve's app
+        # is up, and a `down` sent from then on (or during the start-up) must find this process to
+        # signal (it then stops as soon as the deployment returns).
         state = UpState(pid=os.getpid(), ray_address=ctx.address_info["gcs_address"],
                         http_url=http_url(spec), grpc_address=grpc_address(spec),
                         model=spec.model.served_name,
                         ray_auth_mode=os.environ.get("RAY_AUTH_MODE", "disabled"),
                         drain_timeout_s=spec.router.drain_timeout_s)
         state_file().write_text(json.dumps(asdict(state)))
+        deploy(spec)
+        if stop.is_set():
+            return  # stopped while starting: straight to the teardown
         if on_ready is not None:
             on_ready(state)
         # Polled, not stop.wait(): the signal handler sets `stop` on this thread, and would deadlock
