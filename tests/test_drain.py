@@ -119,8 +119,8 @@ def test_down_drains_in_flight_requests_then_exits(up):
     t0, since = time.monotonic(), time.strftime("%H:%M:%S")
     down = _cli("down", env=env, log=tmp / "down.log")
     # Draining: the health check turns away load balancers, new requests get 503 + Retry-After.
-    # (`down` starts a Python process and signals `up`, which asks the router: about a second here,
-    # and this test has seen that take over 30 on a loaded 2-core machine.)
+    # (`down` starts a Python process and signals `up`, which asks the router: about a second here;
+    # generous for a loaded CI machine. A `down` sent before `up` had recorded itself used to be lost.)
     h_deadline = time.monotonic() + 90
     try:
         while (health := httpx.get(base + "/health", timeout=10)).status_code == 200:

@@ -76,7 +76,7 @@ async def _run(url: str, model: str, args, count) -> dict[str, list[float]]:
         for t in streams:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-    windows: dict[str, list[float]] = {"quiet": [], "arrivals": [], JOIN: [], IN_FLIGHT: []}
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": []}
     for times in chunk_times:
         for a, b in itertools.pairwise(times):
             if quiet_from <= b < busy_from:
