@@ -60,8 +60,9 @@ def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
     and accidental corruption is all it must catch."""
     if block.dim() < 3:
         raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
-    part = (block if num_tokens is None else block[:, :num_tokens]).detach()
-    if part.device.type == "cpu" and block.is_contiguous():
+    whole = num_tokens is None or num_tokens == block.shape[1]
+    part = (block if whole else block[:, :num_tokens]).detach()
+    if part.device.type == "cpu" and block.is_contiguous() and not whole:
         # layer by layer, each layer's slots being contiguous: no copy, so no torch op runs here (a
         # transfer thread calls this, and an op there would open OpenMP regions off the engine's
         # thread; see actors/engine_loop.py). The CRC of the layers in turn is the CRC of their bytes.

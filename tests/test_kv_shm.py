@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -125,9 +126,16 @@ def test_streaming_copy_handles_unaligned_ends_and_leaves_neighbours_alone() -> 
         assert not dst[:at].any() and not dst[at + n:].any(), "wrote outside the span"
 
 
-def _mappings_of(ino: int) -> int:
+def _mappings_of(advert) -> int:
+    """This process's mappings of the advertised file: same device and inode (an inode number alone
+    can be a library's on another filesystem)."""
+    def file_of(fields: list[str]) -> tuple[int, int]:
+        major, minor = fields[3].split(":")
+        return os.makedev(int(major, 16), int(minor, 16)), int(fields[4])
+
     with open("/proc/self/maps") as f:
-        return sum(1 for line in f if len(line.split()) >= 6 and int(line.split()[4]) == ino)
+        rows = [line.split() for line in f]
+    return sum(1 for fields in rows if len(fields) >= 6 and file_of(fields) == (advert.dev, advert.ino))
 
 
 def test_a_dropped_segment_stays_mapped_while_a_copy_uses_it(segment) -> None:
@@ -136,12 +144,12 @@ def test_a_dropped_segment_stays_mapped_while_a_copy_uses_it(segment) -> None:
     view[0:4] = b"live"
     peers = same_host.PeerSegments("http://127.0.0.1:9/metadata", own=("127.0.0.1:1234", advert))
     held = peers.acquire("127.0.0.1:1234")
-    assert held is not None and _mappings_of(advert.ino) == 2  # the owner's and the reader's
+    assert held is not None and _mappings_of(advert) == 2  # the owner's and the reader's
     seg.close()  # the owner lets go of the memfd: /proc/<pid>/fd/<fd> no longer names it
     assert peers.acquire("127.0.0.1:1234") is None  # dropped for new copies...
     out = torch.zeros(4, dtype=torch.uint8)
     same_host.copy_spans([(out.data_ptr(), held.translate(advert.base, 4), 4)])
     assert bytes(out.numpy()) == b"live"  # ...but the copy in flight still reads it
     peers.release(held)
-    assert _mappings_of(advert.ino) == 1  # unmapped by its last user
+    assert _mappings_of(advert) == 1  # unmapped by its last user
     peers.forget()
