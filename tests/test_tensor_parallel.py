@@ -3,9 +3,11 @@ for DeepSeek-V3 (dense and AWQ) and Llama (kv heads fewer than ranks), each rank
 each rank hands its own KV shard off through a store, and the ranks agree on what loaded."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,19 @@ TP = 2
 HANDOFF_GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
+def _leave(rank_done: Path) -> None:
+    """End a spawned rank whose results are on disk and whose group is destroyed, without the
+    interpreter's teardown: a rank once aborted there in CI ('terminate called without an active
+    exception', C++ threads torch or gloo leave to static destructors)."""
+    assert rank_done.exists()
+    shutdown_tensor_parallel()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, port: int, models: dict[str, str], out_dir: str) -> None:
+    faulthandler.enable(all_threads=True)   # an abort in a rank prints its Python stacks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1",
                       TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
@@ -35,7 +49,7 @@ def _worker(rank: int, port: int, models: dict[str, str], out_dir: str) -> None:
             "tokens": [c.token_ids for c in out],
             "logprobs": [[lp.logprob for lp in c.logprobs] for c in out],
             "numel": numel, "kv_token_shape": list(llm.engine.model.kv_token_shape)}))
-    shutdown_tensor_parallel()
+    _leave(Path(out_dir, f"{name}.{rank}.json"))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +163,7 @@ def _handoff_worker(rank: int, port: int, model: str, out_dir: str) -> None:
         "tokens": tokens, "counts": counts,
         "store_prefix_hit_tokens": eng.stats().store_prefix_hit_tokens,
         "free": eng.block_manager.num_free_blocks == eng.block_manager.num_blocks}))
-    shutdown_tensor_parallel()
+    _leave(Path(out_dir, f"handoff.{rank}.json"))
 
 
 def test_each_rank_hands_off_its_own_shard_and_the_ranks_agree_on_what_loaded(tmp_path):
