@@ -76,6 +76,9 @@ class EngineSpec(_Strict):
     enable_prefix_caching: bool = True
     async_kv_transfer: bool = True  # KV moves off the step thread (False: inside the step)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
+    # the KV cache's element type (auto: the model's dtype); prefill and decode share it, so a
+    # handoff's blocks fit the cache they land in
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
     # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
     speculative_config: dict[str, Any] | None = None
@@ -435,7 +438,8 @@ class ClusterSpec(_Strict):
         e = self.engine
         kv = {"kv_cache_gib": e.kv_cache_gib} if e.kv_cache_gib is not None else {}
         return EngineConfig(
-            model=self.model.path, device=e.device, dtype=self.model.dtype, block_size=e.block_size,
+            model=self.model.path, device=e.device, dtype=self.model.dtype,
+            kv_cache_dtype=e.kv_cache_dtype, block_size=e.block_size,
             num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, async_kv_transfer=e.async_kv_transfer,

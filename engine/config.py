@@ -61,6 +61,9 @@ class EngineConfig:
     model: str = EMBEDDED_MODEL           # "embedded", a .gguf file, or an HF safetensors folder
     device: str = "auto"                  # auto | cpu | cuda | npu
     dtype: str = "auto"                   # auto (float32 on cpu, bfloat16 elsewhere) | float32 | bfloat16 | float16
+    # the KV cache's element type: auto (the model's dtype) | float32 | bfloat16 | float16; a
+    # half-width cache holds twice the tokens and halves what decode attention and a handoff move
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None      # None: derived from kv_cache_gib
     kv_cache_gib: float = 1.0

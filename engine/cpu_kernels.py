@@ -72,14 +72,29 @@ def _build(compiler: str, name: str) -> Path:
     return lib
 
 
+# the cache dtypes a kernel reads, by the suffix of its C function
+CACHE_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _by_cache_dtype(lib: ctypes.CDLL, prefix: str, argtypes: list) -> dict[torch.dtype, object]:
+    """`prefix`_f32/_f16/_bf16 of `lib` by the cache dtype each takes (those the compiler built:
+    float16 needs x86 F16C for attention, _Float16 for the write); float32's must be there."""
+    fns = {}
+    for dtype, suffix in CACHE_DTYPES.items():
+        name = f"{prefix}_{suffix}"
+        fn = getattr(lib, name) if dtype == torch.float32 else getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = argtypes, None
+            fns[dtype] = fn
+    return fns
+
+
 class PagedDecodeKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
-        fn = lib.paged_decode_attention_f32
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
-                       ctypes.c_float, ctypes.c_int]
-        fn.restype = None
-        self._fn = fn
+        self._fns = _by_cache_dtype(lib, "paged_decode_attention",
+                                    [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                     ctypes.c_float, ctypes.c_int])
         self._last_checked: tuple | None = None  # (tables, lens, shapes, their checked int64 copies)
         for name in ("max_group", "max_head_dim", "max_block"):
             getter = getattr(lib, f"paged_decode_{name}")
@@ -87,9 +102,9 @@ class PagedDecodeKernel:
             setattr(self, name, getter())
 
     def supports(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """fp32 q and cache on the CPU, an MHA/GQA cache ([blocks, layers, block, 2, kvh, d]) within
-        the kernel's fixed limits."""
-        if q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype != torch.float32:
+        """fp32 q on the CPU, an MHA/GQA cache ([blocks, layers, block, 2, kvh, d]) of float32,
+        float16 or bfloat16 within the kernel's fixed limits."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or cache.dtype not in self._fns:
             return False
         return self._shape_problem(q, cache) is None
 
@@ -108,15 +123,18 @@ class PagedDecodeKernel:
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, layer: int,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         """q [num_seqs, heads, head_dim] -> attention output of the same shape."""
-        if (problem := self._shape_problem(q, cache)) is not None or q.dtype != cache.dtype:
-            raise ValueError(f"unsupported input: {problem or 'q and cache dtypes differ'}")
+        if (problem := self._shape_problem(q, cache)) is None and (
+                q.dtype != torch.float32 or cache.dtype not in self._fns):
+            problem = f"a {q.dtype} q over a {cache.dtype} cache"
+        if problem is not None:
+            raise ValueError(f"unsupported input: {problem}")
         if not 0 <= layer < cache.shape[1]:
             raise ValueError(f"layer {layer} outside the cache's {cache.shape[1]} layers")
         q = q.contiguous()
         tables, lens = self._checked_tables(block_tables, context_lens, q.shape[0], cache)
         out = torch.empty_like(q)
         _, num_layers, block_size, _, kv_heads, head_dim = cache.shape
-        self._fn(q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+        self._fns[cache.dtype](q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
                  lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim, block_size,
                  num_layers, layer, scale, torch.get_num_threads())
         return out
@@ -202,8 +220,8 @@ class BlockLinearKernel:
 
 
 class FusedOpsKernel:
-    """RMSNorm, neox rotary, SiLU-and-mul and the MHA KV-cache write, each one C call on float32 CPU
-    tensors of at most `max_rows` rows (decode steps and small chunks; bigger inputs are better
+    """RMSNorm, neox rotary, SiLU-and-mul and the MHA KV-cache write (into a float32, float16 or
+    bfloat16 cache), each one C call on float32 CPU tensors of at most `max_rows` rows (decode steps and small chunks; bigger inputs are better
     served by torch's multithreaded ops). Each op returns None (or False) where its inputs are not
     ones it takes, and the caller runs the torch path."""
 
@@ -217,9 +235,9 @@ class FusedOpsKernel:
         self._silu.argtypes = [ptr, i64, i64, i64, ptr]
         self._rotary = lib.rotary_neox_f32
         self._rotary.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
-        self._write = lib.write_kv_f32
-        self._write.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64]
-        for fn in (self._norm, self._silu, self._rotary, self._write):
+        self._writes = _by_cache_dtype(lib, "write_kv",
+                                       [ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i64, i64])
+        for fn in (self._norm, self._silu, self._rotary):
             fn.restype = None
         self._last_slots: tuple | None = None   # (blocks, offsets, cache shape) last checked
 
@@ -265,9 +283,10 @@ class FusedOpsKernel:
     def write_kv(self, cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
                  slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> bool:
         """k, v [T, kv_heads, head_dim] into their slots of an MHA cache [blocks, layers, block, 2,
-        kv_heads, head_dim]; False (nothing written) where the torch path must do it. Raises
-        ValueError for a slot outside the cache."""
-        if (cache.dim() != 6 or cache.shape[3] != 2 or cache.dtype != torch.float32
+        kv_heads, head_dim] of float32, float16 or bfloat16 (rounded as torch's .to() rounds); False
+        (nothing written) where the torch path must do it. Raises ValueError for a slot outside the
+        cache."""
+        if (cache.dim() != 6 or cache.shape[3] != 2 or cache.dtype not in self._writes
                 or not cache.is_contiguous() or cache.device.type != "cpu"
                 or not 0 <= layer < cache.shape[1]):
             return False
@@ -277,7 +296,7 @@ class FusedOpsKernel:
                     or t.stride(1) != entry_shape[1]):
                 return False
         self._check_slots(slot_blocks, slot_offsets, k.shape[0], cache)
-        self._write(cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        self._writes[cache.dtype](cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                     k.shape[0], entry_shape.numel(), slot_blocks.data_ptr(), slot_offsets.data_ptr(),
                     cache.shape[1], cache.shape[2], layer)
         return True

@@ -78,6 +78,8 @@ class LLMEngine:
         self.threads = torch.get_num_threads()
         self.device = select_device(config.device)
         self.dtype = select_dtype(config.dtype, self.device)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else select_dtype(
+            config.kv_cache_dtype, self.device)
         path = resolve_model_path(config.model)
         self.model_path = path
         hf_config, weights = load_checkpoint(path)
@@ -88,7 +90,7 @@ class LLMEngine:
         self.model = self._build_model(hf_config, weights)
         if self.device.type == "cpu":
             use_block_kernels(self.model)   # before sizing the KV cache: the blocks take memory
-        self.fingerprint = _fingerprint(path, hf_config, self.dtype)
+        self.fingerprint = _fingerprint(path, hf_config, self.dtype, self.kv_dtype)
         self.max_model_len = config.max_model_len or min(
             hf_config.get("max_position_embeddings", MAX_DEFAULT_MODEL_LEN), MAX_DEFAULT_MODEL_LEN)
         self.kv_cache = self._allocate_kv_cache()
@@ -99,7 +101,7 @@ class LLMEngine:
         self.kv_layout = KVLayout(
             kind="mla" if len(self.model.kv_token_shape) == 1 else "mha",
             num_layers=self.model.num_layers, block_size=config.block_size,
-            token_shape=tuple(self.model.kv_token_shape), dtype=str(self.dtype).removeprefix("torch."),
+            token_shape=tuple(self.model.kv_token_shape), dtype=str(self.kv_dtype).removeprefix("torch."),
             block_nbytes=self.block_nbytes, num_mtp_layers=int(self._mtp))
         self.kv = KVExchange(self.kv_cache, self.block_manager, self.kv_layout, self.fingerprint)
         self.transfers = KVTransfers(self.kv) if config.async_kv_transfer else None
@@ -170,21 +172,21 @@ class LLMEngine:
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         shape_tail = (self.model.num_layers, self.config.block_size, *self.model.kv_token_shape)
-        per_block = torch.Size(shape_tail).numel() * self.dtype.itemsize
+        per_block = torch.Size(shape_tail).numel() * self.kv_dtype.itemsize
         n = self.config.num_kv_blocks or int(self.config.kv_cache_gib * 2**30 // per_block)
         if n < 2:
             raise ValueError(f"kv cache too small: one block needs {per_block} bytes")
         self.block_nbytes = per_block
         shape = (n, *shape_tail)
         if self.config.kv_allocator is None:
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            return torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         nbytes = n * per_block
         storage = self.config.kv_allocator(nbytes)
         if (storage.dtype != torch.uint8 or storage.dim() != 1 or storage.numel() < nbytes
                 or storage.device.type != self.device.type):
             raise ValueError(f"kv_allocator returned {storage.dtype} {tuple(storage.shape)} on "
                              f"{storage.device}; need uint8 of {nbytes} bytes on {self.device}")
-        return storage[:nbytes].view(self.dtype).view(shape)
+        return storage[:nbytes].view(self.kv_dtype).view(shape)
 
     @property
     def grammar(self) -> GrammarCompiler:
@@ -447,10 +449,13 @@ class LLMEngine:
             kv_wait_seconds=self._kv_wait.snapshot(), **asdict(self.kv.counters))
 
 
-def _fingerprint(path, hf_config: dict, dtype: torch.dtype) -> str:
-    """Identifies the model whose KV is in a block: config + dtype + the weights' contents (sampled,
-    see `content_digest`), so a fine-tune at the same path with the same shapes differs."""
+def _fingerprint(path, hf_config: dict, dtype: torch.dtype, kv_dtype: torch.dtype) -> str:
+    """Identifies the model whose KV is in a block: config + dtype (and the cache's, where it is
+    another) + the weights' contents (sampled, see `content_digest`), so a fine-tune at the same path
+    with the same shapes differs, and a float16 cache's blocks are not another cache's."""
     h = hashlib.sha256(json.dumps(hf_config, sort_keys=True, default=str).encode())
     h.update(content_digest(path).encode())
     h.update(str(dtype).encode())
+    if kv_dtype != dtype:
+        h.update(f"kv {kv_dtype}".encode())
     return h.hexdigest()[:16]

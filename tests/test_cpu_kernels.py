@@ -61,14 +61,20 @@ def _both_paths(monkeypatch, cache, meta, q, k, v, layer):
 
 
 @needs_compiler
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16),      # SmolLM2: grouped-query, the inlined head_dim-64 path
     (8, 8, 128, 16),     # plain multi-head, head_dim 128
     (16, 2, 32, 8),      # group of 8, a head_dim the kernel handles generically, small blocks
+    (4, 2, 24, 16),      # a head_dim that is no multiple of 16: element by element
 ])
-def test_kernel_matches_torch_path(monkeypatch, kernel, heads, kv_heads, head_dim, block_size):
+def test_kernel_matches_torch_path(monkeypatch, kernel, heads, kv_heads, head_dim, block_size,
+                                   cache_dtype):
     lens = [1, block_size, block_size + 1, 3 * block_size - 1, 5 * block_size, 37]
     cache, meta, q, k, v = _decode_case(0, lens, heads, kv_heads, head_dim, block_size)
+    # a half-width cache: both paths write this step's k/v rounded the same way (checked in
+    # _both_paths) and attend in float32 over the same rounded entries
+    cache = cache.to(cache_dtype)
     assert kernel.supports(q, cache)      # or both sides would be the torch path
     for layer in range(cache.shape[1]):
         fast, ref = _both_paths(monkeypatch, cache, meta, q, k, v, layer)
@@ -108,8 +114,10 @@ def test_bad_tables_raise_instead_of_reading_outside_the_cache(kernel):
 def test_unsupported_inputs_fall_back_to_torch(kernel):
     cache, meta, q, _, _ = _decode_case(3, [5], 4, 2, 64, 16)
     assert kernel.supports(q, cache)
-    assert not kernel.supports(q, cache.to(torch.bfloat16))
+    assert kernel.supports(q, cache.to(torch.bfloat16)) and kernel.supports(q, cache.to(torch.float16))
+    assert not kernel.supports(q, cache.to(torch.float64))
     assert not kernel.supports(q.to(torch.bfloat16), cache)
+    assert not kernel.supports(q.to(torch.bfloat16), cache.to(torch.bfloat16))  # q stays float32
     assert not kernel.supports(q[:, :3], cache)               # 3 heads over 2 kv heads
     assert not kernel.supports(q[..., :32], cache)            # head_dim differs from the cache's
     assert not kernel.supports(q.reshape(q.shape[0], -1), cache)
@@ -166,10 +174,26 @@ def test_fused_kv_write_matches_torch_and_checks_slots(fused):
         fused.write_kv(cache, 1, k, v, bad, meta.slot_offsets)
     assert torch.equal(cache, ref)                             # nothing written
     # inputs it does not take: the caller's torch path writes them
-    assert not fused.write_kv(cache.to(torch.bfloat16), 1, k, v, meta.slot_blocks, meta.slot_offsets)
+    assert not fused.write_kv(cache.to(torch.float64), 1, k, v, meta.slot_blocks, meta.slot_offsets)
     assert not fused.write_kv(cache, 1, k[..., :32], v[..., :32], meta.slot_blocks, meta.slot_offsets)
     assert fused.rms_norm(torch.randn(fused.max_rows + 1, 8), torch.ones(8), 1e-6) is None
     assert fused.silu_and_mul(torch.randn(3, 8, dtype=torch.float64)) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_fused_kv_write_into_a_half_cache_rounds_as_torch_does(fused, cache_dtype):
+    cache, meta, _, k, v = _decode_case(6, [20, 5, 33], 4, 2, 64, 16)
+    cache = cache.to(cache_dtype)
+    # values that round up, overflow float16, vanish, or are not numbers
+    k[0, 0, :6] = torch.tensor([1 + 2**-9, 7e4, -1e6, 1e-9, float("inf"), float("nan")])
+    v[1, 1, :3] = torch.tensor([float("-inf"), 3.0000001, -0.0])
+    ref = cache.clone()
+    attention.write_kv(ref, 2, torch.stack((k, v), dim=1), meta)
+    assert fused.write_kv(cache, 2, k, v, meta.slot_blocks, meta.slot_offsets)
+    # the same values (a NaN where torch's has one, whatever its payload)
+    torch.testing.assert_close(cache.float(), ref.float(), rtol=0, atol=0, equal_nan=True)
+    assert cache.float().isnan().sum() == 1
 
 
 def _no_kernels() -> bool:

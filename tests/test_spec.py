@@ -80,6 +80,7 @@ def test_remote_code_cannot_be_enabled() -> None:
     ({"prefill": {"role_resource": "pd_decode"}}, "distinct role_resource"),
     ({"engine": {"num_kv_blocks": 100, "kv_cache_gib": 2}}, "not both"),
     ({"engine": {"block_size": 24}}, "power of two"),
+    ({"engine": {"kv_cache_dtype": "fp8"}}, "engine.kv_cache_dtype"),
     ({"serve": {"api_keys_env": "sk-live-123"}}, "name of an environment variable"),
     ({**NPU8, "decode": {"accelerators_per_node": 8, "resources": {"NPU": 16}}}, "must not set ['NPU']"),
     ({"engine": {"device": "tpu"}}, "engine.device"),
@@ -160,11 +161,13 @@ def test_worker_actor_options_per_device() -> None:
 def test_engine_config_carries_the_engine_fields() -> None:
     spec = ClusterSpec.from_dict({"model": {"dtype": "bfloat16", "max_model_len": 4096},
                                   "engine": {"device": "cpu", "tp_size": 2, "num_kv_blocks": 64,
-                                             "max_num_seqs": 8, "threads": 2}})
+                                             "max_num_seqs": 8, "threads": 2,
+                                             "kv_cache_dtype": "float16"}})
     cfg = spec.engine_config(tp_rank=1)
-    assert (cfg.model, cfg.device, cfg.dtype) == ("embedded", "cpu", "bfloat16")
+    assert (cfg.model, cfg.device, cfg.dtype, cfg.kv_cache_dtype) == ("embedded", "cpu", "bfloat16", "float16")
     assert (cfg.tp_rank, cfg.tp_size, cfg.num_kv_blocks, cfg.max_num_seqs) == (1, 2, 64, 8)
     assert (cfg.max_model_len, cfg.threads) == (4096, 2)
+    assert ClusterSpec.default().engine_config().kv_cache_dtype == "auto"
 
 
 def test_state_file_lives_in_a_private_runtime_dir(tmp_path, monkeypatch):

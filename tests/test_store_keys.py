@@ -36,8 +36,10 @@ def test_same_names_shapes_and_sizes_with_other_bytes_fingerprint_differently(tm
     b = _checkpoint(tmp_path / "b", {"w": tuned})
     again = _checkpoint(tmp_path / "again", {"w": base.clone()})
     assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
-    fp = {p.name: _fingerprint(p, CONFIG, torch.float32) for p in (a, b, again)}
+    fp = {p.name: _fingerprint(p, CONFIG, torch.float32, torch.float32) for p in (a, b, again)}
     assert fp["a"] != fp["b"] and fp["a"] == fp["again"]
+    # a float16 cache's blocks are another engine's, even with the same weights
+    assert _fingerprint(a, CONFIG, torch.float32, torch.float16) != fp["a"]
 
 
 def test_router_affinity_hashes_are_the_engines_store_keys_salted_by_deployment():

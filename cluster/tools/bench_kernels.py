@@ -1,4 +1,5 @@
-"""The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run.
+"""The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run;
+then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
 """
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 # compiled kernel against the torch gather + SDPA path. Small ops: one decode step's RMSNorms, rotary,
 # SiLU-and-mul and KV writes over all layers, the fused C kernels against the torch ops they replace.
 # Times are the best of `--repeats` passes, each pass timing both sides back to back.
+# KV cache dtypes: three engines (float32, float16, bfloat16 caches), each with `--rows` sequences of
+# `--context` prompt tokens decoding; their steps are taken in turn, and the median step of each is
+# compared with the float32 engine's.
 
 
 def _paired(ours, ref, repeats: int) -> tuple[float, float]:
@@ -47,7 +51,8 @@ def _matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, flo
     return out
 
 
-def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
+def _attention(model, context: int, repeats: int, cache_dtype: torch.dtype = torch.float32
+               ) -> tuple[str, float, float]:
     from ...engine.cpu_kernels import paged_decode_kernel
     from ...engine.layers import attention
     from ...engine.layers.attention import AttentionMetadata, paged_attention
@@ -58,7 +63,7 @@ def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
     _, kv_heads, head_dim = model.kv_token_shape
     heads = model.model.layers[0].self_attn.num_heads
     width = -(-context // block)
-    cache = torch.randn(seqs * width + 1, num_layers, block, 2, kv_heads, head_dim)
+    cache = torch.randn(seqs * width + 1, num_layers, block, 2, kv_heads, head_dim).to(cache_dtype)
     tables = torch.randperm(seqs * width).view(seqs, width)
     lens = torch.full((seqs,), context)
     last = lens - 1
@@ -85,8 +90,44 @@ def _attention(model, context: int, repeats: int) -> tuple[str, float, float]:
         finally:
             attention.paged_decode_kernel = kernel
 
-    return (f"decode attention, {seqs} seqs x {context} tokens",
+    return (f"decode attention, {seqs} seqs x {context} tokens, {str(cache_dtype)[6:]}",
             *_paired(step, torch_step, repeats))
+
+
+KV_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[int, list[float]]]:
+    """Per batch size, the median decode step (s) of an engine with each of KV_DTYPES' caches."""
+    import statistics
+
+    from ...engine import LLM, SamplingParams
+    from .bench_engine import random_prompts
+    blocks = max(rows) * (-(-(context + steps + 8) // 16)) + 8
+    engines = [LLM(num_kv_blocks=blocks, kv_cache_dtype=d, enable_prefix_caching=False).engine
+               for d in KV_DTYPES]
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    out = []
+    for b in rows:
+        for i, eng in enumerate(engines):
+            for j, p in enumerate(random_prompts(b, context, eng.hf_config["vocab_size"], b)):
+                eng.add_request(f"kv{b}-{i}-{j}", prompt_token_ids=p, params=params)
+            while eng.stats().num_waiting or any(len(s.output_token_ids) == 0
+                                                 for s in eng.scheduler.running):
+                eng.step()                   # prompts in: from here on every step decodes b tokens
+        times = [[] for _ in engines]
+        for _ in range(steps):
+            for i, eng in enumerate(engines):
+                t = time.perf_counter()
+                eng.step()
+                times[i].append(time.perf_counter() - t)
+        for eng in engines:
+            for j in range(b):
+                eng.abort_request(f"kv{b}-{engines.index(eng)}-{j}")
+            while eng.has_unfinished_requests():
+                eng.step()
+        out.append((b, [statistics.median(t) for t in times]))
+    return out
 
 
 def _small_ops(model, intermediate: int, rows: list[int], repeats: int) -> list[tuple[str, float, float]]:
@@ -144,18 +185,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per engine, KV cache dtypes")
     args = ap.parse_args(argv)
     from ...engine import LLM
     engine = LLM(num_kv_blocks=16).engine
     model = engine.model
-    rows = (_matmuls(model, args.rows, args.repeats) + [_attention(model, args.context, args.repeats)]
+    rows = (_matmuls(model, args.rows, args.repeats)
+            + [_attention(model, args.context, args.repeats, getattr(torch, d)) for d in KV_DTYPES]
             + _small_ops(model, engine.hf_config["intermediate_size"], args.rows, args.repeats))
     print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
-    print(f"{'measure':<44}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
+    print(f"{'measure':<56}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
     for label, ours, ref in rows:
-        print(f"{label:<44}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
+        print(f"{label:<56}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
     print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention; "
           "torch ops for the small ops.")
+    del engine, model
+    print(f"\nthe engine's decode step by KV cache dtype ({args.context}-token prompts, median of "
+          f"{args.steps} steps taken in turn), ms")
+    print(f"{'sequences':<12}" + "".join(f"{d:>12}" for d in KV_DTYPES)
+          + "".join(f"{d + ' / f32':>18}" for d in KV_DTYPES[1:]))
+    for b, med in _steps_by_kv_dtype(args.rows, args.context, args.steps):
+        print(f"{b:<12}" + "".join(f"{m * 1e3:>12.2f}" for m in med)
+              + "".join(f"{m / med[0]:>17.2f}x" for m in med[1:]))
     return 0
 
 

@@ -32,10 +32,10 @@ from .bench_client import make_prompt, stream_completion, token_counter
 # in the window it ends in. Both deployments run one after the other on one local Ray.
 
 
-def _spec(async_kv: bool, kv_blocks: int, ports: dict) -> ClusterSpec:
+def _spec(async_kv: bool, kv_blocks: int, ports: dict, kv_cache_dtype: str = "auto") -> ClusterSpec:
     return ClusterSpec.from_dict({
         "engine": {"device": "cpu", "num_kv_blocks": kv_blocks, "async_kv_transfer": async_kv,
-                   "threads": max(1, (os.cpu_count() or 2) // 2)},
+                   "threads": max(1, (os.cpu_count() or 2) // 2), "kv_cache_dtype": kv_cache_dtype},
         "router": {"max_concurrency": 64},
         **ports,
     })
@@ -148,7 +148,8 @@ def _engine_main(args) -> list[tuple[str, dict[str, list[float]]]]:
     from ..spec import StoreSpec
 
     torch.set_num_threads(1)
-    kw = {"enable_prefix_caching": False, "num_kv_blocks": args.kv_blocks, "max_num_batched_tokens": 4096}
+    kw = {"enable_prefix_caching": False, "num_kv_blocks": args.kv_blocks, "max_num_batched_tokens": 4096,
+          "kv_cache_dtype": args.kv_cache_dtype}
     with MooncakeMaster(MasterConfig()) as master:
         spec = StoreSpec(rpc_port=master.config.rpc_port, metadata_port=master.config.metadata_port,
                          global_segment_mib=2048, local_buffer_mib=256)
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-blocks", type=int, default=2048)
     ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"],
                     help="which KV paths to run, in this order")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="the KV cache's element type (auto: the model's, float32 on the CPU)")
     ap.add_argument("--served", action="store_true", help="on the served PD cluster (else one engine)")
     ap.add_argument("--quiet-steps", type=int, default=40, help="engine level: steps before the arrivals")
     ap.add_argument("--arrival-every", type=int, default=4, help="engine level: steps between arrivals")
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _served_main(args) if args.served else _engine_main(args)
     where = "served PD cluster" if args.served else "one decode engine, 1 thread"
     print(f"\n{args.streams} streams decoding; {args.arrivals} arrivals of {args.arrival_len}-token prompts "
-          f"(KV through a Mooncake store; {where}); inter-token latency of the running streams, ms")
+          f"(KV through a Mooncake store; {where}; {args.kv_cache_dtype} KV cache); inter-token latency of the running streams, ms")
     print("| KV move | window | ITLs | p50 | p99 | max | p99 / quiet p99 |")
     print("|---|---|---|---|---|---|---|")
     for name, w in rows:
@@ -236,7 +239,7 @@ def _served_main(args) -> list[tuple[str, dict[str, list[float]]]]:
 
     ports = {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
              "serve": {"http_port": free_port(), "grpc_port": free_port()}}
-    specs = {_NAMES[m]: _spec(m == "async", args.kv_blocks, ports) for m in args.modes}
+    specs = {_NAMES[m]: _spec(m == "async", args.kv_blocks, ports, args.kv_cache_dtype) for m in args.modes}
     first = next(iter(specs.values()))
     count = token_counter(Tokenizer(resolve_model_path(first.model.path)).hf)
     ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,

@@ -85,3 +85,45 @@ void write_kv_f32(float *cache, const float *k, int64_t k_stride, const float *v
         memcpy(slot + entry, v + t * v_stride, bytes);
     }
 }
+
+/* The same write into a half-width cache, each element rounded to nearest-even as torch's .to()
+ * rounds it (bfloat16: the high half of the float32, NaN kept a quiet NaN). */
+static inline uint16_t to_bf16(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void write_kv_bf16(uint16_t *cache, const float *k, int64_t k_stride, const float *v,
+                   int64_t v_stride, int64_t tokens, int64_t entry, const int64_t *slot_blocks,
+                   const int64_t *slot_offsets, int64_t num_layers, int64_t block_size, int64_t layer)
+{
+    for (int64_t t = 0; t < tokens; t++) {
+        uint16_t *slot = cache + (((slot_blocks[t] * num_layers + layer) * block_size
+                                   + slot_offsets[t]) * 2 * entry);
+        const float *kt = k + t * k_stride, *vt = v + t * v_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < entry; i++) slot[i] = to_bf16(kt[i]);
+#pragma omp simd
+        for (int64_t i = 0; i < entry; i++) slot[entry + i] = to_bf16(vt[i]);
+    }
+}
+
+#ifdef __FLT16_MAX__
+void write_kv_f16(_Float16 *cache, const float *k, int64_t k_stride, const float *v,
+                  int64_t v_stride, int64_t tokens, int64_t entry, const int64_t *slot_blocks,
+                  const int64_t *slot_offsets, int64_t num_layers, int64_t block_size, int64_t layer)
+{
+    for (int64_t t = 0; t < tokens; t++) {
+        _Float16 *slot = cache + (((slot_blocks[t] * num_layers + layer) * block_size
+                                   + slot_offsets[t]) * 2 * entry);
+        const float *kt = k + t * k_stride, *vt = v + t * v_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < entry; i++) slot[i] = (_Float16)kt[i];
+#pragma omp simd
+        for (int64_t i = 0; i < entry; i++) slot[entry + i] = (_Float16)vt[i];
+    }
+}
+#endif
