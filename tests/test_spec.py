@@ -196,7 +196,8 @@ def test_pool_shortfalls_name_the_pool_and_the_resource_its_nodes_lack():
 
 def test_up_is_findable_by_down_while_it_starts_and_a_stop_then_tears_it_down(tmp_path, monkeypatch):
     # The endpoint answers before the deployment returns: a `down` sent then must find this process
-    # (it once found no state file, said "no local pdcluster is running", and up served on).
+    # (it once found no state file, said "no local pdcluster is running", and up served on). Up
+    # still says where it served (requests sent from then on were answered), then tears down.
     import os
     import threading
     from types import SimpleNamespace
@@ -223,5 +224,5 @@ def test_up_is_findable_by_down_while_it_starts_and_a_stop_then_tears_it_down(tm
     t.start()
     t.join(30)
     assert not t.is_alive()
-    assert events == [("deploying, state pid", os.getpid()), "teardown", "ray.shutdown"]
+    assert events == [("deploying, state pid", os.getpid()), "serving", "teardown", "ray.shutdown"]
     assert deployment.read_state() is None  # removed once stopped

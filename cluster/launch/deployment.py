@@ -302,8 +302,8 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started
                         drain_timeout_s=spec.router.drain_timeout_s)
         state_file().write_text(json.dumps(asdict(state)))
         deploy(spec)
-        if stop.is_set():
-            return  # stopped while starting: straight to the teardown
+        # said even when a stop came during the start-up (then the teardown follows at once): the
+        # endpoint has answered since Serve's app came up, and whoever sent requests then was served
         if on_ready is not None:
             on_ready(state)
         # Polled, not stop.wait(): the signal handler sets `stop` on this thread, and would deadlock
