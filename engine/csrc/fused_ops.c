@@ -96,34 +96,27 @@ static inline uint16_t to_bf16(float x)
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-void write_kv_bf16(uint16_t *cache, const float *k, int64_t k_stride, const float *v,
-                   int64_t v_stride, int64_t tokens, int64_t entry, const int64_t *slot_blocks,
-                   const int64_t *slot_offsets, int64_t num_layers, int64_t block_size, int64_t layer)
-{
-    for (int64_t t = 0; t < tokens; t++) {
-        uint16_t *slot = cache + (((slot_blocks[t] * num_layers + layer) * block_size
-                                   + slot_offsets[t]) * 2 * entry);
-        const float *kt = k + t * k_stride, *vt = v + t * v_stride;
-#pragma omp simd
-        for (int64_t i = 0; i < entry; i++) slot[i] = to_bf16(kt[i]);
-#pragma omp simd
-        for (int64_t i = 0; i < entry; i++) slot[entry + i] = to_bf16(vt[i]);
-    }
+/* write_kv_<SUF>: write_kv_f32's loop into a cache of T, each element converted by CONVERT */
+#define DEFINE_WRITE_KV(T, SUF, CONVERT)                                                           \
+void write_kv_##SUF(T *cache, const float *k, int64_t k_stride, const float *v, int64_t v_stride,  \
+                    int64_t tokens, int64_t entry, const int64_t *slot_blocks,                     \
+                    const int64_t *slot_offsets, int64_t num_layers, int64_t block_size,           \
+                    int64_t layer)                                                                 \
+{                                                                                                  \
+    for (int64_t t = 0; t < tokens; t++) {                                                         \
+        T *slot = cache + (((slot_blocks[t] * num_layers + layer) * block_size + slot_offsets[t])  \
+                           * 2 * entry);                                                           \
+        const float *kt = k + t * k_stride, *vt = v + t * v_stride;                                \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t i = 0; i < entry; i++) slot[i] = CONVERT(kt[i]);                              \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t i = 0; i < entry; i++) slot[entry + i] = CONVERT(vt[i]);                      \
+    }                                                                                              \
 }
 
-#ifdef __FLT16_MAX__
-void write_kv_f16(_Float16 *cache, const float *k, int64_t k_stride, const float *v,
-                  int64_t v_stride, int64_t tokens, int64_t entry, const int64_t *slot_blocks,
-                  const int64_t *slot_offsets, int64_t num_layers, int64_t block_size, int64_t layer)
-{
-    for (int64_t t = 0; t < tokens; t++) {
-        _Float16 *slot = cache + (((slot_blocks[t] * num_layers + layer) * block_size
-                                   + slot_offsets[t]) * 2 * entry);
-        const float *kt = k + t * k_stride, *vt = v + t * v_stride;
-#pragma omp simd
-        for (int64_t i = 0; i < entry; i++) slot[i] = (_Float16)kt[i];
-#pragma omp simd
-        for (int64_t i = 0; i < entry; i++) slot[entry + i] = (_Float16)vt[i];
-    }
-}
+DEFINE_WRITE_KV(uint16_t, bf16, to_bf16)
+
+#ifdef __FLT16_MAX__   /* the compiler has _Float16 (GCC 12+ on x86-64); its cast rounds to nearest-even */
+static inline _Float16 to_f16(float x) { return (_Float16)x; }
+DEFINE_WRITE_KV(_Float16, f16, to_f16)
 #endif
