@@ -134,9 +134,9 @@ class PagedDecodeKernel:
         tables, lens = self._checked_tables(block_tables, context_lens, q.shape[0], cache)
         out = torch.empty_like(q)
         _, num_layers, block_size, _, kv_heads, head_dim = cache.shape
-        self._fns[cache.dtype](q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                 lens.data_ptr(), q.shape[0], q.shape[1], kv_heads, head_dim, block_size,
-                 num_layers, layer, scale, torch.get_num_threads())
+        self._fns[cache.dtype](q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(),
+                               tables.shape[1], lens.data_ptr(), q.shape[0], q.shape[1], kv_heads,
+                               head_dim, block_size, num_layers, layer, scale, torch.get_num_threads())
         return out
 
     def _checked_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_seqs: int,
@@ -221,8 +221,8 @@ class BlockLinearKernel:
 
 class FusedOpsKernel:
     """RMSNorm, neox rotary, SiLU-and-mul and the MHA KV-cache write (into a float32, float16 or
-    bfloat16 cache), each one C call on float32 CPU tensors of at most `max_rows` rows (decode steps and small chunks; bigger inputs are better
-    served by torch's multithreaded ops). Each op returns None (or False) where its inputs are not
+    bfloat16 cache), each one C call on float32 CPU tensors of at most `max_rows` rows (decode
+    steps and small chunks; bigger inputs are better served by torch's multithreaded ops). Each op returns None (or False) where its inputs are not
     ones it takes, and the caller runs the torch path."""
 
     max_rows = 256
@@ -296,9 +296,9 @@ class FusedOpsKernel:
                     or t.stride(1) != entry_shape[1]):
                 return False
         self._check_slots(slot_blocks, slot_offsets, k.shape[0], cache)
-        self._writes[cache.dtype](cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                    k.shape[0], entry_shape.numel(), slot_blocks.data_ptr(), slot_offsets.data_ptr(),
-                    cache.shape[1], cache.shape[2], layer)
+        self._writes[cache.dtype](cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(),
+                                  v.stride(0), k.shape[0], entry_shape.numel(), slot_blocks.data_ptr(),
+                                  slot_offsets.data_ptr(), cache.shape[1], cache.shape[2], layer)
         return True
 
     def _check_slots(self, blocks: torch.Tensor, offsets: torch.Tensor, tokens: int,

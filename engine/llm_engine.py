@@ -137,9 +137,9 @@ class LLMEngine:
         self._prefill_tokens = 0
         self._prefill_seconds = 0.0
         self._verifications = 0
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB each)",
-                 path.name, self.device, self.dtype, self.kv_cache.shape[0], config.block_size,
-                 self.block_nbytes / 2**20)
+        log.info("engine ready: %s on %s/%s, %d %s KV blocks of %d tokens (%.1f MiB each)",
+                 path.name, self.device, self.dtype, self.kv_cache.shape[0], self.kv_dtype,
+                 config.block_size, self.block_nbytes / 2**20)
 
     # ------------------------------------------------------------------ setup
     @property

@@ -121,9 +121,9 @@ def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[
                 t = time.perf_counter()
                 eng.step()
                 times[i].append(time.perf_counter() - t)
-        for eng in engines:
+        for i, eng in enumerate(engines):
             for j in range(b):
-                eng.abort_request(f"kv{b}-{engines.index(eng)}-{j}")
+                eng.abort_request(f"kv{b}-{i}-{j}")
             while eng.has_unfinished_requests():
                 eng.step()
         out.append((b, [statistics.median(t) for t in times]))

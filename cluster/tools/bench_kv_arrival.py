@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = _served_main(args) if args.served else _engine_main(args)
     where = "served PD cluster" if args.served else "one decode engine, 1 thread"
     print(f"\n{args.streams} streams decoding; {args.arrivals} arrivals of {args.arrival_len}-token prompts "
-          f"(KV through a Mooncake store; {where}; {args.kv_cache_dtype} KV cache); inter-token latency of the running streams, ms")
+          f"(KV through a Mooncake store; {where}; {args.kv_cache_dtype} KV cache); inter-token latency "
+          "of the running streams, ms")
     print("| KV move | window | ITLs | p50 | p99 | max | p99 / quiet p99 |")
     print("|---|---|---|---|---|---|---|")
     for name, w in rows:
