@@ -1,5 +1,7 @@
 """Inter-token latency of running streams while long prompts' KV arrives, with the KV moved inside
-the engine's step (`engine.async_kv_transfer: false`) and off it (true), in one run.
+the engine's step (`engine.async_kv_transfer: false`) and off it (true), in one run; at engine level
+also beside a control whose newcomers' KV is already in the cache (nothing moves), which prices what
+a newcomer costs the batch by being decoded at all.
 
     python -m pdcluster.cluster.tools.bench_kv_arrival [--streams 4] [--arrivals 4] [--arrival-len 3072]
     python -m pdcluster.cluster.tools.bench_kv_arrival --served ...   # on the served PD cluster
@@ -30,6 +32,11 @@ from .bench_client import make_prompt, stream_completion, token_counter
 # baseline window), then `--arrivals` requests with `--arrival-len`-token prompts come one after the
 # other; every gap between two streamed chunks of the long streams is an inter-token latency, counted
 # in the window it ends in. Both deployments run one after the other on one local Ray.
+# The resident control (engine level): the same newcomers, their prompts' KV put in the decode engine's
+# prefix cache before the run, so each joins with every full block a cache hit and no transfer: its
+# first step reads its whole prompt's KV as a handed-off newcomer's does. Arrivals against this
+# control's arrivals is the cost of the KV moving; the control against quiet is the cost of the batch
+# taking a long sequence, which no handoff path removes.
 
 
 def _spec(async_kv: bool, kv_blocks: int, ports: dict, kv_cache_dtype: str = "auto") -> ClusterSpec:
@@ -92,9 +99,11 @@ JOIN = "arrivals: a newcomer's first step"
 IN_FLIGHT = "arrivals: other steps, KV in flight"
 
 
-def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[float]]:
+def _engine_windows(decode, handoffs: list, args, vocab: int,
+                    resident: bool = False) -> dict[str, list[float]]:
     """Step times of `decode` with `args.streams` running sequences: quiet, then while `handoffs`
-    arrive (one every `args.arrival_every` steps, until the last has its KV and a token)."""
+    arrive (one every `args.arrival_every` steps, until the last has its KV and a token); `resident`:
+    they arrive as plain prompts (their KV already in the prefix cache)."""
     from ...engine import SamplingParams
 
     rng = random.Random(1)
@@ -118,8 +127,12 @@ def _engine_windows(decode, handoffs: list, args, vocab: int) -> dict[str, list[
     while arrived < len(handoffs) or waiting:
         if arrived < len(handoffs) and step % args.arrival_every == 0:
             rid, ids, handoff = handoffs[arrived]
-            decode.add_request(rid, prompt_token_ids=ids, kv_import=handoff,
-                               params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+            if resident:  # the prompt and the first token: only that token is computed, as in a handoff
+                decode.add_request(rid, prompt_token_ids=[*ids, handoff.first_token],
+                                   params=SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            else:
+                decode.add_request(rid, prompt_token_ids=ids, kv_import=handoff,
+                                   params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
             waiting.add(rid)
             arrived += 1
         loading = decode.stats().num_loading_kv
@@ -154,7 +167,8 @@ def _engine_main(args) -> list[tuple[str, dict[str, list[float]]]]:
         spec = StoreSpec(rpc_port=master.config.rpc_port, metadata_port=master.config.metadata_port,
                          global_segment_mib=2048, local_buffer_mib=256)
         prefill = LLM(**kw, async_kv_transfer=False).engine
-        decodes = {m: LLM(**kw, async_kv_transfer=m == "async").engine for m in args.modes}
+        decodes = {m: LLM(**{**kw, "enable_prefix_caching": m == "resident"},
+                          async_kv_transfer=m == "async").engine for m in args.modes}
         connectors = [make_connector(spec, eng) for eng in (prefill, *decodes.values())]
         if None in connectors:
             raise SystemExit("store unreachable")
@@ -182,16 +196,31 @@ def _engine_rows(prefill, decodes: dict, args) -> list[tuple[str, dict[str, list
             outs += prefill.step()
         handoffs.append((f"a{i}", ids, outs[-1].kv_handoff))
     for mode, decode in decodes.items():
+        if mode == "resident":  # each prompt's KV loaded once, untimed: its blocks stay in the cache
+            if args.arrival_len % decode.stats().block_size:
+                raise SystemExit("the resident control wants --arrival-len a multiple of the block size "
+                                 f"({decode.stats().block_size}): else a newcomer computes more than one "
+                                 "token")
+            for rid, ids, handoff in handoffs:
+                decode.add_request(f"{rid}-seed", prompt_token_ids=ids, kv_import=handoff,
+                                   params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+                while decode.has_unfinished_requests():
+                    decode.step()
         s0 = decode.stats()
-        windows = _engine_windows(decode, handoffs, args, vocab)
+        windows = _engine_windows(decode, handoffs, args, vocab, resident=mode == "resident")
         s1 = decode.stats()
         if s1.kv_recomputed_tokens != s0.kv_recomputed_tokens:
             raise SystemExit(f"{mode}: blocks were recomputed, not loaded")
+        hits = s1.prefix_hit_tokens_total - s0.prefix_hit_tokens_total
+        if mode == "resident" and hits != len(handoffs) * args.arrival_len:
+            raise SystemExit(f"resident: {hits} prompt tokens came from the cache, not all but the first "
+                             "token's")
         rows.append((_NAMES[mode], windows))
     return rows
 
 
-_NAMES = {"sync": "sync (in the step)", "async": "async (off the step)"}
+_NAMES = {"sync": "sync (in the step)", "async": "async (off the step)",
+          "resident": "resident (no transfer)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,29 +232,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-s", type=float, default=3.0)
     ap.add_argument("--quiet-s", type=float, default=8.0)
     ap.add_argument("--kv-blocks", type=int, default=2048)
-    ap.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"],
-                    help="which KV paths to run, in this order")
+    ap.add_argument("--modes", nargs="+", choices=["sync", "async", "resident"], default=None,
+                    help="which KV paths to run, in this order (default: sync async, and at engine level "
+                         "the resident control)")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="the KV cache's element type (auto: the model's, float32 on the CPU)")
     ap.add_argument("--served", action="store_true", help="on the served PD cluster (else one engine)")
     ap.add_argument("--quiet-steps", type=int, default=40, help="engine level: steps before the arrivals")
     ap.add_argument("--arrival-every", type=int, default=4, help="engine level: steps between arrivals")
     args = ap.parse_args(argv)
+    if args.modes is None:
+        args.modes = ["sync", "async"] if args.served else ["sync", "async", "resident"]
+    elif args.served and "resident" in args.modes:
+        ap.error("the resident control runs at engine level only")
     logging.basicConfig(level=logging.WARNING)
     rows = _served_main(args) if args.served else _engine_main(args)
     where = "served PD cluster" if args.served else "one decode engine, 1 thread"
     print(f"\n{args.streams} streams decoding; {args.arrivals} arrivals of {args.arrival_len}-token prompts "
           f"(KV through a Mooncake store; {where}; {args.kv_cache_dtype} KV cache); inter-token latency "
           "of the running streams, ms")
-    print("| KV move | window | ITLs | p50 | p99 | max | p99 / quiet p99 |")
-    print("|---|---|---|---|---|---|---|")
+    control = dict(rows).get(_NAMES["resident"])
+    extra = " p99 / resident's p99 |" if control else ""
+    print("| KV move | window | ITLs | p50 | p99 | max | p99 / quiet p99 |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|" if control else ""))
     for name, w in rows:
         base = _pct(w["quiet"], 0.99)
         for window, itl in w.items():
             if not itl:
                 continue
-            print(f"| {name} | {window} | {len(itl)} | {statistics.median(itl) * 1e3:.1f} | "
-                  f"{_pct(itl, 0.99) * 1e3:.1f} | {max(itl) * 1e3:.1f} | {_pct(itl, 0.99) / base:.2f}x |")
+            line = (f"| {name} | {window} | {len(itl)} | {statistics.median(itl) * 1e3:.1f} | "
+                    f"{_pct(itl, 0.99) * 1e3:.1f} | {max(itl) * 1e3:.1f} | {_pct(itl, 0.99) / base:.2f}x |")
+            if control:
+                ref = control.get(window) or control["arrivals"]  # a transfer window: against all arrivals
+                line += f" {_pct(itl, 0.99) / _pct(ref, 0.99):.2f}x |"
+            print(line)
     return 0
 
 
