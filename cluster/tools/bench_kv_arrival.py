@@ -97,6 +97,7 @@ async def _run(url: str, model: str, args, count) -> dict[str, list[float]]:
 # its KV is loaded inside it) and the other steps taken while a transfer was in flight.
 JOIN = "arrivals: a newcomer's first step"
 IN_FLIGHT = "arrivals: other steps, KV in flight"
+OTHER = "arrivals: other steps"  # the resident control's steps that no newcomer joins: IN_FLIGHT's reference
 
 
 def _engine_windows(decode, handoffs: list, args, vocab: int,
@@ -113,7 +114,7 @@ def _engine_windows(decode, handoffs: list, args, vocab: int,
                            params=long)
     for _ in range(10):
         decode.step()
-    windows: dict[str, list[float]] = {"quiet": [], "arrivals": [], JOIN: [], IN_FLIGHT: []}
+    windows: dict[str, list[float]] = {"quiet": [], "arrivals": [], JOIN: [], IN_FLIGHT: [], OTHER: []}
 
     def timed_step() -> list:
         t0 = time.perf_counter()
@@ -143,6 +144,8 @@ def _engine_windows(decode, handoffs: list, args, vocab: int,
             windows[JOIN].append(dt)
         elif loading:
             windows[IN_FLIGHT].append(dt)
+        elif resident:
+            windows[OTHER].append(dt)
         waiting -= joined
         step += 1
     for i in range(args.streams):
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             line = (f"| {name} | {window} | {len(itl)} | {statistics.median(itl) * 1e3:.1f} | "
                     f"{_pct(itl, 0.99) * 1e3:.1f} | {max(itl) * 1e3:.1f} | {_pct(itl, 0.99) / base:.2f}x |")
             if control:
-                ref = control.get(window) or control["arrivals"]  # a transfer window: against all arrivals
+                ref = control[OTHER if window == IN_FLIGHT else window]
                 line += f" {_pct(itl, 0.99) / _pct(ref, 0.99):.2f}x |"
             print(line)
     return 0
