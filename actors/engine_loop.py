@@ -3,6 +3,8 @@
 The engine is not thread-safe, so a single background thread owns it: it applies queued add/abort
 commands, runs `step()` while there is work, sleeps on a condition when idle, and hands each step's
 outputs to the actor's event loop in one call, which passes each request's to that request's sink.
+`EngineFront` is the event-loop half (sinks, ordering, aborts), shared with the engine-core process
+(`engine_core`), which runs this same loop in a child process.
 """
 from __future__ import annotations
 
@@ -39,56 +41,34 @@ class Mirror(Protocol):
         """Forward one iteration without waiting for it; raises if a rank is gone."""
 
 
-class EngineLoop:
-    """Runs `engine` on a daemon thread. `submit`/`abort` must be called from the event loop thread
-    that runs the sinks (the actor's loop); each request's results come back through its sink, in
-    order, called on that loop once per engine step.
+class EngineFront:
+    """The event-loop side of an engine: each request's sink, and the commands that reach the engine
+    in the order they were made. `submit`/`abort` must be called from the event loop thread that runs
+    the sinks (the actor's loop); each request's results come back through its sink, in order,
+    called on that loop once per engine step. Subclasses carry the commands to the engine
+    (`_command`) and hand each step's results to `_post` from whatever thread gets them."""
 
-    With a `mirror` (tensor parallel) a failed step is fatal — the ranks' process group is broken —
-    and `on_fatal(exc)` is called (the worker exits, so its callers fail over); without one the
-    loop fails every request and stops."""
-
-    def __init__(self, engine, name: str = "engine", mirror: Mirror | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
-        """`engine` is the engine, or a callable that builds it. A builder runs on the engine's
-        thread, and this returns once it has (raising what it raised), so that every OpenMP parallel
-        region of the engine, its construction's included, opens on that one thread: libgomp keeps a
-        thread team for each thread that opens one, and with more of its threads than cores it stops
-        spinning between regions, so each region then waits on a futex wake-up (measured on 2 cores:
-        a batch-1 decode step of 12 ms took 26 once the engine built on one thread stepped on
-        another)."""
-        self.mirror = mirror
-        self._on_fatal = on_fatal
-        self._cond = threading.Condition()
-        self._commands: deque[tuple] = deque()
-        self._stopped = False
+    def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sinks: dict[str, Sink] = {}
         # Recently aborted or finished ids: an abort can reach the actor before the call that submits
         # the request (Ray does not order an async actor's calls), and must still win.
         self._closed: OrderedDict[str, None] = OrderedDict()
-        self._active: set[str] = set()  # requests inside the engine (engine thread only)
-        self._broken: BaseException | None = None  # set once lockstep with the TP ranks is lost
-        build = engine if callable(engine) and not hasattr(engine, "step") else (lambda: engine)
-        built: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(build, built), name=name, daemon=True)
-        self._thread.start()
-        built.result()
-        self._stats = self.engine.stats()
+        self._broken: str | None = None  # why the engine cannot step any more, once it cannot
+        self._stats = None
 
-    # ------------------------------------------------------------------ event-loop side
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                sink: Sink, **add_kwargs: Any) -> None:
         """Queue a request; `sink` gets its RequestOutputs up to the finished one, or an exception
         that ends it. A request the engine cannot take (it checks the prompt against its context and
         memory) gets a ValueError there."""
         if self._broken is not None:
-            raise RuntimeError(f"tensor-parallel engine failed: {self._broken}")
+            raise RuntimeError(self._broken)
         if request_id in self._closed:
             raise RequestAborted(request_id)
         if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already running")
-        self._loop = self._loop or asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()  # the actor's loop (the one that submits last)
         self._sinks[request_id] = sink
         self._command(("add", request_id, list(prompt_token_ids), params, add_kwargs))
 
@@ -115,21 +95,21 @@ class EngineLoop:
         """The engine's stats as of its last step (a snapshot: the engine is not touched here)."""
         return self._stats
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=10)
+    def _command(self, cmd: tuple) -> None:
+        raise NotImplementedError
 
     def _close(self, request_id: str) -> None:
         self._closed[request_id] = None
         if len(self._closed) > CLOSED_MEMORY:
             self._closed.popitem(last=False)
 
-    def _command(self, cmd: tuple) -> None:
-        with self._cond:
-            self._commands.append(cmd)
-            self._cond.notify()
+    def _post(self, results: list) -> None:
+        """Hand one step's results to the event loop (from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed since the check (actor exiting)
+            loop.call_soon_threadsafe(self._deliver, results)
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         for request_id, item in items:
@@ -140,6 +120,73 @@ class EngineLoop:
                 del self._sinks[request_id]
                 self._close(request_id)
             sink(item)
+
+    def _fail(self, reason: str) -> None:
+        """The engine is gone for good: every request now and later fails with `reason` (from any
+        thread)."""
+        self._broken = reason
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fail_all, reason)
+
+    def _fail_all(self, reason: str) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            self._close(request_id)
+            sink(RuntimeError(reason))
+
+
+class EngineLoop(EngineFront):
+    """Runs `engine` on a daemon thread of this process: it applies queued add/abort commands, runs
+    `step()` while there is work, sleeps on a condition when idle, and hands each step's results
+    to the event loop in one call (or, with `publish`, to `publish(results, stats)` on the engine
+    thread: the engine-core process sends them to its worker that way).
+
+    With a `mirror` (tensor parallel) a failed step is fatal — the ranks' process group is broken —
+    and `on_fatal(exc)` is called (the worker exits, so its callers fail over); without one the
+    loop fails every request and stops."""
+
+    def __init__(self, engine, name: str = "engine", mirror: Mirror | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 publish: Callable[[list, Any], None] | None = None) -> None:
+        """`engine` is the engine, or a callable that builds it. A builder runs on the engine's
+        thread, and this returns once it has (raising what it raised), so that every OpenMP parallel
+        region of the engine, its construction's included, opens on that one thread: libgomp keeps a
+        thread team for each thread that opens one, and with more of its threads than cores it stops
+        spinning between regions, so each region then waits on a futex wake-up (measured on 2 cores:
+        a batch-1 decode step of 12 ms took 26 once the engine built on one thread stepped on
+        another)."""
+        super().__init__()
+        self.mirror = mirror
+        self._on_fatal = on_fatal
+        self._publish = publish
+        self._cond = threading.Condition()
+        self._commands: deque[tuple] = deque()
+        self._stopped = False
+        self._active: set[str] = set()  # requests inside the engine (engine thread only)
+        build = engine if callable(engine) and not hasattr(engine, "step") else (lambda: engine)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name=name, daemon=True)
+        self._thread.start()
+        built.result()
+        self._stats = self.engine.stats()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _command(self, cmd: tuple) -> None:
+        self.enqueue(cmd)
+
+    def enqueue(self, cmd: tuple) -> None:
+        """Queue one command for the engine thread. The engine-core process feeds the commands its
+        worker's front made straight in here."""
+        with self._cond:
+            self._commands.append(cmd)
+            self._cond.notify()
 
     # ------------------------------------------------------------------ engine thread
     def _run(self, build: Callable[[], Any], built: Future) -> None:
@@ -187,29 +234,22 @@ class EngineLoop:
                             self._active.discard(out.request_id)
                         results.append((out.request_id, out))
             self._stats = engine.stats()
-            if results:
+            if self._publish is not None:
+                self._publish(results, self._stats)
+            elif results:
                 self._post(results)
 
     def _fatal(self, exc: BaseException) -> None:
         """Lockstep with the other TP ranks is lost (a rank died, or a collective timed out)."""
         log.error("tensor-parallel ranks out of step (%s: %s): the engine stops",
                   type(exc).__name__, exc)
-        self._broken = exc
         if self._on_fatal is not None:
             # the worker ends itself: its callers see it die and fail over, rather than
             # getting these requests' errors first
+            self._broken = f"tensor-parallel engine failed: {exc}"
             self._on_fatal(exc)
             return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._fail_all, exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        sinks, self._sinks = self._sinks, {}
-        for request_id, sink in sinks.items():
-            self._close(request_id)
-            sink(RuntimeError(f"tensor-parallel engine failed: {exc}"))
+        self._fail(f"tensor-parallel engine failed: {exc}")
 
     def _apply(self, cmd: tuple, results: list) -> None:
         if cmd[0] == "add":
@@ -226,10 +266,3 @@ class EngineLoop:
         else:
             self.engine.abort_request(cmd[1])
             self._active.discard(cmd[1])
-
-    def _post(self, results: list) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed since the check (actor exiting)
-            loop.call_soon_threadsafe(self._deliver, results)

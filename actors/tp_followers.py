@@ -116,22 +116,18 @@ def apply_command(engine, cmd: tuple) -> None:
 def serve(conn: Connection) -> None:
     """Build this rank's engine and store client, then apply every iteration the worker sends
     until the pipe closes. Any exception ends the process: the worker then fails as a whole."""
-    from ..cluster.kvstore.connector import deployment_id, make_connector, open_backend
+    from ..cluster.kvstore.connector import deployment_id
     from ..cluster.spec import ClusterSpec
-    from ..engine.llm_engine import LLMEngine
+    from .engine_core import build_engine
 
     setup: FollowerSetup = conn.recv()
     spec = ClusterSpec.from_dict(setup.spec)
     config = replace(spec.engine_config(tp_rank=setup.tp_rank, deployment_id=deployment_id()),
                      threads=setup.threads)
-    backend = None
-    if spec.store.client == "node":  # as rank 0 does: the cache lives in the node client's memory
-        backend = open_backend(spec.store, setup.store_host, setup.gcs_address)
-        if backend is not None:
-            config = replace(config, kv_allocator=backend.allocate)
-    engine = LLMEngine(config)  # joins the worker's TP group
-    connector = make_connector(spec.store, engine, local_hostname=setup.store_host,
-                               gcs_address=setup.gcs_address, backend=backend)
+    # as rank 0 does: in node mode the cache lives in the node client's memory; the engine joins
+    # the worker's TP group
+    engine, connector = build_engine(spec.store, config, setup.store_host, setup.gcs_address,
+                                     node_store=spec.store.client == "node")
     conn.send(connector is not None)
     log.info("%s TP rank %d ready", setup.worker_id, setup.tp_rank)
     while True:

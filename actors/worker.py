@@ -6,9 +6,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from .engine_core import CoreSetup, EngineCore, build_engine, engine_facts
 from .engine_loop import EngineLoop
+
+if TYPE_CHECKING:
+    from .tp_followers import TPFollowers
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class WorkerInfo:
     tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
     deployment_id: str = ""  # salts the block hashes with the model's fingerprint
     threads: int = 0  # torch intra-op threads the engine (and its CPU kernels) runs with
+    engine_pid: int = 0  # the engine's own process (engine.core "process"); 0: it runs in `pid`
 
 
 @dataclass(frozen=True)
@@ -52,18 +57,18 @@ class WorkerReport:
 class EngineWorker:
     """Base of the prefill and decode actors: one engine (with its store connector) on one node.
 
-    With engine.tp_size N the actor is TP rank 0 and starts ranks 1..N-1 on its node
-    (`TPFollowers`), which step in lockstep with it; if one of them dies the actor exits."""
+    The engine runs in a child process of the actor (`EngineCore`; engine.core "process", the
+    default for tp_size 1), or on a thread of the actor ("thread"). With engine.tp_size N it runs
+    on a thread, the actor is TP rank 0 and starts ranks 1..N-1 on its node (`TPFollowers`), which
+    step in lockstep with it; if one of them, or the engine's process, dies, the actor exits."""
 
     role: Role
 
     def __init__(self, spec: dict, worker_id: str) -> None:
         import ray
 
-        from ..cluster.kvstore.connector import deployment_id, make_connector
+        from ..cluster.kvstore.connector import deployment_id
         from ..cluster.spec import ClusterSpec
-        from ..engine.llm_engine import LLMEngine
-        from .tp_followers import TPFollowers
 
         self.spec = ClusterSpec.from_dict(spec)
         self.worker_id = worker_id
@@ -77,36 +82,50 @@ class EngineWorker:
             # workers placed on it and with the TP ranks.
             config = replace(config, threads=self._default_threads(config.tp_size))
         store_host = self._store_host(ctx.gcs_address)
-        # node mode: attach to the node's store client first, so the KV cache is allocated in memory
-        # it shares (the TP ranks then find it running too)
-        backend = self._node_store(store_host, ctx.gcs_address) if self.spec.store.client == "node" else None
-        if backend is not None:
-            config = replace(config, kv_allocator=backend.allocate)
+        # node mode: the node's store client runs first, so the KV cache is allocated in memory it
+        # shares (the TP ranks then find it running too)
+        node_store = self.spec.store.client == "node" and self._node_store(store_host, ctx.gcs_address)
+        self.core = self.spec.engine.core or ("thread" if config.tp_size > 1 else "process")
         self.followers: TPFollowers | None = None
-        if config.tp_size > 1:
-            self.followers = TPFollowers(spec, worker_id, config.tp_size, config.threads,
-                                         store_host, ctx.gcs_address, on_exit=self._die)
-            os.environ.update(self.followers.env)  # where this rank meets them
+        if self.core == "process":
+            self.loop = EngineCore(CoreSetup(spec, worker_id, config, store_host, ctx.gcs_address,
+                                             node_store), on_exit=self._die)
+            self.facts = self.loop.facts
+            self.kv_store = self.facts.kv_store
+        else:
+            self._start_thread_core(spec, config, store_host, ctx.gcs_address, node_store)
+        log.info("%s ready on node %s (TP %d, %d threads, engine in %s, KV store: %s)", worker_id,
+                 self.node_ip, config.tp_size, config.threads,
+                 "its own process" if self.core == "process" else "the worker's process",
+                 "connected" if self.kv_store else "none")
 
-        def build() -> LLMEngine:
+    def _start_thread_core(self, spec: dict, config, store_host: str, gcs_address: str,
+                           node_store: bool) -> None:
+        """The engine on a thread of this process, stepping its TP followers (if any) in lockstep."""
+        from .tp_followers import TPFollowers
+
+        if config.tp_size > 1:
+            self.followers = TPFollowers(spec, self.worker_id, config.tp_size, config.threads,
+                                         store_host, gcs_address, on_exit=self._die)
+            os.environ.update(self.followers.env)  # where this rank meets them
+        built = {}
+
+        def build():
             """The engine and its store connector, built on the engine's thread (see EngineLoop)."""
-            engine = LLMEngine(config)
-            self.connector = make_connector(self.spec.store, engine, local_hostname=store_host,
-                                            gcs_address=ctx.gcs_address, backend=backend)
+            engine, built["connector"] = build_engine(self.spec.store, config, store_host,
+                                                      gcs_address, node_store)
             return engine
 
         try:
-            self.loop = EngineLoop(build, name=f"{worker_id}-engine", mirror=self.followers,
+            self.loop = EngineLoop(build, name=f"{self.worker_id}-engine", mirror=self.followers,
                                    on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
             followers_stored = self.followers.wait_ready() if self.followers else []
         except BaseException:
             if self.followers is not None:
                 self.followers.kill()
             raise
-        self.engine = self.loop.engine
-        self.kv_store = self.connector is not None and all(followers_stored)
-        log.info("%s ready on node %s (TP %d, %d threads, KV store: %s)", worker_id, self.node_ip,
-                 config.tp_size, config.threads, "connected" if self.kv_store else "none")
+        self.facts = engine_facts(self.loop.engine, built["connector"])
+        self.kv_store = self.facts.kv_store and all(followers_stored)
 
     def _default_threads(self, tp_size: int) -> int:
         """engine.threads when the spec leaves it unset, from what Ray says about the nodes."""
@@ -126,18 +145,17 @@ class EngineWorker:
         workers = workers_on_host(nodes.values(), me.hostname, pools)
         return engine_threads(len(os.sched_getaffinity(0)), me.cpus, workers, tp_size)
 
-    def _node_store(self, store_host: str, gcs_address: str):
-        """This node's store client (started if no worker here has yet) and a client attached to
-        it; None, and prompts are recomputed, if either fails."""
-        from ..cluster.kvstore.connector import open_backend
+    def _node_store(self, store_host: str, gcs_address: str) -> bool:
+        """Whether this node's store client runs (started if no worker here has yet); if it does
+        not, prompts are recomputed."""
         from .node_client_supervisor import ensure_node_client
 
         try:
             ensure_node_client(self.spec.store, store_host, self.node_id, gcs_address)
         except Exception as exc:
             log.warning("node store client unavailable (%s): decode will recompute prompts", exc)
-            return None
-        return open_backend(self.spec.store, store_host, gcs_address)
+            return False
+        return True
 
     def _store_host(self, gcs_address: str) -> str:
         from ..cluster.spec import is_loopback
@@ -154,6 +172,8 @@ class EngineWorker:
         log.error("%s: %s; the worker exits", self.worker_id, reason)
         if self.followers is not None:
             self.followers.kill()
+        if isinstance(getattr(self, "loop", None), EngineCore):
+            self.loop.kill()
         os._exit(1)
 
     async def ready(self) -> WorkerInfo:
@@ -161,14 +181,14 @@ class EngineWorker:
         return self.info()
 
     def info(self) -> WorkerInfo:
-        e = self.engine
+        f = self.facts
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, node_id=self.node_id, node_ip=self.node_ip,
-            pid=os.getpid(), max_model_len=e.max_model_len, vocab_size=e.hf_config["vocab_size"],
-            block_size=e.config.block_size, num_total_blocks=e.block_manager.num_blocks,
-            block_nbytes=e.block_nbytes, max_num_seqs=e.config.max_num_seqs,
-            model_fingerprint=e.fingerprint, kv_store=self.kv_store, deployment_id=e.config.deployment_id,
-            tp_pids=self.followers.pids if self.followers else (), threads=e.threads)
+            pid=os.getpid(), max_model_len=f.max_model_len, vocab_size=f.vocab_size,
+            block_size=f.block_size, num_total_blocks=f.num_total_blocks, block_nbytes=f.block_nbytes,
+            max_num_seqs=f.max_num_seqs, model_fingerprint=f.fingerprint, kv_store=self.kv_store,
+            deployment_id=f.deployment_id, tp_pids=self.followers.pids if self.followers else (),
+            threads=f.threads, engine_pid=self.loop.pid if self.core == "process" else 0)
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

@@ -76,6 +76,10 @@ class EngineSpec(_Strict):
     enable_prefix_caching: bool = True
     async_kv_transfer: bool = True  # KV moves off the step thread (False: inside the step)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
+    # where a worker's engine steps: "process", a child process of the worker actor with its own
+    # GIL, so serving work (Ray calls, output streams) never delays a step; "thread", a thread of
+    # the actor. None: "process", or "thread" with tp_size > 1 (rank 0 steps its ranks from there).
+    core: Literal["process", "thread"] | None = None
     # the KV cache's element type (auto: the model's dtype); prefill and decode share it, so a
     # handoff's blocks fit the cache they land in
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -103,6 +107,9 @@ class EngineSpec(_Strict):
                              f"least block_size ({self.block_size})")
         if self.num_kv_blocks is not None and self.kv_cache_gib is not None:
             raise ValueError("set num_kv_blocks or kv_cache_gib, not both")
+        if self.core == "process" and self.tp_size > 1:
+            raise ValueError("core 'process' needs tp_size 1: a tensor-parallel engine runs on a "
+                             "thread of its worker (core 'thread', the default there)")
         return self
 
 

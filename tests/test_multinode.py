@@ -75,8 +75,9 @@ def test_concurrent_requests_are_spread_over_the_decode_pool(cluster):
 
 
 def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
-    """Kill the decode worker in the middle of a stream: the request continues on another decode
-    worker after the tokens already sent, and the client gets the same greedy text, once."""
+    """Kill the decode worker's engine process in the middle of a stream: the worker goes with it,
+    the request continues on another decode worker after the tokens already sent, and the client
+    gets the same greedy text, once."""
     _, base, _, _ = cluster
     body = {"model": h.MODEL, "prompt": "The history of the printing press", "max_tokens": 40,
             "ignore_eos": True, "temperature": 0}
@@ -95,7 +96,7 @@ def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
             if killed is None and len(text) > 10:
                 killed = next(w.info.worker_id for w in h.snapshot().workers
                               if w.info.role == "decode" and w.assigned)
-                _crash(killed)
+                _crash(killed, process="engine")
     assert killed is not None
     assert text == reference
     assert decode_placements() == placed + 2  # the stream's own placement and its move
@@ -104,13 +105,25 @@ def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
     _wait_restarted(killed)
 
 
-def _crash(worker_id: str) -> None:
-    """SIGKILL the worker's process, as a crash or the OOM killer would (Ray then restarts it)."""
+def _crash(worker_id: str, process: str = "worker") -> None:
+    """SIGKILL the worker's actor process, or its engine's process, as a crash or the OOM killer
+    would: either way the worker dies (Ray then restarts it) and so does the other process."""
     import os
     import signal
 
     (info,) = [w.info for w in h.snapshot().workers if w.info.worker_id == worker_id]
-    os.kill(info.pid, signal.SIGKILL)
+    assert info.engine_pid, "the engine runs in its own process by default"
+    os.kill(info.pid if process == "worker" else info.engine_pid, signal.SIGKILL)
+    survivor = info.engine_pid if process == "worker" else info.pid
+    h.wait_for(lambda: not _alive(survivor), timeout_s=30, interval_s=0.1)
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _wait_restarted(worker_id: str) -> None:

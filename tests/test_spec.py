@@ -80,6 +80,8 @@ def test_remote_code_cannot_be_enabled() -> None:
     ({"prefill": {"role_resource": "pd_decode"}}, "distinct role_resource"),
     ({"engine": {"num_kv_blocks": 100, "kv_cache_gib": 2}}, "not both"),
     ({"engine": {"block_size": 24}}, "power of two"),
+    ({"engine": {"tp_size": 2, "core": "process"}}, "core 'process' needs tp_size 1"),
+    ({"engine": {"core": "subprocess"}}, "engine.core"),
     ({"engine": {"kv_cache_dtype": "fp8"}}, "engine.kv_cache_dtype"),
     ({"serve": {"api_keys_env": "sk-live-123"}}, "name of an environment variable"),
     ({**NPU8, "decode": {"accelerators_per_node": 8, "resources": {"NPU": 16}}}, "must not set ['NPU']"),

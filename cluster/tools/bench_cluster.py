@@ -32,10 +32,12 @@ from .perf_metrics import LevelStats
 # the comparison and a JSON/Markdown/PNG report (`--out`) are written.
 
 
-def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]) -> ClusterSpec:
+def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]],
+               core: str | None = None) -> ClusterSpec:
+    """A deployment on this machine; `core` is engine.core (None: the default)."""
     cores = os.cpu_count() or 2
     return ClusterSpec.from_dict({
-        "engine": {"device": "cpu", "num_kv_blocks": kv_blocks,
+        "engine": {"device": "cpu", "num_kv_blocks": kv_blocks, "core": core,
                    "threads": cores if colocated else max(1, cores // 2)},
         "prefill": {"replicas": 0 if colocated else 1},
         **ports,

@@ -3,6 +3,7 @@ at each batch size, then the colocated and the PD deployments (and any --peer se
 concurrencies, with served throughput and TPOT as ratios of the offline engine's and the goals beside.
 
     python -m pdcluster.cluster.tools.bench_served [--concurrency 1 8 32] [--peer llama.cpp=http://127.0.0.1:8100]
+        [--engine-core process thread]
 """
 from __future__ import annotations
 
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", metavar="NAME=URL", action="append", default=[],
                     help="another OpenAI-compatible server swept beside the colocated deployment (repeatable)")
     ap.add_argument("--deployments", nargs="+", choices=["colocated", "pd"], default=["colocated", "pd"])
+    ap.add_argument("--engine-core", nargs="+", choices=["process", "thread"], default=["process"],
+                    help="engine.core of the deployments; with both, each deployment runs with each "
+                         "(named e.g. colocated-thread), the engine in its own process against the "
+                         "engine on a thread of the worker actor")
     ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -156,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--peer names must differ from each other and from the deployments")
 
     ports = local_ports()
-    specs = {name: local_spec(name == "colocated", args.kv_blocks, ports) for name in args.deployments}
-    first = specs[args.deployments[0]]
+    cores = list(dict.fromkeys(args.engine_core))
+    specs = {(name if len(cores) == 1 else f"{name}-{core}"): local_spec(name == "colocated", args.kv_blocks,
+                                                                        ports, core)
+             for name in args.deployments for core in cores}
+    first = next(iter(specs.values()))
     cfg = BenchConfig(model=first.model.served_name, input_len=args.input_len, output_len=args.output_len,
                       concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
                       waves=1, min_requests=4, warmup_requests=2)
