@@ -108,6 +108,9 @@ class EngineCore(EngineFront):
             if not self._conn.poll(ready_timeout_s):
                 raise TimeoutError(f"the engine process did not start within {ready_timeout_s:.0f}s")
             kind, payload = self._conn.recv()
+        except EOFError:  # it died before it could say why (its log has it)
+            code = self._proc.wait()
+            raise RuntimeError(f"the engine process exited while building the engine (code {code})") from None
         except BaseException:
             self._proc.kill()
             raise
@@ -164,8 +167,8 @@ class EngineCore(EngineFront):
             return
         code = self._proc.wait()
         reason = f"the engine process (pid {self._proc.pid}) exited with code {code}"
+        self._on_exit(reason)  # the worker's: it exits, and its callers fail over
         self._fail(reason)
-        self._on_exit(reason)
 
 
 # ---------------------------------------------------------------------------- the child process

@@ -195,6 +195,11 @@ def test_cli_compares_endpoints_and_writes_report(tmp_path: Path, capsys: pytest
                      "--model", "m", "--tokenizer", str(tmp_path / "tok"), "--input-len", "16",
                      "--output-len", "4", "--concurrency", "1", "2", "--requests-per-level", "2",
                      "--min-tps", "20", "--out", str(out), "--no-progress"]) == 0
+    # each endpoint its own prompts, of the same length: a cache two endpoints share flatters neither
+    prompts = [{b["prompt"] for b in srv.bodies} for srv in (fast, slow, mid)]
+    assert all(len(p) == 2 + 2 for p in prompts) and not (prompts[0] & prompts[1] or prompts[1] & prompts[2]
+                                                          or prompts[0] & prompts[2])
+    assert {len(b["prompt"].split()) for srv in (fast, slow, mid) for b in srv.bodies} == {16}
     doc = json.loads((out / "bench.json").read_text())
     assert list(doc["levels"]) == ["fast", "slow", "mid"]
     assert [lv["concurrency"] for lv in doc["levels"]["slow"]] == [1, 2]

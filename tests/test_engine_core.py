@@ -1,4 +1,4 @@
-"""The engine in its own process (`EngineCore`), with the embedded model: its streams are the
+"""The engine in its own process (`EngineCore`), with a tiny random Llama: its streams are the
 in-process engine's greedy outputs, aborts and refusals cross the pipe and free their blocks, a
 dead engine process fails its requests and tells the worker, and the child ends with its pipe."""
 from __future__ import annotations
@@ -18,21 +18,32 @@ from pdcluster.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 20, list(range(300, 333))]
-
-
-def _spec() -> dict:
-    # no store answers on these ports: the engine runs without one (decode would recompute)
-    return ClusterSpec.from_dict({"engine": {"device": "cpu", "num_kv_blocks": 64, "threads": 1},
-                                  "store": {"rpc_port": 1, "metadata_port": 2}}).to_dict()
+PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 20, list(range(200, 233))]
 
 
 @pytest.fixture(scope="module")
-def core():
-    spec = _spec()
-    exits: list[str] = []
-    core = EngineCore(CoreSetup(spec, "test-worker", ClusterSpec.from_dict(spec).engine_config(),
+def model(tmp_path_factory) -> str:
+    from model_factory import llama_config, save_model
+    return str(save_model(llama_config(), tmp_path_factory.mktemp("tiny-llama")))
+
+
+def _spec(model: str) -> dict:
+    # no store answers on these ports: the engine runs without one (decode would recompute)
+    return ClusterSpec.from_dict({"model": {"path": model},
+                                  "engine": {"device": "cpu", "num_kv_blocks": 30, "threads": 1},
+                                  "store": {"rpc_port": 1, "metadata_port": 2}}).to_dict()
+
+
+def _core(spec: dict, exits: list[str], name: str = "test-worker", **config) -> EngineCore:
+    from dataclasses import replace
+    return EngineCore(CoreSetup(spec, name, replace(ClusterSpec.from_dict(spec).engine_config(), **config),
                                 "127.0.0.1", "", node_store=False), on_exit=exits.append)
+
+
+@pytest.fixture(scope="module")
+def core(model):
+    exits: list[str] = []
+    core = _core(_spec(model), exits)
     core.exits = exits
     yield core
     core.stop()
@@ -63,9 +74,8 @@ def _wait_free(core: EngineCore) -> None:
         time.sleep(0.05)
 
 
-def test_streams_match_the_engine_in_this_process(core):
-    spec = ClusterSpec.from_dict(_spec())
-    engine = LLMEngine(spec.engine_config())
+def test_streams_match_the_engine_in_this_process(core, model):
+    engine = LLMEngine(ClusterSpec.from_dict(_spec(model)).engine_config())
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"ref{i}", prompt_token_ids=prompt, params=params)
@@ -81,14 +91,14 @@ def test_streams_match_the_engine_in_this_process(core):
         assert all(not isinstance(o, BaseException) for o in outs), outs
         assert [t for o in outs for t in o.new_token_ids] == expected[f"ref{i}"]
         assert outs[-1].finish_reason == "length" and len(expected[f"ref{i}"]) == 12
-    assert core.facts.num_total_blocks == 64 and core.facts.kv_store is False
+    assert core.facts.num_total_blocks == 30 and core.facts.kv_store is False
     _wait_free(core)
 
 
 def test_abort_and_refusal_cross_the_pipe_and_free_the_blocks(core):
     async def go():
         q: asyncio.Queue = asyncio.Queue()
-        core.submit("long", PROMPTS[1], SamplingParams(max_tokens=500, ignore_eos=True), q.put_nowait)
+        core.submit("long", PROMPTS[1], SamplingParams(max_tokens=400, ignore_eos=True), q.put_nowait)
         first = await asyncio.wait_for(q.get(), 60)
         assert not isinstance(first, BaseException)
         core.abort("long")
@@ -96,7 +106,8 @@ def test_abort_and_refusal_cross_the_pipe_and_free_the_blocks(core):
             pass  # outputs already on their way
         assert isinstance(item, RequestAborted)
         too_long = asyncio.Queue()
-        core.submit("huge", list(range(10, 5000)), SamplingParams(max_tokens=4), too_long.put_nowait)
+        # within the context (512), beyond the cache (30 blocks of 16)
+        core.submit("huge", [5] * 300, SamplingParams(max_tokens=200), too_long.put_nowait)
         return await asyncio.wait_for(too_long.get(), 30)
 
     refused = asyncio.run(go())
@@ -107,15 +118,13 @@ def test_abort_and_refusal_cross_the_pipe_and_free_the_blocks(core):
     assert outs[-1].finished and not core.exits
 
 
-def test_a_dead_engine_process_fails_its_requests_and_tells_the_worker():
-    spec = _spec()
+def test_a_dead_engine_process_fails_its_requests_and_tells_the_worker(model):
     exits: list[str] = []
-    core = EngineCore(CoreSetup(spec, "doomed", ClusterSpec.from_dict(spec).engine_config(),
-                                "127.0.0.1", "", node_store=False), on_exit=exits.append)
+    core = _core(_spec(model), exits, "doomed")
 
     async def go():
         q: asyncio.Queue = asyncio.Queue()
-        core.submit("r", PROMPTS[0], SamplingParams(max_tokens=900, ignore_eos=True), q.put_nowait)
+        core.submit("r", PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True), q.put_nowait)
         assert not isinstance(await asyncio.wait_for(q.get(), 60), BaseException)
         os.kill(core.pid, signal.SIGKILL)
         while not isinstance(item := await asyncio.wait_for(q.get(), 30), BaseException):
@@ -133,22 +142,16 @@ def test_a_dead_engine_process_fails_its_requests_and_tells_the_worker():
         asyncio.run(later())
 
 
-def test_the_child_exits_when_its_pipe_ends():
+def test_the_child_exits_when_its_pipe_ends(model):
     # stop() ends the pipe, as the kernel does when the worker's process dies by any signal
-    spec = _spec()
     exits: list[str] = []
-    core = EngineCore(CoreSetup(spec, "short", ClusterSpec.from_dict(spec).engine_config(),
-                                "127.0.0.1", "", node_store=False), on_exit=exits.append)
+    core = _core(_spec(model), exits, "short")
     t0 = time.monotonic()
     core.stop()
     assert core._proc.returncode == 0 and time.monotonic() - t0 < 5  # it left by itself
     assert not exits  # a stop is not a crash
 
 
-def test_a_build_failure_is_raised_by_the_constructor():
-    spec = _spec()
-    config = ClusterSpec.from_dict(spec).engine_config()
-    from dataclasses import replace
-    with pytest.raises(RuntimeError, match="could not be built"):
-        EngineCore(CoreSetup(spec, "bad", replace(config, model="/nonexistent/model"),
-                             "127.0.0.1", "", node_store=False), on_exit=lambda r: None)
+def test_a_build_failure_is_raised_by_the_constructor(model):
+    with pytest.raises(RuntimeError, match="could not be built.*nonexistent"):
+        _core(_spec(model), [], "bad", model="/nonexistent/model")

@@ -255,19 +255,21 @@ class _Progress:
 
 async def run_sweep(cfg: BenchConfig, endpoints: Sequence[Endpoint], count: TokenCounter,
                     progress: bool = True) -> dict[str, list[LevelStats]]:
-    """Every concurrency level against every endpoint (endpoints alternate level by level, on the same
-    prompts); returns endpoint name -> one LevelStats per level."""
+    """Every concurrency level against every endpoint (endpoints alternate level by level); returns
+    endpoint name -> one LevelStats per level. Each endpoint gets prompts of its own, of the same
+    lengths: two endpoints that share a prefix cache (two ports of one server, two deployments on
+    one store) must not serve each other's prompts from it."""
     rng = random.Random(cfg.seed)
     results: dict[str, list[LevelStats]] = {e.name: [] for e in endpoints}
     limits = httpx.Limits(max_connections=max(cfg.concurrency), max_keepalive_connections=max(cfg.concurrency))
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits) as client:
         if cfg.warmup_requests:
-            warm = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.warmup_requests)]
             for ep in endpoints:
+                warm = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.warmup_requests)]
                 await run_level(client, ep, cfg, len(warm), warm)
         for conc in cfg.concurrency:
-            prompts = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.requests_at(conc))]
             for ep in endpoints:
+                prompts = [make_prompt(count, cfg.input_len, rng) for _ in range(cfg.requests_at(conc))]
                 bar = _Progress(len(prompts), f"{ep.name} c={conc}", progress)
                 traces = await run_level(client, ep, cfg, conc, prompts, bar.update)
                 bar.close()

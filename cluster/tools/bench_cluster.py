@@ -61,8 +61,8 @@ def sweep_deployments(cfg: BenchConfig, specs: dict[str, ClusterSpec], count: To
                       peers: Sequence[Endpoint] = (), progress: bool = True,
                       ) -> tuple[dict[str, list[LevelStats]], list[Endpoint]]:
     """Deploys each spec in turn on a local Ray (one pdcluster per Ray namespace) and runs the sweep
-    against it; `peers` (other servers) are swept level by level beside the first deployment, on
-    the same prompts. Returns the results by name (deployments, then peers) and the endpoints."""
+    against it; `peers` (other servers) are swept level by level beside the first deployment, each
+    on prompts of its own, of the same lengths. Returns the results by name (deployments, then peers) and the endpoints."""
     import ray
     from ray import serve
 
