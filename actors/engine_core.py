@@ -34,27 +34,14 @@ READY_TIMEOUT_S = 600.0  # loading a large checkpoint takes a while
 STOP_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class EngineFacts:
-    """What the worker reports about its engine (`WorkerInfo`), read once it is built."""
-    max_model_len: int
-    vocab_size: int
-    block_size: int
-    num_total_blocks: int
-    block_nbytes: int
-    max_num_seqs: int
-    fingerprint: str
-    deployment_id: str
-    threads: int
-    kv_store: bool  # the engine's store connector is attached
-
-
-def engine_facts(engine, connector) -> EngineFacts:
-    return EngineFacts(
+def engine_facts(engine, connector) -> dict[str, Any]:
+    """What the worker reports about its engine, read once it is built: the `WorkerInfo` fields
+    the engine knows, by name, and whether its store connector is attached (`kv_store`)."""
+    return dict(
         max_model_len=engine.max_model_len, vocab_size=engine.hf_config["vocab_size"],
         block_size=engine.config.block_size, num_total_blocks=engine.block_manager.num_blocks,
         block_nbytes=engine.block_nbytes, max_num_seqs=engine.config.max_num_seqs,
-        fingerprint=engine.fingerprint, deployment_id=engine.config.deployment_id,
+        model_fingerprint=engine.fingerprint, deployment_id=engine.config.deployment_id,
         threads=engine.threads, kv_store=connector is not None)
 
 
@@ -117,7 +104,7 @@ class EngineCore(EngineFront):
         if kind != "ready":
             self._proc.wait()
             raise RuntimeError(f"the engine could not be built: {payload}")
-        self.facts: EngineFacts = payload[0]
+        self.facts: dict[str, Any] = payload[0]
         self._stats = payload[1]
         self._reader = threading.Thread(target=self._read, name=f"{setup.worker_id}-engine-core",
                                         daemon=True)
@@ -221,6 +208,6 @@ def serve(conn: Connection) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s engine-core %(process)d %(name)s: %(message)s")
-    # through the package, so what it pickles (EngineFacts) names its module, not __main__
+    # through the package, so that anything it pickles names its module, not __main__
     from pdcluster.actors.engine_core import serve as serve_engine
     serve_engine(Connection(int(sys.argv[1])))

@@ -91,7 +91,7 @@ class EngineWorker:
             self.loop = EngineCore(CoreSetup(spec, worker_id, config, store_host, ctx.gcs_address,
                                              node_store), on_exit=self._die)
             self.facts = self.loop.facts
-            self.kv_store = self.facts.kv_store
+            self.kv_store = self.facts["kv_store"]
         else:
             self._start_thread_core(spec, config, store_host, ctx.gcs_address, node_store)
         log.info("%s ready on node %s (TP %d, %d threads, engine in %s, KV store: %s)", worker_id,
@@ -125,7 +125,7 @@ class EngineWorker:
                 self.followers.kill()
             raise
         self.facts = engine_facts(self.loop.engine, built["connector"])
-        self.kv_store = self.facts.kv_store and all(followers_stored)
+        self.kv_store = self.facts["kv_store"] and all(followers_stored)
 
     def _default_threads(self, tp_size: int) -> int:
         """engine.threads when the spec leaves it unset, from what Ray says about the nodes."""
@@ -181,14 +181,11 @@ class EngineWorker:
         return self.info()
 
     def info(self) -> WorkerInfo:
-        f = self.facts
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, node_id=self.node_id, node_ip=self.node_ip,
-            pid=os.getpid(), max_model_len=f.max_model_len, vocab_size=f.vocab_size,
-            block_size=f.block_size, num_total_blocks=f.num_total_blocks, block_nbytes=f.block_nbytes,
-            max_num_seqs=f.max_num_seqs, model_fingerprint=f.fingerprint, kv_store=self.kv_store,
-            deployment_id=f.deployment_id, tp_pids=self.followers.pids if self.followers else (),
-            threads=f.threads, engine_pid=self.loop.pid if self.core == "process" else 0)
+            pid=os.getpid(), **{**self.facts, "kv_store": self.kv_store},
+            tp_pids=self.followers.pids if self.followers else (),
+            engine_pid=self.loop.pid if self.core == "process" else 0)
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

@@ -91,7 +91,7 @@ def test_streams_match_the_engine_in_this_process(core, model):
         assert all(not isinstance(o, BaseException) for o in outs), outs
         assert [t for o in outs for t in o.new_token_ids] == expected[f"ref{i}"]
         assert outs[-1].finish_reason == "length" and len(expected[f"ref{i}"]) == 12
-    assert core.facts.num_total_blocks == 30 and core.facts.kv_store is False
+    assert core.facts["num_total_blocks"] == 30 and core.facts["kv_store"] is False
     _wait_free(core)
 
 
