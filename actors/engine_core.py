@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -102,7 +103,11 @@ class EngineCore(EngineFront):
             self._proc.kill()
             raise
         if kind != "ready":
-            self._proc.wait()
+            try:
+                self._proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             raise RuntimeError(f"the engine could not be built: {payload}")
         self.facts: dict[str, Any] = payload[0]
         self._stats = payload[1]
@@ -147,6 +152,10 @@ class EngineCore(EngineFront):
                 results, stats = self._conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception:  # a message that does not unpickle: the engine is lost to us
+                log.exception("unreadable message from the engine process")
+                self._proc.kill()
+                break
             self._stats = stats
             if results:
                 self._post(results)
@@ -175,6 +184,19 @@ def serve(conn: Connection) -> None:
     """Build the engine, then feed it every command the worker sends until the pipe closes."""
     from ..cluster.spec import ClusterSpec
 
+    # An engine thread that dies, or a worker that dies while the engine builds (the pipe is not
+    # read then), ends this process: the worker must never wait on an engine that is gone, and the
+    # engine must never outlive its worker.
+    threading.excepthook = lambda args: (log.error("engine thread failed", exc_info=(
+        args.exc_type, args.exc_value, args.exc_traceback)), os._exit(1))
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     setup: CoreSetup = conn.recv()
     spec = ClusterSpec.from_dict(setup.spec)
     send_lock = threading.Lock()
@@ -194,7 +216,7 @@ def serve(conn: Connection) -> None:
     except BaseException as exc:
         log.exception("%s: the engine could not be built", setup.worker_id)
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
+        os._exit(1)  # no interpreter shutdown waiting on what the failed build left running
     with send_lock:
         conn.send(("ready", (engine_facts(built["engine"], built["connector"]), loop.stats())))
     while True:
