@@ -103,11 +103,7 @@ class EngineCore(EngineFront):
             self._proc.kill()
             raise
         if kind != "ready":
-            try:
-                self._proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            self._reap()
             raise RuntimeError(f"the engine could not be built: {payload}")
         self.facts: dict[str, Any] = payload[0]
         self._stats = payload[1]
@@ -128,6 +124,10 @@ class EngineCore(EngineFront):
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
             self._conn.close()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Wait for the child to leave by itself, and kill it if it does not."""
         try:
             self._proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
