@@ -6,9 +6,12 @@ trusted; `cluster/kvstore/manifest.py` turns this record into the versioned kv.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from zlib_ng import zlib_ng
+
+if TYPE_CHECKING:   # torch is not imported at runtime: worker actors read handoffs without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def block_checksum(block: torch.Tensor, num_tokens: int | None = None) -> int:
     `num_tokens` token slots of every layer (all when None), so a partial block's stale tail does
     not count. zlib's CRC-32 (zlib-ng's build of it: the same checksum, 4-5x the speed of the stdlib's),
     and accidental corruption is all it must catch."""
+    import torch
     if block.dim() < 3:
         raise ValueError(f"expected one block [num_layers, block_size, ...], got {tuple(block.shape)}")
     whole = num_tokens is None or num_tokens == block.shape[1]

@@ -14,6 +14,7 @@ from .distributed import gather_objects, get_tp, min_over_ranks
 from .kv_connector import KVConnector
 from .kv_handoff import BlockRef, KVHandoff, KVLayout, block_checksum, store_key
 from .sequence import Sequence
+from .stats import KVCounters
 
 # Export (prefill side): after the prompt is computed, every prompt block is written under its chain
 # hash key and described in a `KVHandoff`. Import (decode side, and the prefill side's store-backed
@@ -21,21 +22,6 @@ from .sequence import Sequence
 # what could not be loaded is recomputed.
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KVCounters:
-    """KV traffic of one engine (`EngineStats` extends it, so its fields appear there by name)."""
-    kv_blocks_saved: int = 0
-    kv_blocks_loaded: int = 0
-    kv_bytes_saved: int = 0
-    kv_bytes_loaded: int = 0
-    kv_save_seconds: float = 0.0
-    kv_load_seconds: float = 0.0
-    kv_recomputed_tokens: int = 0          # handed-off prompt tokens that had to be recomputed
-    kv_corrupt_blocks: int = 0
-    kv_missing_blocks: int = 0
-    store_prefix_hit_tokens: int = 0    # prompt tokens found in the store instead of computed
 
 
 @dataclass(eq=False)

