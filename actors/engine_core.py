@@ -232,4 +232,6 @@ if __name__ == "__main__":
                         format="%(asctime)s %(levelname)s engine-core %(process)d %(name)s: %(message)s")
     # through the package, so that anything it pickles names its module, not __main__
     from pdcluster.actors.engine_core import serve as serve_engine
-    serve_engine(Connection(int(sys.argv[1])))
+    fd = int(sys.argv[1])
+    os.set_inheritable(fd, False)  # nothing this process starts may hold the worker's pipe open
+    serve_engine(Connection(fd))

@@ -70,7 +70,11 @@ class EngineFront:
             raise ValueError(f"request id {request_id!r} is already running")
         self._loop = asyncio.get_running_loop()  # the actor's loop (the one that submits last)
         self._sinks[request_id] = sink
-        self._command(("add", request_id, list(prompt_token_ids), params, add_kwargs))
+        try:
+            self._command(("add", request_id, list(prompt_token_ids), params, add_kwargs))
+        except BaseException:   # not queued (e.g. it would not pickle for the engine's process)
+            del self._sinks[request_id]
+            raise
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a no-op for unknown or finished requests."""

@@ -118,6 +118,22 @@ def test_abort_and_refusal_cross_the_pipe_and_free_the_blocks(core):
     assert outs[-1].finished and not core.exits
 
 
+def test_a_command_that_cannot_cross_the_pipe_leaves_nothing_behind(core):
+    async def go():
+        with pytest.raises(Exception, match="pickle"):
+            core.submit("odd", PROMPTS[0], SamplingParams(max_tokens=2), lambda _: None,
+                        generated_token_ids=(t for t in ()))   # a generator does not pickle
+        # not registered: the same id is taken afterwards, and served
+        q: asyncio.Queue = asyncio.Queue()
+        core.submit("odd", PROMPTS[0], SamplingParams(max_tokens=2, temperature=0), q.put_nowait)
+        while not (item := await asyncio.wait_for(q.get(), 60)).finished:
+            pass
+        return item
+
+    assert asyncio.run(go()).finish_reason == "length"
+    assert core.abort_all() == 0 and not core.exits
+
+
 def test_a_dead_engine_process_fails_its_requests_and_tells_the_worker(model):
     exits: list[str] = []
     core = _core(_spec(model), exits, "doomed")
