@@ -27,6 +27,7 @@ from .latency_histogram import LatencyHistogram
 from .layers.cpu_linear import use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
+from .models.llama_decode_step import use_decode_layers
 from .outputs import RequestOutput, TokenLogprob
 from .prefix_hash import model_salt
 from .sampling import SamplingParams
@@ -67,6 +68,7 @@ class LLMEngine:
         self.model = self._build_model(hf_config, weights)
         if self.device.type == "cpu":
             use_block_kernels(self.model)   # before sizing the KV cache: the blocks take memory
+            use_decode_layers(self.model)
         self.fingerprint = _fingerprint(path, hf_config, self.dtype, self.kv_dtype)
         self.max_model_len = config.max_model_len or min(
             hf_config.get("max_position_embeddings", MAX_DEFAULT_MODEL_LEN), MAX_DEFAULT_MODEL_LEN)

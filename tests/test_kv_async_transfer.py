@@ -268,10 +268,9 @@ def test_prefill_returns_the_first_token_only_once_its_blocks_are_stored(checkpo
     assert store.save_started is not None and store.blocks == {}   # held at the gate, nothing stored
     assert all(o.request_id == "other" for o in outs)
     store.save_gate.set()
-    for _ in range(10):
+    deadline, done = time.monotonic() + GATE_TIMEOUT_S, []
+    while not done and time.monotonic() < deadline:   # steps until the transfer thread has stored it
         done = [o for o in eng.step() if o.request_id == "export"]
-        if done:
-            break
     (out,) = done
     assert out.finished and out.finish_reason == "handoff"
     assert out.new_token_ids == [reference.first_token] == [out.kv_handoff.first_token]

@@ -1,7 +1,9 @@
 """The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run;
-then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one.
+then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one, and
+with all layers in one C call next to the layers' modules.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
+        [--parts kernels kv-dtypes decode-step]
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 # KV cache dtypes: three engines (float32, float16, bfloat16 caches), each with `--rows` sequences of
 # `--context` prompt tokens decoding; their steps are taken in turn, and the median step of each is
 # compared with the float32 engine's.
+# Decode step in one call: one engine with `--rows` sequences decoding; its steps alternate between
+# all layers in one C call (engine/models/llama_decode_step.py) and the layers' modules (the same
+# kernels called one by one from Python), and the median step of each is compared.
 
 
 def _paired(ours, ref, repeats: int) -> tuple[float, float]:
@@ -95,6 +100,7 @@ def _attention(model, context: int, repeats: int, cache_dtype: torch.dtype = tor
 
 
 KV_DTYPES = ("float32", "float16", "bfloat16")
+PARTS = ("kernels", "kv-dtypes", "decode-step")
 
 
 def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[int, list[float]]]:
@@ -127,6 +133,42 @@ def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[
             while eng.has_unfinished_requests():
                 eng.step()
         out.append((b, [statistics.median(t) for t in times]))
+    return out
+
+
+def _decode_step_in_one_call(rows: list[int], context: int, steps: int) -> list[tuple[int, float, float]]:
+    """Per batch size, the median decode step (s) with all layers in one call and module by module,
+    the two taken in turn on one engine."""
+    import statistics
+
+    from ...engine import LLM, SamplingParams
+    from .bench_engine import random_prompts
+    blocks = max(rows) * (-(-(context + 2 * steps + 8) // 16)) + 8
+    eng = LLM(num_kv_blocks=blocks, enable_prefix_caching=False).engine
+    decoder = eng.model.model
+    one_call = decoder.decode_layers
+    if one_call is None:
+        raise SystemExit("the model does not take decode steps in one call here")
+    params = SamplingParams(temperature=0, max_tokens=2 * steps + 4, ignore_eos=True)
+    out = []
+    for b in rows:
+        for j, p in enumerate(random_prompts(b, context, eng.hf_config["vocab_size"], b)):
+            eng.add_request(f"step{b}-{j}", prompt_token_ids=p, params=params)
+        while eng.stats().num_waiting or any(len(s.output_token_ids) == 0 for s in eng.scheduler.running):
+            eng.step()
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(steps):
+            for i, layers in enumerate((one_call, None)):
+                decoder.decode_layers = layers
+                t = time.perf_counter()
+                eng.step()
+                times[i].append(time.perf_counter() - t)
+        decoder.decode_layers = one_call
+        for j in range(b):
+            eng.abort_request(f"step{b}-{j}")
+        while eng.has_unfinished_requests():
+            eng.step()
+        out.append((b, statistics.median(times[0]), statistics.median(times[1])))
     return out
 
 
@@ -186,27 +228,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--steps", type=int, default=40, help="decode steps per engine, KV cache dtypes")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = ap.parse_args(argv)
-    from ...engine import LLM
-    engine = LLM(num_kv_blocks=16).engine
-    model = engine.model
-    rows = (_matmuls(model, args.rows, args.repeats)
-            + [_attention(model, args.context, args.repeats, getattr(torch, d)) for d in KV_DTYPES]
-            + _small_ops(model, engine.hf_config["intermediate_size"], args.rows, args.repeats))
-    print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
-    print(f"{'measure':<56}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
-    for label, ours, ref in rows:
-        print(f"{label:<56}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
-    print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention; "
-          "torch ops for the small ops.")
-    del engine, model
-    print(f"\nthe engine's decode step by KV cache dtype ({args.context}-token prompts, median of "
-          f"{args.steps} steps taken in turn), ms")
-    print(f"{'sequences':<12}" + "".join(f"{d:>12}" for d in KV_DTYPES)
-          + "".join(f"{d + ' / f32':>18}" for d in KV_DTYPES[1:]))
-    for b, med in _steps_by_kv_dtype(args.rows, args.context, args.steps):
-        print(f"{b:<12}" + "".join(f"{m * 1e3:>12.2f}" for m in med)
-              + "".join(f"{m / med[0]:>17.2f}x" for m in med[1:]))
+    if "kernels" in args.parts:
+        from ...engine import LLM
+        engine = LLM(num_kv_blocks=16).engine
+        model = engine.model
+        rows = (_matmuls(model, args.rows, args.repeats)
+                + [_attention(model, args.context, args.repeats, getattr(torch, d)) for d in KV_DTYPES]
+                + _small_ops(model, engine.hf_config["intermediate_size"], args.rows, args.repeats))
+        print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
+        print(f"{'measure':<56}{'kernel':>10}{'torch path':>12}{'speedup':>9}")
+        for label, ours, ref in rows:
+            print(f"{label:<56}{ours * 1e3:>10.2f}{ref * 1e3:>12.2f}{ref / ours:>8.2f}x")
+        print("torch path: F.linear on the dense float32 weights (BLAS); gather + SDPA for attention; "
+              "torch ops for the small ops.")
+        del engine, model
+    if "kv-dtypes" in args.parts:
+        print(f"\nthe engine's decode step by KV cache dtype ({args.context}-token prompts, median of "
+              f"{args.steps} steps taken in turn), ms")
+        print(f"{'sequences':<12}" + "".join(f"{d:>12}" for d in KV_DTYPES)
+              + "".join(f"{d + ' / f32':>18}" for d in KV_DTYPES[1:]))
+        for b, med in _steps_by_kv_dtype(args.rows, args.context, args.steps):
+            print(f"{b:<12}" + "".join(f"{m * 1e3:>12.2f}" for m in med)
+                  + "".join(f"{m / med[0]:>17.2f}x" for m in med[1:]))
+    if "decode-step" in args.parts:
+        print(f"\nthe engine's decode step, all layers in one call vs module by module ({args.context}-token "
+              f"prompts, threads {torch.get_num_threads()}, median of {args.steps} steps each, taken in turn), ms")
+        print(f"{'sequences':<12}{'one call':>12}{'modules':>12}{'speedup':>10}")
+        for b, one, mods in _decode_step_in_one_call(args.rows, args.context, args.steps):
+            print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")
     return 0
 
 

@@ -20,9 +20,14 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+        # all layers of a decode step in one call, where the model qualifies (llama_decode_step.py)
+        self.decode_layers = None
 
     def forward(self, input_ids, positions, kv_cache, meta):
         x = self.embed_tokens(input_ids)
+        if self.decode_layers is not None and (
+                out := self.decode_layers(x, positions, kv_cache, meta)) is not None:
+            return self.norm(out)
         for layer in self.layers:
             x = layer(positions, x, kv_cache, meta)
         return self.norm(x)
