@@ -18,8 +18,8 @@ PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7, 8, 9] * 7, list(range(200
 
 
 def _gguf_model(path, config=None):
-    """A random Llama (or `config`'s model) saved with every layer's projections quantized to Q4_1 and back, as the GGUF
-    loader hands them over (so the engine keeps them as blocks)."""
+    """A random Llama (or `config`'s model) saved with every layer's projections quantized to Q4_1
+    and back, as the GGUF loader hands them over (so the engine keeps them as blocks)."""
     from gguf import quants
     from gguf.constants import GGMLQuantizationType as QT
     from model_factory import llama_config, save_model

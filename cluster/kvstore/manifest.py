@@ -37,7 +37,7 @@ class ManifestError(ValueError):
 def block_checksum(data: torch.Tensor | memoryview | bytes | bytearray, num_tokens: int | None = None) -> int:
     """CRC-32 of one block: a tensor `cache[b]` over its first `num_tokens` token slots (the engine's
     own checksum), or bytes-like data whole (num_tokens must be None)."""
-    if not isinstance(data, (memoryview, bytes, bytearray)):   # a block tensor
+    if hasattr(data, "dim"):   # a block tensor (torch is not imported here)
         return engine_block_checksum(data, num_tokens)
     if num_tokens is not None:
         raise ValueError("num_tokens applies to a block tensor, not to raw bytes")

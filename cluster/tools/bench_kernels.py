@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                   + "".join(f"{m / med[0]:>17.2f}x" for m in med[1:]))
     if "decode-step" in args.parts:
         print(f"\nthe engine's decode step, all layers in one call vs module by module ({args.context}-token "
-              f"prompts, threads {torch.get_num_threads()}, median of {args.steps} steps each, taken in turn), ms")
+              f"prompts, threads {torch.get_num_threads()}, median of {args.steps} steps each, taken in "
+              "turn), ms")
         print(f"{'sequences':<12}{'one call':>12}{'modules':>12}{'speedup':>10}")
         for b, one, mods in _decode_step_in_one_call(args.rows, args.context, args.steps):
             print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")

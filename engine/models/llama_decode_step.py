@@ -104,6 +104,13 @@ class DecodeLayers:
         self._model = _Model(len(entries), cfg["hidden_size"], attn.num_heads, attn.num_kv_heads,
                              attn.head_dim, mlp.down_proj.in_features, self._rotary.rot_dim,
                              layers[0].input_layernorm.eps, attn.scale, self._layers)
+        hidden, q, kv, inter = (self._model.hidden, attn.num_heads * attn.head_dim,
+                                attn.num_kv_heads * attn.head_dim, self._model.intermediate)
+        shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+        for i, entry in enumerate(entries):   # the C code sizes its work space from these
+            got = [(b.n, b.k) for b in (entry.qkv, entry.o, entry.gate_up, entry.down)]
+            if got != shapes or any(t.shape != (hidden,) for t in self._tensors[6 * i:6 * i + 2]):
+                raise ValueError(f"layer {i}: weight shapes {got} are not the decoder's {shapes}")
         fused = self._fused
         self._kernels_by_dtype = {   # the functions the module path calls, by the cache's dtype
             dtype: _Kernels(_address(self._linear._fn), _address(fused._norm), _address(fused._silu),
@@ -113,7 +120,6 @@ class DecodeLayers:
         self._cache_ok: tuple[torch.Tensor, bool] | None = None   # (cache, the kernel reads it)
         self._widest_k = max(self._model.hidden, attn.num_heads * attn.head_dim,
                              self._model.intermediate)
-        self._step = _Step()
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor | None:
@@ -130,12 +136,14 @@ class DecodeLayers:
         tables, lens = self._attention._checked_tables(meta.decode_block_tables, meta.decode_lens,
                                                        rows, cache)
         cos, sin = (t.squeeze(1) for t in self._rotary._cos_sin(positions))
+        if cos.shape != (rows, self._model.rot_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
+            return None
         threads = torch.get_num_threads()
         work = torch.empty(self._work_floats(ctypes.byref(self._model), rows), dtype=torch.float32)
         scratch = torch.empty(max(1, self._linear._scratch(rows, self._widest_k, threads)),
                               dtype=torch.float32)
         x = x.contiguous().clone()
-        s = self._step
+        s = _Step()   # per call: the C code reads it while ctypes has released the GIL
         s.rows, s.cos, s.sin, s.cache = rows, cos.data_ptr(), sin.data_ptr(), cache.data_ptr()
         s.cache_layers, s.block_size = cache.shape[1], cache.shape[2]
         s.slot_blocks, s.slot_offsets = meta.slot_blocks.data_ptr(), meta.slot_offsets.data_ptr()
@@ -148,8 +156,12 @@ class DecodeLayers:
         """Whether the attention kernel takes this cache (an engine's cache never changes: checked
         once)."""
         if self._cache_ok is None or self._cache_ok[0] is not cache:
-            q = torch.empty(1, self._model.heads, self._model.head_dim)
-            self._cache_ok = (cache, cache.device.type == "cpu" and self._attention.supports(q, cache))
+            m = self._model
+            q = torch.empty(1, m.heads, m.head_dim, dtype=torch.float32)
+            self._cache_ok = (cache, cache.device.type == "cpu" and cache.dim() == 6
+                              and cache.shape[1] >= m.num_layers
+                              and cache.shape[3:] == (2, m.kv_heads, m.head_dim)
+                              and self._attention.supports(q, cache))
         return self._cache_ok[1]
 
 
