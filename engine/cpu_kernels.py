@@ -101,6 +101,11 @@ class PagedDecodeKernel:
             getter.restype = i64
             setattr(self, name, getter())
 
+    def function_address(self, cache_dtype: torch.dtype) -> int | None:
+        """The C function `__call__` calls for a cache of `cache_dtype` (None: none built)."""
+        fn = self._fns.get(cache_dtype)
+        return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
     def supports(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         """fp32 q on the CPU, an MHA/GQA cache ([blocks, layers, block, 2, kvh, d]) of float32,
         float16 or bfloat16 within the kernel's fixed limits."""
@@ -131,7 +136,7 @@ class PagedDecodeKernel:
         if not 0 <= layer < cache.shape[1]:
             raise ValueError(f"layer {layer} outside the cache's {cache.shape[1]} layers")
         q = q.contiguous()
-        tables, lens = self._checked_tables(block_tables, context_lens, q.shape[0], cache)
+        tables, lens = self.checked_tables(block_tables, context_lens, q.shape[0], cache)
         out = torch.empty_like(q)
         _, num_layers, block_size, _, kv_heads, head_dim = cache.shape
         self._fns[cache.dtype](q.data_ptr(), out.data_ptr(), cache.data_ptr(), tables.data_ptr(),
@@ -139,7 +144,7 @@ class PagedDecodeKernel:
                                head_dim, block_size, num_layers, layer, scale, torch.get_num_threads())
         return out
 
-    def _checked_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_seqs: int,
+    def checked_tables(self, block_tables: torch.Tensor, context_lens: torch.Tensor, num_seqs: int,
                         cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 copies of the tables and lengths, checked to stay inside the cache. Every layer of a
         step passes the same two tensors, so they are checked once per step (the references held
@@ -198,6 +203,17 @@ class BlockLinearKernel:
                 or any(not t.is_contiguous() or t.device.type != "cpu" for t in parts)):
             raise ValueError(f"{bw.qtype} blocks {tuple(bw.qs.shape)} are not in the kernel's layout")
 
+    def scratch_floats(self, rows: int, k: int, threads: int) -> int:
+        """Floats of scratch one call of `rows` rows over K = `k` on `threads` threads needs."""
+        size = self._scratch_sizes.get((rows, k, threads))
+        if size is None:
+            size = self._scratch_sizes[rows, k, threads] = self._scratch(rows, k, threads)
+        return size
+
+    def function_address(self) -> int:
+        """The C function `__call__` calls (block_linear_f32), for C code that calls it itself."""
+        return ctypes.cast(self._fn, ctypes.c_void_p).value
+
     def __call__(self, bw: BlockWeights, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> [M, N]; `bw` must have passed `check`."""
         n, k = bw.shape
@@ -209,10 +225,7 @@ class BlockLinearKernel:
         y = torch.empty(rows, n, dtype=torch.float32, device="cpu")
         if rows == 0:
             return y
-        size = self._scratch_sizes.get((rows, k, threads))
-        if size is None:
-            size = self._scratch_sizes[rows, k, threads] = self._scratch(rows, k, threads)
-        scratch = torch.empty(size, dtype=torch.float32, device="cpu")
+        scratch = torch.empty(self.scratch_floats(rows, k, threads), dtype=torch.float32, device="cpu")
         m = bw.m if bw.m is not None else bw.d
         self._fn(self.QTYPES[bw.qtype], x.data_ptr(), rows, k, bw.qs.data_ptr(), bw.d.data_ptr(),
                  m.data_ptr(), n, y.data_ptr(), scratch.data_ptr(), threads)
@@ -240,6 +253,16 @@ class FusedOpsKernel:
         for fn in (self._norm, self._silu, self._rotary):
             fn.restype = None
         self._last_slots: tuple | None = None   # (blocks, offsets, cache shape) last checked
+
+    def function_addresses(self, cache_dtype: torch.dtype) -> dict[str, int] | None:
+        """The C functions its ops call (rms_norm, silu_and_mul, rotary, and write_kv into a cache of
+        `cache_dtype`), for C code that calls them itself; None where no KV write for that dtype
+        was built."""
+        if cache_dtype not in self._writes:
+            return None
+        fns = {"rms_norm": self._norm, "silu_and_mul": self._silu, "rotary": self._rotary,
+               "write_kv": self._writes[cache_dtype]}
+        return {name: ctypes.cast(fn, ctypes.c_void_p).value for name, fn in fns.items()}
 
     def _rows_ok(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2
@@ -295,13 +318,13 @@ class FusedOpsKernel:
             if (not self._rows_ok(t) or t.shape[1:] != entry_shape or t.shape[0] != k.shape[0]
                     or t.stride(1) != entry_shape[1]):
                 return False
-        self._check_slots(slot_blocks, slot_offsets, k.shape[0], cache)
+        self.check_slots(slot_blocks, slot_offsets, k.shape[0], cache)
         self._writes[cache.dtype](cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(),
                                   v.stride(0), k.shape[0], entry_shape.numel(), slot_blocks.data_ptr(),
                                   slot_offsets.data_ptr(), cache.shape[1], cache.shape[2], layer)
         return True
 
-    def _check_slots(self, blocks: torch.Tensor, offsets: torch.Tensor, tokens: int,
+    def check_slots(self, blocks: torch.Tensor, offsets: torch.Tensor, tokens: int,
                      cache: torch.Tensor) -> None:
         """Every layer of a step passes the same two tensors: checked once per step (the
         references held here keep them alive, so identity cannot match new tensors)."""

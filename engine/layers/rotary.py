@@ -57,7 +57,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotate each x of shape [tokens, heads, head_dim] at the given positions."""
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self.cos_sin(positions)
         fused = fused_ops_kernel() if positions.device.type == "cpu" else None
         if fused is not None:   # cos/sin [T, 1, rot_dim] are contiguous rows of the tables
             outs = tuple(fused.rotary(x, cos.squeeze(1), sin.squeeze(1)) for x in xs)
@@ -65,7 +65,8 @@ class RotaryEmbedding(nn.Module):
                 return outs
         return tuple(_apply_rotary(x, cos, sin, self.rot_dim) for x in xs)
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin table rows of `positions`, each [T, 1, rot_dim]."""
         # every layer of a step passes the same positions tensor: look the tables up once per step
         # (the reference held here keeps that tensor alive, so `is` cannot match a new one)
         if self._last_positions is not positions:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..cpu_kernels import (
+    CACHE_DTYPES,
     BlockLinearKernel,
     block_linear_kernel,
     fused_ops_kernel,
@@ -58,10 +59,6 @@ class _Step(ctypes.Structure):
                 ("cache_layers", _i64), ("block_size", _i64), ("slot_blocks", _ptr),
                 ("slot_offsets", _ptr), ("tables", _ptr), ("table_width", _i64), ("lens", _ptr),
                 ("work", _ptr), ("linear_scratch", _ptr), ("num_threads", _i64)]
-
-
-def _address(fn) -> int:
-    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def _blocks(bw: BlockWeights) -> _Blocks:
@@ -111,12 +108,14 @@ class DecodeLayers:
             got = [(b.n, b.k) for b in (entry.qkv, entry.o, entry.gate_up, entry.down)]
             if got != shapes or any(t.shape != (hidden,) for t in self._tensors[6 * i:6 * i + 2]):
                 raise ValueError(f"layer {i}: weight shapes {got} are not the decoder's {shapes}")
-        fused = self._fused
-        self._kernels_by_dtype = {   # the functions the module path calls, by the cache's dtype
-            dtype: _Kernels(_address(self._linear._fn), _address(fused._norm), _address(fused._silu),
-                            _address(fused._rotary), _address(fused._writes[dtype]),
-                            _address(self._attention._fns[dtype]))
-            for dtype in fused._writes.keys() & self._attention._fns.keys()}
+        self._kernels_by_dtype = {}   # the functions the module path calls, by the cache's dtype
+        for dtype in CACHE_DTYPES:
+            small = self._fused.function_addresses(dtype)
+            attention = self._attention.function_address(dtype)
+            if small is not None and attention is not None:
+                self._kernels_by_dtype[dtype] = _Kernels(
+                    self._linear.function_address(), small["rms_norm"], small["silu_and_mul"],
+                    small["rotary"], small["write_kv"], attention)
         self._cache_ok: tuple[torch.Tensor, bool] | None = None   # (cache, the kernel reads it)
         self._widest_k = max(self._model.hidden, attn.num_heads * attn.head_dim,
                              self._model.intermediate)
@@ -132,15 +131,15 @@ class DecodeLayers:
                 or x.device.type != "cpu" or not self._reads(cache)):
             return None
         # the index checks the module path makes, once per step
-        self._fused._check_slots(meta.slot_blocks, meta.slot_offsets, rows, cache)
-        tables, lens = self._attention._checked_tables(meta.decode_block_tables, meta.decode_lens,
+        self._fused.check_slots(meta.slot_blocks, meta.slot_offsets, rows, cache)
+        tables, lens = self._attention.checked_tables(meta.decode_block_tables, meta.decode_lens,
                                                        rows, cache)
-        cos, sin = (t.squeeze(1) for t in self._rotary._cos_sin(positions))
+        cos, sin = (t.squeeze(1) for t in self._rotary.cos_sin(positions))
         if cos.shape != (rows, self._model.rot_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
             return None
         threads = torch.get_num_threads()
         work = torch.empty(self._work_floats(ctypes.byref(self._model), rows), dtype=torch.float32)
-        scratch = torch.empty(max(1, self._linear._scratch(rows, self._widest_k, threads)),
+        scratch = torch.empty(max(1, self._linear.scratch_floats(rows, self._widest_k, threads)),
                               dtype=torch.float32)
         x = x.contiguous().clone()
         s = _Step()   # per call: the C code reads it while ctypes has released the GIL
