@@ -103,73 +103,69 @@ KV_DTYPES = ("float32", "float16", "bfloat16")
 PARTS = ("kernels", "kv-dtypes", "decode-step")
 
 
-def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[int, list[float]]]:
-    """Per batch size, the median decode step (s) of an engine with each of KV_DTYPES' caches."""
+def _decode_steps_in_turn(variants: list[tuple[object, object]], rows: list[int], context: int,
+                          steps: int) -> list[tuple[int, list[float]]]:
+    """Per batch size, the median decode step (s) of each variant (engine, prepare): `b` sequences
+    decode on each distinct engine, and the variants take `steps` steps each in turn, a variant's
+    `prepare()` (when not None) run before each of its steps."""
     import statistics
 
-    from ...engine import LLM, SamplingParams
+    from ...engine import SamplingParams
     from .bench_engine import random_prompts
-    blocks = max(rows) * (-(-(context + steps + 8) // 16)) + 8
-    engines = [LLM(num_kv_blocks=blocks, kv_cache_dtype=d, enable_prefix_caching=False).engine
-               for d in KV_DTYPES]
-    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    engines = list({id(eng): eng for eng, _ in variants}.values())
+    params = SamplingParams(temperature=0, max_tokens=steps * len(variants) + 4, ignore_eos=True)
     out = []
     for b in rows:
         for i, eng in enumerate(engines):
             for j, p in enumerate(random_prompts(b, context, eng.hf_config["vocab_size"], b)):
-                eng.add_request(f"kv{b}-{i}-{j}", prompt_token_ids=p, params=params)
+                eng.add_request(f"step{b}-{i}-{j}", prompt_token_ids=p, params=params)
             while eng.stats().num_waiting or any(len(s.output_token_ids) == 0
                                                  for s in eng.scheduler.running):
                 eng.step()                   # prompts in: from here on every step decodes b tokens
-        times = [[] for _ in engines]
+        times: list[list[float]] = [[] for _ in variants]
         for _ in range(steps):
-            for i, eng in enumerate(engines):
+            for i, (eng, prepare) in enumerate(variants):
+                if prepare is not None:
+                    prepare()
                 t = time.perf_counter()
                 eng.step()
                 times[i].append(time.perf_counter() - t)
         for i, eng in enumerate(engines):
             for j in range(b):
-                eng.abort_request(f"kv{b}-{i}-{j}")
+                eng.abort_request(f"step{b}-{i}-{j}")
             while eng.has_unfinished_requests():
                 eng.step()
         out.append((b, [statistics.median(t) for t in times]))
     return out
 
 
-def _decode_step_in_one_call(rows: list[int], context: int, steps: int) -> list[tuple[int, float, float]]:
+def _blocks_for(rows: list[int], context: int, steps: int) -> int:
+    return max(rows) * (-(-(context + steps + 8) // 16)) + 8
+
+
+def _steps_by_kv_dtype(rows: list[int], context: int, steps: int) -> list[tuple[int, list[float]]]:
+    """Per batch size, the median decode step (s) of an engine with each of KV_DTYPES' caches."""
+    from ...engine import LLM
+    engines = [LLM(num_kv_blocks=_blocks_for(rows, context, steps), kv_cache_dtype=d,
+                   enable_prefix_caching=False).engine for d in KV_DTYPES]
+    return _decode_steps_in_turn([(eng, None) for eng in engines], rows, context, steps)
+
+
+def _decode_step_in_one_call(rows: list[int], context: int, steps: int) -> list[tuple[int, list[float]]]:
     """Per batch size, the median decode step (s) with all layers in one call and module by module,
     the two taken in turn on one engine."""
-    import statistics
-
-    from ...engine import LLM, SamplingParams
-    from .bench_engine import random_prompts
-    blocks = max(rows) * (-(-(context + 2 * steps + 8) // 16)) + 8
-    eng = LLM(num_kv_blocks=blocks, enable_prefix_caching=False).engine
+    from ...engine import LLM
+    eng = LLM(num_kv_blocks=_blocks_for(rows, context, 2 * steps), enable_prefix_caching=False).engine
     decoder = eng.model.model
     one_call = decoder.decode_layers
     if one_call is None:
         raise SystemExit("the model does not take decode steps in one call here")
-    params = SamplingParams(temperature=0, max_tokens=2 * steps + 4, ignore_eos=True)
-    out = []
-    for b in rows:
-        for j, p in enumerate(random_prompts(b, context, eng.hf_config["vocab_size"], b)):
-            eng.add_request(f"step{b}-{j}", prompt_token_ids=p, params=params)
-        while eng.stats().num_waiting or any(len(s.output_token_ids) == 0 for s in eng.scheduler.running):
-            eng.step()
-        times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(steps):
-            for i, layers in enumerate((one_call, None)):
-                decoder.decode_layers = layers
-                t = time.perf_counter()
-                eng.step()
-                times[i].append(time.perf_counter() - t)
+    try:
+        return _decode_steps_in_turn(
+            [(eng, lambda: setattr(decoder, "decode_layers", one_call)),
+             (eng, lambda: setattr(decoder, "decode_layers", None))], rows, context, steps)
+    finally:
         decoder.decode_layers = one_call
-        for j in range(b):
-            eng.abort_request(f"step{b}-{j}")
-        while eng.has_unfinished_requests():
-            eng.step()
-        out.append((b, statistics.median(times[0]), statistics.median(times[1])))
-    return out
 
 
 def _small_ops(model, intermediate: int, rows: list[int], repeats: int) -> list[tuple[str, float, float]]:
@@ -257,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               f"prompts, threads {torch.get_num_threads()}, median of {args.steps} steps each, taken in "
               "turn), ms")
         print(f"{'sequences':<12}{'one call':>12}{'modules':>12}{'speedup':>10}")
-        for b, one, mods in _decode_step_in_one_call(args.rows, args.context, args.steps):
+        for b, (one, mods) in _decode_step_in_one_call(args.rows, args.context, args.steps):
             print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")
     return 0
 

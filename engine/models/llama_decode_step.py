@@ -101,13 +101,6 @@ class DecodeLayers:
         self._model = _Model(len(entries), cfg["hidden_size"], attn.num_heads, attn.num_kv_heads,
                              attn.head_dim, mlp.down_proj.in_features, self._rotary.rot_dim,
                              layers[0].input_layernorm.eps, attn.scale, self._layers)
-        hidden, q, kv, inter = (self._model.hidden, attn.num_heads * attn.head_dim,
-                                attn.num_kv_heads * attn.head_dim, self._model.intermediate)
-        shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
-        for i, entry in enumerate(entries):   # the C code sizes its work space from these
-            got = [(b.n, b.k) for b in (entry.qkv, entry.o, entry.gate_up, entry.down)]
-            if got != shapes or any(t.shape != (hidden,) for t in self._tensors[6 * i:6 * i + 2]):
-                raise ValueError(f"layer {i}: weight shapes {got} are not the decoder's {shapes}")
         self._kernels_by_dtype = {}   # the functions the module path calls, by the cache's dtype
         for dtype in CACHE_DTYPES:
             small = self._fused.function_addresses(dtype)
@@ -117,13 +110,12 @@ class DecodeLayers:
                     self._linear.function_address(), small["rms_norm"], small["silu_and_mul"],
                     small["rotary"], small["write_kv"], attention)
         self._cache_ok: tuple[torch.Tensor, bool] | None = None   # (cache, the kernel reads it)
-        self._widest_k = max(self._model.hidden, attn.num_heads * attn.head_dim,
-                             self._model.intermediate)
+        self._widest_k = max(self._model.hidden, attn.q_size, self._model.intermediate)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor | None:
-        """x [rows, hidden] (the embedded tokens, left as they are) -> the last layer's residual stream, or
-        None where this step is not one it takes (the modules run it)."""
+        """x [rows, hidden] (the embedded tokens, left as they are) -> the last layer's residual
+        stream, or None where this step is not one it takes (the modules run it)."""
         rows = x.shape[0]
         kernels = self._kernels_by_dtype.get(cache.dtype)
         if (kernels is None or meta.prefills or meta.num_decode != rows
@@ -135,7 +127,7 @@ class DecodeLayers:
         tables, lens = self._attention.checked_tables(meta.decode_block_tables, meta.decode_lens,
                                                        rows, cache)
         cos, sin = (t.squeeze(1) for t in self._rotary.cos_sin(positions))
-        if cos.shape != (rows, self._model.rot_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
+        if cos.shape != (rows, self._model.rot_dim) or not cos.is_contiguous() or not sin.is_contiguous():
             return None
         threads = torch.get_num_threads()
         work = torch.empty(self._work_floats(ctypes.byref(self._model), rows), dtype=torch.float32)
@@ -170,20 +162,30 @@ def _qualifies(model: nn.Module) -> str | None:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers or get_tp().size != 1:
         return "not a single-rank decoder"
-    rotary = layers[0].self_attn.rotary if isinstance(layers[0], LlamaDecoderLayer) else None
+    if not isinstance(layers[0], LlamaDecoderLayer):
+        return "layer 0 is not a Llama layer"
+    first: LlamaAttention = layers[0].self_attn
+    hidden, inter = model.config["hidden_size"], layers[0].mlp.down_proj.in_features
+    q, kv = first.q_size, first.kv_size
+    # the C code sizes its work space from these
+    shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
     for i, layer in enumerate(layers):
         if not isinstance(layer, LlamaDecoderLayer) or type(layer.mlp) is not LlamaMLP:
             return f"layer {i} is not a plain Llama layer"
         a: LlamaAttention = layer.self_attn
         projections = (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-        if a.qk_norm or a.layer != i or a.rotary is not rotary or any("bias" in p.specs for p in projections):
+        if (a.qk_norm or a.layer != i or a.rotary is not first.rotary
+                or any("bias" in p.specs for p in projections)):
             return f"layer {i} has q/k norms, biases or its own rotary"
         if not all(isinstance(p.method, BlockLinearMethod) for p in projections):
             return f"layer {i} has projections outside GGUF blocks"
-        if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous()
+        if [p.method.blocks.shape for p in projections] != shapes:
+            return f"layer {i} has projections of other shapes than layer 0's"
+        if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.weight.shape != (hidden,)
                for n in (layer.input_layernorm, layer.post_attention_layernorm)):
-            return f"layer {i} has norms that are not float32"
-    if (rotary.rot_dim > layers[0].self_attn.head_dim or rotary.rot_dim % 2
+            return f"layer {i} has norms that are not float32 [hidden]"
+    rotary = first.rotary
+    if (rotary.rot_dim > first.head_dim or rotary.rot_dim % 2
             or rotary.cos.dtype != torch.float32):
         return "rotary tables the fused kernel does not take"
     return None
