@@ -126,7 +126,7 @@ def test_models_and_steps_it_does_not_take_run_the_modules(model, tmp_path):
                              prefills=[PrefillSegment(1, 1, 1, torch.zeros(1, dtype=torch.long))])
     assert decoder.decode_layers(x, torch.zeros(2, dtype=torch.long), llm.engine.kv_cache, meta) is None
 
-    from model_factory import VOCAB, llama_config, save_model
+    from model_factory import VOCAB, llama_config, qwen3_moe_config, save_model
     from transformers import Qwen2Config
 
     qwen2 = Qwen2Config(**{k: getattr(llama_config(), k) for k in (
@@ -136,6 +136,9 @@ def test_models_and_steps_it_does_not_take_run_the_modules(model, tmp_path):
     biased = _llm(_gguf_model(tmp_path / "biased", qwen2))   # q/k/v biases
     assert biased.engine.model.model.decode_layers is None
     assert "bias" in _qualifies(biased.engine.model)
+    moe = _llm(_gguf_model(tmp_path / "moe", qwen3_moe_config()))   # Llama layers, MoE MLPs
+    assert moe.engine.model.model.decode_layers is None
+    assert "plain Llama layer" in _qualifies(moe.engine.model)
     dense = _llm(str(save_model(llama_config(), tmp_path / "dense")))   # float32 weights: no blocks
     assert dense.engine.model.model.decode_layers is None
     assert "GGUF blocks" in _qualifies(dense.engine.model)

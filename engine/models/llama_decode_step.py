@@ -162,8 +162,8 @@ def _qualifies(model: nn.Module) -> str | None:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers or get_tp().size != 1:
         return "not a single-rank decoder"
-    if not isinstance(layers[0], LlamaDecoderLayer):
-        return "layer 0 is not a Llama layer"
+    if not isinstance(layers[0], LlamaDecoderLayer) or type(layers[0].mlp) is not LlamaMLP:
+        return "layer 0 is not a plain Llama layer"
     first: LlamaAttention = layers[0].self_attn
     hidden, inter = model.config["hidden_size"], layers[0].mlp.down_proj.in_features
     q, kv = first.q_size, first.kv_size
