@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .core_share import CoreShare
 from .engine_loop import EngineFront, EngineLoop
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class CoreSetup:
     store_host: str  # the address its Mooncake client advertises
     gcs_address: str
     node_store: bool
+    most_threads: int = 0  # on the host's core board, stepping on up to this many (0: config.threads)
 
 
 class EngineCore(EngineFront):
@@ -212,7 +214,8 @@ def serve(conn: Connection) -> None:
             conn.send((_portable(results), stats))
 
     try:
-        loop = EngineLoop(build, name=f"{setup.worker_id}-engine", publish=publish)
+        loop = EngineLoop(build, name=f"{setup.worker_id}-engine", publish=publish,
+                          cores=CoreShare.open(setup.config.threads, setup.most_threads))
     except BaseException as exc:
         log.exception("%s: the engine could not be built", setup.worker_id)
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ..engine.outputs import RequestOutput
 from ..engine.sampling import SamplingParams
+from .core_share import CoreShare
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,21 @@ class EngineLoop(EngineFront):
 
     def __init__(self, engine, name: str = "engine", mirror: Mirror | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 publish: Callable[[list, Any], None] | None = None) -> None:
+                 publish: Callable[[list, Any], None] | None = None,
+                 cores: CoreShare | None = None) -> None:
         """`engine` is the engine, or a callable that builds it. A builder runs on the engine's
         thread, and this returns once it has (raising what it raised), so that every OpenMP parallel
         region of the engine, its construction's included, opens on that one thread: libgomp keeps a
         thread team for each thread that opens one, and with more of its threads than cores it stops
         spinning between regions, so each region then waits on a futex wake-up (measured on 2 cores:
         a batch-1 decode step of 12 ms took 26 once the engine built on one thread stepped on
-        another)."""
+        another).
+
+        With `cores` the engine's threads are sized before each step to the cores the host's other
+        engines leave idle, and given back while it has nothing to do."""
         super().__init__()
         self.mirror = mirror
+        self._cores = cores
         self._on_fatal = on_fatal
         self._publish = publish
         self._cond = threading.Condition()
@@ -181,6 +187,8 @@ class EngineLoop(EngineFront):
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        if self._cores is not None and not self._thread.is_alive():
+            self._cores.close()
 
     def _command(self, cmd: tuple) -> None:
         self.enqueue(cmd)
@@ -204,6 +212,8 @@ class EngineLoop(EngineFront):
         while True:
             with self._cond:
                 while not (self._stopped or self._commands or engine.has_unfinished_requests()):
+                    if self._cores is not None:
+                        self._cores.release()
                     self._cond.wait()
                 if self._stopped:
                     return
@@ -221,6 +231,8 @@ class EngineLoop(EngineFront):
                     return
             if step:
                 try:
+                    if self._cores is not None:
+                        engine.set_threads(self._cores.claim(len(self._active)))
                     outputs = engine.step()
                 except Exception as exc:
                     if self.mirror is not None:  # the ranks' collectives are out of step for good

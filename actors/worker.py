@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from .core_share import CoreShare
 from .engine_core import CoreSetup, EngineCore, build_engine, engine_facts
 from .engine_loop import EngineLoop
 
@@ -38,6 +39,7 @@ class WorkerInfo:
     tp_pids: tuple[int, ...] = ()  # processes of TP ranks 1.. (this actor is rank 0)
     deployment_id: str = ""  # salts the block hashes with the model's fingerprint
     threads: int = 0  # torch intra-op threads the engine (and its CPU kernels) runs with
+    most_threads: int = 0  # > threads: its steps take up to this many while the host's others idle
     engine_pid: int = 0  # the engine's own process (engine.core "process"); 0: it runs in `pid`
 
 
@@ -76,31 +78,34 @@ class EngineWorker:
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         config = self.spec.engine_config(deployment_id=deployment_id())
+        most = 0   # with engine.threads unset: the threads its steps may take while the host's others idle
         if config.threads is None:
             # Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPUs, which would leave a worker
             # that owns its whole node on one core: take the host's cores, shared with the other
             # workers placed on it and with the TP ranks.
-            config = replace(config, threads=self._default_threads(config.tp_size))
+            share, most = self._default_threads(config.tp_size)
+            config = replace(config, threads=share)
         store_host = self._store_host(ctx.gcs_address)
         # node mode: the node's store client runs first, so the KV cache is allocated in memory it
         # shares (the TP ranks then find it running too)
         node_store = self.spec.store.client == "node" and self._node_store(store_host, ctx.gcs_address)
+        self.most_threads = most
         self.core = self.spec.engine.core or ("thread" if config.tp_size > 1 else "process")
         self.followers: TPFollowers | None = None
         if self.core == "process":
             self.loop = EngineCore(CoreSetup(spec, worker_id, config, store_host, ctx.gcs_address,
-                                             node_store), on_exit=self._die)
+                                             node_store, most), on_exit=self._die)
             self.facts = self.loop.facts
             self.kv_store = self.facts["kv_store"]
         else:
-            self._start_thread_core(spec, config, store_host, ctx.gcs_address, node_store)
+            self._start_thread_core(spec, config, store_host, ctx.gcs_address, node_store, most)
         log.info("%s ready on node %s (TP %d, %d threads, engine in %s, KV store: %s)", worker_id,
                  self.node_ip, config.tp_size, config.threads,
                  "its own process" if self.core == "process" else "the worker's process",
                  "connected" if self.kv_store else "none")
 
     def _start_thread_core(self, spec: dict, config, store_host: str, gcs_address: str,
-                           node_store: bool) -> None:
+                           node_store: bool, most: int) -> None:
         """The engine on a thread of this process, stepping its TP followers (if any) in lockstep."""
         from .tp_followers import TPFollowers
 
@@ -117,8 +122,10 @@ class EngineWorker:
             return engine
 
         try:
+            cores = None if self.followers else CoreShare.open(config.threads, most)
             self.loop = EngineLoop(build, name=f"{self.worker_id}-engine", mirror=self.followers,
-                                   on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"))
+                                   on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"),
+                                   cores=cores)
             followers_stored = self.followers.wait_ready() if self.followers else []
         except BaseException:
             if self.followers is not None:
@@ -127,11 +134,14 @@ class EngineWorker:
         self.facts = engine_facts(self.loop.engine, built["connector"])
         self.kv_store = self.facts["kv_store"] and all(followers_stored)
 
-    def _default_threads(self, tp_size: int) -> int:
-        """engine.threads when the spec leaves it unset, from what Ray says about the nodes."""
+    def _default_threads(self, tp_size: int) -> tuple[int, int]:
+        """With engine.threads unset, from what Ray says about the nodes: the threads this engine
+        always has (its share of the host), and the most its steps may take while the host's other
+        engines idle (0: it keeps its share, see `most_threads`)."""
         import ray
 
-        from ..cluster.policy.engine_threads import NodeView, engine_threads, workers_on_host
+        from ..cluster.policy.engine_threads import (NodeView, engine_threads, most_threads,
+                                                     usable_cores, workers_on_host)
 
         nodes = {n["NodeID"]: NodeView(hostname=n.get("NodeManagerHostname", ""),
                                        cpus=n.get("Resources", {}).get("CPU", 0.0),
@@ -143,7 +153,9 @@ class EngineWorker:
             pool = self.spec.pool(role)
             pools[pool.role_resource] = pools.get(pool.role_resource, 0) + pool.replicas
         workers = workers_on_host(nodes.values(), me.hostname, pools)
-        return engine_threads(len(os.sched_getaffinity(0)), me.cpus, workers, tp_size)
+        cores = len(os.sched_getaffinity(0))
+        share = engine_threads(cores, me.cpus, workers, tp_size)
+        return share, most_threads(self.role, share, usable_cores(cores, me.cpus), tp_size)
 
     def _node_store(self, store_host: str, gcs_address: str) -> bool:
         """Whether this node's store client runs (started if no worker here has yet); if it does
@@ -185,7 +197,8 @@ class EngineWorker:
             worker_id=self.worker_id, role=self.role, node_id=self.node_id, node_ip=self.node_ip,
             pid=os.getpid(), **{**self.facts, "kv_store": self.kv_store},
             tp_pids=self.followers.pids if self.followers else (),
-            engine_pid=self.loop.pid if self.core == "process" else 0)
+            engine_pid=self.loop.pid if self.core == "process" else 0,
+            most_threads=self.most_threads)
 
     def report(self) -> WorkerReport:
         s = self.loop.stats()

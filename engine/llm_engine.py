@@ -249,6 +249,12 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         return ids
 
+    def set_threads(self, threads: int) -> None:
+        """Step on `threads` threads from the next step on (from the thread that steps it)."""
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
         seq = self._seqs.pop(request_id, None)

@@ -26,7 +26,8 @@ QUESTION = [{"role": "user", "content": "Write two sentences about the sea."}]
 def cluster():
     import ray
 
-    spec = h.small_spec()
+    # engine.threads unset, as in a user's spec: the two workers share this machine's cores
+    spec = h.small_spec(engine={"threads": None})
     ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:
         base = h.serve_cluster(spec)
@@ -244,6 +245,17 @@ def test_models_and_health(client, cluster):
     assert [m.id for m in client.models.list().data] == [h.MODEL]
     health = httpx.get(cluster[1] + "/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_prefill_and_decode_split_the_cores_and_decode_may_take_the_idle_ones(cluster):
+    import os
+
+    workers = {w.info.role: w.info for w in h.snapshot().workers}
+    usable = min(len(os.sched_getaffinity(0)), 4)   # Ray offers 4 CPUs; fewer cores cap it
+    assert workers["prefill"].threads == workers["decode"].threads == max(1, usable // 2)
+    if usable > 1:   # decode steps may take the host's cores; prefill keeps its share, on the board
+        assert workers["decode"].most_threads == usable
+        assert workers["prefill"].most_threads == workers["prefill"].threads
 
 
 def test_grpc_generate_streams_the_same_answer(client, cluster):

@@ -119,6 +119,12 @@ def speculation_summary(w) -> str:
     return f"len {length:.2f} ({w.spec_accepted_tokens / w.spec_draft_tokens:.0%})"
 
 
+def threads_summary(w) -> str:
+    """`pdcluster status`'s threads column: the engine's threads, or its share and the most its
+    steps take while the host's other engines idle ("1-2")."""
+    return f"{w.threads}-{w.most_threads}" if w.most_threads > w.threads else str(w.threads)
+
+
 def run_status(args: argparse.Namespace) -> int:
     from ..launch import deployment as local_cluster
 
@@ -140,6 +146,6 @@ def run_status(args: argparse.Namespace) -> int:
           f"{'free blocks':>14}{'placed':>8}{'spec accepted':>22}")
     for w in st.workers:
         print(f"{w.worker_id:<12}{w.role:<9}{w.node_ip:<16}{'ok' if w.healthy else 'DOWN':<9}"
-              f"{w.threads:>8}{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}"
+              f"{threads_summary(w):>8}{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}"
               f"{speculation_summary(w):>22}")
     return 0

@@ -51,6 +51,7 @@ class WorkerStatus:
     total_blocks: int
     placed_total: int
     threads: int = 0  # the engine's torch threads
+    most_threads: int = 0  # > threads: its steps take up to this many while the host's others idle
     # speculative decoding (engine totals)
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -404,6 +405,7 @@ def status(address: str | None = None) -> ClusterStatus:
             running_seqs=w.report.running_seqs if w.report else 0,
             free_blocks=w.report.free_blocks if w.report else 0,
             total_blocks=w.info.num_total_blocks, placed_total=w.placed_total, threads=w.info.threads,
+            most_threads=w.info.most_threads,
             **_spec_totals(w.report.stats if w.report else {})) for w in snap.workers]
         return ClusterStatus(ray_address=address, serve_status=str(serve_status),
                              in_flight=snap.in_flight, queued=snap.queued,

@@ -1,5 +1,7 @@
 """How many torch threads a worker's engine runs with when the spec leaves `engine.threads` unset:
-the cores of its host, shared among the pdcluster workers placed on that host and their TP ranks.
+the cores of its host, shared among the pdcluster workers placed on that host and their TP ranks,
+as a share each always has, and for decode engines, step by step, the cores the host's other
+engines leave idle.
 
 Pure (stdlib only): the worker actor passes in what Ray says about the nodes.
 """
@@ -27,9 +29,43 @@ def workers_on_host(nodes: Iterable[NodeView], hostname: str, pools: Mapping[str
     return max(1, count)
 
 
+def usable_cores(cores: int, node_cpus: float) -> int:
+    """The cores this process may run on, capped by the node's Ray CPU count when it advertises
+    fewer (as a pod's limit does)."""
+    return max(1, min(cores, int(node_cpus)) if node_cpus >= 1 else cores)
+
+
 def engine_threads(cores: int, node_cpus: float, workers: int, tp_size: int) -> int:
-    """Threads for one TP rank of one of `workers` workers sharing a host: the cores this process may
-    run on (capped by the node's Ray CPU count when it advertises fewer, as a pod's limit does),
-    split evenly among every rank of every worker on the host."""
-    usable = min(cores, int(node_cpus)) if node_cpus >= 1 else cores
-    return max(1, usable // (max(1, workers) * max(1, tp_size)))
+    """Threads for one TP rank of one of `workers` workers sharing a host: its share, the usable
+    cores split evenly among every rank of every worker on the host."""
+    return max(1, usable_cores(cores, node_cpus) // (max(1, workers) * max(1, tp_size)))
+
+
+# Fewest sequences a decode step needs before it takes more than its share. A batch-1 step is a few
+# hundred parallel regions of tens of microseconds each; on the cores the serving processes also use
+# (the worker actor's streams, the ingress, HTTP), each slice of their work that preempts one of the
+# step's threads stalls the others at the next barrier, and a second thread lost more than it gained
+# (`bench_served --engine-threads shared split` on 2 cores: TPOT at 1 concurrent 15.7 ms against
+# 12.1 on one thread, at 8 and 32 concurrent 34.0 / 77.6 ms against 39.2 / 91.1).
+EXPAND_FROM_SEQS = 4
+
+
+def step_threads(share: int, most: int, others_busy: int, seqs: int) -> int:
+    """Threads for an engine's next step of `seqs` sequences: of the `most` cores it may step on
+    (its host's usable cores, or just its share), those its host's other engines are not stepping
+    on (`others_busy`: the threads they step with), never fewer than its `share`; its share alone
+    for fewer than EXPAND_FROM_SEQS sequences."""
+    if seqs < EXPAND_FROM_SEQS:
+        return share
+    return max(share, most - others_busy)
+
+
+def most_threads(role: str, share: int, usable: int, tp_size: int) -> int:
+    """The most threads an engine steps with when the host's other engines idle; 0 where it keeps
+    its share and need not say what it uses (it has the host to itself). Decode engines take the
+    idle cores: a decode step is short (tens of ms), so one that took them gives them back within a
+    step once a prefill starts. A prefill engine keeps its share: its steps (whole prompt chunks,
+    up to seconds) would hold cores a decode engine needs for their whole length."""
+    if usable <= share or tp_size > 1:
+        return 0
+    return usable if role == "decode" else share

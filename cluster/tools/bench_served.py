@@ -3,7 +3,7 @@ at each batch size, then the colocated and the PD deployments (and any --peer se
 concurrencies, with served throughput and TPOT as ratios of the offline engine's and the goals beside.
 
     python -m pdcluster.cluster.tools.bench_served [--concurrency 1 8 32] [--peer llama.cpp=http://127.0.0.1:8100]
-        [--engine-core process thread]
+        [--engine-core process thread] [--engine-threads shared split]
 """
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine.core of the deployments; with both, each deployment runs with each "
                          "(named e.g. colocated-thread), the engine in its own process against the "
                          "engine on a thread of the worker actor")
+    ap.add_argument("--engine-threads", nargs="+", choices=["shared", "split"], default=["shared"],
+                    help="engine.threads of the deployments: unset (shared: decode steps take the "
+                         "cores an idle prefill engine leaves, the default) or set to the cores split "
+                         "among the workers; with both, each deployment runs with each (e.g. pd-split)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -162,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ports = local_ports()
     cores = list(dict.fromkeys(args.engine_core))
-    specs = {(name if len(cores) == 1 else f"{name}-{core}"): local_spec(name == "colocated", args.kv_blocks,
-                                                                        ports, core)
-             for name in args.deployments for core in cores}
+    threads = list(dict.fromkeys(args.engine_threads))
+    specs = {"-".join([name] + ([core] if len(cores) > 1 else []) + ([way] if len(threads) > 1 else [])):
+             local_spec(name == "colocated", args.kv_blocks, ports, core, way)
+             for name in args.deployments for core in cores for way in threads}
     first = next(iter(specs.values()))
     cfg = BenchConfig(model=first.model.served_name, input_len=args.input_len, output_len=args.output_len,
                       concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
