@@ -12,6 +12,7 @@ count, and the next step reads again.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 SLOTS = 64
 _SLOT = struct.calcsize("q")
-DEFAULT_PATH = f"/dev/shm/pdcluster-cores-{os.getuid()}"
+# PDCLUSTER_CORE_BOARD: another board (engines that should not see this host's others)
+DEFAULT_PATH = os.environ.get("PDCLUSTER_CORE_BOARD", f"/dev/shm/pdcluster-cores-{os.getuid()}")
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (open-file-description locks)
 _FLOCK = "hh4xqqi4x"
 
@@ -36,8 +38,8 @@ class CoreBoard:
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < SLOTS * _SLOT:
-                os.ftruncate(fd, SLOTS * _SLOT)
+            # allocated, not just sized: a store into a page tmpfs cannot back is a SIGBUS
+            os.posix_fallocate(fd, 0, SLOTS * _SLOT)
             self.slot = next((i for i in range(SLOTS) if _lock(fd, i, fcntl.F_OFD_SETLK)), None)
             if self.slot is None:
                 raise OSError(f"no free slot on {path} ({SLOTS} engines on this host)")
@@ -73,8 +75,10 @@ def _lock(fd: int, slot: int, cmd: int) -> bool:
     request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot * _SLOT, _SLOT, 0)
     try:
         answer = fcntl.fcntl(fd, cmd, request)
-    except OSError:   # SETLK: held by another engine
-        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):   # SETLK: held by another engine
+            return False
+        raise
     return cmd == fcntl.F_OFD_SETLK or struct.unpack(_FLOCK, answer)[0] == fcntl.F_UNLCK
 
 
@@ -92,16 +96,19 @@ class CoreShare:
         cannot be had."""
         if most < 1:
             return None
+        if not hasattr(fcntl, "F_OFD_SETLK"):   # open-file-description locks are Linux's
+            log.warning("engine threads stay at %d: no open-file-description locks here", share)
+            return None
         try:
             return cls(share, most, CoreBoard(path))
         except OSError as exc:
             log.warning("engine threads stay at %d: the host's core board is unavailable (%s)", share, exc)
             return None
 
-    def claim(self, seqs: int) -> int:
-        """Threads for the next step, of `seqs` sequences, posted as this engine's until released
-        or claimed again."""
-        threads = step_threads(self.share, self.most, self.board.others_busy(), seqs)
+    def claim(self, decode_seqs: int) -> int:
+        """Threads for the next step, which decodes `decode_seqs` sequences (0: prompt work),
+        posted as this engine's until released or claimed again."""
+        threads = step_threads(self.share, self.most, self.board.others_busy(), decode_seqs)
         if threads != self._posted:
             self.board.post(threads)
             self._posted = threads

@@ -230,9 +230,9 @@ class EngineLoop(EngineFront):
                     self._fatal(exc)
                     return
             if step:
+                if self._cores is not None:
+                    self._size_step(engine)
                 try:
-                    if self._cores is not None:
-                        engine.set_threads(self._cores.claim(len(self._active)))
                     outputs = engine.step()
                 except Exception as exc:
                     if self.mirror is not None:  # the ranks' collectives are out of step for good
@@ -254,6 +254,18 @@ class EngineLoop(EngineFront):
                 self._publish(results, self._stats)
             elif results:
                 self._post(results)
+
+    def _size_step(self, engine) -> None:
+        """Step on the threads the host's core board leaves this engine; if that fails, on its
+        share from now on."""
+        try:
+            engine.set_threads(self._cores.claim(engine.decode_batch()))
+        except Exception:
+            log.exception("sizing the engine's threads failed: it keeps its share from now on")
+            cores, self._cores = self._cores, None
+            with contextlib.suppress(Exception):
+                engine.set_threads(cores.share)
+                cores.close()
 
     def _fatal(self, exc: BaseException) -> None:
         """Lockstep with the other TP ranks is lost (a rank died, or a collective timed out)."""

@@ -249,6 +249,10 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         return ids
 
+    def decode_batch(self) -> int:
+        """Sequences the next step decodes; 0 when it may compute prompt tokens."""
+        return self.scheduler.decode_batch()
+
     def set_threads(self, threads: int) -> None:
         """Step on `threads` threads from the next step on (from the thread that steps it)."""
         if threads != self.threads:

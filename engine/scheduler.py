@@ -59,6 +59,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading or self.saving)
 
+    def decode_batch(self) -> int:
+        """Sequences the next step decodes, or 0 when it may compute prompt tokens (a running
+        sequence with more than its next token to compute, or a newcomer whose KV is not handed
+        over to be loaded)."""
+        if any(seq.kv_import is None for seq in self.waiting):
+            return 0
+        if any(seq.num_tokens - seq.num_computed_tokens > 1 for seq in self.running):
+            return 0
+        return len(self.running)
+
     def kv_arrived(self, seq: Sequence) -> None:
         """A loading sequence's blocks are in: it joins the running batch."""
         self.loading.remove(seq)

@@ -4,6 +4,7 @@ last post is ignored; the engine loop sizes each step that way and gives its cor
 from __future__ import annotations
 
 import asyncio
+import select
 import subprocess
 import sys
 import textwrap
@@ -22,13 +23,14 @@ MANY = EXPAND_FROM_SEQS
 
 
 def test_decode_takes_the_cores_others_leave_and_small_batches_keep_their_share():
-    assert step_threads(share=1, most=2, others_busy=0, seqs=MANY) == 2
-    assert step_threads(share=1, most=2, others_busy=1, seqs=MANY) == 1
-    assert step_threads(share=1, most=2, others_busy=2, seqs=MANY) == 1   # never below its share
-    assert step_threads(share=1, most=2, others_busy=0, seqs=MANY - 1) == 1
+    assert step_threads(share=1, most=2, others_busy=0, decode_seqs=MANY) == 2
+    assert step_threads(share=1, most=2, others_busy=1, decode_seqs=MANY) == 1
+    assert step_threads(share=1, most=2, others_busy=2, decode_seqs=MANY) == 1   # never below its share
+    assert step_threads(share=1, most=2, others_busy=0, decode_seqs=MANY - 1) == 1
+    assert step_threads(share=1, most=2, others_busy=0, decode_seqs=0) == 1   # prompt work
     # 16 cores, four engines of 4: a decode engine takes what the busy others leave
-    assert step_threads(share=4, most=16, others_busy=4 + 4, seqs=64) == 8
-    assert step_threads(share=4, most=4, others_busy=0, seqs=64) == 4      # a prefill engine
+    assert step_threads(share=4, most=16, others_busy=4 + 4, decode_seqs=64) == 8
+    assert step_threads(share=4, most=4, others_busy=0, decode_seqs=64) == 4      # a prefill engine
 
 
 def test_only_decode_engines_without_the_host_to_themselves_take_more_than_their_share():
@@ -73,6 +75,7 @@ def test_a_dead_engines_post_is_ignored_and_its_slot_reused(board_path):
     """)
     live = subprocess.Popen([sys.executable, "-c", script, "live"], stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([live.stdout], [], [], 60)[0], "the live engine did not take a slot"
         live_slot = int(live.stdout.readline())
         assert share.board.others_busy() == 2 and share.claim(MANY) == 1
         dead = subprocess.run([sys.executable, "-c", script, "die"], capture_output=True, text=True,
@@ -84,7 +87,9 @@ def test_a_dead_engines_post_is_ignored_and_its_slot_reused(board_path):
         live.kill()
         live.wait()
     assert share.board.others_busy() == 0 and share.claim(MANY) == 2
-    assert CoreBoard(board_path).slot in (live_slot, dead_slot)   # freed by their deaths
+    newcomer = CoreBoard(board_path)
+    assert newcomer.slot in (live_slot, dead_slot)    # freed by their deaths
+    newcomer.close()
     share.close()
 
 
@@ -99,6 +104,9 @@ class ThreadsEngine(FakeEngine):
     def set_threads(self, threads: int) -> None:
         self.threads = threads
 
+    def decode_batch(self) -> int:
+        return len(self.seqs)
+
     def step(self):
         self.stepped_on.append(self.threads)
         return super().step()
@@ -111,11 +119,21 @@ def test_the_engine_loop_sizes_each_step_and_gives_its_cores_up_when_idle(board_
     ids = iter(range(1000))
 
     async def run(n: int, tokens: int):
-        queues = [_submit(loop, f"r{next(ids)}", [1], SamplingParams(max_tokens=tokens)) for _ in range(n)]
+        with loop._cond:   # all in before the engine thread looks: every step has all n
+            queues = [_submit(loop, f"r{next(ids)}", [1], SamplingParams(max_tokens=tokens))
+                      for _ in range(n)]
         return await asyncio.gather(*(_drain(q) for q in queues))
 
+    try:
+        _sized_steps(loop, other, run)
+    finally:
+        loop.stop()
+        other.close()
+
+
+def _sized_steps(loop: EngineLoop, other: CoreShare, run) -> None:
     asyncio.run(run(MANY, 3))
-    assert loop.engine.stepped_on[-1] == 2               # alone on the host, enough sequences
+    assert set(loop.engine.stepped_on) == {2}            # alone on the host, enough sequences
     deadline = time.monotonic() + 5
     while other.board.others_busy() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -127,5 +145,3 @@ def test_the_engine_loop_sizes_each_step_and_gives_its_cores_up_when_idle(board_
     loop.engine.stepped_on.clear()
     asyncio.run(run(MANY, 3))
     assert set(loop.engine.stepped_on) == {1}            # the prefill engine works
-    loop.stop()
-    other.close()

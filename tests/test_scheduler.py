@@ -66,3 +66,22 @@ def test_preemption_frees_blocks_and_requeues_newest():
     sch.finish(a, "stop")
     sch.finish(b, "abort")
     assert bm.num_free_blocks == 4 and not sch.has_unfinished()
+
+
+def test_decode_batch_counts_decodes_only_when_no_prompt_is_computed():
+    bm, sch = make(budget=16)
+    a = Sequence("a", list(range(6)), SamplingParams())
+    sch.add(a)
+    assert sch.decode_batch() == 0                     # a newcomer's prompt comes next
+    apply(sch.schedule())
+    assert sch.decode_batch() == 1                     # a decodes
+    loaded = Sequence("loaded", [1, 2, 3], SamplingParams())
+    loaded.kv_import = object()                        # its KV is handed over: loaded, not computed
+    sch.add(loaded)
+    assert sch.decode_batch() == 1
+    b = Sequence("b", list(range(30)), SamplingParams())
+    sch.add(b)
+    assert sch.decode_batch() == 0
+    sch.waiting.remove(loaded)
+    apply(sch.schedule())                              # b's first chunk: 15 of its 30 tokens
+    assert b.num_computed_tokens < b.num_tokens - 1 and sch.decode_batch() == 0

@@ -50,12 +50,14 @@ def engine_threads(cores: int, node_cpus: float, workers: int, tp_size: int) -> 
 EXPAND_FROM_SEQS = 4
 
 
-def step_threads(share: int, most: int, others_busy: int, seqs: int) -> int:
-    """Threads for an engine's next step of `seqs` sequences: of the `most` cores it may step on
-    (its host's usable cores, or just its share), those its host's other engines are not stepping
-    on (`others_busy`: the threads they step with), never fewer than its `share`; its share alone
-    for fewer than EXPAND_FROM_SEQS sequences."""
-    if seqs < EXPAND_FROM_SEQS:
+def step_threads(share: int, most: int, others_busy: int, decode_seqs: int) -> int:
+    """Threads for an engine's next step, which decodes `decode_seqs` sequences (0: it computes
+    prompt tokens): of the `most` cores it may step on (its host's usable cores, or just its
+    share), those its host's other engines are not stepping on (`others_busy`: the threads they
+    step with), never fewer than its `share`. Steps with prompt work, and decode steps of fewer than
+    EXPAND_FROM_SEQS sequences, keep the share: a prompt step lasts up to seconds and would hold
+    the cores that long."""
+    if decode_seqs < EXPAND_FROM_SEQS:
         return share
     return max(share, most - others_busy)
 
