@@ -103,6 +103,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._saved_outputs: dict[str, RequestOutput] = {}  # first tokens held until their KV is stored
         self._step_time = LatencyHistogram()
+        self._step_thread_seconds = 0.0
         self._kv_wait = LatencyHistogram()
         self._computed_tokens = 0
         self._prefix_hits = 0
@@ -293,6 +294,7 @@ class LLMEngine:
         sampled, tokens, logprobs = self.runner.run(sched.scheduled)
         elapsed = time.perf_counter() - started
         self._step_time.observe(elapsed)
+        self._step_thread_seconds += elapsed * self.threads
         if prompt:
             self._prefill_tokens += prompt
             self._prefill_seconds += elapsed
@@ -435,6 +437,7 @@ class LLMEngine:
             spec_verifications_total=self._verifications,
             prefill_tokens_total=self._prefill_tokens, prefill_seconds_total=self._prefill_seconds,
             num_loading_kv=len(self.scheduler.loading), step_seconds=self._step_time.snapshot(),
+            step_thread_seconds_total=self._step_thread_seconds,
             kv_wait_seconds=self._kv_wait.snapshot(), **asdict(self.kv.counters))
 
 

@@ -42,4 +42,5 @@ class EngineStats(KVCounters):
     prefill_seconds_total: float = 0.0
     num_loading_kv: int = 0                # admitted, waiting for their KV to arrive
     step_seconds: dict = field(default_factory=dict)     # model step time, LatencyHistogram form
+    step_thread_seconds_total: float = 0.0  # model step time x the threads each step ran on
     kv_wait_seconds: dict = field(default_factory=dict)  # admission to KV in, per loaded request

@@ -24,7 +24,7 @@ def histogram(*seconds: float) -> dict:
 def test_step_time_kv_wait_and_loading_requests_per_worker():
     metrics = ServingMetrics()
     decode = {"step_seconds": histogram(0.004, 0.02, 0.02, 0.3), "kv_wait_seconds": histogram(1.5),
-              "num_loading_kv": 2}
+              "num_loading_kv": 2, "step_thread_seconds_total": 0.6}
     prefill = {"step_seconds": histogram(0.2), "kv_wait_seconds": histogram(), "num_loading_kv": 0}
     metrics.set_cluster(SimpleNamespace(queued=0, in_flight=3, workers=[
         worker("d0", "decode", decode), worker("p0", "prefill", prefill),
@@ -55,5 +55,29 @@ def test_step_time_kv_wait_and_loading_requests_per_worker():
     assert value(mn.KV_LOADING_REQUESTS, "d0", "decode") == 2
     assert value(mn.KV_LOADING_REQUESTS, "p0", "prefill") == 0
     assert value(mn.KV_LOADING_REQUESTS, "old", "decode") == 0
+    threads = mn.WORKER_STEP_THREAD_SECONDS_TOTAL
+    assert f"# TYPE {threads} counter" in text
+    assert value(threads, "d0", "decode") == 0.6 and value(threads, "p0", "prefill") == 0
     assert 'worker="old"' not in "\n".join(line for line in text.splitlines()
                                            if line.startswith((step, wait)))
+
+
+def test_the_engine_counts_step_time_times_its_threads(llm):
+    from pdcluster.engine.sampling import SamplingParams
+
+    engine = llm.engine
+    original, before = engine.threads, engine.stats()
+    engine.set_threads(1)
+    try:
+        llm.generate(["The sea is"], SamplingParams(max_tokens=6, temperature=0))
+        middle = engine.stats()
+        engine.set_threads(2)
+        llm.generate(["The sea is"], SamplingParams(max_tokens=6, temperature=0))
+        after = engine.stats()
+    finally:
+        engine.set_threads(original)
+    one = middle.step_seconds["sum"] - before.step_seconds["sum"]
+    two = after.step_seconds["sum"] - middle.step_seconds["sum"]
+    assert one > 0 and two > 0
+    assert abs((middle.step_thread_seconds_total - before.step_thread_seconds_total) - one) < 1e-9
+    assert abs((after.step_thread_seconds_total - middle.step_thread_seconds_total) - 2 * two) < 1e-9

@@ -36,6 +36,7 @@ SPEC_DRAFT_TOKENS_TOTAL = "pdcluster_spec_draft_tokens_total"
 SPEC_ACCEPTED_TOKENS_TOTAL = "pdcluster_spec_accepted_tokens_total"
 SPEC_VERIFICATIONS_TOTAL = "pdcluster_spec_verifications_total"
 WORKER_STEP_SECONDS = "pdcluster_worker_step_seconds"
+WORKER_STEP_THREAD_SECONDS_TOTAL = "pdcluster_worker_step_thread_seconds_total"
 KV_WAIT_SECONDS = "pdcluster_kv_wait_seconds"
 KV_LOADING_REQUESTS = "pdcluster_kv_loading_requests"
 
@@ -67,6 +68,9 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef(SPEC_VERIFICATIONS_TOTAL, "counter",
               "Draft verifications on a worker (one per sequence and step with drafts)", ("worker", "role")),
     MetricDef(WORKER_STEP_SECONDS, "histogram", "Model step time on a worker", ("worker", "role")),
+    MetricDef(WORKER_STEP_THREAD_SECONDS_TOTAL, "counter",
+              "Model step time on a worker times the threads each step ran on (over the step "
+              "time's sum: the mean threads per step)", ("worker", "role")),
     MetricDef(KV_WAIT_SECONDS, "histogram",
               "Time a request waited in LOADING on a worker, from admission until its KV blocks "
               "arrived from the store", ("worker", "role")),

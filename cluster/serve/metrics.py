@@ -89,6 +89,9 @@ class _ClusterCollector(Collector):
                                    ("spec_verifications_total", mn.SPEC_VERIFICATIONS_TOTAL))}
         loading = GaugeMetricFamily(mn.KV_LOADING_REQUESTS, _help(mn.KV_LOADING_REQUESTS),
                                     labels=["worker", "role"])
+        thread_seconds = CounterMetricFamily(mn.WORKER_STEP_THREAD_SECONDS_TOTAL,
+                                             _help(mn.WORKER_STEP_THREAD_SECONDS_TOTAL),
+                                             labels=["worker", "role"])
         # the engines keep fixed-bucket histograms; each report carries a cumulative snapshot
         histograms = {stat: HistogramMetricFamily(name, _help(name), labels=["worker", "role"])
                       for stat, name in (("step_seconds", mn.WORKER_STEP_SECONDS),
@@ -106,6 +109,7 @@ class _ClusterCollector(Collector):
                 for stat, family in spec.items():
                     family.add_metric(labels, w.report.stats.get(stat, 0))
                 loading.add_metric(labels, w.report.stats.get("num_loading_kv", 0))
+                thread_seconds.add_metric(labels, w.report.stats.get("step_thread_seconds_total", 0.0))
                 for stat, family in histograms.items():
                     snapshot = w.report.stats.get(stat)
                     if snapshot:  # absent from a worker that predates it
@@ -118,7 +122,7 @@ class _ClusterCollector(Collector):
             recompute.add_metric(["missing"], missing)
             recompute.add_metric(["corrupt"], corrupt)
         yield from (queue, inflight, running, free, handoff_bytes, recompute, *spec.values(), loading,
-                    *histograms.values())
+                    thread_seconds, *histograms.values())
 
 
 def _buckets(snapshot: dict) -> list[tuple[str, float]]:
