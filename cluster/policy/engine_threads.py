@@ -42,11 +42,10 @@ def engine_threads(cores: int, node_cpus: float, workers: int, tp_size: int) -> 
 
 
 # Fewest sequences a decode step needs before it takes more than its share. A batch-1 step is a few
-# hundred parallel regions of tens of microseconds each; on the cores the serving processes also use
-# (the worker actor's streams, the ingress, HTTP), each slice of their work that preempts one of the
-# step's threads stalls the others at the next barrier, and a second thread lost more than it gained
-# (`bench_served --engine-threads shared split` on 2 cores: TPOT at 1 concurrent 15.7 ms against
-# 12.1 on one thread, at 8 and 32 concurrent 34.0 / 77.6 ms against 39.2 / 91.1).
+# hundred parallel regions of tens of microseconds each; where the serving processes share the cores
+# (the worker actor's streams, the ingress, HTTP), their work preempts the step's threads at its
+# barriers, and a second thread costs more than it gains (README, "Decode steps on the cores an idle
+# prefill engine leaves").
 EXPAND_FROM_SEQS = 4
 
 
@@ -63,8 +62,9 @@ def step_threads(share: int, most: int, others_busy: int, decode_seqs: int) -> i
 
 
 def most_threads(role: str, share: int, usable: int, tp_size: int) -> int:
-    """The most threads an engine steps with when the host's other engines idle; 0 where it keeps
-    its share and need not say what it uses (it has the host to itself). Decode engines take the
+    """The most threads an engine steps with when the host's other engines idle; 0 where it stays
+    off the host's board on a fixed share (it has the host's cores to itself, or is a tensor-parallel
+    rank, whose ranks step in lockstep on equal shares). Decode engines take the
     idle cores: a decode step is short (tens of ms), so one that took them gives them back within a
     step once a prefill starts. A prefill engine keeps its share: its steps (whole prompt chunks,
     up to seconds) would hold cores a decode engine needs for their whole length."""
