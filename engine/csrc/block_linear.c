@@ -227,6 +227,10 @@ static inline float lane_sum(vf v)
 #endif
 }
 
+/* the dot-product path's prefetch for an MS-row tile (MS a constant: one branch survives) */
+#define PREFETCH_SMALL(p, MS) do { if ((MS) == 1) __builtin_prefetch((p), 0, 1); \
+                                   else __builtin_prefetch((p)); } while (0)
+
 static inline __attribute__((always_inline)) void small_tile(
     int qtype, const float *x, int64_t K, const void *w, const float *d, const float *m,
     int64_t n0, int64_t nr, int64_t N, float *y, const int MS, const int NS)
@@ -238,19 +242,21 @@ static inline __attribute__((always_inline)) void small_tile(
         _Pragma("GCC unroll 16")
         for (int j = 0; j < NS; j++) acc[r][j] = (vf){0};
     /* this path is bound by the weights' latency from DRAM (one pass over each byte, few
-     * instructions per byte): ask for the rows PF_ROWS ahead, block by block, as these go by */
+     * instructions per byte): ask for the rows PF_ROWS ahead, block by block, as these go by.
+     * One row of x: into L2 only (PREFETCH_SMALL), as the L1 prefetches queue on the L1's few miss
+     * buffers there; with more rows, each weight does several rows' work and L1 measured faster. */
     const int64_t pf_row = n0 + PF_ROWS < N ? n0 + PF_ROWS : n0;
     const int64_t block_bytes = qtype == QTYPE_Q4_1 ? QBLOCK / 2 : QBLOCK;
     const char *pf_w = (const char *)w + pf_row * nb * block_bytes;
     for (int64_t b = 0; b < nb; b++) {
         if ((b * block_bytes) % 64 == 0)
             _Pragma("GCC unroll 16")
-            for (int j = 0; j < NS; j++) __builtin_prefetch(pf_w + (j * nb + b) * block_bytes);
+            for (int j = 0; j < NS; j++) PREFETCH_SMALL(pf_w + (j * nb + b) * block_bytes, MS);
         if (b % 16 == 0)
             _Pragma("GCC unroll 16")
             for (int j = 0; j < NS; j++) {
-                __builtin_prefetch(d + (pf_row + j) * nb + b);
-                if (qtype == QTYPE_Q4_1) __builtin_prefetch(m + (pf_row + j) * nb + b);
+                PREFETCH_SMALL(d + (pf_row + j) * nb + b, MS);
+                if (qtype == QTYPE_Q4_1) PREFETCH_SMALL(m + (pf_row + j) * nb + b, MS);
             }
         vf wv[SNR][BLOCK_VECS];
         _Pragma("GCC unroll 16")

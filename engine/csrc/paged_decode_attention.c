@@ -14,6 +14,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 /* glibc's libmvec has vector expf; math.h only declares it under -ffast-math, whose crtfastmath.o
  * would switch the whole process to flush-to-zero. Declare it here instead (linked with -lmvec). */
@@ -31,6 +34,11 @@ typedef float v4 __attribute__((vector_size(16)));
  * -ffast-math: a 16-add chain, which for a 64-wide q . k cost more than the products.) */
 static inline float hsum16(v16 acc)
 {
+#ifdef __AVX512F__   /* the same order in registers (the copies below go through the stack) */
+    __m512 a;
+    memcpy(&a, &acc, sizeof a);
+    return _mm512_reduce_add_ps(a);
+#endif
     v8 lo, hi;
     memcpy(&lo, &acc, sizeof lo);
     memcpy(&hi, (const char *)&acc + sizeof lo, sizeof hi);
@@ -143,12 +151,15 @@ static inline __attribute__((always_inline)) void decode_task_##SUF(TASK_ARGS(T)
         const T *kv = cache + table[start / block_size] * block_stride + layer_offset;             \
         if (start + block_size < len) {                                                            \
             /* the KV is read from DRAM (a step's cache does not fit in L3): ask for the next      \
-             * block's rows of this head while this block is computed */                           \
+             * block's rows of this head while this block is computed, into L2 (locality 1): a     \
+             * block's worth of L1 prefetches (128 lines for head_dim 64) overflows the L1's few   \
+             * miss buffers and hardly beat no prefetch; into L2 the step reads the KV ~1.4x as    \
+             * fast (bench_kernels' decode attention) */                                           \
             const T *next = cache + table[start / block_size + 1] * block_stride + layer_offset;   \
             for (int64_t t = 0; t < block_size; t++)                                               \
                 for (int64_t d = 0; d < head_dim; d += 64 / (int64_t)sizeof(T)) {                   \
-                    __builtin_prefetch(next + t * token_stride + d);                               \
-                    __builtin_prefetch(next + t * token_stride + v_offset + d);                    \
+                    __builtin_prefetch(next + t * token_stride + d, 0, 1);                         \
+                    __builtin_prefetch(next + t * token_stride + v_offset + d, 0, 1);              \
                 }                                                                                  \
         }                                                                                          \
         for (int64_t g = 0; g < group; g++) {                                                      \
