@@ -244,7 +244,7 @@ static inline __attribute__((always_inline)) void small_tile(
     /* this path is bound by the weights' latency from DRAM (one pass over each byte, few
      * instructions per byte): ask for the rows PF_ROWS ahead, block by block, as these go by.
      * One row of x: into L2 only (PREFETCH_SMALL), as the L1 prefetches queue on the L1's few miss
-     * buffers there; with more rows, each weight does several rows' work and L1 measured faster. */
+     * buffers there; with more rows, each weight does several rows' work and L1 prefetches did better. */
     const int64_t pf_row = n0 + PF_ROWS < N ? n0 + PF_ROWS : n0;
     const int64_t block_bytes = qtype == QTYPE_Q4_1 ? QBLOCK / 2 : QBLOCK;
     const char *pf_w = (const char *)w + pf_row * nb * block_bytes;

@@ -153,8 +153,7 @@ static inline __attribute__((always_inline)) void decode_task_##SUF(TASK_ARGS(T)
             /* the KV is read from DRAM (a step's cache does not fit in L3): ask for the next      \
              * block's rows of this head while this block is computed, into L2 (locality 1): a     \
              * block's worth of L1 prefetches (128 lines for head_dim 64) overflows the L1's few   \
-             * miss buffers and hardly beat no prefetch; into L2 the step reads the KV ~1.4x as    \
-             * fast (bench_kernels' decode attention) */                                           \
+             * miss buffers, and did hardly better than none (README, CPU kernels) */              \
             const T *next = cache + table[start / block_size + 1] * block_stride + layer_offset;   \
             for (int64_t t = 0; t < block_size; t++)                                               \
                 for (int64_t d = 0; d < head_dim; d += 64 / (int64_t)sizeof(T)) {                   \
