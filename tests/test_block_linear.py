@@ -79,7 +79,7 @@ def kernel():
 
 @needs_compiler
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 16, 27, 28, 32, 33, 70])   # every tile shape and remainder
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 15, 16, 27, 28, 32, 33, 70])  # each tile, rests
 @pytest.mark.parametrize("out_features,in_features", [(100, 64), (24, 576), (7, 32),
                                                       (13, 4096)])  # x in several L2-sized row blocks
 def test_kernel_matches_blas_on_the_dense_weight(kernel, qtype, rows, out_features, in_features):

@@ -204,7 +204,8 @@ static inline __attribute__((always_inline)) void tile_fused(
  * padding, so each weight row is instead dotted with each x row along k, dequantized block by block
  * straight into registers. MS rows of x by NS rows of W; acc[r][j] holds VL-lane partial sums.
  * Work is split over groups of SNR rows of W; a group is multiplied by 8 rows of x at a time (as two
- * 8 x 2 tiles: 16 accumulators), then 4, 2, 1, so each weight is dequantized once per 8 rows. */
+ * 8 x 2 tiles: 16 accumulators), then by the 1-7 rows left in one tile, so each weight is
+ * dequantized once per 8 rows. */
 #define SNR 4
 #define PF_ROWS (4 * SNR)  /* how far ahead the dot-product path prefetches (rows of W) */
 #if VL == 16
@@ -288,32 +289,47 @@ typedef void (*small_fn)(SMALL_ARGS);
 #define SMALL_DEF(NAME, QT, MS, NS) static __attribute__((noinline)) void NAME(SMALL_ARGS) \
     { small_tile(QT, x, K, w, d, m, n0, nr, N, y, MS, NS); }
 SMALL_DEF(q4_1_8x2, QTYPE_Q4_1, 8, 2)
+SMALL_DEF(q4_1_7x2, QTYPE_Q4_1, 7, 2)
+SMALL_DEF(q4_1_6x2, QTYPE_Q4_1, 6, 2)
+SMALL_DEF(q4_1_5x2, QTYPE_Q4_1, 5, 2)
 SMALL_DEF(q4_1_4x4, QTYPE_Q4_1, 4, SNR)
+SMALL_DEF(q4_1_3x4, QTYPE_Q4_1, 3, SNR)
 SMALL_DEF(q4_1_2x4, QTYPE_Q4_1, 2, SNR)
 SMALL_DEF(q4_1_1x4, QTYPE_Q4_1, 1, SNR)
 SMALL_DEF(q8_0_8x2, QTYPE_Q8_0, 8, 2)
+SMALL_DEF(q8_0_7x2, QTYPE_Q8_0, 7, 2)
+SMALL_DEF(q8_0_6x2, QTYPE_Q8_0, 6, 2)
+SMALL_DEF(q8_0_5x2, QTYPE_Q8_0, 5, 2)
 SMALL_DEF(q8_0_4x4, QTYPE_Q8_0, 4, SNR)
+SMALL_DEF(q8_0_3x4, QTYPE_Q8_0, 3, SNR)
 SMALL_DEF(q8_0_2x4, QTYPE_Q8_0, 2, SNR)
 SMALL_DEF(q8_0_1x4, QTYPE_Q8_0, 1, SNR)
+
+/* by rows of x (1-8): tiles up to 4 rows take all SNR weight rows at once, 5-8 rows two at a time
+ * (their accumulators would not fit in registers four at a time) */
+static const small_fn SMALL_Q4_1[9] = {0, q4_1_1x4, q4_1_2x4, q4_1_3x4, q4_1_4x4,
+                                       q4_1_5x2, q4_1_6x2, q4_1_7x2, q4_1_8x2};
+static const small_fn SMALL_Q8_0[9] = {0, q8_0_1x4, q8_0_2x4, q8_0_3x4, q8_0_4x4,
+                                       q8_0_5x2, q8_0_6x2, q8_0_7x2, q8_0_8x2};
 
 static void block_linear_small(int qtype, const float *x, int64_t M, int64_t K, const void *w,
                                const float *d, const float *m, int64_t N, float *y, int num_threads)
 {
-    const int q4 = qtype == QTYPE_Q4_1;
-    const small_fn t8 = q4 ? q4_1_8x2 : q8_0_8x2, t4 = q4 ? q4_1_4x4 : q8_0_4x4,
-                   t2 = q4 ? q4_1_2x4 : q8_0_2x4, t1 = q4 ? q4_1_1x4 : q8_0_1x4;
+    const small_fn *tiles = qtype == QTYPE_Q4_1 ? SMALL_Q4_1 : SMALL_Q8_0;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t n0 = 0; n0 < N; n0 += SNR) {
         const int64_t nr = N - n0 < SNR ? N - n0 : SNR;
-        int64_t r0 = 0;
-        for (; M - r0 >= 8; r0 += 8)
-            for (int64_t j0 = 0; j0 < nr; j0 += 2)
-                t8(x + r0 * K, K, w, d, m, n0 + j0, nr - j0 < 2 ? nr - j0 : 2, N, y + r0 * N);
-        while (r0 < M) {
-            const int64_t left = M - r0;
-            const small_fn tile_fn = left >= 4 ? t4 : left >= 2 ? t2 : t1;
-            tile_fn(x + r0 * K, K, w, d, m, n0, nr, N, y + r0 * N);
-            r0 += left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        /* 8 rows of x at a time, then the rest in one tile of exactly that many rows: each weight
+         * is dequantized once per 8 rows (a 5-row rest as 4 + 1 rows would dequantize it twice) */
+        for (int64_t r0 = 0; r0 < M; r0 += 8) {
+            const int64_t rows = M - r0 < 8 ? M - r0 : 8;
+            const small_fn tile_fn = tiles[rows];
+            if (rows <= 4)
+                tile_fn(x + r0 * K, K, w, d, m, n0, nr, N, y + r0 * N);
+            else
+                for (int64_t j0 = 0; j0 < nr; j0 += 2)
+                    tile_fn(x + r0 * K, K, w, d, m, n0 + j0, nr - j0 < 2 ? nr - j0 : 2, N,
+                            y + r0 * N);
         }
     }
 }
