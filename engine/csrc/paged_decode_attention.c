@@ -227,7 +227,9 @@ void paged_decode_attention_##SUF(                                              
     const int64_t layer_stride = block_size * token_stride;                                        \
     const int64_t block_stride = num_layers * layer_stride;                                        \
     const int64_t v_offset = num_kv_heads * head_dim;                                              \
-    _Pragma("omp parallel for collapse(2) schedule(static) num_threads(num_threads)")              \
+    /* tasks taken as threads come free: one long context (a newcomer's prompt) beside short ones  \
+     * would leave a static split's other thread idle */                                          \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)")             \
     for (int64_t s = 0; s < num_seqs; s++) {                                                       \
         for (int64_t h = 0; h < num_kv_heads; h++) {                                               \
             const int64_t first = s * num_heads + h * group;                                       \
