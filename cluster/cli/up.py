@@ -146,6 +146,7 @@ def run_status(args: argparse.Namespace) -> int:
           f"{'free blocks':>14}{'placed':>8}{'spec accepted':>22}")
     for w in st.workers:
         print(f"{w.worker_id:<12}{w.role:<9}{w.node_ip:<16}{'ok' if w.healthy else 'DOWN':<9}"
-              f"{threads_summary(w):>8}{w.running_seqs:>8}{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}"
+              f"{threads_summary(w):>8}{w.running_seqs:>8}"
+              f"{f'{w.free_blocks}/{w.total_blocks}':>14}{w.placed_total:>8}"
               f"{speculation_summary(w):>22}")
     return 0
