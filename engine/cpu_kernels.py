@@ -50,10 +50,10 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-f
 _LIBS = ["-lmvec", "-lm"]
 
 
-def _build(compiler: str, name: str) -> Path:
-    """csrc/<name>.c compiled into the cache (one library per source, so a source this machine's
-    compiler or architecture cannot build leaves the other kernels in service)."""
-    source = _CSRC / f"{name}.c"
+def _build(compiler: str, name: str, source: Path | None = None) -> Path:
+    """csrc/<name>.c (or `source`) compiled into the cache (one library per source, so a source this
+    machine's compiler or architecture cannot build leaves the other kernels in service)."""
+    source = source or _CSRC / f"{name}.c"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), _cpu_flags().encode(),
@@ -365,6 +365,15 @@ def kernel_library(name: str) -> ctypes.CDLL | None:
                     "the torch path", name, ours, torchs)
         return None
     return lib
+
+
+def library_from_source(name: str, source: Path) -> ctypes.CDLL:
+    """`source`, another version of csrc/<name>.c (a benchmark's baseline), compiled as the engine's
+    kernels are and loaded; raises where it cannot be."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    return ctypes.CDLL(str(_build(compiler, name, source)))
 
 
 def _wrap(cls, name: str):

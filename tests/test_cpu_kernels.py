@@ -240,6 +240,23 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
     assert first.stat().st_mtime_ns == stamp
 
 
+@needs_compiler
+def test_another_version_of_a_source_builds_beside_the_engines(monkeypatch, tmp_path):
+    """A benchmark's baseline (bench_kernels --against): another csrc/<name>.c compiled into its own
+    library, loaded beside the engine's; here a copy whose limit reads differently."""
+    ours = cpu_kernels.paged_decode_kernel()
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path / "cache"))
+    source = (cpu_kernels._CSRC / "paged_decode_attention.c").read_text()
+    changed = tmp_path / "paged_decode_attention.c"
+    changed.write_text(source.replace("#define MAX_GROUP 32 ", "#define MAX_GROUP 31 "))
+    theirs = cpu_kernels.PagedDecodeKernel(
+        cpu_kernels.library_from_source("paged_decode_attention", changed))
+    assert (ours.max_group, theirs.max_group) == (32, 31)
+    cache, meta, q, _, _ = _decode_case(3, [20, 7], 8, 2, 64, 16)
+    args = (q, cache, 1, meta.decode_block_tables, meta.decode_lens, 0.125)
+    assert torch.equal(ours(*args), theirs(*args))
+
+
 _RSS_AFTER_FREE = """
 import os, sys, torch
 from pdcluster.engine.device import keep_freed_memory

@@ -1,15 +1,19 @@
 """The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run;
 then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one, and
-with all layers in one C call next to the layers' modules.
+with all layers in one C call next to the layers' modules; with --against, the matmul and attention
+kernels next to those of another git revision.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
-        [--parts kernels kv-dtypes decode-step]
+        [--parts kernels kv-dtypes decode-step] [--against REV]
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,10 @@ import torch.nn.functional as F
 # Decode step in one call: one engine with `--rows` sequences decoding; its steps alternate between
 # all layers in one C call (engine/models/llama_decode_step.py) and the layers' modules (the same
 # kernels called one by one from Python), and the median step of each is compared.
+# Against a revision: csrc/block_linear.c and csrc/paged_decode_attention.c as they were at REV,
+# compiled beside this tree's, multiply and attend on the same inputs (all the model's matmuls per
+# `--rows`; decode attention over `--context`-token contexts, and one 2048-token context beside four
+# of `--context`), timed alternately; each pair's outputs are compared bit for bit.
 
 
 def _paired(ours, ref, repeats: int) -> tuple[float, float]:
@@ -97,6 +105,70 @@ def _attention(model, context: int, repeats: int, cache_dtype: torch.dtype = tor
 
     return (f"decode attention, {seqs} seqs x {context} tokens, {str(cache_dtype)[6:]}",
             *_paired(step, torch_step, repeats))
+
+
+def _source_at(rev: str, name: str, folder: Path) -> Path:
+    """engine/csrc/<name>.c as it was at git revision `rev`, written into `folder`."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        text = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:engine/csrc/{name}.c"],
+                              capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"--against needs a git checkout with revision {rev!r}: {exc}") from exc
+    path = folder / f"{name}.c"
+    path.write_bytes(text)
+    return path
+
+
+def _against(model, rev: str, rows: list[int], context: int, repeats: int
+             ) -> list[tuple[str, float, float, bool]]:
+    """(measure, this tree's seconds, REV's seconds, outputs equal bit for bit) per measure."""
+    from ...engine import cpu_kernels
+    from ...engine.cpu_kernels import BlockLinearKernel, PagedDecodeKernel
+    from ...engine.layers.cpu_linear import BlockLinearMethod
+    ours_mm, ours_attn = cpu_kernels.block_linear_kernel(), cpu_kernels.paged_decode_kernel()
+    if ours_mm is None or ours_attn is None:
+        raise SystemExit("the kernels are not built here (no compiler, or PDCLUSTER_CPU_KERNELS=0)")
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs_mm = BlockLinearKernel(cpu_kernels.library_from_source(
+            "block_linear", _source_at(rev, "block_linear", Path(tmp))))
+        theirs_attn = PagedDecodeKernel(cpu_kernels.library_from_source(
+            "paged_decode_attention", _source_at(rev, "paged_decode_attention", Path(tmp))))
+    blocks = [m.method.blocks for m in model.modules()
+              if isinstance(getattr(m, "method", None), BlockLinearMethod)]
+    out = []
+
+    def pair(label, run):   # run(kernel) -> outputs
+        same = all(torch.equal(a, b) for a, b in zip(run(0), run(1)))
+        ours, theirs = _paired(lambda: run(0), lambda: run(1), repeats)
+        out.append((label, ours, theirs, same))
+
+    for r in rows:
+        xs = [torch.randn(r, bw.shape[1]) for bw in blocks]
+        kernels = (ours_mm, theirs_mm)
+        pair(f"all {len(blocks)} matmuls, {r} rows",
+             lambda i: [kernels[i](bw, x) for bw, x in zip(blocks, xs)])
+    num_layers = model.num_layers
+    _, kv_heads, head_dim = model.kv_token_shape
+    heads = model.model.layers[0].self_attn.num_heads
+    block = 16
+    for lens in ([context] * 32, [2048] + [context] * 4):
+        widths = [-(-n // block) for n in lens]
+        cache = torch.randn(sum(widths) + 1, num_layers, block, 2, kv_heads, head_dim)
+        ids = torch.randperm(sum(widths)) + 1
+        tables = torch.zeros(len(lens), max(widths), dtype=torch.long)
+        start = 0
+        for s, w in enumerate(widths):
+            tables[s, :w] = ids[start:start + w]
+            start += w
+        lens_t = torch.tensor(lens)
+        q = torch.randn(len(lens), heads, head_dim)
+        kernels = (ours_attn, theirs_attn)
+        label = (f"decode attention, {len(lens)} seqs x {context} tokens" if len(set(lens)) == 1 else
+                 f"decode attention, 2048 + 4 x {context} tokens")
+        pair(label, lambda i: [kernels[i](q, cache, layer, tables, lens_t, head_dim ** -0.5)
+                               for layer in range(num_layers)])
+    return out
 
 
 KV_DTYPES = ("float32", "float16", "bfloat16")
@@ -224,8 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--steps", type=int, default=40, help="decode steps per engine, KV cache dtypes")
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--parts", nargs="+", choices=PARTS,
+                    help="default: all, or none with --against")
+    ap.add_argument("--against", metavar="REV",
+                    help="also time the matmul and attention kernels against those of git revision REV")
     args = ap.parse_args(argv)
+    if args.parts is None:
+        args.parts = [] if args.against else list(PARTS)
+    if args.against:
+        from ...engine import LLM
+        engine = LLM(num_kv_blocks=16).engine
+        rows = _against(engine.model, args.against, args.rows, args.context, args.repeats)
+        print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
+        print(f"{'measure':<56}{'this tree':>10}{args.against[:12]:>14}{'speedup':>9}  outputs")
+        for label, ours, theirs, same in rows:
+            print(f"{label:<56}{ours * 1e3:>10.2f}{theirs * 1e3:>14.2f}{theirs / ours:>8.2f}x  "
+                  f"{'bit for bit' if same else 'DIFFER'}")
+        del engine
     if "kernels" in args.parts:
         from ...engine import LLM
         engine = LLM(num_kv_blocks=16).engine
