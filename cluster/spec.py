@@ -83,6 +83,9 @@ class EngineSpec(_Strict):
     # the KV cache's element type (auto: the model's dtype); prefill and decode share it, so a
     # handoff's blocks fit the cache they land in
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # what GGUF-block layers multiply their input as on the CPU: float32 (the dense model's
+    # arithmetic) or int8 (per 32-wide block, as llama.cpp does: faster, and answers can change)
+    matmul_activations: Literal["float32", "int8"] = "float32"
     # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
     # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
     speculative_config: dict[str, Any] | None = None
@@ -446,7 +449,8 @@ class ClusterSpec(_Strict):
         kv = {"kv_cache_gib": e.kv_cache_gib} if e.kv_cache_gib is not None else {}
         return EngineConfig(
             model=self.model.path, device=e.device, dtype=self.model.dtype,
-            kv_cache_dtype=e.kv_cache_dtype, block_size=e.block_size,
+            kv_cache_dtype=e.kv_cache_dtype, matmul_activations=e.matmul_activations,
+            block_size=e.block_size,
             num_kv_blocks=e.num_kv_blocks, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=self.model.max_model_len,
             enable_prefix_caching=e.enable_prefix_caching, async_kv_transfer=e.async_kv_transfer,

@@ -66,8 +66,15 @@ class LLMEngine:
         if not hf_config.get("vocab_size"):
             hf_config["vocab_size"] = self.tokenizer.vocab_size
         self.model = self._build_model(hf_config, weights)
+        if config.matmul_activations != "float32" and self.device.type != "cpu":
+            raise ValueError(f"matmul_activations={config.matmul_activations!r} is a CPU kernel's; "
+                             f"this engine runs on {self.device.type}")
         if self.device.type == "cpu":
-            use_block_kernels(self.model)   # before sizing the KV cache: the blocks take memory
+            # before sizing the KV cache: the blocks take memory
+            switched = use_block_kernels(self.model, config.matmul_activations)
+            if not switched and config.matmul_activations != "float32":
+                log.warning("matmul_activations=%s applies to GGUF-block layers only, and this model "
+                            "has none: its matmuls stay float32", config.matmul_activations)
             use_decode_layers(self.model)
         self.fingerprint = _fingerprint(path, hf_config, self.dtype, self.kv_dtype)
         self.max_model_len = config.max_model_len or min(

@@ -1,10 +1,10 @@
 """The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run;
-then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one, and
-with all layers in one C call next to the layers' modules; with --against, the matmul and attention
-kernels next to those of another git revision.
+then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one, with
+all layers in one C call next to the layers' modules, and with int8 activations next to float32
+ones; with --against, the matmul and attention kernels next to those of another git revision.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
-        [--parts kernels kv-dtypes decode-step] [--against REV]
+        [--parts kernels kv-dtypes decode-step int8] [--against REV]
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ import torch.nn.functional as F
 # Decode step in one call: one engine with `--rows` sequences decoding; its steps alternate between
 # all layers in one C call (engine/models/llama_decode_step.py) and the layers' modules (the same
 # kernels called one by one from Python), and the median step of each is compared.
+# int8 activations: all the model's matmuls through the int8 kernel (matmul_activations: int8) and
+# through the float one, per `--rows` and at 512 rows (a prefill chunk), with the int8 outputs' error
+# relative to the float ones; then two engines, float32 and int8 activations, decoding `--rows`
+# sequences in turn (median steps), and prefilling one 512-token prompt in turn (best of 3).
 # Against a revision: csrc/block_linear.c and csrc/paged_decode_attention.c as they were at REV,
 # compiled beside this tree's, multiply and attend on the same inputs (all the model's matmuls per
 # `--rows`; decode attention over `--context`-token contexts, and one 2048-token context beside four
@@ -171,8 +175,51 @@ def _against(model, rev: str, rows: list[int], context: int, repeats: int
     return out
 
 
+def _int8_matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, float, float]]:
+    """(measure, int8 seconds, float seconds, relative error) for all the model's block matmuls."""
+    from ...engine.cpu_kernels import int8_block_linear_kernel
+    from ...engine.layers.cpu_linear import BlockLinearMethod
+    from ...engine.layers.int8_blocks import interleave
+    int8 = int8_block_linear_kernel()
+    methods = [m.method for m in model.modules() if isinstance(getattr(m, "method", None), BlockLinearMethod)]
+    if int8 is None or not methods:
+        raise SystemExit("the block kernels are not built here")
+    pairs = [(m.kernel, m.blocks, interleave(m.blocks)) for m in methods]
+    out = []
+    for r in rows:
+        xs = [torch.randn(r, bw.shape[1]) for _, bw, _ in pairs]
+        ints = lambda: [int8(ib, x) for (_, _, ib), x in zip(pairs, xs)]  # noqa: E731
+        floats = lambda: [k(bw, x) for (k, bw, _), x in zip(pairs, xs)]  # noqa: E731
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(ints(), floats()))
+        out.append((f"all {len(pairs)} matmuls, {r} rows", *_paired(ints, floats, repeats), err))
+    return out
+
+
+def _int8_engines(rows: list[int], context: int, steps: int
+                  ) -> tuple[list[tuple[int, list[float]]], list[float]]:
+    """Median decode steps per batch size of a float32- and an int8-activation engine taken in turn,
+    and each one's best prefill of a 512-token prompt."""
+    from ...engine import LLM, SamplingParams
+    from .bench_engine import random_prompts
+    engines = [LLM(num_kv_blocks=_blocks_for(rows + [1], max(context, 512), steps),
+                   enable_prefix_caching=False, max_num_batched_tokens=512,
+                   matmul_activations=a).engine for a in ("float32", "int8")]
+    steps_by_rows = _decode_steps_in_turn([(eng, None) for eng in engines], rows, context, steps)
+    prompt = random_prompts(1, 512, engines[0].hf_config["vocab_size"], 7)[0]
+    best = [float("inf")] * len(engines)
+    for trial in range(3):
+        for i, eng in enumerate(engines):
+            eng.add_request(f"prefill{trial}", prompt_token_ids=prompt,
+                            params=SamplingParams(max_tokens=1, temperature=0))
+            t = time.perf_counter()
+            while eng.has_unfinished_requests():
+                eng.step()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return steps_by_rows, best
+
+
 KV_DTYPES = ("float32", "float16", "bfloat16")
-PARTS = ("kernels", "kv-dtypes", "decode-step")
+PARTS = ("kernels", "kv-dtypes", "decode-step", "int8")
 
 
 def _decode_steps_in_turn(variants: list[tuple[object, object]], rows: list[int], context: int,
@@ -342,6 +389,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'sequences':<12}{'one call':>12}{'modules':>12}{'speedup':>10}")
         for b, (one, mods) in _decode_step_in_one_call(args.rows, args.context, args.steps):
             print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")
+    if "int8" in args.parts:
+        from ...engine import LLM
+        engine = LLM(num_kv_blocks=16).engine
+        rows = _int8_matmuls(engine.model, sorted(set(args.rows) | {512}), args.repeats)
+        del engine
+        print(f"\nint8 activations vs float32 (matmul_activations), threads {torch.get_num_threads()}, "
+              f"best of {args.repeats}; ms")
+        print(f"{'measure':<56}{'int8':>10}{'float32':>10}{'speedup':>9}{'rel. error':>12}")
+        for label, ours, ref, err in rows:
+            print(f"{label:<56}{ours * 1e3:>10.2f}{ref * 1e3:>10.2f}{ref / ours:>8.2f}x{err:>12.4f}")
+        steps, prefill = _int8_engines(args.rows, args.context, args.steps)
+        print(f"the engine's decode step ({args.context}-token prompts, median of {args.steps} steps each, "
+              "taken in turn), ms")
+        print(f"{'sequences':<12}{'int8':>12}{'float32':>12}{'speedup':>10}")
+        for b, (flt, i8) in steps:
+            print(f"{b:<12}{i8 * 1e3:>12.2f}{flt * 1e3:>12.2f}{flt / i8:>9.2f}x")
+        print(f"{'prefill 512':<12}{prefill[1] * 1e3:>12.2f}{prefill[0] * 1e3:>12.2f}"
+              f"{prefill[0] / prefill[1]:>9.2f}x")
     return 0
 
 

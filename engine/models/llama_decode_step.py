@@ -19,7 +19,6 @@ from torch import nn
 from ..cpu_kernels import (
     CACHE_DTYPES,
     BlockLinearKernel,
-    block_linear_kernel,
     fused_ops_kernel,
     kernel_library,
     paged_decode_kernel,
@@ -28,6 +27,7 @@ from ..distributed import get_tp
 from ..layers.attention import AttentionMetadata
 from ..layers.block_quant import BlockWeights
 from ..layers.cpu_linear import BlockLinearMethod
+from ..layers.int8_blocks import InterleavedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Step(ctypes.Structure):
                 ("work", _ptr), ("linear_scratch", _ptr), ("num_threads", _i64)]
 
 
-def _blocks(bw: BlockWeights) -> _Blocks:
+def _blocks(bw: BlockWeights | InterleavedBlocks) -> _Blocks:
     n, k = bw.shape
     m = bw.m if bw.m is not None else bw.d
     return _Blocks(BlockLinearKernel.QTYPES[bw.qtype], bw.qs.data_ptr(), bw.d.data_ptr(),
@@ -79,7 +79,8 @@ class DecodeLayers:
         self._work_floats = lib.decode_layers_work
         self._work_floats.argtypes = [ctypes.POINTER(_Model), _i64]
         self._work_floats.restype = _i64
-        self._linear = block_linear_kernel()
+        # the projections' own kernel (float32 or int8 activations: one for the whole stack)
+        self._linear: BlockLinearKernel = layers[0].self_attn.qkv_proj.method.kernel
         self._fused = fused_ops_kernel()
         self._attention = paged_decode_kernel()
         attn = layers[0].self_attn
@@ -177,8 +178,9 @@ def _qualifies(model: nn.Module) -> str | None:
         if (a.qk_norm or a.layer != i or a.rotary is not first.rotary
                 or any("bias" in p.specs for p in projections)):
             return f"layer {i} has q/k norms, biases or its own rotary"
-        if not all(isinstance(p.method, BlockLinearMethod) for p in projections):
-            return f"layer {i} has projections outside GGUF blocks"
+        if not all(isinstance(p.method, BlockLinearMethod)
+                   and p.method.kernel is first.qkv_proj.method.kernel for p in projections):
+            return f"layer {i} has projections outside GGUF blocks, or on another block kernel"
         if [p.method.blocks.shape for p in projections] != shapes:
             return f"layer {i} has projections of other shapes than layer 0's"
         if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.weight.shape != (hidden,)
@@ -193,7 +195,7 @@ def _qualifies(model: nn.Module) -> str | None:
 
 def use_decode_layers(model: nn.Module) -> bool:
     """Give `model`'s decoder a DecodeLayers if it qualifies; returns whether it did."""
-    if None in (fused_ops_kernel(), paged_decode_kernel(), block_linear_kernel()):
+    if None in (fused_ops_kernel(), paged_decode_kernel()):
         return False
     if (why := _qualifies(model)) is not None:
         log.debug("decode steps run layer by layer: %s", why)
