@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from .layers.block_quant import QBLOCK, BlockWeights
-from .layers.int8_blocks import GROUP, InterleavedBlocks
+from .layers.interleaved_blocks import GROUP, InterleavedBlocks
 
 # Only what the torch path cannot do well lives here: decode attention that reads the paged KV cache
 # in place (csrc/paged_decode_attention.c), decode-sized matmuls over weights kept in GGUF's
-# 32-wide quantized blocks (csrc/block_linear.c, see block_quant.py; csrc/int8_block_linear.c with
-# the activations in int8, see int8_blocks.py), and the per-layer small ops
+# 32-wide quantized blocks (csrc/block_linear.c, see block_quant.py; csrc/integer_block_linear.c with
+# the activations in 16- or 8-bit integers, see interleaved_blocks.py), and the per-layer small ops
 # (norm, rotary, activation, KV write) fused into one call each (csrc/fused_ops.c). The library is compiled once per
 # source, compiler and CPU (it uses -march=native) into a cache folder and shared by every process on
 # the machine. No compiler, a failed build or `PDCLUSTER_CPU_KERNELS=0` leaves the portable torch path
@@ -234,39 +234,41 @@ class BlockLinearKernel:
         return y
 
 
-class Int8BlockLinearKernel(BlockLinearKernel):
-    """y = x W^T with W in GGUF blocks interleaved 16 rows at a time (int8_blocks.InterleavedBlocks)
-    and x quantized to int8 per block (csrc/int8_block_linear.c): `matmul_activations: int8`."""
+class IntegerBlockLinearKernel(BlockLinearKernel):
+    """y = x W^T with W in GGUF blocks interleaved 16 rows at a time (interleaved_blocks.py) and x
+    quantized per block to `bits`-bit integers (csrc/integer_block_linear.c): `matmul_activations`
+    int16 / int8."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, bits: int) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn = lib.int8_block_linear
+        fn = getattr(lib, f"int{bits}_block_linear")
         fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
         fn.restype = None
         self._fn = fn
-        self._scratch = lib.int8_block_linear_scratch
+        self._scratch = getattr(lib, f"int{bits}_block_linear_scratch")
         self._scratch.argtypes = [i64, i64, ctypes.c_int]
         self._scratch.restype = i64
         self._scratch_sizes = {}
         for name in ("qblock", "group", "vnni"):
-            getattr(lib, f"int8_block_linear_{name}").restype = i64
-        if lib.int8_block_linear_qblock() != QBLOCK or lib.int8_block_linear_group() != GROUP:
-            raise AttributeError("int8_block_linear.c and int8_blocks.py disagree on the layout")
-        self.vnni = bool(lib.int8_block_linear_vnni())   # else its portable (slow) path
+            getattr(lib, f"integer_block_linear_{name}").restype = i64
+        if lib.integer_block_linear_qblock() != QBLOCK or lib.integer_block_linear_group() != GROUP:
+            raise AttributeError("integer_block_linear.c and interleaved_blocks.py disagree on the layout")
+        self.bits = bits
+        self.vnni = bool(lib.integer_block_linear_vnni())   # else its portable (slow) path
         self.min_rows = 1
 
     def check(self, ib: InterleavedBlocks) -> None:
         """Raise ValueError unless `ib` is laid out as the kernel reads it."""
         per_group = {"q4_1": GROUP * QBLOCK // 2, "q8_0": GROUP * QBLOCK}.get(ib.qtype)
         if per_group is None or not isinstance(ib, InterleavedBlocks):
-            raise ValueError(f"{ib!r:.60} is not a block format the int8 kernel takes")
+            raise ValueError(f"{ib!r:.60} is not a block format the integer kernel takes")
         groups, nb = -(-ib.n // GROUP), ib.k // QBLOCK
         parts = [ib.qs, ib.d] + ([ib.m] if ib.qtype == "q4_1" else [])
         if (ib.n < 1 or ib.k < 1 or ib.k % QBLOCK or ib.qs.shape != (groups, nb, per_group)
                 or ib.qs.dtype != torch.uint8 or any(t is None for t in parts)
                 or any(t.dtype != torch.float32 or t.shape != (groups, nb, GROUP) for t in parts[1:])
                 or any(not t.is_contiguous() or t.device.type != "cpu" for t in parts)):
-            raise ValueError(f"{ib.qtype} blocks {tuple(ib.qs.shape)} are not in the int8 kernel's "
+            raise ValueError(f"{ib.qtype} blocks {tuple(ib.qs.shape)} are not in the integer kernel's "
                              "layout")
 
 
@@ -421,7 +423,8 @@ def _wrap(cls, name: str):
     try:
         return cls(lib)
     except AttributeError as exc:   # a library without this kernel's symbols
-        log.warning("CPU kernel %s unavailable, using the torch path: %s", cls.__name__, exc)
+        log.warning("CPU kernel %s unavailable, using the torch path: %s",
+                    getattr(cls, "__name__", name), exc)
         return None
 
 
@@ -436,8 +439,9 @@ def block_linear_kernel() -> BlockLinearKernel | None:
 
 
 @functools.cache
-def int8_block_linear_kernel() -> Int8BlockLinearKernel | None:
-    return _wrap(Int8BlockLinearKernel, "int8_block_linear")
+def integer_block_linear_kernel(bits: int) -> IntegerBlockLinearKernel | None:
+    """The kernel for `bits`-bit activations (16 or 8)."""
+    return _wrap(functools.partial(IntegerBlockLinearKernel, bits=bits), "integer_block_linear")
 
 
 @functools.cache
@@ -448,7 +452,7 @@ def fused_ops_kernel() -> FusedOpsKernel | None:
 def reset() -> None:
     """Forget the loaded kernels (tests switch them off and on)."""
     for cached in (kernel_library, paged_decode_kernel, block_linear_kernel,
-                   int8_block_linear_kernel, fused_ops_kernel):
+                   integer_block_linear_kernel, fused_ops_kernel):
         cached.cache_clear()
 
 

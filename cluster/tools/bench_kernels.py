@@ -1,10 +1,10 @@
 """The CPU kernels next to the torch paths they replace, on the embedded model's own layers, one run;
 then the engine's decode step with a float16 and a bfloat16 KV cache next to the float32 one, with
-all layers in one C call next to the layers' modules, and with int8 activations next to float32
-ones; with --against, the matmul and attention kernels next to those of another git revision.
+all layers in one C call next to the layers' modules, and with int16 and int8 activations next to
+float32 ones; with --against, the matmul and attention kernels next to those of another git revision.
 
     python -m pdcluster.cluster.tools.bench_kernels [--rows 1 8 32] [--context 192] [--repeats 20]
-        [--parts kernels kv-dtypes decode-step int8] [--against REV]
+        [--parts kernels kv-dtypes decode-step activations] [--against REV]
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 # Decode step in one call: one engine with `--rows` sequences decoding; its steps alternate between
 # all layers in one C call (engine/models/llama_decode_step.py) and the layers' modules (the same
 # kernels called one by one from Python), and the median step of each is compared.
-# int8 activations: all the model's matmuls through the int8 kernel (matmul_activations: int8) and
-# through the float one, per `--rows` and at 512 rows (a prefill chunk), with the int8 outputs' error
-# relative to the float ones; then two engines, float32 and int8 activations, decoding `--rows`
-# sequences in turn (median steps), and prefilling one 512-token prompt in turn (best of 3).
+# Activations (matmul_activations): all the model's matmuls through the integer kernel with int16 and
+# int8 activations and through the float one, per `--rows` and at 512 rows (a prefill chunk), with
+# each one's error relative to the float outputs; then three engines (float32, int16, int8) decoding
+# `--rows` sequences in turn (median steps), and prefilling one 512-token prompt in turn (best of 3).
 # Against a revision: csrc/block_linear.c and csrc/paged_decode_attention.c as they were at REV,
 # compiled beside this tree's, multiply and attend on the same inputs (all the model's matmuls per
 # `--rows`; decode attention over `--context`-token contexts, and one 2048-token context beside four
@@ -175,35 +175,49 @@ def _against(model, rev: str, rows: list[int], context: int, repeats: int
     return out
 
 
-def _int8_matmuls(model, rows: list[int], repeats: int) -> list[tuple[str, float, float, float]]:
-    """(measure, int8 seconds, float seconds, relative error) for all the model's block matmuls."""
-    from ...engine.cpu_kernels import int8_block_linear_kernel
+INTEGER_BITS = (16, 8)
+
+
+def _integer_matmuls(model, rows: list[int], repeats: int
+                     ) -> list[tuple[str, float, list[tuple[float, float, float]]]]:
+    """(measure, float seconds, [(seconds, speedup, relative error) per INTEGER_BITS]) for all the
+    model's block matmuls; each integer kernel is timed alternately with the float one."""
+    from ...engine.cpu_kernels import integer_block_linear_kernel
     from ...engine.layers.cpu_linear import BlockLinearMethod
-    from ...engine.layers.int8_blocks import interleave
-    int8 = int8_block_linear_kernel()
+    from ...engine.layers.interleaved_blocks import interleave
+    kernels = [integer_block_linear_kernel(bits) for bits in INTEGER_BITS]
     methods = [m.method for m in model.modules() if isinstance(getattr(m, "method", None), BlockLinearMethod)]
-    if int8 is None or not methods:
+    if None in kernels or not methods:
         raise SystemExit("the block kernels are not built here")
-    pairs = [(m.kernel, m.blocks, interleave(m.blocks)) for m in methods]
+    layers = [(m.kernel, m.blocks, interleave(m.blocks)) for m in methods]
     out = []
     for r in rows:
-        xs = [torch.randn(r, bw.shape[1]) for _, bw, _ in pairs]
-        ints = lambda: [int8(ib, x) for (_, _, ib), x in zip(pairs, xs)]  # noqa: E731
-        floats = lambda: [k(bw, x) for (k, bw, _), x in zip(pairs, xs)]  # noqa: E731
-        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(ints(), floats()))
-        out.append((f"all {len(pairs)} matmuls, {r} rows", *_paired(ints, floats, repeats), err))
+        xs = [torch.randn(r, bw.shape[1]) for _, bw, _ in layers]
+        floats = lambda: [k(bw, x) for (k, bw, _), x in zip(layers, xs)]  # noqa: E731
+        exact = floats()
+        by_bits, float_best = [], float("inf")
+        for kernel in kernels:
+            ints = lambda: [kernel(ib, x) for (_, _, ib), x in zip(layers, xs)]  # noqa: E731
+            err = max(((a - b).norm() / b.norm()).item() for a, b in zip(ints(), exact))
+            ours, ref = _paired(ints, floats, repeats)
+            float_best = min(float_best, ref)
+            by_bits.append((ours, ref / ours, err))
+        out.append((f"all {len(layers)} matmuls, {r} rows", float_best, by_bits))
     return out
 
 
-def _int8_engines(rows: list[int], context: int, steps: int
-                  ) -> tuple[list[tuple[int, list[float]]], list[float]]:
-    """Median decode steps per batch size of a float32- and an int8-activation engine taken in turn,
-    and each one's best prefill of a 512-token prompt."""
+ACTIVATIONS = ("float32", "int16", "int8")
+
+
+def _engines_by_activations(rows: list[int], context: int, steps: int
+                            ) -> tuple[list[tuple[int, list[float]]], list[float]]:
+    """Median decode steps per batch size of an engine for each of ACTIVATIONS taken in turn, and
+    each one's best prefill of a 512-token prompt."""
     from ...engine import LLM, SamplingParams
     from .bench_engine import random_prompts
     engines = [LLM(num_kv_blocks=_blocks_for(rows + [1], max(context, 512), steps),
                    enable_prefix_caching=False, max_num_batched_tokens=512,
-                   matmul_activations=a).engine for a in ("float32", "int8")]
+                   matmul_activations=a).engine for a in ACTIVATIONS]
     steps_by_rows = _decode_steps_in_turn([(eng, None) for eng in engines], rows, context, steps)
     prompt = random_prompts(1, 512, engines[0].hf_config["vocab_size"], 7)[0]
     best = [float("inf")] * len(engines)
@@ -219,7 +233,7 @@ def _int8_engines(rows: list[int], context: int, steps: int
 
 
 KV_DTYPES = ("float32", "float16", "bfloat16")
-PARTS = ("kernels", "kv-dtypes", "decode-step", "int8")
+PARTS = ("kernels", "kv-dtypes", "decode-step", "activations")
 
 
 def _decode_steps_in_turn(variants: list[tuple[object, object]], rows: list[int], context: int,
@@ -389,24 +403,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'sequences':<12}{'one call':>12}{'modules':>12}{'speedup':>10}")
         for b, (one, mods) in _decode_step_in_one_call(args.rows, args.context, args.steps):
             print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")
-    if "int8" in args.parts:
+    if "activations" in args.parts:
         from ...engine import LLM
         engine = LLM(num_kv_blocks=16).engine
-        rows = _int8_matmuls(engine.model, sorted(set(args.rows) | {512}), args.repeats)
+        rows = _integer_matmuls(engine.model, sorted(set(args.rows) | {512}), args.repeats)
         del engine
-        print(f"\nint8 activations vs float32 (matmul_activations), threads {torch.get_num_threads()}, "
-              f"best of {args.repeats}; ms")
-        print(f"{'measure':<56}{'int8':>10}{'float32':>10}{'speedup':>9}{'rel. error':>12}")
-        for label, ours, ref, err in rows:
-            print(f"{label:<56}{ours * 1e3:>10.2f}{ref * 1e3:>10.2f}{ref / ours:>8.2f}x{err:>12.4f}")
-        steps, prefill = _int8_engines(args.rows, args.context, args.steps)
+        print(f"\nmatmul_activations: the integer kernel's against the float32 one, threads "
+              f"{torch.get_num_threads()}, best of {args.repeats}; ms, speedup, error relative to float32")
+        print(f"{'measure':<40}{'float32':>10}" + "".join(f"{f'int{b}':>10}{'speedup':>9}{'error':>10}"
+                                                       for b in INTEGER_BITS))
+        for label, ref, by_bits in rows:
+            print(f"{label:<40}{ref * 1e3:>10.2f}" + "".join(f"{t * 1e3:>10.2f}{x:>8.2f}x{err:>10.1e}"
+                                                           for t, x, err in by_bits))
+        steps, prefill = _engines_by_activations(args.rows, args.context, args.steps)
         print(f"the engine's decode step ({args.context}-token prompts, median of {args.steps} steps each, "
-              "taken in turn), ms")
-        print(f"{'sequences':<12}{'int8':>12}{'float32':>12}{'speedup':>10}")
-        for b, (flt, i8) in steps:
-            print(f"{b:<12}{i8 * 1e3:>12.2f}{flt * 1e3:>12.2f}{flt / i8:>9.2f}x")
-        print(f"{'prefill 512':<12}{prefill[1] * 1e3:>12.2f}{prefill[0] * 1e3:>12.2f}"
-              f"{prefill[0] / prefill[1]:>9.2f}x")
+              "taken in turn) and a 512-token prefill (best of 3), ms")
+        print(f"{'sequences':<12}" + "".join(f"{a:>10}" for a in ACTIVATIONS)
+              + "".join(f"{a + ' speedup':>15}" for a in ACTIVATIONS[1:]))
+        for label, times in [(str(b), med) for b, med in steps] + [("prefill 512", prefill)]:
+            print(f"{label:<12}" + "".join(f"{t * 1e3:>10.2f}" for t in times)
+                  + "".join(f"{times[0] / t:>14.2f}x" for t in times[1:]))
     return 0
 
 

@@ -27,7 +27,7 @@ from ..distributed import get_tp
 from ..layers.attention import AttentionMetadata
 from ..layers.block_quant import BlockWeights
 from ..layers.cpu_linear import BlockLinearMethod
-from ..layers.int8_blocks import InterleavedBlocks
+from ..layers.interleaved_blocks import InterleavedBlocks
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DecodeLayers:
         self._work_floats = lib.decode_layers_work
         self._work_floats.argtypes = [ctypes.POINTER(_Model), _i64]
         self._work_floats.restype = _i64
-        # the projections' own kernel (float32 or int8 activations: one for the whole stack)
+        # the projections' own kernel (float or integer activations: one for the whole stack)
         self._linear: BlockLinearKernel = layers[0].self_attn.qkv_proj.method.kernel
         self._fused = fused_ops_kernel()
         self._attention = paged_decode_kernel()

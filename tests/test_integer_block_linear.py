@@ -1,9 +1,9 @@
-"""`matmul_activations: int8`: GGUF blocks interleaved 16 rows at a time (int8_blocks.py) and
-multiplied with the activations quantized to int8 per 32-wide block (csrc/int8_block_linear.c).
-The kernel is checked against a torch reference of that arithmetic (so a wrong layout or scale
-shows), against the float matmul (the error int8 codes bring), for results that do not depend on
-the batch or the threads, and switched on in the engine, where the one-call decode step gives the
-module path's tokens."""
+"""`matmul_activations` int16 / int8: GGUF blocks interleaved 16 rows at a time
+(interleaved_blocks.py) and multiplied with the activations quantized to 16- or 8-bit integers per
+32-wide block (csrc/integer_block_linear.c). The kernel is checked against a torch reference of that
+arithmetic (so a wrong layout or scale shows), against the float matmul (the error the codes bring),
+for results that do not depend on the batch or the threads, and switched on in the engine, where the
+one-call decode step gives the module path's tokens."""
 from __future__ import annotations
 
 import shutil
@@ -14,7 +14,7 @@ import torch
 from pdcluster.engine import LLM, SamplingParams, cpu_kernels
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.layers import block_quant, cpu_linear
-from pdcluster.engine.layers.int8_blocks import InterleavedBlocks, interleave
+from pdcluster.engine.layers.interleaved_blocks import InterleavedBlocks, interleave
 
 pytest.importorskip("gguf")
 from test_block_linear import gguf_dense  # noqa: E402
@@ -23,25 +23,32 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc
                                 reason="no C compiler on this machine")
 
 
-@pytest.fixture(scope="module")
-def kernel() -> cpu_kernels.Int8BlockLinearKernel:
-    k = cpu_kernels.int8_block_linear_kernel()
-    assert k is not None, "the int8 kernel builds wherever a C compiler is"
+BITS = [16, 8]
+# error relative to the float matmul's output, by bits (measured ~2e-5 and ~6e-3)
+MAX_ERROR = {16: 1e-4, 8: 0.015}
+
+
+@pytest.fixture(scope="module", params=BITS, ids=lambda b: f"int{b}")
+def kernel(request) -> cpu_kernels.IntegerBlockLinearKernel:
+    k = cpu_kernels.integer_block_linear_kernel(request.param)
+    assert k is not None, "the integer kernel builds wherever a C compiler is"
+    assert k.bits == request.param
     return k
 
 
-def quantize_reference(x: torch.Tensor):
-    """Per 32-wide block of each row: int8 codes (nearest, ties to even), scale, the codes' sum."""
+def quantize_reference(x: torch.Tensor, bits: int):
+    """Per 32-wide block of each row: integer codes (nearest, ties to even), scale, the codes' sum."""
+    top = 2 ** (bits - 1) - 1
     blocks = x.reshape(x.shape[0], -1, 32)
-    d = blocks.abs().amax(-1) / 127
+    d = blocks.abs().amax(-1) / top
     inv = torch.where(d > 1e-30, 1 / torch.where(d > 1e-30, d, 1), 0)
-    codes = torch.round(blocks * inv.unsqueeze(-1)).clamp(-128, 127)
+    codes = torch.round(blocks * inv.unsqueeze(-1)).clamp(-top - 1, top)
     return codes.to(torch.int64), d, codes.sum(-1).to(torch.int64)
 
 
-def int8_reference(bw: block_quant.BlockWeights, x: torch.Tensor) -> torch.Tensor:
+def integer_reference(bw: block_quant.BlockWeights, x: torch.Tensor, bits: int) -> torch.Tensor:
     """The kernel's arithmetic in float64, block after block: exact integer dots, then the scales."""
-    xq, dx, sx = quantize_reference(x)
+    xq, dx, sx = quantize_reference(x, bits)
     if bw.qtype == "q4_1":
         w = torch.cat([bw.qs & 0x0F, bw.qs >> 4], dim=-1).to(torch.int64)   # [N, nb, 32]
     else:
@@ -56,7 +63,7 @@ def int8_reference(bw: block_quant.BlockWeights, x: torch.Tensor) -> torch.Tenso
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("n,k", [(48, 64), (50, 96), (160, 576)])   # 50: a part-filled last group
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 17, 33])
-def test_kernel_does_the_int8_arithmetic(kernel, qtype, n, k, rows):
+def test_kernel_does_the_integer_arithmetic(kernel, qtype, n, k, rows):
     w = gguf_dense(n, k, qtype, seed=rows)
     bw = block_quant.pack_exact(w)
     ib = interleave(bw)
@@ -64,13 +71,13 @@ def test_kernel_does_the_int8_arithmetic(kernel, qtype, n, k, rows):
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
     x[0, :32] = 0.0                                   # an all-zero block: scale 0, codes 0
     got = kernel(ib, x)
-    want = int8_reference(bw, x)
+    want = integer_reference(bw, x, kernel.bits)
     assert got.shape == (rows, n)
     # only the float32 roundings of the scales and adds differ from the float64 reference
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    # against float activations: the int8 codes' error, a fraction of a percent
-    exact = x @ w.T
-    assert ((got - exact).norm() / exact.norm()).item() < 0.015
+    # against float activations: the codes' error
+    exact = x.double() @ w.double().T
+    assert ((got.double() - exact).norm() / exact.norm()).item() < MAX_ERROR[kernel.bits]
 
 
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
@@ -105,7 +112,7 @@ def test_check_refuses_what_the_kernel_cannot_read(kernel):
 @pytest.fixture(scope="module")
 def q4_model(tmp_path_factory) -> str:
     from test_decode_layers import _gguf_model
-    return _gguf_model(tmp_path_factory.mktemp("q4-llama-int8"))
+    return _gguf_model(tmp_path_factory.mktemp("q4-llama-integer"))
 
 
 def _engine(model: str, **kw) -> LLM:
@@ -116,13 +123,14 @@ def _engine(model: str, **kw) -> LLM:
 PROMPTS = [[1, 2, 3, 4, 5], list(range(100, 140)), [7, 8, 9] * 7, list(range(200, 233))]
 
 
-def test_engine_with_int8_activations(q4_model):
-    llm = _engine(q4_model, matmul_activations="int8")
+@pytest.mark.parametrize("bits", BITS)
+def test_engine_with_integer_activations(q4_model, bits):
+    llm = _engine(q4_model, matmul_activations=f"int{bits}")
     methods = [m.method for m in llm.engine.model.modules()
                if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod)]
     assert methods and all(isinstance(m.blocks, InterleavedBlocks) for m in methods)
     decoder = llm.engine.model.model
-    assert decoder.decode_layers is not None, "the one-call decode step takes the int8 kernel too"
+    assert decoder.decode_layers is not None, "the one-call decode step takes the integer kernel too"
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     fused = llm.generate(PROMPTS, params)
     alone = [llm.generate([p], params)[0] for p in PROMPTS]
@@ -138,12 +146,30 @@ def test_engine_with_int8_activations(q4_model):
     firsts = exact.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, logprobs=20))
     for out, first in zip(fused, firsts):
         top = dict(first.logprobs[0].top)
-        assert out.token_ids[0] in top   # int8's first token is among float32's top 20
-        assert abs(out.logprobs[0].logprob - top[out.token_ids[0]]) < 0.05
+        assert out.token_ids[0] in top   # the first token is among float32's top 20
+        assert abs(out.logprobs[0].logprob - top[out.token_ids[0]]) < {16: 2e-4, 8: 0.05}[bits]
 
 
-def test_int8_is_refused_where_it_cannot_apply():
+def test_other_activation_types_are_refused():
     with pytest.raises(ValueError, match="matmul_activations"):
         EngineConfig(matmul_activations="int4")
     with pytest.raises(ValueError, match="matmul_activations"):
         cpu_linear.use_block_kernels(torch.nn.Linear(4, 4), "bf16")
+
+
+def test_portable_build_gives_the_same_bits(kernel, tmp_path):
+    """The C path for CPUs without AVX512-VNNI (forced with -DPORTABLE) against the vector one."""
+    import ctypes
+    import subprocess
+    if not kernel.vnni:
+        pytest.skip("this CPU takes the portable path already")
+    source = cpu_kernels._CSRC / "integer_block_linear.c"
+    lib = tmp_path / "portable.so"
+    subprocess.run([shutil.which("gcc") or shutil.which("cc"), *cpu_kernels._CFLAGS, "-DPORTABLE", "-o",
+                    str(lib), str(source), *cpu_kernels._LIBS], check=True, capture_output=True, timeout=120)
+    portable = cpu_kernels.IntegerBlockLinearKernel(ctypes.CDLL(str(lib)), kernel.bits)
+    assert not portable.vnni
+    for qtype in ("q4_1", "q8_0"):
+        ib = interleave(block_quant.pack_exact(gguf_dense(40, 96, qtype)))
+        x = torch.randn(11, 96, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(portable(ib, x).view(torch.int32), kernel(ib, x).view(torch.int32))

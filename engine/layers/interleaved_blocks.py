@@ -1,4 +1,4 @@
-"""GGUF blocks regrouped 16 weight rows at a time, as the int8-activation matmul reads them."""
+"""GGUF blocks regrouped 16 weight rows at a time, as the integer-activation matmul reads them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,13 +7,14 @@ import torch
 
 from .block_quant import QBLOCK, BlockWeights
 
-# With `matmul_activations: int8` a layer's input is quantized to int8 per 32-wide block and each
-# block of a weight row is multiplied by integer dot products (csrc/int8_block_linear.c, whose header
-# has the layouts). An AVX512-VNNI dot product takes four consecutive codes of 16 weight rows, so
-# `interleave` stores the codes of 16 rows side by side, four by four, block after block (Q8_0's
-# codes offset by 128 to unsigned bytes), and each block's scales (and Q4_1 minimums) for the 16 rows
-# in one vector. Rows past N are zero and never stored. The codes and scales are the ones
-# `block_quant.pack_exact` recovered: the weights are exactly the dense model's, only x is rounded.
+# With `matmul_activations` int16 or int8 a layer's input is quantized to integers per 32-wide block
+# and each block of a weight row is multiplied by integer dot products (csrc/integer_block_linear.c,
+# whose header has the layouts). An AVX512-VNNI dot product takes four consecutive codes of 16 weight
+# rows, so `interleave` stores the codes of 16 rows side by side, four by four, block after block
+# (Q8_0's codes offset by 128 to unsigned bytes), and each block's scales (and Q4_1 minimums) for the
+# 16 rows in one vector; both widths read this one layout. Rows past N are zero and never stored. The codes
+# and scales are the ones `block_quant.pack_exact` recovered: the weights are exactly the dense
+# model's, only x is rounded.
 
 GROUP = 16
 
