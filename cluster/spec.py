@@ -85,8 +85,8 @@ class EngineSpec(_Strict):
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # what GGUF-block layers multiply their input as on the CPU: float32 (the dense model's
     # arithmetic), int16 (per 32-wide block: ~2e-5 error per matmul, faster) or int8 (as llama.cpp
-    # does: faster still, and answers can change)
-    matmul_activations: Literal["float32", "int16", "int8"] = "float32"
+    # does: faster still, and answers can change); auto: int16 where the CPU has AVX512-VNNI
+    matmul_activations: Literal["auto", "float32", "int16", "int8"] = "auto"
     # speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4,
     # prompt_lookup_min: 2}; None: off. The engine's SpeculativeConfig validates (and defaults) it.
     speculative_config: dict[str, Any] | None = None

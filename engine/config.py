@@ -67,8 +67,9 @@ class EngineConfig:
     # what a layer whose weight is GGUF Q4_1/Q8_0 blocks multiplies its input as on the CPU:
     # "float32" (the dense model's arithmetic), or quantized per 32-wide block to "int16" (~2e-5
     # error per matmul) or "int8" (as llama.cpp does: ~0.5%, can change answers) and multiplied by
-    # integer dot products, 1.3-2.3x faster here (layers/cpu_linear.py)
-    matmul_activations: str = "float32"
+    # integer dot products, 1.2-2.3x faster here; "auto": int16 where the CPU has AVX512-VNNI, else
+    # float32 (layers/cpu_linear.py)
+    matmul_activations: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None      # None: derived from kv_cache_gib
     kv_cache_gib: float = 1.0
@@ -98,8 +99,8 @@ class EngineConfig:
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(spec))
         elif spec is not None and not isinstance(spec, SpeculativeConfig):
             raise ValueError(f"speculative_config must be a mapping or SpeculativeConfig, got {spec!r}")
-        if self.matmul_activations not in ("float32", "int16", "int8"):
-            raise ValueError("matmul_activations must be float32, int16 or int8, got "
+        if self.matmul_activations not in ("auto", "float32", "int16", "int8"):
+            raise ValueError("matmul_activations must be auto, float32, int16 or int8, got "
                              f"{self.matmul_activations!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -24,7 +24,7 @@ from .kv_handoff import KVHandoff, KVLayout
 from .kv_io import KVExchange, KVLoad
 from .kv_transfers import KVTransfers
 from .latency_histogram import LatencyHistogram
-from .layers.cpu_linear import use_block_kernels
+from .layers.cpu_linear import resolve_matmul_activations, use_block_kernels
 from .model_runner import ModelRunner
 from .models import model_class
 from .models.llama_decode_step import use_decode_layers
@@ -66,13 +66,13 @@ class LLMEngine:
         if not hf_config.get("vocab_size"):
             hf_config["vocab_size"] = self.tokenizer.vocab_size
         self.model = self._build_model(hf_config, weights)
-        if config.matmul_activations != "float32" and self.device.type != "cpu":
-            raise ValueError(f"matmul_activations={config.matmul_activations!r} is a CPU kernel's; "
-                             f"this engine runs on {self.device.type}")
+        # what GGUF-block layers multiply their input as (float32 | int16 | int8)
+        self.matmul_activations = resolve_matmul_activations(config.matmul_activations,
+                                                             self.device.type)
         if self.device.type == "cpu":
             # before sizing the KV cache: the blocks take memory
-            switched = use_block_kernels(self.model, config.matmul_activations)
-            if not switched and config.matmul_activations != "float32":
+            switched = use_block_kernels(self.model, self.matmul_activations)
+            if not switched and config.matmul_activations not in ("auto", "float32"):
                 log.warning("matmul_activations=%s applies to GGUF-block layers only, and this model "
                             "has none: its matmuls stay float32", config.matmul_activations)
             use_decode_layers(self.model)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pdcluster.engine.layers import block_quant, cpu_linear
 from pdcluster.engine import cpu_kernels
 from pdcluster.engine.layers.block_quant import BlockWeights, pack_exact
+from pdcluster.engine.layers.interleaved_blocks import InterleavedBlocks, deinterleave
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
@@ -135,5 +136,8 @@ def test_embedded_model_runs_its_linears_from_blocks(llm):
     assert block["lm_head"].blocks.qtype == "q8_0"
     layer = model.model.layers[0]
     for mod in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
-        assert mod.method.blocks.qtype == "q4_1"
-        assert same_bits(block_quant.dequantize(mod.method.blocks), mod.weight)
+        blocks = mod.method.blocks
+        if isinstance(blocks, InterleavedBlocks):   # matmul_activations int16 / int8
+            blocks = deinterleave(blocks)
+        assert blocks.qtype == "q4_1"
+        assert same_bits(block_quant.dequantize(blocks), mod.weight)

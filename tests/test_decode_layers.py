@@ -66,8 +66,10 @@ def _greedy(llm: LLM) -> list[list[int]]:
 
 @pytest.mark.parametrize("kw", [{}, {"kv_cache_dtype": "float16"},
                                 {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                                                        "prompt_lookup_max": 3, "prompt_lookup_min": 2}}],
-                         ids=["float32-cache", "float16-cache", "ngram-drafts"])
+                                                        "prompt_lookup_max": 3, "prompt_lookup_min": 2}},
+                                {"matmul_activations": "float32"}, {"matmul_activations": "int8"}],
+                         ids=["float32-cache", "float16-cache", "ngram-drafts", "float32-activations",
+                              "int8-activations"])
 def test_decode_steps_in_one_call_give_the_module_paths_tokens(model, kw):
     llm = _llm(model, **kw)
     decoder = llm.engine.model.model

@@ -14,7 +14,7 @@ import torch
 from pdcluster.engine import LLM, SamplingParams, cpu_kernels
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.layers import block_quant, cpu_linear
-from pdcluster.engine.layers.interleaved_blocks import InterleavedBlocks, interleave
+from pdcluster.engine.layers.interleaved_blocks import InterleavedBlocks, deinterleave, interleave
 
 pytest.importorskip("gguf")
 from test_block_linear import gguf_dense  # noqa: E402
@@ -140,7 +140,7 @@ def test_engine_with_integer_activations(q4_model, bits):
     # batch-invariant: a sequence's tokens do not depend on what it was batched with
     assert tokens(fused) == tokens(modules) == tokens(alone)
     # close to the float32 engine's first-token log-probabilities
-    exact = _engine(q4_model)
+    exact = _engine(q4_model, matmul_activations="float32")
     assert not any(isinstance(m.method.blocks, InterleavedBlocks) for m in exact.engine.model.modules()
                    if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod))
     firsts = exact.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0, logprobs=20))
@@ -155,6 +155,31 @@ def test_other_activation_types_are_refused():
         EngineConfig(matmul_activations="int4")
     with pytest.raises(ValueError, match="matmul_activations"):
         cpu_linear.use_block_kernels(torch.nn.Linear(4, 4), "bf16")
+    with pytest.raises(ValueError, match="CPU kernel"):
+        cpu_linear.resolve_matmul_activations("int8", "npu")
+
+
+def test_auto_is_int16_on_a_cpu_with_vnni_and_float32_elsewhere(q4_model):
+    vnni = cpu_kernels.integer_block_linear_kernel(16).vnni
+    assert cpu_linear.resolve_matmul_activations("auto", "cpu") == ("int16" if vnni else "float32")
+    assert cpu_linear.resolve_matmul_activations("auto", "npu") == "float32"
+    assert cpu_linear.resolve_matmul_activations("float32", "npu") == "float32"
+    engine = _engine(q4_model).engine     # the default
+    assert engine.matmul_activations == ("int16" if vnni else "float32")
+    kernels = {m.method.kernel for m in engine.model.modules()
+               if isinstance(getattr(m, "method", None), cpu_linear.BlockLinearMethod)}
+    assert kernels == {cpu_kernels.integer_block_linear_kernel(16) if vnni
+                       else cpu_kernels.block_linear_kernel()}
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+def test_interleave_keeps_every_code_and_scale(qtype):
+    bw = block_quant.pack_exact(gguf_dense(50, 96, qtype))   # 50 rows: the last group part-filled
+    ib = interleave(bw)
+    assert ib.shape == bw.shape and ib.qs.shape[0] == 4
+    back = deinterleave(ib)
+    assert torch.equal(back.qs, bw.qs) and torch.equal(back.d, bw.d)
+    assert (back.m is None) == (bw.m is None) and (bw.m is None or torch.equal(back.m, bw.m))
 
 
 def test_portable_build_gives_the_same_bits(kernel, tmp_path):

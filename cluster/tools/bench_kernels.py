@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 # Matmuls: every projection and the LM head of the loaded model, through the block kernel (GGUF
-# Q4_1/Q8_0 blocks) and through BLAS on the dense float32 weight (`F.linear`), per decode batch size.
+# Q4_1/Q8_0 blocks, float32 activations) and through BLAS on the dense float32 weight (`F.linear`),
+# per decode batch size.
 # Decode attention: one step's attention over all layers for 32 sequences of `--context` tokens, the
 # compiled kernel against the torch gather + SDPA path. Small ops: one decode step's RMSNorms, rotary,
 # SiLU-and-mul and KV writes over all layers, the fused C kernels against the torch ops they replace.
 # Times are the best of `--repeats` passes, each pass timing both sides back to back.
+# The engines below have the default matmul_activations (auto: int16 here, with VNNI).
 # KV cache dtypes: three engines (float32, float16, bfloat16 caches), each with `--rows` sequences of
 # `--context` prompt tokens decoding; their steps are taken in turn, and the median step of each is
 # compared with the float32 engine's.
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parts = [] if args.against else list(PARTS)
     if args.against:
         from ...engine import LLM
-        engine = LLM(num_kv_blocks=16).engine
+        engine = LLM(num_kv_blocks=16, matmul_activations="float32").engine
         rows = _against(engine.model, args.against, args.rows, args.context, args.repeats)
         print(f"threads {torch.get_num_threads()}, best of {args.repeats}; ms per decode step")
         print(f"{'measure':<56}{'this tree':>10}{args.against[:12]:>14}{'speedup':>9}  outputs")
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         del engine
     if "kernels" in args.parts:
         from ...engine import LLM
-        engine = LLM(num_kv_blocks=16).engine
+        engine = LLM(num_kv_blocks=16, matmul_activations="float32").engine
         model = engine.model
         rows = (_matmuls(model, args.rows, args.repeats)
                 + [_attention(model, args.context, args.repeats, getattr(torch, d)) for d in KV_DTYPES]
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b:<12}{one * 1e3:>12.2f}{mods * 1e3:>12.2f}{mods / one:>9.2f}x")
     if "activations" in args.parts:
         from ...engine import LLM
-        engine = LLM(num_kv_blocks=16).engine
+        engine = LLM(num_kv_blocks=16, matmul_activations="float32").engine
         rows = _integer_matmuls(engine.model, sorted(set(args.rows) | {512}), args.repeats)
         del engine
         print(f"\nmatmul_activations: the integer kernel's against the float32 one, threads "

@@ -3,7 +3,7 @@ at each batch size, then the colocated and the PD deployments (and any --peer se
 concurrencies, with served throughput and TPOT as ratios of the offline engine's and the goals beside.
 
     python -m pdcluster.cluster.tools.bench_served [--concurrency 1 8 32] [--peer llama.cpp=http://127.0.0.1:8100]
-        [--engine-core process thread] [--engine-threads shared split] [--matmul-activations int16]
+        [--engine-core process thread] [--engine-threads shared split] [--matmul-activations float32]
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine.threads of the deployments: unset (shared: decode steps take the "
                          "cores an idle prefill engine leaves, the default) or set to the cores split "
                          "among the workers; with both, each deployment runs with each (e.g. pd-split)")
-    ap.add_argument("--matmul-activations", choices=["float32", "int16", "int8"], default="float32",
+    ap.add_argument("--matmul-activations", choices=["auto", "float32", "int16", "int8"], default="auto",
                     help="engine.matmul_activations of the offline engine and every deployment")
     ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
     args = ap.parse_args(argv)
@@ -183,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(local_spec(True, args.kv_blocks, ports,
                                   matmul_activations=args.matmul_activations).engine_config())
     offline = measure_offline(engine, args.concurrency, args.input_len, args.output_len)
+    activations = engine.matmul_activations
     del engine
     gc.collect()
     print(f"offline engine measured in {time.perf_counter() - t0:.0f} s", flush=True)
 
     results, endpoints = sweep_deployments(cfg, specs, prompt_counter(first), peers, progress=False)
     report = (render_report(cfg, offline, results, [p.name for p in peers])
-              + f"\n\nengine.matmul_activations: {args.matmul_activations} (offline and served)")
+              + f"\n\nengine.matmul_activations: {args.matmul_activations} ({activations} here; offline "
+                "and served)")
     print(report)
     for path in write_report(args.out, cfg, endpoints, results):
         print(f"wrote {path}")

@@ -27,10 +27,24 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 256
 
 # what a GGUF-block layer multiplies its input as: "float32", the dense model's arithmetic (summed in
-# another order); "int16", quantized per 32-wide block to 16 bits (~2e-5 error per matmul, 1.3-1.6x
-# faster here); "int8", to 8 bits as llama.cpp does (~0.5% error per matmul, 1.3-2.3x faster here;
+# another order); "int16", quantized per 32-wide block to 16 bits (~2e-5 error per matmul, 1.2-1.7x
+# faster here); "int8", to 8 bits as llama.cpp does (~0.6% error per matmul, 1.2-2.3x faster here;
 # on the embedded 135M model it changes answers, as llama.cpp's own does)
 MATMUL_ACTIVATIONS = ("float32", "int16", "int8")
+
+
+def resolve_matmul_activations(setting: str, device: str) -> str:
+    """EngineConfig.matmul_activations for an engine on `device` ("cpu", "npu", ...): "auto" is
+    int16 on a CPU where the integer kernel has its AVX512-VNNI path, else float32; an integer type
+    anywhere but on the CPU is refused (the kernels are the CPU's)."""
+    if setting == "auto":
+        kernel = integer_block_linear_kernel(16) if device == "cpu" else None
+        return "int16" if kernel is not None and kernel.vnni else "float32"
+    if setting not in MATMUL_ACTIVATIONS:
+        raise ValueError(f"matmul_activations must be auto or one of {MATMUL_ACTIVATIONS}, got {setting!r}")
+    if setting != "float32" and device != "cpu":
+        raise ValueError(f"matmul_activations={setting!r} is a CPU kernel's; this engine runs on {device}")
+    return setting
 
 
 class BlockLinearMethod(LinearMethod):

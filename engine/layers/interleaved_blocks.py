@@ -65,3 +65,18 @@ def interleave(bw: BlockWeights) -> InterleavedBlocks:
     scales = lambda t: _by_group(t, groups).permute(0, 2, 1).contiguous()  # noqa: E731
     return InterleavedBlocks(bw.qtype, qs.contiguous(), scales(bw.d),
                              scales(bw.m) if bw.m is not None else None, n, k)
+
+
+def deinterleave(ib: InterleavedBlocks) -> BlockWeights:
+    """`interleave`'s inverse: the blocks row by row (block_quant's layout)."""
+    groups, nb = ib.qs.shape[:2]
+    if ib.qtype == "q4_1":
+        packed = ib.qs.reshape(groups, nb, 4, GROUP, 4).permute(0, 3, 1, 2, 4)   # [G, row, nb, pair, 4]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-2).reshape(groups * GROUP, nb, QBLOCK)
+        qs = codes[:, :, : QBLOCK // 2] | (codes[:, :, QBLOCK // 2:] << 4)
+    else:
+        c = ib.qs.reshape(groups, nb, 8, GROUP, 4).permute(0, 3, 1, 2, 4)
+        qs = (c.reshape(groups * GROUP, nb, QBLOCK).to(torch.int16) - 128).to(torch.int8)
+    rows = lambda t: t.permute(0, 2, 1).reshape(groups * GROUP, nb)[: ib.n].contiguous()  # noqa: E731
+    return BlockWeights(ib.qtype, qs[: ib.n].contiguous(), rows(ib.d),
+                        rows(ib.m) if ib.m is not None else None)
