@@ -72,9 +72,11 @@ class LLMEngine:
         if self.device.type == "cpu":
             # before sizing the KV cache: the blocks take memory
             switched = use_block_kernels(self.model, self.matmul_activations)
-            if not switched and config.matmul_activations not in ("auto", "float32"):
-                log.warning("matmul_activations=%s applies to GGUF-block layers only, and this model "
-                            "has none: its matmuls stay float32", config.matmul_activations)
+            if not switched:
+                if config.matmul_activations not in ("auto", "float32"):
+                    log.warning("matmul_activations=%s applies to GGUF-block layers only, and this "
+                                "model has none: its matmuls stay float32", config.matmul_activations)
+                self.matmul_activations = "float32"
             use_decode_layers(self.model)
         self.fingerprint = _fingerprint(path, hf_config, self.dtype, self.kv_dtype)
         self.max_model_len = config.max_model_len or min(

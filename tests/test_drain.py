@@ -23,7 +23,9 @@ import cluster_harness as h
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRAIN_TIMEOUT_S = 10.0
-SHORT, LONG = 16, 1000  # output tokens: done well inside the drain timeout / never within it
+# output tokens: done well inside the drain timeout / never within it (a 2-core machine decodes one
+# stream at ~100-200 tokens/s; 6000 tokens would take a machine 3x faster still 10 s past the drain)
+SHORT, LONG = 16, 6000
 
 
 def _cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -52,7 +54,7 @@ def up(tmp_path_factory):
     """`pdcluster up --config` in its own process (its own Ray), state file in a private runtime dir."""
     tmp = tmp_path_factory.mktemp("drain")
     spec = h.small_spec(router={"drain_timeout_s": DRAIN_TIMEOUT_S},
-                        engine={"num_kv_blocks": 128, "threads": 1})
+                        engine={"num_kv_blocks": 400, "threads": 1})   # LONG's KV: 376 blocks
     spec_file = tmp / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
