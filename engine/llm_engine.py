@@ -74,8 +74,9 @@ class LLMEngine:
             switched = use_block_kernels(self.model, self.matmul_activations)
             if not switched:
                 if config.matmul_activations not in ("auto", "float32"):
-                    log.warning("matmul_activations=%s applies to GGUF-block layers only, and this "
-                                "model has none: its matmuls stay float32", config.matmul_activations)
+                    log.warning("matmul_activations=%s: no layer runs on the integer kernel (it takes "
+                                "GGUF-block layers only, and needs the kernel built): the matmuls stay "
+                                "float32", config.matmul_activations)
                 self.matmul_activations = "float32"
             use_decode_layers(self.model)
         self.fingerprint = _fingerprint(path, hf_config, self.dtype, self.kv_dtype)

@@ -195,6 +195,24 @@ def test_portable_build_gives_the_same_bits(kernel, tmp_path):
     portable = cpu_kernels.IntegerBlockLinearKernel(ctypes.CDLL(str(lib)), kernel.bits)
     assert not portable.vnni
     for qtype in ("q4_1", "q8_0"):
-        ib = interleave(block_quant.pack_exact(gguf_dense(40, 96, qtype)))
-        x = torch.randn(11, 96, generator=torch.Generator().manual_seed(5))
-        assert torch.equal(portable(ib, x).view(torch.int32), kernel(ib, x).view(torch.int32))
+        for n, k, rows in ((40, 96, 11), (16, 32, 1), (33, 192, 9)):
+            ib = interleave(block_quant.pack_exact(gguf_dense(n, k, qtype)))
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n))
+            x[0, :32] = 0.0
+            x[-1, 3] = 1e-38       # a block of ~0: too small a scale to invert
+            x[-1, 4:32] = 0.0
+            x[rows // 2, 5] = float("nan")
+            a, b = portable(ib, x), kernel(ib, x)
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_or_infinite_input_gives_nan_outputs_in_its_row_only(kernel, bad):
+    ib = interleave(block_quant.pack_exact(gguf_dense(40, 96, "q4_1")))
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(9))
+    x[2, 40] = bad
+    y = kernel(ib, x)
+    assert y[2].isnan().all()            # as float activations would (inf * 0-weights: NaN there)
+    assert torch.isfinite(y[[0, 1, 3]]).all()
+    assert torch.equal(y[[0, 1, 3]], kernel(ib, x[[0, 1, 3]]))

@@ -61,14 +61,32 @@ static Codes codes_in(float *scratch, int64_t M, int64_t nb)
 }
 
 /* x row block i (of 32) -> its codes. A scale too small to invert in float32 (a block of ~0) gives
- * all-zero codes. */
+ * all-zero codes; a block holding a NaN or an infinity gives a NaN scale (and zero codes), so the
+ * outputs of its row are NaN, as float activations would make them, on either path. */
 static void quantize_block(const float *x, int bits, Codes c, int64_t i)
 {
     const float top = bits == 16 ? 32767.0f : 127.0f;
 #if VNNI
     const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+    const int finite = !nan && isfinite(amax);
+#else
+    float amax = 0.0f;
+    int finite = 1;
+    for (int k = 0; k < QBLOCK; k++) {
+        amax = fmaxf(amax, fabsf(x[k]));
+        finite &= isfinite(x[k]) != 0;
+    }
+#endif
+    if (!finite) {
+        memset((char *)c.codes + i * QBLOCK * (bits / 8), 0, QBLOCK * (bits / 8));
+        c.scale[i] = c.scaled_sum[i] = NAN;
+        c.sum[i] = 0;
+        return;
+    }
     const float d = amax / top, id = d > 1e-30f ? 1.0f / d : 0.0f;
+#if VNNI
     /* cvtps rounds by MXCSR: to nearest even, as lrintf below */
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
     const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
@@ -83,9 +101,6 @@ static void quantize_block(const float *x, int bits, Codes c, int64_t i)
     }
     const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
 #else
-    float amax = 0.0f;
-    for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(x[k]));
-    const float d = amax / top, id = d > 1e-30f ? 1.0f / d : 0.0f;
     int32_t sum = 0;
     for (int k = 0; k < QBLOCK; k++) {
         long v = lrintf(x[k] * id);

@@ -85,9 +85,12 @@ def use_block_kernels(model: nn.Module, activations: str = "float32") -> int:
         if integer:
             log.warning("%s matmul kernel unavailable: GGUF-block layers stay dense (float32)", activations)
         return 0
+    # every step size on the integer kernel, but for its portable path (no AVX512-VNNI), which is
+    # there for correctness, not speed: then prompt chunks over MAX_ROWS keep BLAS
+    rows = (1, 1 << 62) if integer and kernel.vnni else (kernel.min_rows, MAX_ROWS)
     if integer and not kernel.vnni:
-        log.warning("this CPU has no AVX512-VNNI: %s activations take the kernel's slow portable path",
-                    activations)
+        log.warning("this CPU has no AVX512-VNNI: %s activations take the kernel's slow portable path "
+                    "(up to %d rows; BLAS in float32 above)", activations, MAX_ROWS)
     switched, nbytes, dense = 0, 0, []
     for name, mod, weight in _candidates(model):
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
@@ -98,7 +101,7 @@ def use_block_kernels(model: nn.Module, activations: str = "float32") -> int:
             continue
         if integer:
             blocks = interleave(blocks)
-        mod.method = BlockLinearMethod(blocks, kernel, rows=(1, 1 << 62) if integer else None)
+        mod.method = BlockLinearMethod(blocks, kernel, rows=rows)
         switched += 1
         nbytes += blocks.nbytes
     if switched:
