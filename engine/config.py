@@ -17,6 +17,8 @@ KVAllocator = Callable[[int], "torch.Tensor"]
 EMBEDDED_MODEL = "embedded"
 SPEC_METHODS = ("ngram", "mtp")
 NGRAM_ONLY = ("prompt_lookup_max", "prompt_lookup_min")
+# EngineConfig.matmul_activations: "auto" and what it resolves to (layers/cpu_linear.py)
+MATMUL_ACTIVATIONS = ("auto", "float32", "int16", "int8")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # what a layer whose weight is GGUF Q4_1/Q8_0 blocks multiplies its input as on the CPU:
     # "float32" (the dense model's arithmetic), or quantized per 32-wide block to "int16" (~2e-5
-    # error per matmul) or "int8" (as llama.cpp does: ~0.5%, can change answers) and multiplied by
+    # error per matmul) or "int8" (as llama.cpp does: ~0.6%, can change answers) and multiplied by
     # integer dot products, 1.2-2.3x faster here; "auto": int16 where the CPU has AVX512-VNNI, else
     # float32 (layers/cpu_linear.py)
     matmul_activations: str = "auto"
@@ -99,8 +101,8 @@ class EngineConfig:
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(spec))
         elif spec is not None and not isinstance(spec, SpeculativeConfig):
             raise ValueError(f"speculative_config must be a mapping or SpeculativeConfig, got {spec!r}")
-        if self.matmul_activations not in ("auto", "float32", "int16", "int8"):
-            raise ValueError("matmul_activations must be auto, float32, int16 or int8, got "
+        if self.matmul_activations not in MATMUL_ACTIVATIONS:
+            raise ValueError(f"matmul_activations must be one of {MATMUL_ACTIVATIONS}, got "
                              f"{self.matmul_activations!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

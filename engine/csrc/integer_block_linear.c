@@ -127,108 +127,109 @@ static inline __attribute__((always_inline)) __m512 scale_block(int qtype, __m51
     return acc;
 }
 
-/* rows [0, MS) of x (8-bit codes) times one group of 16 weight rows; y[r][0..nr) stored. MS is a
- * constant in each instance (the accumulators stay in registers). */
-static inline __attribute__((always_inline)) void tile8(
-    int qtype, const uint8_t *qs, const float *d, const float *m, int64_t nb, Codes c, int64_t K,
-    float *y, int64_t N, int nr, const int MS)
+/* One block of one group of 16 weight rows (blk) times block b of rows [0, MS) of x: s[r] gets row
+ * r's 16 exact integer sums, one per weight row. MS is a constant in each instance (the vectors stay
+ * in registers). 8-bit codes: four codes of the 16 rows against four of x broadcast, one vpdpbusd. */
+static inline __attribute__((always_inline)) void block_sums8(
+    int qtype, const uint8_t *blk, Codes c, int64_t K, int64_t nb, int64_t b, __m512i s[MR],
+    const int MS)
 {
     const int8_t *xq = c.codes;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i wv[8];
+    if (qtype == QTYPE_Q4_1) {
+        _Pragma("GCC unroll 4")
+        for (int p = 0; p < 4; p++) {
+            const __m512i v = _mm512_loadu_si512(blk + 64 * p);
+            wv[2 * p] = _mm512_and_si512(v, low4);
+            wv[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+    } else {
+        _Pragma("GCC unroll 8")
+        for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(blk + 64 * q);
+    }
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < MS; r++) {
+        int32_t xr[8];
+        memcpy(xr, xq + r * K + b * QBLOCK, sizeof xr);
+        /* two chains of four (the integer sum is exact in any order) */
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4")
+        for (int q = 0; q < 4; q++) {
+            s0 = _mm512_dpbusd_epi32(s0, wv[q], _mm512_set1_epi32(xr[q]));
+            s1 = _mm512_dpbusd_epi32(s1, wv[q + 4], _mm512_set1_epi32(xr[q + 4]));
+        }
+        s[r] = _mm512_add_epi32(s0, s1);
+        if (qtype == QTYPE_Q8_0)   /* the codes were stored + 128: take 128 sum(xq) back off */
+            s[r] = _mm512_sub_epi32(s[r], _mm512_set1_epi32(128 * c.sum[r * nb + b]));
+    }
+}
+
+/* The same with 16-bit codes of x: each 64-byte vector of four codes of 16 rows is widened to two
+ * vectors of words (rows 0-7 and 8-15, a row's four codes in two int32 lanes) for vpdpwssd; a row's
+ * two lanes are added at the end. */
+static inline __attribute__((always_inline)) void block_sums16(
+    int qtype, const uint8_t *blk, Codes c, int64_t K, int64_t nb, int64_t b, __m512i s[MR],
+    const int MS)
+{
+    (void)nb;
+    const int16_t *xq = c.codes;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    __m512i s0[MR], s1[MR];   /* rows 0-7 / 8-15 of the group, two lanes a row */
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < MS; r++) s0[r] = s1[r] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8")
+    for (int q = 0; q < 8; q++) {   /* codes 4q..4q+3 of the 16 rows */
+        __m512i w0, w1;
+        if (qtype == QTYPE_Q4_1) {
+            const __m512i v = _mm512_loadu_si512(blk + 64 * (q / 2));
+            const __m512i bytes = _mm512_and_si512(q % 2 ? _mm512_srli_epi16(v, 4) : v, low4);
+            w0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(bytes));
+            w1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
+        } else {   /* back to signed codes: the 16-bit products need no correction */
+            const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * q), flip);
+            w0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
+            w1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
+        }
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < MS; r++) {
+            int64_t xr;
+            memcpy(&xr, xq + r * K + b * QBLOCK + 4 * q, sizeof xr);
+            const __m512i xv = _mm512_set1_epi64(xr);
+            s0[r] = _mm512_dpwssd_epi32(s0[r], w0, xv);
+            s1[r] = _mm512_dpwssd_epi32(s1[r], w1, xv);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < MS; r++) {
+        const __m512i p0 = _mm512_add_epi32(s0[r], _mm512_srli_epi64(s0[r], 32));
+        const __m512i p1 = _mm512_add_epi32(s1[r], _mm512_srli_epi64(s1[r], 32));
+        s[r] = _mm512_permutex2var_epi32(p0, evens, p1);   /* rows 0..15 */
+    }
+}
+
+/* rows [0, MS) of x (`bits`-bit codes) times one group of 16 weight rows; y[r][0..nr) stored */
+static inline __attribute__((always_inline)) void tile(
+    int bits, int qtype, const uint8_t *qs, const float *d, const float *m, int64_t nb, Codes c,
+    int64_t K, float *y, int64_t N, int nr, const int MS)
+{
     __m512 acc[MR];
     _Pragma("GCC unroll 8")
     for (int r = 0; r < MS; r++) acc[r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
     const int64_t gb = group_bytes(qtype);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = qs + b * gb;
         /* the group's blocks are one sequential stream: ask for the bytes 8 blocks on into L2 */
         for (int64_t off = 0; off < gb; off += 64) __builtin_prefetch(blk + 8 * gb + off, 0, 1);
-        __m512i wv[8];
-        if (qtype == QTYPE_Q4_1) {
-            _Pragma("GCC unroll 4")
-            for (int p = 0; p < 4; p++) {
-                const __m512i v = _mm512_loadu_si512(blk + 64 * p);
-                wv[2 * p] = _mm512_and_si512(v, low4);
-                wv[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            }
-        } else {
-            _Pragma("GCC unroll 8")
-            for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(blk + 64 * q);
-        }
+        __m512i s[MR];
+        if (bits == 16) block_sums16(qtype, blk, c, K, nb, b, s, MS);
+        else block_sums8(qtype, blk, c, K, nb, b, s, MS);
         const __m512 dv = _mm512_loadu_ps(d + b * GROUP);
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < MS; r++) {
-            int32_t xr[8];
-            memcpy(xr, xq + r * K + b * QBLOCK, sizeof xr);
-            /* two chains of four (the integer sum is exact in any order) */
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            _Pragma("GCC unroll 4")
-            for (int q = 0; q < 4; q++) {
-                s0 = _mm512_dpbusd_epi32(s0, wv[q], _mm512_set1_epi32(xr[q]));
-                s1 = _mm512_dpbusd_epi32(s1, wv[q + 4], _mm512_set1_epi32(xr[q + 4]));
-            }
-            __m512i s = _mm512_add_epi32(s0, s1);
-            if (qtype == QTYPE_Q8_0)   /* the codes were stored + 128: take 128 sum(xq) back off */
-                s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * c.sum[r * nb + b]));
-            acc[r] = scale_block(qtype, acc[r], s, dv, m + b * GROUP, c.scale[r * nb + b],
+        for (int r = 0; r < MS; r++)
+            acc[r] = scale_block(qtype, acc[r], s[r], dv, m + b * GROUP, c.scale[r * nb + b],
                                  c.scaled_sum[r * nb + b]);
-        }
-    }
-    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < MS; r++) _mm512_mask_storeu_ps(y + r * N, keep, acc[r]);
-}
-
-/* the same with 16-bit codes of x: each 64-byte vector of four codes of 16 rows is widened to two
- * vectors of words (rows 0-7 and 8-15, a row's four codes in two int32 lanes) */
-static inline __attribute__((always_inline)) void tile16(
-    int qtype, const uint8_t *qs, const float *d, const float *m, int64_t nb, Codes c, int64_t K,
-    float *y, int64_t N, int nr, const int MS)
-{
-    const int16_t *xq = c.codes;
-    __m512 acc[MR];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < MS; r++) acc[r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
-    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const int64_t gb = group_bytes(qtype);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = qs + b * gb;
-        for (int64_t off = 0; off < gb; off += 64) __builtin_prefetch(blk + 8 * gb + off, 0, 1);
-        __m512i s0[MR], s1[MR];   /* rows 0-7 / 8-15 of the group, two lanes a row */
-        _Pragma("GCC unroll 8")
-        for (int r = 0; r < MS; r++) s0[r] = s1[r] = _mm512_setzero_si512();
-        _Pragma("GCC unroll 8")
-        for (int q = 0; q < 8; q++) {   /* codes 4q..4q+3 of the 16 rows */
-            __m512i w0, w1;
-            if (qtype == QTYPE_Q4_1) {
-                const __m512i v = _mm512_loadu_si512(blk + 64 * (q / 2));
-                const __m512i bytes = _mm512_and_si512(q % 2 ? _mm512_srli_epi16(v, 4) : v, low4);
-                w0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(bytes));
-                w1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-            } else {   /* back to signed codes: the 16-bit products need no correction */
-                const __m512i bytes = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * q), flip);
-                w0 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
-                w1 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-            }
-            _Pragma("GCC unroll 8")
-            for (int r = 0; r < MS; r++) {
-                int64_t xr;
-                memcpy(&xr, xq + r * K + b * QBLOCK + 4 * q, sizeof xr);
-                const __m512i xv = _mm512_set1_epi64(xr);
-                s0[r] = _mm512_dpwssd_epi32(s0[r], w0, xv);
-                s1[r] = _mm512_dpwssd_epi32(s1[r], w1, xv);
-            }
-        }
-        const __m512 dv = _mm512_loadu_ps(d + b * GROUP);
-        _Pragma("GCC unroll 8")
-        for (int r = 0; r < MS; r++) {
-            const __m512i p0 = _mm512_add_epi32(s0[r], _mm512_srli_epi64(s0[r], 32));
-            const __m512i p1 = _mm512_add_epi32(s1[r], _mm512_srli_epi64(s1[r], 32));
-            const __m512i s = _mm512_permutex2var_epi32(p0, evens, p1);   /* rows 0..15 */
-            acc[r] = scale_block(qtype, acc[r], s, dv, m + b * GROUP, c.scale[r * nb + b],
-                                 c.scaled_sum[r * nb + b]);
-        }
     }
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
     _Pragma("GCC unroll 8")
@@ -239,7 +240,7 @@ static inline __attribute__((always_inline)) void tile16(
     float *y, int64_t N, int nr
 typedef void (*tile_fn)(TILE_ARGS);
 #define TILE_DEF(BITS, QT, MS) static __attribute__((noinline)) void tile##BITS##_##QT##_##MS(TILE_ARGS) \
-    { tile##BITS(QT, qs, d, m, nb, c, K, y, N, nr, MS); }
+    { tile(BITS, QT, qs, d, m, nb, c, K, y, N, nr, MS); }
 #define TILES(BITS, QT) TILE_DEF(BITS, QT, 1) TILE_DEF(BITS, QT, 2) TILE_DEF(BITS, QT, 3) \
     TILE_DEF(BITS, QT, 4) TILE_DEF(BITS, QT, 5) TILE_DEF(BITS, QT, 6) TILE_DEF(BITS, QT, 7) \
     TILE_DEF(BITS, QT, 8) \

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..config import MATMUL_ACTIVATIONS
 from ..cpu_kernels import BlockLinearKernel, block_linear_kernel, integer_block_linear_kernel
 from .block_quant import BlockWeights, pack_exact
 from .interleaved_blocks import InterleavedBlocks, interleave
@@ -26,11 +27,12 @@ log = logging.getLogger(__name__)
 # rows BLAS's blocking wins, the weight's bytes no longer matter)
 MAX_ROWS = 256
 
-# what a GGUF-block layer multiplies its input as: "float32", the dense model's arithmetic (summed in
-# another order); "int16", quantized per 32-wide block to 16 bits (~2e-5 error per matmul, 1.2-1.7x
-# faster here); "int8", to 8 bits as llama.cpp does (~0.6% error per matmul, 1.2-2.3x faster here;
-# on the embedded 135M model it changes answers, as llama.cpp's own does)
-MATMUL_ACTIVATIONS = ("float32", "int16", "int8")
+# what a GGUF-block layer multiplies its input as (MATMUL_ACTIVATIONS less "auto"): "float32", the
+# dense model's arithmetic (summed in another order); "int16", quantized per 32-wide block to 16 bits
+# (~2e-5 error per matmul, 1.2-1.7x faster here); "int8", to 8 bits as llama.cpp does (~0.6% error
+# per matmul, 1.2-2.3x faster here; on the embedded 135M model it changes answers, as llama.cpp's own
+# does)
+RESOLVED = tuple(a for a in MATMUL_ACTIVATIONS if a != "auto")
 
 
 def resolve_matmul_activations(setting: str, device: str) -> str:
@@ -40,8 +42,8 @@ def resolve_matmul_activations(setting: str, device: str) -> str:
     if setting == "auto":
         kernel = integer_block_linear_kernel(16) if device == "cpu" else None
         return "int16" if kernel is not None and kernel.vnni else "float32"
-    if setting not in MATMUL_ACTIVATIONS:
-        raise ValueError(f"matmul_activations must be auto or one of {MATMUL_ACTIVATIONS}, got {setting!r}")
+    if setting not in RESOLVED:
+        raise ValueError(f"matmul_activations must be one of {MATMUL_ACTIVATIONS}, got {setting!r}")
     if setting != "float32" and device != "cpu":
         raise ValueError(f"matmul_activations={setting!r} is a CPU kernel's; this engine runs on {device}")
     return setting
@@ -76,9 +78,9 @@ def _candidates(model: nn.Module):
 @torch.no_grad()
 def use_block_kernels(model: nn.Module, activations: str = "float32") -> int:
     """Switch the layers whose weights are GGUF blocks to the kernel for `activations` (one of
-    MATMUL_ACTIVATIONS); returns how many were."""
-    if activations not in MATMUL_ACTIVATIONS:
-        raise ValueError(f"matmul_activations must be one of {MATMUL_ACTIVATIONS}, got {activations!r}")
+    RESOLVED); returns how many were."""
+    if activations not in RESOLVED:
+        raise ValueError(f"matmul_activations must be one of {RESOLVED}, got {activations!r}")
     integer = activations != "float32"
     kernel = integer_block_linear_kernel(int(activations[3:])) if integer else block_linear_kernel()
     if kernel is None:

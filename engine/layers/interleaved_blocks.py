@@ -12,8 +12,8 @@ from .block_quant import QBLOCK, BlockWeights
 # whose header has the layouts). An AVX512-VNNI dot product takes four consecutive codes of 16 weight
 # rows, so `interleave` stores the codes of 16 rows side by side, four by four, block after block
 # (Q8_0's codes offset by 128 to unsigned bytes), and each block's scales (and Q4_1 minimums) for the
-# 16 rows in one vector; both widths read this one layout. Rows past N are zero and never stored. The codes
-# and scales are the ones `block_quant.pack_exact` recovered: the weights are exactly the dense
+# 16 rows in one vector; both widths read this one layout. Rows past N are zero and never stored. The
+# codes and scales are the ones `block_quant.pack_exact` recovered: the weights are exactly the dense
 # model's, only x is rounded.
 
 GROUP = 16
@@ -46,7 +46,7 @@ def _by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def interleave(bw: BlockWeights) -> InterleavedBlocks:
-    """`bw`'s codes and scales in the int8 kernel's layout."""
+    """`bw`'s codes and scales in the integer kernel's layout."""
     n, k = bw.shape
     nb, groups = k // QBLOCK, -(-n // GROUP)
     if bw.qtype == "q4_1":
