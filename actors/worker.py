@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,6 +54,7 @@ class WorkerReport:
     free_blocks: int
     total_blocks: int
     stats: dict[str, Any] = field(default_factory=dict)
+    taken_at: float = 0.0  # the worker's wall clock (time.time()) when it took the report
 
 
 
@@ -205,7 +207,7 @@ class EngineWorker:
         return WorkerReport(
             worker_id=self.worker_id, role=self.role, running_seqs=s.num_running,
             waiting_seqs=s.num_waiting, free_blocks=s.num_free_blocks, total_blocks=s.num_total_blocks,
-            stats=asdict(s))
+            stats=asdict(s), taken_at=time.time())
 
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)

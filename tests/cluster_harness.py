@@ -107,12 +107,20 @@ def describe(snap) -> str:
             f"workers: {workers}")
 
 
-def idle(snap) -> bool:
-    """Nothing admitted or queued, and every live worker idle with all its KV blocks free (as last
-    polled)."""
+def idle(snap, since: float = 0.0) -> bool:
+    """Nothing admitted or queued, and every live worker idle with all its KV blocks free, as its
+    last report says, which it took at `since` (time.time()) or later."""
     return (snap.in_flight == 0 and snap.queued == 0 and all(
-        w.report is not None and w.report.running_seqs == 0 and w.report.waiting_seqs == 0
-        and w.report.free_blocks == w.report.total_blocks for w in snap.workers if w.healthy))
+        w.report is not None and w.report.taken_at >= since and w.report.running_seqs == 0
+        and w.report.waiting_seqs == 0 and w.report.free_blocks == w.report.total_blocks
+        for w in snap.workers if w.healthy))
+
+
+def wait_idle(timeout_s: float = 20.0):
+    """Wait until the cluster is idle by reports every live worker took after this call (a report
+    from before a request reached a worker is idle too); returns that snapshot."""
+    since = time.time()
+    return wait_for(lambda: s if idle(s := snapshot(), since) else None, timeout_s)
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:

@@ -54,7 +54,7 @@ def test_n_plus_q_plus_k_requests_give_exactly_k_early_rejections(cluster):
             assert err["message"] and "param" in err
         else:
             assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     snap = h.snapshot()
     assert snap.rejected_total.get("queue_full") == K
     metrics = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
@@ -68,7 +68,7 @@ def test_a_burst_far_beyond_the_queue_gets_only_the_routers_answers(cluster):
     a burst), and the router runs N + Q and turns the rest away with 429."""
     responses = asyncio.run(_post_all(cluster[1], 48))
     assert sorted(r.status_code for r in responses) == [200] * (N + Q) + [429] * (48 - N - Q)
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
 
 
 def test_grpc_is_rejected_with_resource_exhausted_and_a_queued_client_can_leave(cluster):
@@ -76,7 +76,7 @@ def test_grpc_is_rejected_with_resource_exhausted_and_a_queued_client_can_leave(
     statuses, rejected_code = asyncio.run(_fill_then_probe(base, spec.serve.grpc_port))
     assert statuses == [200] * (N + Q - 1)
     assert rejected_code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     assert h.snapshot().rejected_total.get("cancelled") == 1
 
 
@@ -176,7 +176,7 @@ def test_overload_at_four_times_the_target_is_turned_away_early(cluster):
     assert max(t for _, t, _ in rejected) < 1.0
     p99 = served[min(len(served) - 1, int(0.99 * len(served)))]
     assert p99 <= SLO_S, served[-5:]
-    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=30)
+    h.wait_idle(30)
 
 
 def test_ttft_slo_rejects_by_the_prefill_rate_learnt_from_traffic(cluster):
@@ -192,7 +192,7 @@ def test_ttft_slo_rejects_by_the_prefill_rate_learnt_from_traffic(cluster):
         r = httpx.post(base + "/v1/completions", timeout=120,
                        json={"model": h.MODEL, "prompt": long_prompt[:512], "max_tokens": 1})
         assert r.status_code == 200, r.text
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     time.sleep(1.5)  # the controller's polls (0.5 s) have passed the workers' last counters on
     rate, rejected = h.snapshot().prefill_tok_s, h.snapshot().rejected_total.get("ttft_slo", 0)
     assert rate != AdmissionConfig().prefill_tok_s_prior

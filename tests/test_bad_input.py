@@ -325,7 +325,7 @@ def test_bad_input(http, before, case: Case):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cluster_is_unharmed_after_bad_input(http, before):
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     snap = h.snapshot()
     assert all(w.healthy for w in snap.workers), h.describe(snap)
     assert _errors(http) == before["errors"]  # nothing failed inside the cluster
@@ -431,7 +431,7 @@ def test_http_api_fuzzed_from_its_openapi_document(http, cluster, before):
     for path in (CHAT, CMPL):  # valid requests were served, invalid ones refused
         assert 200 in statuses[path, "positive"], statuses
         assert statuses[path, "negative"] and all(400 <= c < 500 for c in statuses[path, "negative"])
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     assert _errors(http) == before["errors"]
 
 
@@ -516,7 +516,7 @@ def test_grpc_generate_fuzzed_with_garbage_and_random_fields(cluster, http, befo
         assert _generate(channel, ok) == grpc.StatusCode.OK
     assert seen["bytes"] == {grpc.StatusCode.INVALID_ARGUMENT}, seen
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen["fields"], seen
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     assert _errors(http) == before["errors"]
 
 

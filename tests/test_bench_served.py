@@ -2,7 +2,9 @@
 concurrencies, and peers called ahead or behind, on hand-made levels."""
 from __future__ import annotations
 
-from pdcluster.cluster.tools.bench_served import OfflineLevel, format_vs_offline, format_vs_peers
+from pdcluster.cluster.tools.bench_served import (OfflineLevel, format_pd_share, format_vs_offline,
+                                                  format_vs_peers)
+from pdcluster.cluster.policy.engine_threads import EXPAND_FROM_SEQS
 from pdcluster.cluster.tools.perf_metrics import LevelStats, RequestTrace, summarize
 
 OFFLINE = [OfflineLevel(1, 20.0, 45.0), OfflineLevel(8, 30.0, 200.0), OfflineLevel(32, 60.0, 300.0)]
@@ -41,3 +43,13 @@ def test_peers_ahead_or_behind():
         ("1", "0.75", "0.55", "behind"),
         ("8", "0.91", "1.35", "behind on throughput, ahead on TPOT"),
         ("32", "1.22", "2.29", "ahead")]
+
+
+def test_pd_against_the_offline_engine_on_its_share():
+    served = {"pd": [_level(1, 8.0, 100.0), _level(8, 30.0, 200.0)], "pd-split": [_level(1, 7.7, 99.0)],
+              "colocated": [_level(1, 9.0, 90.0)]}
+    table = format_pd_share(1, [OfflineLevel(1, 7.0, 120.0)], served)
+    assert f"fewer than {EXPAND_FROM_SEQS} sequences" in table and "(1 thread here)" in table
+    # only PD deployments, only at the batches measured on the share
+    assert [(r[0], r[1], r[3], r[4]) for r in _rows(table.split("\n\n", 1)[1])] == [
+        ("pd", "1", "7.0", "1.14"), ("pd-split", "1", "7.0", "1.10")]

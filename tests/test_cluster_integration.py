@@ -208,7 +208,7 @@ def test_n_choices_share_the_prompt_blocks(client, llm):
     prompt_len = len(llm.chat_prompt(messages))
     bs = h.snapshot().workers[0].info.block_size
     assert prompt_len >= 3 * bs
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     time.sleep(0.6)  # one poll: the router's copy of the worker's counters is fresh
     before = _worker_stats("prefill")
     full = client.chat.completions.create(model=h.MODEL, messages=messages, n=3, temperature=0, max_tokens=8)
@@ -356,7 +356,7 @@ def test_client_disconnect_frees_its_slot_and_blocks(cluster):
         assert snap.in_flight == 1, h.describe(snap)
     # 1500 tokens take over a minute on this CPU: idle within 20 s means the request was aborted,
     # its decode sequence freed and its admission slot released.
-    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=20)
+    h.wait_idle(20)
     after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
     statuses = {k: v for k, v in after.items() if k[0] == "pdcluster_requests_total"}
     assert after.get(cancelled, 0) == before + 1, statuses
@@ -422,7 +422,7 @@ def test_router_killed_streams_complete_and_its_state_is_rebuilt(cluster):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     now = {w: i.pid for w, i in ray.get(h.controller().ready.remote(), timeout=30).workers.items()}
     assert now == workers and all(_alive(p) for p in now.values())
-    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=30)
+    h.wait_idle(30)
 
 
 def test_ingress_killed_its_slots_are_released(cluster):
@@ -442,7 +442,7 @@ def test_ingress_killed_its_slots_are_released(cluster):
     assert all(o[-1] != "[DONE]" for o in outs)  # cut off: their replica died
     assert owner not in h.snapshot().leases and h.snapshot().expired_total >= 2
     _served_within(base, 240)
-    h.wait_for(lambda: h.idle(h.snapshot()), timeout_s=60)  # the workers finish and free the blocks
+    h.wait_idle(60)  # the workers finish and free the blocks
 
 
 def _decode_stats() -> dict:
@@ -511,7 +511,7 @@ def test_master_killed_serving_continues_and_handoff_recovers(client, llm):
         if now["kv_blocks_loaded"] > loaded and now["kv_recomputed_tokens"] == recomputed:
             break
         assert time.monotonic() < deadline and i < len(questions), "handoff did not recover"
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
 
 
 # ---------------------------------------------------------------------------- tools

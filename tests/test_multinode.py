@@ -68,11 +68,8 @@ def test_concurrent_requests_are_spread_over_the_decode_pool(cluster):
         return {w.info.worker_id: w.report.stats["computed_tokens_total"] for w in snap.workers
                 if w.info.role == "decode" and w.report is not None}
 
-    # idle, and polled since the requests ran: a report taken before they reached a worker is idle
-    # too (8 short requests can finish inside one poll interval), so wait for every decode engine's
-    # computed tokens to show; an engine that never ran them fails the wait
-    snap = h.wait_for(lambda: s if h.idle(s := h.snapshot()) and len(decoded(s)) == DECODE_NODES
-                      and all(n > 0 for n in decoded(s).values()) else None)
+    snap = h.wait_idle()  # by reports taken after the requests ran
+    assert len(decoded(snap)) == DECODE_NODES and all(n > 0 for n in decoded(snap).values())
     placed = {w.info.worker_id: w.placed_total for w in snap.workers}
     assert [placed[f"decode-{i}"] for i in range(DECODE_NODES)] == [2] * DECODE_NODES
     assert all(placed[f"prefill-{i}"] >= 1 for i in range(PREFILL_NODES))
@@ -104,7 +101,7 @@ def test_a_stream_survives_the_loss_of_its_decode_worker(cluster):
     assert killed is not None
     assert text == reference
     assert decode_placements() == placed + 2  # the stream's own placement and its move
-    snap = h.wait_for(lambda: s if h.idle(s := h.snapshot()) else None)
+    snap = h.wait_idle()
     assert not next(w for w in snap.workers if w.info.worker_id == killed).healthy
     _wait_restarted(killed)
 
@@ -166,5 +163,5 @@ def test_a_prompt_survives_the_loss_of_its_prefill_worker(cluster):
     assert prefill_placements() == placed + 2  # its own placement and its move
     reference = httpx.post(base + "/v1/completions", json=body, timeout=300).json()
     assert resp.json()["choices"][0]["text"] == reference["choices"][0]["text"]
-    h.wait_for(lambda: h.idle(h.snapshot()))
+    h.wait_idle()
     _wait_restarted(killed[0])

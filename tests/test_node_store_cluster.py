@@ -60,7 +60,7 @@ def test_handoff_through_the_node_client_equals_offline(cluster, llm):
     spec, base = cluster
     h.assert_stream_equals_offline(base, llm, QUESTION)       # `llm` does not speculate
 
-    snap = h.wait_for(lambda: h.idle(s := h.snapshot()) and s)  # reports as of after the request
+    snap = h.wait_idle()  # reports taken after the request
     assert {w.info.role for w in snap.workers} == {"prefill", "decode"}
     assert all(w.info.kv_store for w in snap.workers)
     stats = {w.info.role: w.report.stats for w in snap.workers}

@@ -63,7 +63,7 @@ def test_tp2_prefill_and_decode_match_one_rank_with_kv_through_the_store(cluster
         assert got.choices[0].text == want.text
         assert got.usage.completion_tokens == MAX_TOKENS
 
-    h.wait_for(lambda: h.idle(h.snapshot()))  # slots released, every block free on both workers
+    h.wait_idle()  # slots released, every block free on both workers
     # asked directly: the router's polled copy may predate the last request
     reports = {w: ray.get(ray.get_actor(w, namespace=NAMESPACE).report.remote(), timeout=30)
                for w in ("prefill-0", "decode-0")}

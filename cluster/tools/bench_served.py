@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from .bench_client import BenchConfig, Endpoint, quiet_http_logs, render_markdown, write_report
 from .bench_cluster import local_ports, local_spec, prompt_counter, sweep_deployments
 from .bench_engine import generate_batch, random_prompts
+from ..policy.engine_threads import EXPAND_FROM_SEQS
 from .perf_metrics import LevelStats, ratio
 
 # The goals the served path is held to (issue #21): at the lowest concurrency a request's TPOT within
@@ -99,6 +101,26 @@ def format_vs_offline(offline: Sequence[OfflineLevel], served: Mapping[str, Sequ
     return "\n".join(lines)
 
 
+def format_pd_share(share: int, offline_share: Sequence[OfflineLevel],
+                    served: Mapping[str, Sequence[LevelStats]]) -> str:
+    """PD deployments at the concurrencies whose decode steps keep the decode engine's share of the
+    cores, against the offline engine on that many threads: what serving adds to the engine it runs."""
+    by_batch = {lv.batch: lv for lv in offline_share}
+    lines = [f"A PD decode engine steps fewer than {EXPAND_FROM_SEQS} sequences on its share of the cores "
+             f"({share} thread{'s' if share > 1 else ''} here); the offline engine on as many:", "",
+             f"| served | conc. | TPOT mean (ms) | offline step, {share} thr. (ms) | TPOT / that step |",
+             "|---|---|---|---|---|"]
+    for name, levels in served.items():
+        if not name.startswith("pd"):
+            continue
+        for lv in levels:
+            off = by_batch.get(lv.concurrency)
+            if off is not None:
+                lines.append(f"| {name} | {lv.concurrency} | {_fmt(lv.tpot_mean_ms, 1)} | {_fmt(off.step_ms, 1)} "
+                             f"| {_fmt(ratio(lv.tpot_mean_ms, off.step_ms), 2)} |")
+    return "\n".join(lines)
+
+
 def format_vs_peers(ours: Mapping[str, Sequence[LevelStats]], peers: Mapping[str, Sequence[LevelStats]]) -> str:
     """Each of our deployments against each peer at the same concurrency: throughput ours/peer and
     TPOT peer/ours, so above 1 is ahead on both."""
@@ -122,12 +144,16 @@ def format_vs_peers(ours: Mapping[str, Sequence[LevelStats]], peers: Mapping[str
 
 
 def render_report(cfg: BenchConfig, offline: Sequence[OfflineLevel], results: Mapping[str, Sequence[LevelStats]],
-                  peer_names: Sequence[str]) -> str:
+                  peer_names: Sequence[str], share: int = 0,
+                  offline_share: Sequence[OfflineLevel] = ()) -> str:
     ours = {k: v for k, v in results.items() if k not in peer_names}
     peers = {k: v for k, v in results.items() if k in peer_names}
     parts = [f"## Served vs offline engine: {cfg.model}, {cfg.input_len} in / {cfg.output_len} out, greedy",
              "### Offline engine (in process, no Ray)", format_offline(offline),
              "### Served, as ratios of the offline engine", format_vs_offline(offline, ours)]
+    if offline_share and any(name.startswith("pd") for name in ours):
+        parts += ["### PD against the offline engine on the decode engine's threads",
+                  format_pd_share(share, offline_share, ours)]
     if peers:
         parts += ["### Against peers", format_vs_peers(ours, peers)]
     parts.append(render_markdown(cfg, dict(results)))
@@ -183,19 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(local_spec(True, args.kv_blocks, ports,
                                   matmul_activations=args.matmul_activations).engine_config())
     offline = measure_offline(engine, args.concurrency, args.input_len, args.output_len)
+    # a PD decode engine's share of this machine (its steps of few sequences keep it), where it is less
+    share, offline_share = max(1, (os.cpu_count() or 2) // 2), []
+    small = [c for c in args.concurrency if c < EXPAND_FROM_SEQS]
+    if "pd" in args.deployments and small and share < engine.threads:
+        threads = engine.threads
+        engine.set_threads(share)
+        offline_share = measure_offline(engine, small, args.input_len, args.output_len, seed=1)
+        engine.set_threads(threads)
     activations = engine.matmul_activations
     del engine
     gc.collect()
     print(f"offline engine measured in {time.perf_counter() - t0:.0f} s", flush=True)
 
     results, endpoints = sweep_deployments(cfg, specs, prompt_counter(first), peers, progress=False)
-    report = (render_report(cfg, offline, results, [p.name for p in peers])
+    report = (render_report(cfg, offline, results, [p.name for p in peers], share, offline_share)
               + f"\n\nengine.matmul_activations: {args.matmul_activations} ({activations} here; offline "
                 "and served)")
     print(report)
     for path in write_report(args.out, cfg, endpoints, results):
         print(f"wrote {path}")
-    (args.out / "offline.json").write_text(json.dumps([asdict(lv) for lv in offline], indent=2))
+    (args.out / "offline.json").write_text(json.dumps(
+        {"offline": [asdict(lv) for lv in offline],
+         "offline_on_share": {"threads": share, "levels": [asdict(lv) for lv in offline_share]}}, indent=2))
     (args.out / "served.md").write_text(report)
     print(f"wrote {args.out / 'offline.json'}\nwrote {args.out / 'served.md'}")
     return 0
