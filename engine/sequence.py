@@ -12,6 +12,17 @@ from .spec_decode.adaptive import DraftState
 _arrival = itertools.count()
 
 
+def generator_seed(seed: int) -> int:
+    """The 32 bits a CPU torch.Generator keeps of a request's seed (any integer, taken modulo 2**64):
+    mixed from all 64 (splitmix64's finalizer), where manual_seed keeps the low 32, so seeds 0 and
+    2**32 draw different samples."""
+    z = seed % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     LOADING = "loading"    # admitted, blocks allocated, its KV still arriving from the store
@@ -48,7 +59,7 @@ class Sequence:
         self.mtp_position = -1
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator().manual_seed(generator_seed(params.seed))
 
     @property
     def num_tokens(self) -> int:

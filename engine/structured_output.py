@@ -65,6 +65,80 @@ def _parse(kind: str, grammar: str):
 # Compact JSON: a small model given free whitespace can pad an answer with newlines until max_tokens.
 _JSON_STYLE = {"any_whitespace": False, "strict_mode": True}
 
+# JSON Schema keywords xgrammar (0.2.9) compiles without enforcing them (it drops them, some with a
+# warning on stderr), found by probing it with instances that break each: where a client asks for
+# strict adherence, a schema using one is refused rather than answered with JSON that breaks it.
+_NOT_ENFORCED = ("uniqueItems", "not", "if", "dependentRequired", "dependentSchemas", "dependencies",
+                 "contains", "minContains", "maxContains")
+# where a schema holds subschemas: keyword -> "map" (name -> schema), "list" or "one" (a schema)
+_SUBSCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+               "additionalProperties": "one", "unevaluatedProperties": "one", "propertyNames": "one",
+               "items": "one", "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list"}
+
+
+def unenforceable(schema: object, at: str = "") -> str | None:
+    """Why constrained decoding cannot hold output to this JSON schema (a keyword the grammar engine
+    drops), naming where; None if it can. Never raises: a malformed schema is the compiler's to refuse."""
+    if not isinstance(schema, dict):
+        return None
+    where = at or "the schema's root"
+    for key in _NOT_ENFORCED:
+        value = schema.get(key)
+        asks_nothing = (value is None or key == "uniqueItems" and value is not True
+                        or key.startswith("depend") and not value)
+        if not asks_nothing:
+            return f"{key!r} (at {where}) cannot be enforced by this server's constrained decoding"
+    types, step = schema.get("type"), schema.get("multipleOf")
+    if step is not None and not (types == "integer" and isinstance(step, int) and not isinstance(step, bool)):
+        return f"'multipleOf' (at {where}) is enforced only as an integer step of type 'integer'"
+    lengths = {k: schema[k] for k in ("minLength", "maxLength") if k in schema}
+    if "format" in schema and lengths.get("minLength", 0) in (0, 1):  # every format is non-empty
+        lengths.pop("minLength", None)
+    if lengths and ("pattern" in schema or "format" in schema):
+        return (f"{'/'.join(repr(k) for k in lengths)} (at {where}) cannot be enforced beside 'pattern' "
+                "or 'format'; fold the length into the pattern")
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"'allOf' with more than one schema (at {where}) cannot be enforced; merge them"
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    missing = [name for name in required if isinstance(name, str) and name not in properties]
+    if missing:
+        return (f"'required' names {missing[0]!r} (at {where}), which is not among the 'properties': "
+                "constrained decoding cannot require it")
+    if problem := _values_outside_type(schema, where):
+        return problem
+    for key, shape in _SUBSCHEMAS.items():
+        sub = schema.get(key)
+        if isinstance(sub, dict) and shape == "map":
+            children = [(f"{at}/{key}/{name}", s) for name, s in sub.items()]
+        elif isinstance(sub, list):
+            children = [(f"{at}/{key}/{i}", s) for i, s in enumerate(sub)]
+        else:
+            children = [(f"{at}/{key}", sub)]
+        for path, child in children:
+            if problem := unenforceable(child, path):
+                return problem
+    return None
+
+
+def _values_outside_type(schema: dict, where: str) -> str | None:
+    """An enum or const value the schema's `type` excludes (the grammar lets the value through)."""
+    import jsonschema
+
+    types = schema.get("type")
+    values = list(schema["enum"]) if isinstance(schema.get("enum"), list) else []
+    values += [schema["const"]] if "const" in schema else []
+    if types is None or not values:
+        return None
+    try:
+        check = jsonschema.Draft202012Validator({"type": types})
+        outside = [v for v in values if not check.is_valid(v)]
+    except Exception:  # an unknown type name: the compiler refuses the schema itself
+        return None
+    if outside:
+        return f"the value {outside[0]!r} (at {where}) does not have the schema's type {types!r}"
+    return None
+
 
 def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
     """A bitmask for `batch` rows of logits with every token allowed."""

@@ -6,9 +6,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's bytes_to_unicode), reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -24,6 +40,12 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(
             t for t in (self._tok.eos_token_id,) if t is not None)
         self.vocab_size = len(self._tok)
+        decoder = repr(getattr(getattr(self._tok, "backend_tokenizer", None), "decoder", None))
+        self._byte_level = "ByteLevel" in decoder
+        self._metaspace = "Metaspace" in decoder or "▁" in decoder   # SentencePiece's word marker
+        # added and special tokens are stored as their text, not in the byte alphabet
+        self._as_text = frozenset(self._tok.all_special_ids) | frozenset(
+            getattr(self._tok, "added_tokens_decoder", None) or ())
 
     @property
     def hf(self):
@@ -38,6 +60,19 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text, which may be part of a UTF-8 character (a byte-level
+        BPE or byte-fallback token of an emoji): what logprobs' `bytes` report."""
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and token_id not in self._as_text:
+            if m := _BYTE_TOKEN.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+            if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            if self._metaspace:   # decoded alone, a word's token loses its leading space
+                return piece.replace("▁", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:

@@ -74,6 +74,8 @@ CASES = [
     Case("PUT on a POST route", 405, cmpl(), CMPL, "PUT", says="method not allowed"),
     Case("POST to /v1/models", 405, {}, "/v1/models", says="method not allowed"),
     Case("unknown route", 404, None, "/v1/engines", "GET", says="not found"),
+    Case("a model this server does not serve", 404, None, "/v1/models/gpt-4o", "GET", says="does not exist",
+         param="model", code="model_not_found"),
     Case("no API key", 401, chat(), auth=False, says="api key", code="invalid_api_key"),
     Case("wrong API key", 401, chat(), headers={"Authorization": "Bearer sk-wrong"},
          says="api key", code="invalid_api_key"),
@@ -186,6 +188,21 @@ CASES = [
     Case("json_schema the grammar library refuses", 400, chat(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}),
          says="invalid json_schema", param="response_format.json_schema.schema"),
+    Case("strict json_schema with a keyword the grammar cannot enforce", 400, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+            "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}),
+         says="uniqueItems", param="response_format.json_schema.schema"),
+    Case("strict forced tool call whose parameters the grammar cannot enforce", 400, chat(
+        tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}}}],
+        tool_choice="required"), says="multipleOf", param="tools.0.function.parameters"),
+    Case("legacy functions", 400, chat(functions=[{"name": "f", "parameters": {"type": "object"}}]),
+         says="use tools", param="functions", code="unsupported_parameter"),
+    Case("audio output", 400, chat(modalities=["text", "audio"]), param="modalities",
+         code="unsupported_parameter"),
+    Case("best_of 3", 400, cmpl(best_of=3), CMPL, param="best_of", code="unsupported_parameter"),
+    Case("stream_options without stream", 400, cmpl(stream_options={"include_usage": True}), CMPL,
+         says="only allowed when stream is true", param="stream_options"),
     Case("json_schema without its object", 400, chat(response_format={"type": "json_schema"}),
          param="response_format.json_schema"),
     Case("tool parameters not a JSON Schema", 400,

@@ -75,6 +75,43 @@ def test_required_and_named_choices_are_grammars_that_accept_only_valid_calls(ch
     assert not accepts(grammar, call.replace("get_time", "get_tim"))
 
 
+@pytest.mark.parametrize("parameters", [None, {}, {"properties": {}}])
+def test_a_function_without_parameters_is_called_with_an_object(parameters):
+    """OpenAI: no parameters means no arguments; a schema that leaves the type open is still the
+    schema of the arguments object (else the grammar allowed `[1, 2, 3]` or `null`)."""
+    from xgrammar import Grammar
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    fn = {"name": "now"} | ({} if parameters is None else {"parameters": parameters})
+    named = {"type": "function", "function": {"name": "now"}}
+    req = _req(tools=[{"type": "function", "function": fn}], tool_choice=named)
+    chat = prepare_chat(FakeTokenizer(""), req, ChatFormat(None, "hermes", True))
+    grammar = Grammar.from_structural_tag(chat.constraint.grammar)
+    call = '<tool_call>\n{"name": "now", "arguments": %s}\n</tool_call>'
+    assert accepts(grammar, call % "{}")
+    for arguments in ("[1, 2, 3]", "null", "1", '"x"'):
+        assert not accepts(grammar, call % arguments)
+
+
+def test_a_strict_forced_call_to_parameters_the_grammar_cannot_enforce_is_a_400():
+    tag = {"name": "tag", "strict": True, "parameters": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}
+    tools = [TOOLS[0], {"type": "function", "function": tag}]
+    fmt = ChatFormat(None, "hermes", True)
+    with pytest.raises(oai.OpenAIError) as info:
+        prepare_chat(FakeTokenizer(""), _req(tools=tools, tool_choice="required"), fmt)
+    assert info.value.status == 400 and info.value.param == "tools.1.function.parameters"
+    assert "uniqueItems" in info.value.message
+    # the grammar holds only the named function's arguments; not strict, the rest is best effort;
+    # not forced, the model is only shown the tools
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert prepare_chat(FakeTokenizer(""), _req(tools=tools, tool_choice=named), fmt).constraint is not None
+    loose = [TOOLS[0], {"type": "function", "function": {**tag, "strict": False}}]
+    forced_loose = prepare_chat(FakeTokenizer(""), _req(tools=loose, tool_choice="required"), fmt)
+    assert forced_loose.constraint is not None
+    assert prepare_chat(FakeTokenizer(""), _req(tools=tools), fmt).constraint is None
+
+
 def test_template_kwargs_reach_the_template_and_an_opened_think_forces_reasoning():
     tok = FakeTokenizer("<|im_start|>assistant\n<think>\n")
     chat = prepare_chat(tok, _req(tools=TOOLS, chat_template_kwargs={"enable_thinking": True}),

@@ -167,7 +167,7 @@ def test_top_logprobs_match_the_engine(client, llm):
         assert got.token == llm.tokenizer.decode([want.token_id], skip_special_tokens=False)
         assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
         assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-4)
-        assert got.bytes == list(got.token.encode())
+        assert got.bytes == list(llm.tokenizer.token_bytes(want.token_id))
     stream = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=6,
                                             logprobs=True, top_logprobs=3, stream=True)
     streamed = [c for chunk in stream for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
@@ -180,6 +180,14 @@ def test_top_logprobs_match_the_engine(client, llm):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(t) <= 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
     assert "".join(lp.tokens) == comp.choices[0].text and lp.text_offset[0] == 0
+    # streamed, text held back for a possible stop string does not shift the offsets
+    ask = dict(model=h.MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=1,
+               stop="zzzzzz")
+    whole = client.completions.create(**ask).choices[0].logprobs
+    chunks = [ch.logprobs for chunk in client.completions.create(**ask, stream=True) for ch in chunk.choices
+              if ch.logprobs]
+    assert [o for c in chunks for o in c.text_offset] == whole.text_offset
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
 
 
 def test_logit_bias_forces_its_token(client, llm):
@@ -242,7 +250,16 @@ def test_n_choices_share_the_prompt_blocks(client, llm):
 
 
 def test_models_and_health(client, cluster):
+    import openai
+
     assert [m.id for m in client.models.list().data] == [h.MODEL]
+    assert client.models.retrieve(h.MODEL).id == h.MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    # `created` is when the answer was made (it was the server's start time)
+    t0 = time.time()
+    created = client.completions.create(model=h.MODEL, prompt="Hi", max_tokens=1).created
+    assert int(t0) <= created <= time.time() + 1
     health = httpx.get(cluster[1] + "/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
@@ -303,6 +320,11 @@ def test_grpc_generate_streams_the_same_answer(client, cluster):
         jsonschema.validate(json.loads("".join(m.text for m in msgs)), schema)
         assert all(len(m.logprobs) == len(m.token_ids) for m in msgs)
         assert all(len(lp.top) == 2 for m in msgs for lp in m.logprobs)
+        prompted = list(stub.Generate(pb.GenerateRequest(   # a prompt takes a schema too
+            prompt="A weather reading as JSON:", max_tokens=80, temperature=0,
+            response_format=pb.ResponseFormat(type="json_schema", json_schema=json.dumps(schema))),
+            timeout=120))
+        jsonschema.validate(json.loads("".join(m.text for m in prompted)), schema)
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(pb.GenerateRequest(
                 messages=[pb.ChatMessage(role="user", content="x")],

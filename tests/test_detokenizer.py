@@ -62,3 +62,21 @@ def test_special_tokens_stay_when_asked(tok):
         d = IncrementalDetokenizer(tok, [], (), skip_special_tokens=skip)
         d.push(ids)
         assert d.take(final=True) == want
+
+
+def test_token_bytes_are_the_text_even_where_a_token_splits_a_character(tok):
+    """Logprobs' `bytes` per token: an emoji's tokens each hold part of its UTF-8 bytes, and together
+    the tokens' bytes are the text (each token decoded alone shows U+FFFD instead)."""
+    from pdcluster.cluster.serve.openai_protocol import token_spelling
+
+    text = "🍕 Grüße 東京"
+    ids = tok.encode(text, add_special_tokens=False)
+    parts = [tok.token_bytes(i) for i in ids]
+    assert b"".join(parts) == text.encode()
+    partial = [p for p in parts if "\ufffd" in p.decode(errors="replace")]
+    assert partial  # this tokenizer splits the emoji
+    spellings = [token_spelling(p) for p in partial]
+    assert all(s.startswith("bytes:\\x") for s in spellings) and len(set(spellings)) == len(partial)
+    assert token_spelling(" Gr".encode()) == " Gr"
+    eos = next(iter(tok.eos_token_ids))   # a special token's bytes are its literal text
+    assert tok.token_bytes(eos) == tok.hf.convert_ids_to_tokens(eos).encode() == b"<|im_end|>"

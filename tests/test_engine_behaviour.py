@@ -75,6 +75,11 @@ def test_seeded_sampling_is_reproducible_and_varies_with_seed(llm):
     a, b, c = llm.generate([prompt, prompt, prompt], [p(1), p(1), p(2)])
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
+    # every bit of a 64-bit seed counts (a CPU generator keeps 32), and any of the API's range runs
+    high = llm.generate([prompt] * 4, [p(1 + 2**32), p(1 + 2**63), p(-1), p(2**64 - 1)])
+    assert all(h.token_ids != a.token_ids for h in high[:2]) and high[0].token_ids != high[1].token_ids
+    assert high[2].token_ids == high[3].token_ids   # -1 and 2**64 - 1 are one seed modulo 2**64
+    assert llm.generate([prompt], [p(2**64)])[0].token_ids == llm.generate([prompt], [p(0)])[0].token_ids
 
 
 def test_top_k_one_is_greedy(llm):

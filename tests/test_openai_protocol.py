@@ -33,6 +33,10 @@ def _parse_error(model, body, max_bytes: int = 1 << 20) -> oai.OpenAIError:
         "name": "x", "schema": {"type": "objec"}}}}, 400, "response_format.json_schema.schema",
      "invalid_value"),
     ({**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema", None),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "array", "items": {"type": "integer"},
+                                                "uniqueItems": True}}}}, 400,
+     "response_format.json_schema.schema", "invalid_value"),
     ({**CHAT, "logit_bias": {"12": 101}}, 400, "logit_bias.12", "invalid_value"),
     ({**CHAT, "presence_penalty": -2.5}, 400, "presence_penalty", "invalid_value"),
     ({**CHAT, "repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value"),
@@ -45,6 +49,71 @@ def test_invalid_chat_requests_are_400_with_an_openai_body(body, status, param, 
     assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error",
                                     "param": param, "code": code}}
     assert err.message
+
+
+COMPLETION = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize("model, body, param", [
+    (oai.ChatCompletionRequest, {**CHAT, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    (oai.ChatCompletionRequest, {**CHAT, "function_call": "auto"}, "function_call"),
+    (oai.ChatCompletionRequest, {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+    (oai.ChatCompletionRequest, {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    (oai.ChatCompletionRequest, {**CHAT, "reasoning_effort": "low"}, "reasoning_effort"),
+    (oai.ChatCompletionRequest, {**CHAT, "guided_json": {"type": "object"}}, "guided_json"),
+    (oai.ChatCompletionRequest, {**CHAT, "prediction": {"type": "content", "content": "x"}}, "prediction"),
+    (oai.CompletionRequest, {**COMPLETION, "guided_regex": "a+"}, "guided_regex"),
+    (oai.CompletionRequest, {**COMPLETION, "best_of": 3}, "best_of"),
+    (oai.CompletionRequest, {**COMPLETION, "min_p": 0.1}, "min_p"),
+    (oai.CompletionRequest, {**COMPLETION, "stop_token_ids": [2]}, "stop_token_ids"),
+    (oai.ChatCompletionRequest, {**CHAT, "skip_special_tokens": False}, "skip_special_tokens"),
+    (oai.ChatCompletionRequest, {**CHAT, "continue_final_message": True}, "continue_final_message"),
+    (oai.CompletionRequest, {**COMPLETION, "n": 2, "best_of": 3}, "best_of"),
+])
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(model, body, param):
+    err = _parse_error(model, body)
+    assert (err.status, err.param, err.code) == (400, param, "unsupported_parameter")
+
+
+@pytest.mark.parametrize("model, body", [
+    (oai.ChatCompletionRequest, {**CHAT, "modalities": ["text"], "functions": None, "store": True,
+                                 "metadata": {"k": "v"}, "service_tier": "auto", "vendor_extra": 1}),
+    (oai.ChatCompletionRequest, {**CHAT, "functions": [], "function_call": "none", "min_p": 0.0,
+                                 "skip_special_tokens": True, "reasoning_effort": None}),
+    (oai.CompletionRequest, {**COMPLETION, "n": 2, "best_of": 2}),
+])
+def test_fields_that_ask_nothing_new_are_accepted(model, body):
+    oai.parse(model, json.dumps(body).encode(), 1 << 20)
+
+
+@pytest.mark.parametrize("model, body", [(oai.ChatCompletionRequest, CHAT),
+                                         (oai.CompletionRequest, COMPLETION)])
+def test_stream_options_need_a_stream(model, body):
+    err = _parse_error(model, {**body, "stream_options": {"include_usage": True}})
+    assert (err.status, err.param) == (400, "stream_options")
+    oai.parse(model, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+              1 << 20)
+
+
+def test_a_schema_the_grammar_cannot_enforce_is_refused_only_when_strict():
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    for strict in (None, False):
+        body = {**CHAT, "response_format": {**fmt, "json_schema": {**fmt["json_schema"], "strict": strict}}}
+        req = oai.parse(oai.ChatCompletionRequest, json.dumps(body).encode(), 1 << 20)
+        assert json.loads(req.sampling_params(9).structured_output.grammar) == schema   # best effort
+    err = _parse_error(oai.ChatCompletionRequest, {**CHAT, "response_format": {
+        **fmt, "json_schema": {**fmt["json_schema"], "strict": True}}})
+    assert err.param == "response_format.json_schema.schema" and "uniqueItems" in err.message
+
+
+def test_completions_take_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    req = oai.parse(oai.CompletionRequest, json.dumps({**COMPLETION, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}).encode(), 1 << 20)
+    params = req.sampling_params(16)
+    assert params.structured_output.kind == "json_schema"
+    assert json.loads(params.structured_output.grammar) == schema
 
 
 def test_body_over_the_limit_is_413():
@@ -111,10 +180,43 @@ def test_logprobs_shapes():
         {"token": "!", "logprob": -2.0, "bytes": [33],
          "top_logprobs": [{"token": "Hé", "logprob": -0.1, "bytes": [72, 195, 169]},
                           {"token": "!", "logprob": -2.0, "bytes": [33]}]}]}
-    comp = oai.completion_logprobs(entries, text, offset=5)
+    # a token's own bytes, where they are part of a character
+    raw = oai.chat_logprobs(entries[:1], {1: "bytes:\\xf0\\x9f", 2: "!"}.__getitem__,
+                            {1: b"\xf0\x9f", 2: b"!"}.__getitem__)["content"][0]
+    assert raw["token"] == "bytes:\\xf0\\x9f" and raw["bytes"] == [0xf0, 0x9f]
+    assert [t["bytes"] for t in raw["top_logprobs"]] == [[0xf0, 0x9f], [33]]
+    offsets = oai.TextOffsets()
+    offsets.next(b"Hello")   # an earlier chunk's token
+    comp = oai.completion_logprobs(entries, text, offsets)
     assert comp == {"tokens": ["Hé", "!"], "token_logprobs": [-0.5, -2.0],
                     "top_logprobs": [{"Hé": -0.5, "!": -1.5}, {"Hé": -0.1, "!": -2.0}],
                     "text_offset": [5, 7]}
+
+
+def test_text_offsets_count_characters_across_tokens_and_chunks():
+    """An emoji in three tokens: they all start where it does, the next token one character on,
+    however the tokens are split into chunks."""
+    pieces = [b"a", b"\xf0\x9f", b"\x8d", b"\x95", b" b"]
+    whole = oai.TextOffsets()
+    assert [whole.next(p) for p in pieces] == [0, 1, 1, 1, 2]
+    chunked, got = oai.TextOffsets(), []
+    for chunk in (pieces[:2], pieces[2:4], pieces[4:]):
+        entries = [TokenLogprob(i, -1.0, ()) for i in range(len(chunk))]
+        got += oai.completion_logprobs(entries, lambda t: "x", chunked, chunk.__getitem__)["text_offset"]
+    assert got == [0, 1, 1, 1, 2]
+    broken = oai.TextOffsets()   # a character that never finishes shows as one U+FFFD
+    assert [broken.next(p) for p in (b"\xf0\x9f", b"a", b"b")] == [0, 1, 2]
+
+
+def test_completion_top_logprobs_hold_the_sampled_token():
+    sampled_outside = [TokenLogprob(3, -4.0, ((1, -0.5), (2, -1.5)))]
+    text = {1: "a", 2: "b", 3: "c"}.__getitem__
+    tops = oai.completion_logprobs(sampled_outside, text)["top_logprobs"]
+    assert tops == [{"a": -0.5, "b": -1.5, "c": -4.0}]
+    sampled_inside = [TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.5)))]
+    assert oai.completion_logprobs(sampled_inside, text)["top_logprobs"] == [{"a": -0.5, "b": -1.5}]
+    only_sampled = [TokenLogprob(3, -4.0, ())]   # logprobs 0: the sampled token alone
+    assert oai.completion_logprobs(only_sampled, text)["top_logprobs"] == [{"c": -4.0}]
 
 
 def test_defaults_follow_openai():

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 from pdcluster.engine import LLM, SamplingParams
 from pdcluster.engine.sampling import StructuredOutput
+from pdcluster.engine.structured_output import unenforceable
 
 PERSON = {
     "type": "object",
@@ -54,6 +55,74 @@ def assert_all_blocks_free(llm: LLM) -> None:
 def test_bad_grammars_are_refused_when_built(bad):
     with pytest.raises(ValueError, match="grammar|kind"):
         StructuredOutput(*bad)
+
+
+# schemas using a keyword the grammar engine would drop, each with an instance its grammar accepted
+# though the schema refuses it (found by probing xgrammar 0.2.9)
+UNENFORCEABLE = [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]", "uniqueItems"),
+    ({"type": "integer", "not": {"const": 1}}, "1", "not"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "if": {"properties": {"a": {"const": 1}}, "required": ["a"]}, "then": {"required": ["b"]}},
+     '{"a": 1}', "if"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "dependentRequired": {"a": ["b"]}}, '{"a": 1}', "dependentRequired"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}}, "[2]", "contains"),
+    ({"type": "number", "multipleOf": 0.5}, "1.25", "multipleOf"),
+    ({"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}}},
+     '{"code": "ABCDE"}', "maxLength"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "2", "allOf"),
+    ({"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}, "{}",
+     "required"),
+    ({"type": "string", "enum": ["a", 1]}, "1", "type"),
+]
+
+
+def _grammar_accepts(schema: dict, text: str) -> bool:
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    return accepts(grammar, text)
+
+
+@pytest.mark.parametrize("schema, breaks_it, keyword", UNENFORCEABLE)
+def test_keywords_the_grammar_drops_are_named(schema, breaks_it, keyword):
+    import jsonschema
+
+    # what naming them is for: the grammar as compiled takes JSON the schema does not
+    assert not jsonschema.Draft202012Validator(schema).is_valid(json.loads(breaks_it))
+    assert _grammar_accepts(schema, breaks_it)
+    nested = {"type": "object", "properties": {"outer": {"type": "array", "items": schema}}}
+    assert keyword in unenforceable(schema)
+    assert keyword in unenforceable(nested) and "/properties/outer/items" in unenforceable(nested)
+
+
+# schemas whose every keyword the grammar enforces, each with an instance that breaks it
+ENFORCED = [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "maxItems": 1}, "[1, 1]"),
+    ({"type": "integer", "multipleOf": 3}, "4"),
+    ({"type": "string", "pattern": "^[a-z]{1,5}$"}, '"abcdef"'),
+    ({"type": "string", "minLength": 1, "maxLength": 4}, '"abcde"'),
+    ({"type": "string", "format": "uri", "minLength": 1}, '"not a uri"'),   # pydantic's AnyUrl
+    ({"allOf": [{"type": "integer", "minimum": 3}]}, "2"),
+    ({"oneOf": [{"type": "integer"}, {"type": "string"}]}, "true"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {}}, '{"a": "x"}'),
+    ({"$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
+      "type": "array", "items": {"$ref": "#/$defs/p"}}, "[{}]"),
+]
+
+
+@pytest.mark.parametrize("schema, breaks_it", ENFORCED)
+def test_schemas_the_grammar_enforces_pass(schema, breaks_it):
+    assert unenforceable(schema) is None
+    assert not _grammar_accepts(schema, breaks_it)
+
+
+@pytest.mark.parametrize("schema", [True, {"type": "objec", "enum": ["a"]}, {"required": "x"},
+                                    {"properties": [], "required": [1]}, {"items": [{"not": None}]}])
+def test_malformed_schemas_are_left_to_the_compiler(schema):
+    assert unenforceable(schema) is None
 
 
 def test_json_schema_and_object_in_a_mixed_batch(llm):

@@ -145,7 +145,8 @@ class Ingress:
             ChatFormat.for_model, model_path, getattr(self.tokenizer.hf, "chat_template", None),
             self.spec.serve.reasoning_parser, self.spec.serve.tool_call_parser)
         self._token_texts: dict[int, str] = {}   # token id -> its text, for logprobs
-        self.responses = ResponseRenderer(self.info.model_name, int(time.time()), self._token_text)
+        self.responses = ResponseRenderer(self.info.model_name, int(time.time()), self._token_text,
+                                          self._token_bytes)
         self.metrics = ServingMetrics()
         # This replica's requests are leased from the router under this id: if the replica dies
         # (SIGKILL, Serve's shutdown timeout) the lease runs out and the router frees their slots.
@@ -213,7 +214,18 @@ class Ingress:
             self._tenant(request.headers.get("authorization"))
         except oai.OpenAIError as exc:
             return error_response(exc)
-        return JSONResponse(oai.model_list(self.info.model_name, self.responses.created))
+        return JSONResponse(oai.model_list(self.info.model_name, self.responses.model_created))
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> Response:
+        try:
+            self._tenant(request.headers.get("authorization"))
+            if model != self.info.model_name:
+                raise oai.OpenAIError(404, f"the model {model!r} does not exist; this server serves "
+                                      f"{self.info.model_name!r}", param="model", code="model_not_found")
+        except oai.OpenAIError as exc:
+            return error_response(exc)
+        return JSONResponse(oai.model_entry(self.info.model_name, self.responses.model_created))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -272,11 +284,8 @@ class Ingress:
             data["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
         if request.min_tokens:
             data["min_tokens"] = request.min_tokens
-        fmt = request.response_format if request.HasField("response_format") else None
-        if fmt is not None and request.messages:
-            data["response_format"] = _grpc_response_format(fmt)
-        elif fmt is not None and fmt.type not in ("", "text"):
-            raise oai.OpenAIError(400, "response_format needs messages (a chat)", param="response_format")
+        if request.HasField("response_format"):
+            data["response_format"] = _grpc_response_format(request.response_format)
         try:
             data.update(grpc_service.chat_fields(request))
         except ValueError as exc:
@@ -369,11 +378,15 @@ class Ingress:
         return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
 
     def _token_text(self, token_id: int) -> str:
-        """A token's text as logprobs show it (its own decode, special tokens included)."""
+        """A token's text as logprobs show it (special tokens included; part of a character as
+        "bytes:\\x..")."""
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = self._token_texts[token_id] = oai.token_spelling(self._token_bytes(token_id))
         return text
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
 
     async def _respond(self, rec: RequestRecord, req: Any, out: ChatOutput | None) -> Response:
         """`out`: a chat answer's parser (None for completions)."""

@@ -1,15 +1,17 @@
 """OpenAI wire format: request models with validation, response/chunk builders, and error bodies."""
 from __future__ import annotations
 
+import codecs
 import hmac
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ...engine.outputs import TokenLogprob
 from ...engine.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams, StructuredOutput
+from ...engine.structured_output import unenforceable
 from . import tool_calls
 from .tool_calls import Tool, ToolCall, ToolChoice
 
@@ -89,10 +91,15 @@ class ResponseFormat(BaseModel):
         if self.type == "json_schema" and self.json_schema is None:
             raise OpenAIError(400, "response_format json_schema needs a 'json_schema' object",
                               param="response_format.json_schema")
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        if self.type == "json_schema" and self.json_schema.strict and (problem := unenforceable(schema)):
+            # strict asks that the output match: refused where the grammar would not hold it to that
+            raise OpenAIError(400, f"strict response_format: {problem}",
+                              param="response_format.json_schema.schema", code="invalid_value")
         try:
             if self.type == "json_object":
                 return StructuredOutput("json_object")
-            return StructuredOutput("json_schema", json.dumps(self.json_schema.schema_ or {"type": "object"}))
+            return StructuredOutput("json_schema", json.dumps(schema or {"type": "object"}))
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param="response_format.json_schema.schema",
                               code="invalid_value") from None
@@ -125,9 +132,38 @@ class _Request(BaseModel):
     logit_bias: dict[str, Bias] | None = Field(default=None, max_length=1024)
     min_tokens: Annotated[int, Field(ge=0), BeforeValidator(_integral)] = 0  # vLLM extension
     user: str | None = None
+    response_format: ResponseFormat | None = None  # on completions too, as vLLM takes it
+    _structured: StructuredOutput | None = PrivateAttr(default=None)  # compiled once, when validated
+
+    # Fields of OpenAI's API and vLLM's that would change the answer and that this server does not
+    # implement: refused when set, where other unknown fields are ignored. name -> (what to do
+    # instead, the values that ask for nothing: null always does)
+    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+        **{f"guided_{k}": ("use response_format", ()) for k in ("json", "regex", "choice", "grammar")},
+        "structured_outputs": ("use response_format", ({},)),
+        "prediction": ("predicted outputs are not supported", ()),
+        "min_p": ("use top_p or top_k", (0, 0.0)),
+        "stop_token_ids": ("use stop strings", ([],)),
+        "bad_words": ("use logit_bias", ([],)), "allowed_token_ids": ("use logit_bias", ()),
+        "include_stop_str_in_output": ("the stop string is never included", (False,)),
+        "skip_special_tokens": ("special tokens are always skipped", (True,)),
+        "spaces_between_special_tokens": ("not supported", (True,)),
+        "prompt_logprobs": ("prompt logprobs are not supported", ()),
+        "use_beam_search": ("beam search is not supported", (False,)),
+        "length_penalty": ("beam search is not supported", (1, 1.0)),
+        "truncate_prompt_tokens": ("prompts are never truncated; a long one is a 400", ())}
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return []
+
+    @classmethod
+    def refuse_unimplemented(cls, data: dict[str, Any]) -> None:
+        """A field of `REFUSED` set in the body to a value that asks for something is a 400 naming it."""
+        for name, (instead, nothing) in cls.REFUSED.items():
+            value = data.get(name)
+            if value is not None and not any(value == v and type(value) is type(v) for v in nothing):
+                raise OpenAIError(400, f"'{name}' is not supported by this server: {instead}", param=name,
+                                  code="unsupported_parameter")
 
     def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
         """logit_bias with its keys (token ids as JSON strings) as ints; the ingress checks the
@@ -145,13 +181,17 @@ class _Request(BaseModel):
         return None
 
     def structured_output(self) -> StructuredOutput | None:
-        return None
+        return self._structured
 
     def check_supported(self) -> None:
         for name, bad in self._unsupported():
             if bad:
                 raise OpenAIError(400, f"'{name}' is not supported by this server", param=name,
                                   code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "stream_options is only allowed when stream is true",
+                              param="stream_options", code="invalid_value")
+        self._structured = self.response_format.structured_output() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:
@@ -207,8 +247,17 @@ class ChatCompletionRequest(_Request):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
-    _structured: StructuredOutput | None = PrivateAttr(default=None)  # compiled once, when validated
+
+    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+        **_Request.REFUSED, "functions": ("use tools", ([],)),
+        "function_call": ("use tool_choice", ("none",)),
+        "modalities": ("this server answers in text only", (["text"],)),
+        "audio": ("this server answers in text only", ()),
+        "web_search_options": ("web search is not supported", ()),
+        "reasoning_effort": ("a reasoning model's thinking is switched with chat_template_kwargs", ()),
+        "echo": ("a chat answer never repeats the prompt", (False,)),
+        "add_generation_prompt": ("the template always adds it", (True,)),
+        "continue_final_message": ("not supported", (False,))}
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -220,7 +269,6 @@ class ChatCompletionRequest(_Request):
             tool_calls.check_template_kwargs(self.chat_template_kwargs)
         except tool_calls.ToolsError as exc:
             raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
-        self._structured = self.response_format.structured_output() if self.response_format else None
 
     @property
     def uses_tools(self) -> bool:
@@ -229,9 +277,6 @@ class ChatCompletionRequest(_Request):
 
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def structured_output(self) -> StructuredOutput | None:
-        return self._structured
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -255,8 +300,11 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
 
+    best_of: PositiveInt | None = None
+
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return [*super()._unsupported(), ("echo", self.echo), ("suffix", bool(self.suffix))]
+        return [*super()._unsupported(), ("echo", self.echo), ("suffix", bool(self.suffix)),
+                ("best_of", self.best_of not in (None, self.n))]
 
     def engine_logprobs(self) -> int | None:
         return self.logprobs
@@ -324,6 +372,7 @@ def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
 
 def validate(model: type[_Request], data: dict[str, Any]) -> Any:
     """Validate a decoded request (HTTP JSON or a gRPC message as a dict); raises OpenAIError."""
+    model.refuse_unimplemented(data)
     try:
         req = model.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -447,29 +496,63 @@ def completion_chunk(request_id: str, model: str, created: int, text: str,
             "choices": [completion_choice(text, finish_reason, logprobs, index)]}
 
 
-def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
-    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+def token_spelling(data: bytes) -> str:
+    """A token's `token` in logprobs: its text, or where its bytes are not whole UTF-8 characters,
+    OpenAI's "bytes:\\xf0\\x9f" (so tokens of one emoji stay apart)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
+                  token_bytes: Callable[[int], bytes] | None = None) -> dict[str, Any]:
+    """Chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None};
+    `token_bytes` gives a token's own bytes (default: its text's)."""
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        data = token_bytes(token_id) if token_bytes else text.encode()
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
 
     return {"content": [{**item(e.token_id, e.logprob),
                          "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
             "refusal": None}
 
 
+class TextOffsets:
+    """Completions' text_offset for one choice, token by token: where each token's text starts, in
+    characters of the completion, whatever the chunks (a token holding part of a character starts
+    where that character does)."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._chars = 0
+
+    def next(self, data: bytes) -> int:
+        """The offset of the token with bytes `data`, the one after the tokens seen so far."""
+        at = self._chars
+        pending = self._utf8.getstate()[0]
+        if pending and data and not 0x80 <= data[0] <= 0xBF:
+            at += 1   # the earlier token's unfinished character ends here, as one U+FFFD
+        self._chars += len(self._utf8.decode(data))
+        return at
+
+
 def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str],
-                        offset: int = 0) -> dict[str, Any]:
-    """Completions' `logprobs`: parallel lists; text_offset counts characters from the completion's
-    start (`offset`: where this chunk's first token starts)."""
+                        offsets: TextOffsets | None = None,
+                        token_bytes: Callable[[int], bytes] | None = None) -> dict[str, Any]:
+    """Completions' `logprobs`: parallel lists, each top_logprobs with the sampled token too (up to
+    logprobs + 1 entries, as OpenAI's legacy API); text_offset from `offsets` (the choice's, carried
+    over its chunks; None: these are its first tokens)."""
+    offsets = offsets or TextOffsets()
     tokens = [token_text(e.token_id) for e in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets}
+    data = [token_bytes(e.token_id) if token_bytes else t.encode() for e, t in zip(entries, tokens)]
+    tops = [{token_text(t): lp for t, lp in e.top} for e in entries]
+    for top, token, e in zip(tops, tokens, entries):
+        if token not in top:
+            top[token] = e.logprob
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+            "text_offset": [offsets.next(d) for d in data]}
 
 
 def usage_chunk(request_id: str, model: str, created: int, obj: str,
@@ -479,9 +562,12 @@ def usage_chunk(request_id: str, model: str, created: int, obj: str,
             "usage": use}
 
 
+def model_entry(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "pdcluster"}
+
+
 def model_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list",
-            "data": [{"id": model, "object": "model", "created": created, "owned_by": "pdcluster"}]}
+    return {"object": "list", "data": [model_entry(model, created)]}
 
 
 def sse(data: dict[str, Any] | str) -> str:

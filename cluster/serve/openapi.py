@@ -20,6 +20,9 @@ _TOOL_CALL_DELTA = {"type": "object", "required": ["index", "function"], "proper
     "index": _INT, "id": _ID, "type": {"const": "function"}, "function": {
         "type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
 _NULLABLE_TEXT = {"type": ["string", "null"]}
+_MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+          "properties": {"id": _ID, "object": {"const": "model"}, "created": _INT,
+                         "owned_by": {"type": "string"}}}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
                          "prompt_tokens_details": {"type": "object",
@@ -82,11 +85,9 @@ _RESPONSES = {
                                          "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA}}}},
         chunk=True),
     "CompletionChunk": _completion("text_completion", {"text": {"type": "string"}}, chunk=True),
+    "Model": _MODEL,
     "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
-        "object": {"const": "list"}, "data": {"type": "array", "items": {
-            "type": "object", "required": ["id", "object", "created", "owned_by"],
-            "properties": {"id": _ID, "object": {"const": "model"}, "created": _INT,
-                           "owned_by": {"type": "string"}}}}}},
+        "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}},
     "Health": {"type": "object", "required": ["status"],
                "properties": {"status": {"enum": ["ok", "unavailable", "draining"]}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -170,6 +171,13 @@ def openapi_document(model_name: str, vocab_size: int, auth: bool) -> dict[str, 
                                                      "content": _json("ModelList")},
                                              **({"401": {"description": "missing or invalid API key",
                                                          "content": _json("Error")}} if auth else {})}}},
+        "/v1/models/{model}": {"get": {
+            "summary": "The served model", "operationId": "retrieveModel",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the model", "content": _json("Model")},
+                          "404": {"description": "not the served model", "content": _json("Error")},
+                          **({"401": {"description": "missing or invalid API key",
+                                      "content": _json("Error")}} if auth else {})}}},
         "/health": {"get": {"summary": "Readiness", "operationId": "health", "security": [],
                             "responses": {"200": {"description": "ready", "content": _json("Health")},
                                           "503": {"description": "not ready",

@@ -45,6 +45,7 @@ class RequestRecord:
     params: SamplingParams
     tenant: str | None
     arrived: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))  # its responses' `created` (Unix s)
     prefill_worker: str | None = None
     decode_worker: str | None = None
     handoff: bytes | None = None  # kv.proto bytes from prefill, kept for a decode failover

@@ -50,17 +50,22 @@ def choices_usage(recs: list[RequestRecord], outs: list[ChatOutput | None]) -> d
 
 
 class ResponseRenderer:
-    """Renders responses for one served model; `token_text` spells a token as logprobs show it."""
+    """Renders responses for one served model (listed as created at `model_created`); `token_text`
+    spells a token as logprobs show it, `token_bytes` gives its bytes."""
 
-    def __init__(self, model_name: str, created: int, token_text: Callable[[int], str]) -> None:
+    def __init__(self, model_name: str, model_created: int, token_text: Callable[[int], str],
+                 token_bytes: Callable[[int], bytes] | None = None) -> None:
         self.model_name = model_name
-        self.created = created
+        self.model_created = model_created
         self.token_text = token_text
+        self.token_bytes = token_bytes  # a token's own bytes (None: its text's)
 
-    def logprobs(self, chat: bool, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    def logprobs(self, chat: bool, entries: list[TokenLogprob],
+                 offsets: oai.TextOffsets | None = None) -> dict[str, Any]:
+        """`offsets`: a completion choice's text offsets so far (None: these are its first tokens)."""
         if chat:
-            return oai.chat_logprobs(entries, self.token_text)
-        return oai.completion_logprobs(entries, self.token_text, offset)
+            return oai.chat_logprobs(entries, self.token_text, self.token_bytes)
+        return oai.completion_logprobs(entries, self.token_text, offsets, self.token_bytes)
 
     async def json(self, recs: list[RequestRecord], outs: list[ChatOutput | None],
                    choices: Choices) -> Response:
@@ -78,7 +83,7 @@ class ResponseRenderer:
             return error_response(exc)
         finally:
             await choices.aclose()
-        name, rid, created = self.model_name, recs[0].request_id, self.created
+        name, rid, created = self.model_name, recs[0].request_id, recs[0].created
         chat = outs[0] is not None
         lps = [self.logprobs(chat, lp) if recs[0].params.logprobs is not None else None
                for lp in logprobs]
@@ -94,10 +99,10 @@ class ResponseRenderer:
                   include_usage: bool) -> AsyncIterator[str]:
         """The answer as server-sent events: OpenAI's chunks, by choice index, then `[DONE]`; an
         error once streaming is an error event, as OpenAI sends it."""
-        model, rid, created = self.model_name, recs[0].request_id, self.created
+        model, rid, created = self.model_name, recs[0].request_id, recs[0].created
         chat = outs[0] is not None
         want_lp = recs[0].params.logprobs is not None
-        offset = [0] * len(recs)   # characters of completion text sent so far (completions' text_offset)
+        offsets = [oai.TextOffsets() for _ in recs]   # completions' text_offset, by choice
         try:
             if chat:
                 for i in range(len(recs)):
@@ -106,7 +111,7 @@ class ResponseRenderer:
             async for i, d in choices:
                 # a token whose text is held back (a partial character, a possible stop string)
                 # still reports its logprob in this chunk
-                lp = self.logprobs(chat, d.logprobs, offset[i]) if want_lp and d.logprobs else None
+                lp = self.logprobs(chat, d.logprobs, offsets[i]) if want_lp and d.logprobs else None
                 if chat:
                     out = outs[i]
                     deltas = out.feed(d.text, len(d.token_ids), final=d.finish_reason is not None)
@@ -121,7 +126,6 @@ class ResponseRenderer:
                 elif d.text or d.finish_reason or lp:
                     yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
                                                        index=i))
-                offset[i] += len(d.text)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield oai.sse(oai.usage_chunk(rid, model, created, obj, choices_usage(recs, outs)))

@@ -14,6 +14,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine.sampling import StructuredOutput
+from ...engine.structured_output import unenforceable
 
 # chat_template_kwargs may not set what the server passes to the template, nor the other named
 # arguments of transformers' apply_chat_template (they would change what it returns).
@@ -73,8 +74,11 @@ class ToolCall(BaseModel):
 
 
 def parameters_schema(fn: FunctionDef) -> dict[str, Any]:
-    """A function's parameters schema (OpenAI: an absent one means no arguments)."""
-    return fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
+    """A function's parameters schema (OpenAI: an absent one means no arguments); arguments are an
+    object, so a schema that leaves the type open (`{}`) is one of an object."""
+    if fn.parameters is None:
+        return {"type": "object", "properties": {}}
+    return fn.parameters if "type" in fn.parameters else {**fn.parameters, "type": "object"}
 
 
 def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> None:
@@ -187,6 +191,12 @@ def with_fallback_prompt(messages: list[dict[str, Any]], tools: list[Tool]) -> l
     return [{"role": "system", "content": prompt}, *messages]
 
 
+def _enforced(tool: Tool) -> dict[str, Any]:
+    """A tool as the grammar takes it: its parameters the schema the arguments must match."""
+    fields = tool.model_dump(exclude_none=True)
+    return {**fields, "function": {**fields["function"], "parameters": parameters_schema(tool.function)}}
+
+
 def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolChoice | None,
                       reasoning: str, parallel: bool) -> StructuredOutput | None:
     """For tool_choice "required" or a named function: a grammar (xgrammar's structural tag for the
@@ -197,10 +207,16 @@ def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolC
         return None
     import xgrammar as xgr
 
+    named = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
+    for i, tool in enumerate(tools):   # the grammar holds the named function's arguments, or every one's
+        if (tool.function.strict and named in (None, tool.function.name)
+                and (problem := unenforceable(parameters_schema(tool.function)))):
+            raise ToolsError(f"tools.{i}.function.parameters (strict): {problem}",
+                             f"tools.{i}.function.parameters")
     choice = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
     try:
         tag = xgr.get_model_structural_tag(
-            xgrammar_model, tools=[t.model_dump(exclude_none=True) for t in tools], tool_choice=choice,
+            xgrammar_model, tools=[_enforced(t) for t in tools], tool_choice=choice,
             reasoning=reasoning, parallel_tool_calls=parallel)
         return StructuredOutput("structural_tag", tag.model_dump_json())
     except ValueError as exc:  # a parameters schema xgrammar cannot compile

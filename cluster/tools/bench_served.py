@@ -116,8 +116,8 @@ def format_pd_share(share: int, offline_share: Sequence[OfflineLevel],
         for lv in levels:
             off = by_batch.get(lv.concurrency)
             if off is not None:
-                lines.append(f"| {name} | {lv.concurrency} | {_fmt(lv.tpot_mean_ms, 1)} | {_fmt(off.step_ms, 1)} "
-                             f"| {_fmt(ratio(lv.tpot_mean_ms, off.step_ms), 2)} |")
+                lines.append(f"| {name} | {lv.concurrency} | {_fmt(lv.tpot_mean_ms, 1)} "
+                             f"| {_fmt(off.step_ms, 1)} | {_fmt(ratio(lv.tpot_mean_ms, off.step_ms), 2)} |")
     return "\n".join(lines)
 
 
