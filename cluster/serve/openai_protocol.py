@@ -299,7 +299,6 @@ class CompletionRequest(_Request):
     logprobs: TopLogprobs | None = None
     suffix: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
-
     best_of: PositiveInt | None = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
