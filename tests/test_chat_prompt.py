@@ -88,8 +88,8 @@ def test_a_function_without_parameters_is_called_with_an_object(parameters):
     chat = prepare_chat(FakeTokenizer(""), req, ChatFormat(None, "hermes", True))
     grammar = Grammar.from_structural_tag(chat.constraint.grammar)
     call = '<tool_call>\n{"name": "now", "arguments": %s}\n</tool_call>'
-    assert accepts(grammar, call % "{}")
-    for arguments in ("[1, 2, 3]", "null", "1", '"x"'):
+    assert accepts(grammar, call % "{}") and accepts(grammar, call % "{ }")
+    for arguments in ("[1, 2, 3]", "null", "1", '"x"', "{\n  \n}"):   # nor padded with whitespace
         assert not accepts(grammar, call % arguments)
 
 

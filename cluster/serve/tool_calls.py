@@ -191,6 +191,24 @@ def with_fallback_prompt(messages: list[dict[str, Any]], tools: list[Tool]) -> l
     return [{"role": "system", "content": prompt}, *messages]
 
 
+# Consecutive whitespace the grammar lets a call's arguments hold: a small model given free whitespace
+# pads an argument-less call's `{}` with newlines until max_tokens (as in the engine's JSON style).
+MAX_ARGUMENT_WHITESPACE = 1
+
+
+def _bounded_whitespace(node: Any) -> Any:
+    """A structural tag with every JSON-schema content held to MAX_ARGUMENT_WHITESPACE (xgrammar's
+    own parameter for it does not reach a single forced function's content)."""
+    if isinstance(node, list):
+        return [_bounded_whitespace(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_whitespace(v) for k, v in node.items()}
+    if out.get("type") == "json_schema" and "max_whitespace_cnt" in out:
+        out["max_whitespace_cnt"] = MAX_ARGUMENT_WHITESPACE
+    return out
+
+
 def _enforced(tool: Tool) -> dict[str, Any]:
     """A tool as the grammar takes it: its parameters the schema the arguments must match."""
     fields = tool.model_dump(exclude_none=True)
@@ -218,6 +236,6 @@ def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolC
         tag = xgr.get_model_structural_tag(
             xgrammar_model, tools=[_enforced(t) for t in tools], tool_choice=choice,
             reasoning=reasoning, parallel_tool_calls=parallel)
-        return StructuredOutput("structural_tag", tag.model_dump_json())
+        return StructuredOutput("structural_tag", json.dumps(_bounded_whitespace(tag.model_dump())))
     except ValueError as exc:  # a parameters schema xgrammar cannot compile
         raise ToolsError(f"the tools' parameter schemas cannot be enforced: {exc}", "tools") from None
