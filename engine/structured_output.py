@@ -84,6 +84,7 @@ def unenforceable(schema: object, at: str = "") -> str | None:
     where = at or "the schema's root"
     for key in _NOT_ENFORCED:
         value = schema.get(key)
+        # null asks nothing; nor does uniqueItems other than true, nor an empty dependencies map
         asks_nothing = (value is None or key == "uniqueItems" and value is not True
                         or key.startswith("depend") and not value)
         if not asks_nothing:

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..policy.engine_threads import EXPAND_FROM_SEQS
 from .bench_client import BenchConfig, Endpoint, quiet_http_logs, render_markdown, write_report
 from .bench_cluster import local_ports, local_spec, prompt_counter, sweep_deployments
 from .bench_engine import generate_batch, random_prompts
-from ..policy.engine_threads import EXPAND_FROM_SEQS
 from .perf_metrics import LevelStats, ratio
 
 # The goals the served path is held to (issue #21): at the lowest concurrency a request's TPOT within
