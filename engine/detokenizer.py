@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings, for streaming.
 
 Text is released only when it is final: an incomplete UTF-8 character is held back, and so is any
-tail that could still become the start of a stop string. Stop strings count only from a request's
+tail that could still become the start of a stop string. A request that ends mid-character ends its
+text with U+FFFD, as decoding all its tokens at once does. Stop strings count only from a request's
 min_tokens-th token on, as in vLLM: a stop string that ends before it does not end the request.
 """
 from __future__ import annotations
@@ -57,6 +58,12 @@ class IncrementalDetokenizer:
 
     def take(self, final: bool) -> str:
         """The text that is safe to release now (all of it once the sequence is finished)."""
+        if final and not self.stopped and self.read_offset < len(self.ids):
+            # tokens holding part of a character: they count, so their text shows as U+FFFD
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
+            full = self.tok.decode(self.ids[self.prefix_offset:], self.skip_special)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         end = len(self.text) if (final or self.stopped) else max(len(self.text) - self.holdback, 0)
         end = max(end, self.emitted)
         delta = self.text[self.emitted:end]

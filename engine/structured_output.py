@@ -98,6 +98,9 @@ def unenforceable(schema: object, at: str = "") -> str | None:
     if lengths and ("pattern" in schema or "format" in schema):
         return (f"{'/'.join(repr(k) for k in lengths)} (at {where}) cannot be enforced beside 'pattern' "
                 "or 'format'; fold the length into the pattern")
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and any(a in pattern for a in ("(?=", "(?!", "(?<=", "(?<!")):
+        return f"a lookaround in 'pattern' (at {where}) cannot be enforced: the grammar engine drops it"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return f"'allOf' with more than one schema (at {where}) cannot be enforced; merge them"
     properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cluster_harness as h
@@ -118,6 +118,8 @@ CASES = [
     Case("messages is a string", 400, chat(messages="hi"), says="valid list", param="messages"),
     Case("unknown role", 400, chat(messages=[{"role": "robot", "content": "x"}]),
          param="messages.0.role"),
+    Case("user message without content", 400, chat(messages=[{"role": "user"}]), says="needs content",
+         param="messages.0"),
     Case("image content part", 400, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), param="messages.0.content.0.type"),
     Case("chat over the context", 400, chat(messages=[{"role": "user", "content": "hi " * CONTEXT}]),
@@ -520,6 +522,7 @@ def test_grpc_generate_fuzzed_with_garbage_and_random_fields(cluster, http, befo
 
         @common
         @given(request=_requests(pb))
+        @example(request=pb.GenerateRequest(prompt="Hi", max_tokens=2))  # a valid one, always tried
         def fields(request):
             seen["fields"].add(_generate(channel, request.SerializeToString()))
 

@@ -248,6 +248,16 @@ def test_n_choices_share_the_prompt_blocks(client, llm):
     assert runs[0] == runs[1]          # seeded: the same set again
     assert len(set(runs[0])) > 1       # choice i samples with seed + i
 
+    # without max_tokens each choice may run to the context's end, which n of them could not hold
+    # in the decode pool at once: they are served, each within what the pool holds
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    pool = sum(w.info.num_total_blocks for w in h.snapshot().workers if w.info.role == "decode")
+    assert 2 * llm.engine.max_model_len > pool * bs
+    answer = llm.generate([llm.chat_prompt(ask)], SamplingParams(temperature=0, max_tokens=200))[0]
+    assert answer.finish_reason == "stop"
+    both = client.chat.completions.create(model=h.MODEL, messages=ask, n=2, temperature=0)
+    assert [(c.message.content, c.finish_reason) for c in both.choices] == [(answer.text, "stop")] * 2
+
 
 def test_models_and_health(client, cluster):
     import openai

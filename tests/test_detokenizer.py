@@ -30,6 +30,21 @@ def test_deltas_reassemble_unicode_text(tok):
     assert out == tok.decode(tok.encode(text)) and not stopped
 
 
+def test_text_ending_mid_character_ends_with_a_replacement_character(tok):
+    """A length finish inside an emoji's bytes: the held-back bytes are not lost, and the text is
+    what decoding all the output tokens gives."""
+    ids = tok.encode(" ok 🚀")
+    for cut in range(1, len(ids)):
+        d = IncrementalDetokenizer(tok, tok.encode("Hello"))
+        pieces = []
+        for t in ids[:cut]:
+            d.push([t])
+            pieces.append(d.take(final=False))
+        pieces.append(d.take(final=True))
+        assert "".join(pieces) == tok.decode(ids[:cut]), cut
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # the case above covers a split character
+
+
 def test_stop_string_spanning_tokens_is_cut(tok):
     out, stopped = stream(tok, " alpha beta gamma delta", stop=["a gam"])
     assert stopped and out == " alpha bet"

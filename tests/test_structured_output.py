@@ -75,6 +75,7 @@ UNENFORCEABLE = [
     ({"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}, "{}",
      "required"),
     ({"type": "string", "enum": ["a", 1]}, "1", "type"),
+    ({"type": "string", "pattern": "^(?!admin$)[a-z]+$"}, '"admin"', "lookaround"),
 ]
 
 

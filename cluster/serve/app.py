@@ -371,11 +371,24 @@ class Ingress:
             raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
                                   f"the context of {context} tokens", param="max_tokens",
                                   code="context_length_exceeded")
-        params = req.sampling_params(wanted or room)
+        n = getattr(req, "n", 1) or 1
+        params = req.sampling_params(wanted or self._default_max_tokens(len(ids), room, n))
         if any(not 0 <= t < vocab for t, _ in params.logit_bias):
             raise oai.OpenAIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias",
                                   code="invalid_value")
         return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
+
+    def _default_max_tokens(self, prompt_len: int, room: int, n: int) -> int:
+        """A request without max_tokens runs to the end of the context; n > 1 such choices, each to
+        the longest that lets all n hold their KV in the decode pool at once (else `_choices`
+        refuses them: one choice needs more than the pool)."""
+        if n == 1:
+            return room
+        bs = self.info.block_size
+        shared = prompt_len // bs
+        pool = sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")
+        longest = (shared + (pool - shared) // n) * bs - prompt_len
+        return min(room, longest) if longest >= 1 else room
 
     def _token_text(self, token_id: int) -> str:
         """A token's text as logprobs show it (special tokens included; part of a character as

@@ -7,7 +7,9 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from ...engine.outputs import TokenLogprob
 from ...engine.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams, StructuredOutput
@@ -231,6 +233,15 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None   # assistant
     tool_call_id: str | None = None            # tool
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # as OpenAI: only an assistant message that makes tool calls may leave out its content
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError(
+                "missing", "a message of role '{role}' needs content"
+                + " or tool_calls" * (self.role == "assistant"), {"role": self.role})
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
