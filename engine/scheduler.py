@@ -2,6 +2,9 @@
 
 Running sequences go first (decodes and unfinished prompt chunks), then waiting ones, all under one
 token budget; a sequence whose KV is still arriving waits beside the batch, holding its blocks.
+While newcomers wait to compute their prompts, running prompt chunks leave them up to half the
+budget, so a short prompt is not queued behind every chunk of a long one (as vLLM's
+long_prefill_token_threshold does).
 """
 from __future__ import annotations
 
@@ -84,6 +87,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        chunk_budget = budget - self._newcomers_share(budget)  # for running sequences' prompt chunks
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -98,6 +102,12 @@ class Scheduler:
                         seq, seq.num_tokens + len(seq.draft_token_ids)):
                     seq.draft_token_ids.clear()
             n = min(remaining + len(seq.draft_token_ids), budget)
+            if remaining > 1:   # a prompt chunk
+                n = min(n, chunk_budget)
+                if n == 0:
+                    i += 1
+                    continue
+                chunk_budget -= n
             while not self.bm.reserve(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()          # newest first; never one already scheduled
                 self._preempt(victim, out)
@@ -130,6 +140,19 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         return out
+
+    def _newcomers_share(self, budget: int) -> int:
+        """Budget kept from running prompt chunks for the prompts waiting to start (up to half of
+        it; none when the batch is full or only handoffs wait: their KV is loaded, not computed)."""
+        if len(self.running) + len(self.loading) >= self.max_num_seqs:
+            return 0
+        share, most = 0, budget // 2
+        for seq in self.waiting:
+            if seq.kv_import is None:
+                share += seq.num_tokens - seq.num_computed_tokens
+                if share >= most:
+                    return most
+        return share
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out of the engine and give back its blocks (idempotent)."""

@@ -295,6 +295,14 @@ def _errors(http: httpx.Client) -> float:
     return metrics.get(("pdcluster_requests_total", (("status", "error"),)), 0.0)
 
 
+def _responses(http: httpx.Client, status: int) -> float:
+    """HTTP responses with this status code so far, over every route but /metrics."""
+    metrics = h.metric_values(http.get("/metrics").text)
+    return sum(v for (name, labels), v in metrics.items()
+               if name == "pdcluster_http_responses_total" and ("code", str(status)) in labels
+               and ("route", "/metrics") not in labels)
+
+
 def _send(http: httpx.Client, case: Case) -> httpx.Response:
     headers = {**(AUTH if case.auth else {}), **case.headers}
     body = case.body
@@ -325,8 +333,10 @@ def _is_openai_error(response: httpx.Response) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.name} -> {c.status}" for c in CASES])
 def test_bad_input(http, before, case: Case):
+    counted = _responses(http, case.status)
     response = _send(http, case)
     assert response.status_code == case.status, (response.status_code, response.text[:500])
+    assert _responses(http, case.status) == counted + 1  # /metrics counts refusals too
     if case.status == 200:
         if response.headers["content-type"].startswith("text/event-stream"):
             assert response.text.rstrip().endswith("data: [DONE]")

@@ -176,16 +176,32 @@ def test_prompts_exact_with_the_embedded_model_tokenizer():
         assert len(tok.encode(make_prompt(token_counter(tok), n, rng), add_special_tokens=False)) == n
 
 
-def test_cli_compares_endpoints_and_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 caplog: pytest.LogCaptureFixture):
+def _word_tokenizer(folder: Path) -> str:
+    """A local one-token-per-word tokenizer folder for --tokenizer (no hub access)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # A local one-token-per-word tokenizer folder for --tokenizer (no hub access).
     tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return str(folder)
 
+
+def test_cli_fails_when_requests_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A sweep whose requests were refused still writes its report, and exits non-zero (a CI job
+    running it must not pass)."""
+    with _serve(ttft_s=0.0, itl_s=0.0, status=404) as srv:
+        assert main(["bench", "--base-url", srv.url, "--model", "m", "--tokenizer",
+                     _word_tokenizer(tmp_path / "tok"), "--input-len", "4", "--output-len", "2",
+                     "--concurrency", "1", "--requests-per-level", "2", "--warmup", "0",
+                     "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "2 request(s) failed" in capsys.readouterr().err
+    assert (tmp_path / "out" / "bench.json").exists()
+
+
+def test_cli_compares_endpoints_and_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture):
+    _word_tokenizer(tmp_path / "tok")
     caplog.set_level(logging.INFO)
     with (_serve(ttft_s=0.05, itl_s=0.02) as fast, _serve(ttft_s=0.05, itl_s=0.08) as slow,
           _serve(ttft_s=0.05, itl_s=0.04) as mid):

@@ -50,6 +50,37 @@ def tiny_pool():
     return LLM(num_kv_blocks=10, max_num_batched_tokens=64, enable_prefix_caching=False)
 
 
+def test_short_prompt_starts_before_a_long_prompt_is_prefilled():
+    """A short request arriving during a long prompt's chunked prefill gets its first token on the
+    next step, not after the long prompt's every chunk; both answers are the ones each gets alone."""
+    llm = LLM(num_kv_blocks=128, enable_prefix_caching=False, max_num_batched_tokens=96)
+    eng = llm.engine
+    budget = eng.config.max_num_batched_tokens
+    long = llm.tokenizer.encode(SHARED * 5 + "Summarise the above.")
+    short = llm.tokenizer.encode("Name a colour.")
+    assert len(long) > 4 * budget and len(short) < budget // 2
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in (long, short)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    eng.add_request("hol-long", prompt_token_ids=long, params=GREEDY)
+    eng.step()
+    eng.add_request("hol-short", prompt_token_ids=short, params=one)
+    first = [o.request_id for o in eng.step() if o.new_token_ids]
+    assert first == ["hol-short"]
+    assert eng._seqs["hol-long"].num_computed_tokens < len(long)  # still prefilling
+    eng.abort_request("hol-long")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert llm.generate([short], one)[0].token_ids == alone[1][:1]
+    outs = {}
+    eng.add_request("hol-long", prompt_token_ids=long, params=GREEDY)
+    eng.step()
+    eng.add_request("hol-short", prompt_token_ids=short, params=GREEDY)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert [outs["hol-long"], outs["hol-short"]] == alone
+
+
 def test_preemption_under_tiny_pool_gives_same_output(llm, tiny_pool):
     prompts = [llm.tokenizer.encode(f"Story number {i}: a dragon, a knight and a {w} met. Then")
                for i, w in enumerate(["wizard", "baker", "sailor", "poet"])]

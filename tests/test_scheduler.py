@@ -30,16 +30,37 @@ def test_chunked_prefill_respects_budget_and_decodes_join():
     apply(out)
     short = Sequence("short", [1, 2, 3], SamplingParams())
     sch.add(short)
-    out = sch.schedule()                               # running chunk first, newcomer fills the rest
-    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 16)]
+    out = sch.schedule()         # the running chunk leaves the newcomer its prompt: it starts now
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 13), ("short", 3)]
+    assert [s.completes for s in out.scheduled] == [False, True]
     apply(out)
-    out = sch.schedule()
-    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 8), ("short", 3)]
+    out = sch.schedule()                               # nobody waits: the chunk takes what is left
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 11), ("short", 1)]
     assert all(s.completes for s in out.scheduled)
     apply(out)
     out = sch.schedule()                               # both decode now: one token each
     assert [s.num_tokens for s in out.scheduled] == [1, 1]
     assert out.num_tokens <= 16
+
+
+def test_waiting_prompts_get_at_most_half_the_budget_from_running_chunks():
+    bm, sch = make(num_blocks=256, budget=16)
+    long = Sequence("long", list(range(100)), SamplingParams())
+    sch.add(long)
+    apply(sch.schedule())
+    for i in range(3):                                 # 3 x 5 prompt tokens want more than half
+        sch.add(Sequence(f"w{i}", list(range(5)), SamplingParams()))
+    out = sch.schedule()
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [
+        ("long", 8), ("w0", 5), ("w1", 3)]
+    # a handoff's KV is loaded, not computed: it takes nothing from the running chunk
+    bm2, sch2 = make(num_blocks=256, budget=16)
+    sch2.add(Sequence("long", list(range(100)), SamplingParams()))
+    apply(sch2.schedule())
+    handoff = Sequence("h", list(range(40)), SamplingParams())
+    handoff.kv_import = object()
+    sch2.add(handoff)
+    assert [(s.seq.request_id, s.num_tokens) for s in sch2.schedule().scheduled] == [("long", 16)]
 
 
 def test_max_num_seqs_caps_the_running_batch():

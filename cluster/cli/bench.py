@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,4 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(render_markdown(cfg, results, args.min_tps))
     for path in write_report(args.out, cfg, endpoints, results, args.min_tps):
         print(f"wrote {path}")
+    failed = sum(s.requests - s.ok for levels in results.values() for s in levels)
+    if failed:  # the figures then describe another workload than the one asked for
+        print(f"bench: {failed} request(s) failed (the reasons are logged above)", file=sys.stderr)
+        return 1
     return 0

@@ -31,7 +31,7 @@ from . import openai_protocol as oai
 from .chat_output import ChatOutput
 from .chat_prompt import ChatFormat, prepare_chat
 from .grpc_service import Undecodable
-from .metrics import CONTENT_TYPE, ServingMetrics
+from .metrics import CONTENT_TYPE, CountResponses, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord, merge_choices
 from .responses import ClosingStreamingResponse, ResponseRenderer, error_response
@@ -46,6 +46,7 @@ _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUT
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(CountResponses)
 
 
 def _api_keys(env_name: str | None) -> dict[str, str]:

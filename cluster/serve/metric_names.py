@@ -24,6 +24,7 @@ INFLIGHT_REQUESTS = "pdcluster_inflight_requests"
 ADMISSIONS_TOTAL = "pdcluster_admissions_total"
 REJECTIONS_TOTAL = "pdcluster_rejections_total"
 REQUESTS_TOTAL = "pdcluster_requests_total"
+HTTP_RESPONSES_TOTAL = "pdcluster_http_responses_total"
 PROMPT_TOKENS_TOTAL = "pdcluster_prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "pdcluster_generation_tokens_total"
 KV_HANDOFF_BYTES_TOTAL = "pdcluster_kv_handoff_bytes_total"
@@ -48,7 +49,12 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef(INFLIGHT_REQUESTS, "gauge", "Requests admitted and not finished"),
     MetricDef(ADMISSIONS_TOTAL, "counter", "Requests admitted by the router"),
     MetricDef(REJECTIONS_TOTAL, "counter", "Requests rejected by the router", ("reason",)),
-    MetricDef(REQUESTS_TOTAL, "counter", "Finished requests", ("status",)),
+    MetricDef(REQUESTS_TOTAL, "counter",
+              "Finished requests to the engines, admitted or rejected by the router (a request's n "
+              "choices count n)", ("status",)),
+    MetricDef(HTTP_RESPONSES_TOTAL, "counter",
+              "HTTP responses by route and status code, refusals of bad requests (4xx) included",
+              ("route", "code")),
     MetricDef(PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens processed"),
     MetricDef(GENERATION_TOKENS_TOTAL, "counter", "Output tokens generated"),
     MetricDef(KV_HANDOFF_BYTES_TOTAL, "counter", "KV cache bytes moved from prefill to decode"),

@@ -6,7 +6,7 @@ per-worker load, KV counters) is pulled from the router's snapshot on each scrap
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -30,6 +30,40 @@ def _help(name: str) -> str:
     return mn.METRICS_BY_NAME[name].help
 
 
+# Module-level: the HTTP middleware counts into it; each ServingMetrics registry exports it.
+HTTP_RESPONSES = Counter(mn.HTTP_RESPONSES_TOTAL, _help(mn.HTTP_RESPONSES_TOTAL), ["route", "code"],
+                         registry=None)
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+
+
+def route_label(path: str) -> str:
+    """A request path as the `route` label: the API's routes, and "other" for any other path (so
+    that a scan of random paths cannot grow the label set)."""
+    if path in _ROUTES:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+class CountResponses:
+    """ASGI middleware counting each HTTP response by route and status code as it starts."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_label(scope["path"])
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                HTTP_RESPONSES.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -42,6 +76,7 @@ class ServingMetrics:
         self.rejections = Counter(mn.REJECTIONS_TOTAL, _help(mn.REJECTIONS_TOTAL), ["reason"],
                                   registry=r)
         self.requests = Counter(mn.REQUESTS_TOTAL, _help(mn.REQUESTS_TOTAL), ["status"], registry=r)
+        r.register(HTTP_RESPONSES)
         self.prompt_tokens = Counter(mn.PROMPT_TOKENS_TOTAL, _help(mn.PROMPT_TOKENS_TOTAL), registry=r)
         self.generation_tokens = Counter(mn.GENERATION_TOKENS_TOTAL,
                                          _help(mn.GENERATION_TOKENS_TOTAL), registry=r)
