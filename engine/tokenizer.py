@@ -1,12 +1,17 @@
 """Tokenizer and chat template from the model's own files (GGUF metadata or an HF folder).
 
-Backed by `transformers`' tokenizers, so `apply_chat_template` has exactly its semantics.
+Backed by `transformers`' tokenizers, so `apply_chat_template` has exactly its semantics, with one
+exception: text in the messages that spells a control token (`<|im_end|>`, `</think>`) is
+tokenized as the plain text it is, never as the token, so a message cannot forge a turn (OpenAI's
+behaviour; OWASP AISVS 2.1.7). Only the template's own text, and assistant turns (the model's own
+output, sent back), yield control tokens.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,10 @@ class Tokenizer:
         # added and special tokens are stored as their text, not in the byte alphabet
         self._as_text = frozenset(self._tok.all_special_ids) | frozenset(
             getattr(self._tok, "added_tokens_decoder", None) or ())
+        # every added token is matched in text (special or not: Qwen's <think> is not special)
+        controls = sorted({str(t) for t in (getattr(self._tok, "added_tokens_decoder", None) or {}).values()}
+                          | set(self._tok.all_special_tokens), key=len, reverse=True)
+        self._controls = re.compile("|".join(map(re.escape, filter(None, controls)))) if controls else None
 
     @property
     def hf(self):
@@ -76,10 +85,47 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:
+        """The chat's prompt tokens; text in `kwargs` or in a message other than an assistant's
+        that spells a control token stays text (the module docstring)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions API")
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                            tokenize=True, **kwargs)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):   # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        marker = f"PDCLIT{secrets.token_hex(6)}"
+        literals: list[str] = []
+        # an assistant turn is the model's own text, as the template expects it (Qwen3's drops
+        # everything up to a </think> in it)
+        marked = ([m if m.get("role") == "assistant" else self._mark_controls(m, marker, literals)
+                   for m in messages], self._mark_controls(kwargs, marker, literals))
+        if not literals:  # nearly every chat: exactly what transformers gives
+            ids = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                tokenize=True, **kwargs)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        text = self._tok.apply_chat_template(marked[0], add_generation_prompt=add_generation_prompt,
+                                             tokenize=False, **marked[1])
+        # the template's text parses its control tokens; each marked literal is encoded as text
+        out: list[int] = []
+        for i, part in enumerate(re.split(f"{marker}(\\d+)X", text)):
+            if i % 2 == 0:
+                out += self.encode(part, add_special_tokens=False) if part else []
+            else:
+                out += self._tok.encode(literals[int(part)], add_special_tokens=False,
+                                        split_special_tokens=True)
+        return out
+
+    def _mark_controls(self, value, marker: str, literals: list[str]):
+        """`value` with every control token's spelling in its strings replaced by `marker<i>X`,
+        literals[i] being the spelling (`literals` stays empty when there is none)."""
+        if isinstance(value, str):
+            if self._controls is None or not self._controls.search(value):
+                return value
+
+            def mark(m: re.Match) -> str:
+                literals.append(m.group(0))
+                return f"{marker}{len(literals) - 1}X"
+            return self._controls.sub(mark, value)
+        if isinstance(value, dict):
+            return {k: self._mark_controls(v, marker, literals) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mark_controls(v, marker, literals) for v in value]
+        return value
