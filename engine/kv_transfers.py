@@ -45,6 +45,16 @@ class KVTransfers:
         if self._pending:
             wait([t.future for t in self._pending], timeout=timeout_s, return_when=FIRST_COMPLETED)
 
+    def settle_saves(self, timeout_s: float) -> None:
+        """Block until every pending save has finished here (or `timeout_s`)."""
+        saves = [t.future for t in self._pending if isinstance(t.job, KVSave)]
+        if saves and timeout_s > 0:
+            wait(saves, timeout=timeout_s)
+
+    def saving(self) -> bool:
+        """Whether a save is pending (the same answer on every rank: they submit alike)."""
+        return any(isinstance(t.job, KVSave) for t in self._pending)
+
     def collect(self) -> list[Transfer]:
         """The jobs finished on every rank, in submission order; they leave the pending list."""
         if not self._pending:

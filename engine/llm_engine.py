@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
 IDLE_WAIT_S = 0.05  # an idle step waits this long at most for a KV transfer to finish
+# A step that leaves prompts' blocks being stored waits this share of its own time (at most
+# SAVE_GRACE_MAX_S) for them, so that their first tokens go out with this step, not after the next
+# (a long prompt's next chunk can take seconds).
+SAVE_GRACE_SHARE = 0.05
+SAVE_GRACE_MAX_S = 0.05
 
 
 class LLMEngine:
@@ -334,6 +339,9 @@ class LLMEngine:
             out = self._append_tokens(seq, new, lps)
             if out is not None:
                 outputs.append(out)
+        if self.transfers is not None and self.transfers.saving():
+            self.transfers.settle_saves(min(SAVE_GRACE_MAX_S, SAVE_GRACE_SHARE * elapsed))
+            outputs += self._collect_transfers()
         return outputs
 
     def _draft(self) -> None:

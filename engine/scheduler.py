@@ -2,9 +2,9 @@
 
 Running sequences go first (decodes and unfinished prompt chunks), then waiting ones, all under one
 token budget; a sequence whose KV is still arriving waits beside the batch, holding its blocks.
-While newcomers wait to compute their prompts, running prompt chunks leave them up to half the
-budget, so a short prompt is not queued behind every chunk of a long one (as vLLM's
-long_prefill_token_threshold does).
+While newcomers wait to compute their prompts, running prompt chunks take at most half the
+budget: a short prompt starts in the next step, and that step is short, instead of being queued
+behind every chunk of a long one (as vLLM's long_prefill_token_threshold does).
 """
 from __future__ import annotations
 
@@ -142,17 +142,11 @@ class Scheduler:
         return out
 
     def _newcomers_share(self, budget: int) -> int:
-        """Budget kept from running prompt chunks for the prompts waiting to start (up to half of
-        it; none when the batch is full or only handoffs wait: their KV is loaded, not computed)."""
+        """Budget kept from running prompt chunks for the prompts waiting to start: half of it, or
+        none when the batch is full or only handoffs wait (their KV is loaded, not computed)."""
         if len(self.running) + len(self.loading) >= self.max_num_seqs:
             return 0
-        share, most = 0, budget // 2
-        for seq in self.waiting:
-            if seq.kv_import is None:
-                share += seq.num_tokens - seq.num_computed_tokens
-                if share >= most:
-                    return most
-        return share
+        return budget // 2 if any(seq.kv_import is None for seq in self.waiting) else 0
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out of the engine and give back its blocks (idempotent)."""

@@ -279,3 +279,34 @@ def test_prefill_returns_the_first_token_only_once_its_blocks_are_stored(checkpo
     assert eng.scheduler.saving == []
     run(eng, {})
     assert_all_blocks_free(eng)
+
+
+def test_a_first_token_whose_blocks_store_quickly_leaves_with_its_step(checkpoint, store, monkeypatch):
+    """The step that samples an exported prompt's first token waits a little for its blocks (a
+    share of the step, capped): stored in time, the handoff leaves with that step, not after the
+    next one, which behind a long prompt's chunks can take seconds."""
+    from pdcluster.engine import llm_engine
+
+    monkeypatch.setattr(llm_engine, "SAVE_GRACE_SHARE", 1e6)  # a tiny model's step is too short
+    eng = engine(checkpoint, store)
+    prompts = mf.prompts(seed=6)
+    eng.add_request("other", prompt_token_ids=prompts[0], params=LONG)
+    eng.add_request("export", prompt_token_ids=prompts[2], params=GREEDY, kv_export=True)
+    for _ in range(20):
+        outs = [o for o in eng.step() if o.request_id == "export"]
+        assert eng.scheduler.saving == []       # never left for a later step to pick up
+        if outs:
+            break
+    (out,) = outs
+    assert out.finish_reason == "handoff" and all(ref.key in store.blocks for ref in out.kv_handoff.blocks)
+    # a save the store holds back still does not hold up the step for longer than the cap
+    store.save_gate.clear()
+    eng.add_request("held", prompt_token_ids=prompts[1], params=GREEDY, kv_export=True)
+    while not eng.scheduler.saving:
+        eng.step()
+    started = time.perf_counter()
+    eng.step()
+    assert time.perf_counter() - started < 10 * llm_engine.SAVE_GRACE_MAX_S
+    store.save_gate.set()
+    run(eng, {})
+    assert_all_blocks_free(eng)

@@ -30,12 +30,12 @@ def test_chunked_prefill_respects_budget_and_decodes_join():
     apply(out)
     short = Sequence("short", [1, 2, 3], SamplingParams())
     sch.add(short)
-    out = sch.schedule()         # the running chunk leaves the newcomer its prompt: it starts now
-    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 13), ("short", 3)]
+    out = sch.schedule()         # the running chunk takes half while a prompt waits: it starts now
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 8), ("short", 3)]
     assert [s.completes for s in out.scheduled] == [False, True]
     apply(out)
-    out = sch.schedule()                               # nobody waits: the chunk takes what is left
-    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 11), ("short", 1)]
+    out = sch.schedule()                               # nobody waits: the chunk takes the budget
+    assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("long", 16)]
     assert all(s.completes for s in out.scheduled)
     apply(out)
     out = sch.schedule()                               # both decode now: one token each
@@ -43,7 +43,7 @@ def test_chunked_prefill_respects_budget_and_decodes_join():
     assert out.num_tokens <= 16
 
 
-def test_waiting_prompts_get_at_most_half_the_budget_from_running_chunks():
+def test_running_prompt_chunks_take_half_the_budget_while_prompts_wait():
     bm, sch = make(num_blocks=256, budget=16)
     long = Sequence("long", list(range(100)), SamplingParams())
     sch.add(long)
