@@ -276,6 +276,10 @@ def test_api_keys_name_tenants_and_guard_requests():
             oai.tenant_for(bad, keys)
         assert info.value.status == 401 and info.value.body()["error"]["type"] == "authentication_error"
     assert oai.tenant_for(None, {}) is None  # no keys configured: open
+    assert oai.tenant_for(["Bearer k1"], keys) == "alpha"   # the headers as sent
+    with pytest.raises(oai.OpenAIError) as info:             # two: which would count is a guess
+        oai.tenant_for(["Bearer k1", "Bearer k2"], keys)
+    assert info.value.status == 401
 
 
 @pytest.mark.parametrize("entries, says", [

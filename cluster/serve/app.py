@@ -212,7 +212,7 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
-            self._tenant(request.headers.get("authorization"))
+            self._tenant(request.headers.getlist("authorization"))
         except oai.OpenAIError as exc:
             return error_response(exc)
         return JSONResponse(oai.model_list(self.info.model_name, self.responses.model_created))
@@ -220,7 +220,7 @@ class Ingress:
     @app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
         try:
-            self._tenant(request.headers.get("authorization"))
+            self._tenant(request.headers.getlist("authorization"))
             if model != self.info.model_name:
                 raise oai.OpenAIError(404, f"the model {model!r} does not exist; this server serves "
                                       f"{self.info.model_name!r}", param="model", code="model_not_found")
@@ -250,8 +250,8 @@ class Ingress:
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
         """inference.proto's server-streaming Generate (the replica's own gRPC server)."""
         try:
-            metadata = dict(grpc_context.invocation_metadata())
-            tenant = self._tenant(metadata.get("authorization"))
+            metadata = grpc_context.invocation_metadata()
+            tenant = self._tenant([v for k, v in metadata if k == "authorization"])
             if isinstance(request, Undecodable):
                 raise oai.OpenAIError(400, f"the request is not a GenerateRequest: {request.error}")
             rec, out, n = await self._grpc_record(request, tenant)
@@ -308,13 +308,13 @@ class Ingress:
     # ------------------------------------------------------------------ request plumbing
     async def _parse(self, request: Request, model: type) -> tuple[Any, str | None]:
         """Authenticate, read (within the size limit) and validate a request body for this model."""
-        tenant = self._tenant(request.headers.get("authorization"))
+        tenant = self._tenant(request.headers.getlist("authorization"))
         limit = self.spec.serve.max_body_bytes
         req = oai.parse(model, await _read_body(request, limit), limit)
         self._check_model(req.model)
         return req, tenant
 
-    def _tenant(self, authorization: str | None) -> str | None:
+    def _tenant(self, authorization: list[str]) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)
 
     # Tokenizing and templating run in a thread, never on the event loop every stream shares, and

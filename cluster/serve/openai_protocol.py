@@ -439,14 +439,20 @@ def parse_api_keys(value: str) -> dict[str, str]:
     return keys
 
 
-def tenant_for(authorization: str | None, keys: dict[str, str]) -> str | None:
-    """The tenant of an `Authorization: Bearer <key>` header; None when no keys are configured.
+def tenant_for(authorization: str | list[str] | None, keys: dict[str, str]) -> str | None:
+    """The tenant of an `Authorization: Bearer <key>` header (or the list of every Authorization
+    header sent); None when no keys are configured.
 
     The scheme must be exactly "Bearer" (what OpenAI's clients send; other spellings are refused
     rather than guessed), and the key is compared with every configured key in constant time, so
-    neither the answer nor its timing says how much of a guess was right."""
+    neither the answer nor its timing says how much of a guess was right. Two Authorization
+    headers are refused: which one counts would be a guess too."""
     if not keys:
         return None
+    if isinstance(authorization, list):
+        if len(authorization) > 1:
+            raise OpenAIError(401, "send one Authorization header", code="invalid_api_key")
+        authorization = authorization[0] if authorization else None
     scheme, _, presented = (authorization or "").partition(" ")
     candidate = presented.strip().encode()
     tenant = None
