@@ -4,7 +4,8 @@ Running sequences go first (decodes and unfinished prompt chunks), then waiting 
 token budget; a sequence whose KV is still arriving waits beside the batch, holding its blocks.
 While newcomers wait to compute their prompts, running prompt chunks take at most half the
 budget: a short prompt starts in the next step, and that step is short, instead of being queued
-behind every chunk of a long one (as vLLM's long_prefill_token_threshold does).
+behind every chunk of a long one (as vLLM's long_prefill_token_threshold does), unless it begins
+as a prompt still being computed, whose blocks it will find in the prefix cache.
 """
 from __future__ import annotations
 
@@ -143,10 +144,21 @@ class Scheduler:
 
     def _newcomers_share(self, budget: int) -> int:
         """Budget kept from running prompt chunks for the prompts waiting to start: half of it, or
-        none when the batch is full or only handoffs wait (their KV is loaded, not computed)."""
+        none when the batch is full, when only handoffs wait (their KV is loaded, not computed), or
+        when the next prompt to start begins as a prompt still being computed does: it waits for
+        those blocks to find them in the prefix cache rather than compute them twice."""
         if len(self.running) + len(self.loading) >= self.max_num_seqs:
             return 0
-        return budget // 2 if any(seq.kv_import is None for seq in self.waiting) else 0
+        head = next((seq for seq in self.waiting if seq.kv_import is None), None)
+        if head is None:
+            return 0
+        bs = self.bm.block_size
+        if self.bm.enable_prefix_caching and head.num_prompt_tokens > bs:
+            first = head.token_ids[:bs]
+            if any(seq.num_computed_tokens < seq.num_prompt_tokens and seq.token_ids[:bs] == first
+                   for seq in self.running):
+                return 0
+        return budget // 2
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out of the engine and give back its blocks (idempotent)."""

@@ -53,6 +53,13 @@ def test_running_prompt_chunks_take_half_the_budget_while_prompts_wait():
     out = sch.schedule()
     assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [
         ("long", 8), ("w0", 5), ("w1", 3)]
+    # a prompt beginning as the running one does waits to find its blocks in the prefix cache
+    bm3 = BlockManager(256, 4, enable_prefix_caching=True)
+    sch3 = Scheduler(bm3, 8, 16)
+    sch3.add(Sequence("long", list(range(100)), SamplingParams()))
+    apply(sch3.schedule())
+    sch3.add(Sequence("same-start", list(range(8)) + [500, 501], SamplingParams()))
+    assert [(s.seq.request_id, s.num_tokens) for s in sch3.schedule().scheduled] == [("long", 16)]
     # a handoff's KV is loaded, not computed: it takes nothing from the running chunk
     bm2, sch2 = make(num_blocks=256, budget=16)
     sch2.add(Sequence("long", list(range(100)), SamplingParams()))
