@@ -62,8 +62,11 @@ class IncrementalDetokenizer:
             # tokens holding part of a character: they count, so their text shows as U+FFFD
             prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special)
             full = self.tok.decode(self.ids[self.prefix_offset:], self.skip_special)
+            start = max(len(self.text) - self.holdback, 0)
             self.text += full[len(prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            if self.num_tokens >= self.min_tokens:
+                self._check_stop(start)
         end = len(self.text) if (final or self.stopped) else max(len(self.text) - self.holdback, 0)
         end = max(end, self.emitted)
         delta = self.text[self.emitted:end]

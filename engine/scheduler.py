@@ -2,10 +2,10 @@
 
 Running sequences go first (decodes and unfinished prompt chunks), then waiting ones, all under one
 token budget; a sequence whose KV is still arriving waits beside the batch, holding its blocks.
-While newcomers wait to compute their prompts, running prompt chunks take at most half the
-budget: a short prompt starts in the next step, and that step is short, instead of being queued
-behind every chunk of a long one (as vLLM's long_prefill_token_threshold does), unless it begins
-as a prompt still being computed, whose blocks it will find in the prefix cache.
+While a prompt that fits in half the budget waits to start, running prompt chunks take at most
+the other half: it starts in the next step, and that step is short, instead of being queued behind
+every chunk of a long one (vLLM's long_prefill_token_threshold serves the same end), unless it
+begins with the block a running prompt is computing, which it then finds in the prefix cache.
 """
 from __future__ import annotations
 
@@ -143,22 +143,32 @@ class Scheduler:
         return out
 
     def _newcomers_share(self, budget: int) -> int:
-        """Budget kept from running prompt chunks for the prompts waiting to start: half of it, or
-        none when the batch is full, when only handoffs wait (their KV is loaded, not computed), or
-        when the next prompt to start begins as a prompt still being computed does: it waits for
-        those blocks to find them in the prefix cache rather than compute them twice."""
+        """Budget kept from running prompt chunks for the next prompt waiting to start: half of
+        it, when that prompt fits in it (a long one waits its turn: starting each newcomer's long
+        prompt at once would leave them all part-computed), the batch has room, and it does not
+        begin as a running prompt whose next blocks it could find in the prefix cache by waiting.
+        Handoffs take nothing (their KV is loaded, not computed)."""
         if len(self.running) + len(self.loading) >= self.max_num_seqs:
             return 0
         head = next((seq for seq in self.waiting if seq.kv_import is None), None)
-        if head is None:
+        share = budget // 2
+        if head is None or head.num_tokens - head.num_computed_tokens > share:
             return 0
+        return 0 if self._would_find_in_cache(head) else share
+
+    def _would_find_in_cache(self, seq: Sequence) -> bool:
+        """Whether a running prompt is computing a block `seq` begins with (all blocks before it
+        shared too): waiting a step, `seq` finds it in the prefix cache instead of computing it."""
+        if not self.bm.enable_prefix_caching:
+            return False
         bs = self.bm.block_size
-        if self.bm.enable_prefix_caching and head.num_prompt_tokens > bs:
-            first = head.token_ids[:bs]
-            if any(seq.num_computed_tokens < seq.num_prompt_tokens and seq.token_ids[:bs] == first
-                   for seq in self.running):
-                return 0
-        return budget // 2
+        for other in self.running:
+            if other.num_computed_tokens >= other.num_prompt_tokens:
+                continue
+            end = (other.num_computed_tokens // bs + 1) * bs  # through the block it is computing
+            if end < seq.num_prompt_tokens and seq.token_ids[:end] == other.token_ids[:end]:
+                return True
+        return False
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out of the engine and give back its blocks (idempotent)."""

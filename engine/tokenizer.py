@@ -32,6 +32,25 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL = _byte_level_alphabet()
 
 
+def _trie_pattern(words: set[str]) -> str:
+    """A regex matching any of `words` (the longest at a position), as a trie: one alternation of
+    thousands of added tokens would try each of them at every position of every message."""
+    trie: dict = {}
+    for word in filter(None, words):
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        alts = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        group = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{group})?" if "" in node else group
+    return build(trie)
+
+
 class Tokenizer:
     def __init__(self, path: Path) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for a hub
@@ -52,9 +71,10 @@ class Tokenizer:
         self._as_text = frozenset(self._tok.all_special_ids) | frozenset(
             getattr(self._tok, "added_tokens_decoder", None) or ())
         # every added token is matched in text (special or not: Qwen's <think> is not special)
-        controls = sorted({str(t) for t in (getattr(self._tok, "added_tokens_decoder", None) or {}).values()}
-                          | set(self._tok.all_special_tokens), key=len, reverse=True)
-        self._controls = re.compile("|".join(map(re.escape, filter(None, controls)))) if controls else None
+        added = getattr(self._tok, "added_tokens_decoder", None) or {}
+        self._added_ids = frozenset(added) | frozenset(self._tok.all_special_ids)
+        controls = {str(t) for t in added.values()} | set(self._tok.all_special_tokens)
+        self._controls = re.compile(_trie_pattern(controls)) if any(controls) else None
 
     @property
     def hf(self):
@@ -103,15 +123,33 @@ class Tokenizer:
             return list(ids)
         text = self._tok.apply_chat_template(marked[0], add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **marked[1])
-        # the template's text parses its control tokens; each marked literal is encoded as text
-        out: list[int] = []
+        # the text transformers renders, and where the marked spellings are in it
+        pieces, spans, at = [], [], 0
         for i, part in enumerate(re.split(f"{marker}(\\d+)X", text)):
-            if i % 2 == 0:
-                out += self.encode(part, add_special_tokens=False) if part else []
+            if i % 2:
+                part = literals[int(part)]
+                spans.append((at, at + len(part)))
+            pieces.append(part)
+            at += len(part)
+        rendered = "".join(pieces)
+        # tokenized whole, as transformers does; a control token matched inside a marked span is
+        # replaced by the tokens of its text
+        enc = self._tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        out: list[int] = []
+        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if token in self._added_ids and any(a <= start and end <= b for a, b in spans):
+                out += self._plain_ids(rendered[start:end])
             else:
-                out += self._tok.encode(literals[int(part)], add_special_tokens=False,
-                                        split_special_tokens=True)
+                out.append(token)
         return out
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """`text` tokenized with no control token in it: a special token's spelling is split by
+        the tokenizer itself; a non-special added token's (Qwen's </think>) by splitting the text."""
+        ids = list(self._tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+        if len(text) > 1 and any(t in self._added_ids for t in ids):
+            return self._plain_ids(text[:1]) + self._plain_ids(text[1:])
+        return ids
 
     def _mark_controls(self, value, marker: str, literals: list[str]):
         """`value` with every control token's spelling in its strings replaced by `marker<i>X`,
@@ -124,8 +162,9 @@ class Tokenizer:
                 literals.append(m.group(0))
                 return f"{marker}{len(literals) - 1}X"
             return self._controls.sub(mark, value)
-        if isinstance(value, dict):
-            return {k: self._mark_controls(v, marker, literals) for k, v in value.items()}
+        if isinstance(value, dict):  # keys too: a tool schema's property names are rendered
+            return {self._mark_controls(k, marker, literals): self._mark_controls(v, marker, literals)
+                    for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._mark_controls(v, marker, literals) for v in value]
         return value

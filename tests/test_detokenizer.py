@@ -45,6 +45,23 @@ def test_text_ending_mid_character_ends_with_a_replacement_character(tok):
     assert tok.decode(ids[:-1]).endswith("\ufffd")  # the case above covers a split character
 
 
+class _Bytes:
+    """A tokenizer whose tokens are raw bytes; token 2 holds "!" and the start of an emoji."""
+    PIECES = {1: b"hi", 2: b"!\xf0", 3: b"\x9f\x9a\x80"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.PIECES[i] for i in ids).decode(errors="replace")
+
+
+def test_text_flushed_at_the_end_is_still_cut_at_a_stop_string():
+    d = IncrementalDetokenizer(_Bytes(), [], ("!",))
+    assert not d.push([1, 2])           # "!" waits with the emoji's first byte
+    assert d.take(final=True) == "hi" and d.stopped
+    d = IncrementalDetokenizer(_Bytes(), [])
+    d.push([1, 2])
+    assert d.take(final=True) == "hi!\ufffd"
+
+
 def test_stop_string_spanning_tokens_is_cut(tok):
     out, stopped = stream(tok, " alpha beta gamma delta", stop=["a gam"])
     assert stopped and out == " alpha bet"

@@ -43,7 +43,7 @@ def test_chunked_prefill_respects_budget_and_decodes_join():
     assert out.num_tokens <= 16
 
 
-def test_running_prompt_chunks_take_half_the_budget_while_prompts_wait():
+def test_running_prompt_chunks_take_half_the_budget_while_a_short_prompt_waits():
     bm, sch = make(num_blocks=256, budget=16)
     long = Sequence("long", list(range(100)), SamplingParams())
     sch.add(long)
@@ -53,13 +53,6 @@ def test_running_prompt_chunks_take_half_the_budget_while_prompts_wait():
     out = sch.schedule()
     assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [
         ("long", 8), ("w0", 5), ("w1", 3)]
-    # a prompt beginning as the running one does waits to find its blocks in the prefix cache
-    bm3 = BlockManager(256, 4, enable_prefix_caching=True)
-    sch3 = Scheduler(bm3, 8, 16)
-    sch3.add(Sequence("long", list(range(100)), SamplingParams()))
-    apply(sch3.schedule())
-    sch3.add(Sequence("same-start", list(range(8)) + [500, 501], SamplingParams()))
-    assert [(s.seq.request_id, s.num_tokens) for s in sch3.schedule().scheduled] == [("long", 16)]
     # a handoff's KV is loaded, not computed: it takes nothing from the running chunk
     bm2, sch2 = make(num_blocks=256, budget=16)
     sch2.add(Sequence("long", list(range(100)), SamplingParams()))
@@ -113,3 +106,36 @@ def test_decode_batch_counts_decodes_only_when_no_prompt_is_computed():
     sch.waiting.remove(loaded)
     apply(sch.schedule())                              # b's first chunk: 15 of its 30 tokens
     assert b.num_computed_tokens < b.num_tokens - 1 and sch.decode_batch() == 0
+
+
+def test_a_long_newcomer_waits_its_turn():
+    """Only a prompt that fits in the share takes it: long newcomers started at once would each get
+    one chunk and then stall, all part-computed, holding blocks."""
+    bm, sch = make(num_blocks=256, budget=16)
+    sch.add(Sequence("first", list(range(100)), SamplingParams()))
+    apply(sch.schedule())
+    sch.add(Sequence("second", list(range(100, 140)), SamplingParams()))
+    assert [(s.seq.request_id, s.num_tokens) for s in sch.schedule().scheduled] == [("first", 16)]
+
+
+def test_a_prompt_waits_for_blocks_a_running_prompt_is_computing():
+    """A short prompt that begins with the block a running prompt is computing waits a step and
+    finds it in the prefix cache; one sharing only blocks already computed starts at once."""
+    bm = BlockManager(256, 4, enable_prefix_caching=True)
+    sch = Scheduler(bm, 8, 16)
+
+    def step():
+        out = sch.schedule()
+        apply(out)
+        for s in out.scheduled:
+            bm.commit(s.seq)
+        return [(s.seq.request_id, s.num_tokens) for s in out.scheduled]
+
+    sch.add(Sequence("a", list(range(200, 213)), SamplingParams()))
+    sch.add(Sequence("long", list(range(100)), SamplingParams()))
+    assert step() == [("a", 13), ("long", 3)]     # "long" is computing its first block
+    same = Sequence("same", list(range(6)), SamplingParams())
+    sch.add(same)
+    assert step() == [("a", 1), ("long", 15)]     # "same" begins with that block: it waits
+    assert step() == [("a", 1), ("long", 8), ("same", 2)]
+    assert same.num_cached_tokens == 4            # the block came from the cache

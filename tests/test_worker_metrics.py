@@ -1,4 +1,5 @@
-"""Per-worker engine histograms and the LOADING gauge, from the router's snapshot to /metrics."""
+"""Serving metrics: per-worker engine histograms and the LOADING gauge from the router's snapshot, and
+HTTP responses by route and code, as /metrics exports them."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -81,3 +82,46 @@ def test_the_engine_counts_step_time_times_its_threads(llm):
     assert one > 0 and two > 0
     assert abs((middle.step_thread_seconds_total - before.step_thread_seconds_total) - one) < 1e-9
     assert abs((after.step_thread_seconds_total - middle.step_thread_seconds_total) - 2 * two) < 1e-9
+
+
+def test_http_responses_are_counted_by_route_and_code_errors_included():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.testclient import TestClient
+    from pdcluster.cluster.serve.metrics import CountResponses
+
+    app = FastAPI()
+    app.add_middleware(CountResponses)
+
+    @app.post("/v1/completions")
+    async def completions():
+        return JSONResponse({"error": {}}, status_code=400)
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        async def body():
+            yield "data: 1\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        raise RuntimeError("boom")
+
+    def counts() -> dict[tuple, float]:
+        text = ServingMetrics().render().decode()
+        return {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == mn.HTTP_RESPONSES_TOTAL}
+
+    before = counts()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/completions").status_code == 400
+        assert client.post("/v1/chat/completions").status_code == 200
+        assert client.get("/health").status_code == 500
+        for path in ("/a", "/b", "/wp-login.php"):   # any other path: one label, not one each
+            assert client.get(path).status_code == 404
+    after = counts()
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert moved == {(("code", "400"), ("route", "/v1/completions")): 1,
+                     (("code", "200"), ("route", "/v1/chat/completions")): 1,
+                     (("code", "500"), ("route", "/health")): 1,
+                     (("code", "404"), ("route", "other")): 3}

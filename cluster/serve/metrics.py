@@ -55,13 +55,21 @@ class CountResponses:
             await self.app(scope, receive, send)
             return
         route = route_label(scope["path"])
+        started = False
 
         async def counted(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 HTTP_RESPONSES.labels(route, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # Starlette's outermost middleware answers it with a 500
+            if not started:
+                HTTP_RESPONSES.labels(route, "500").inc()
+            raise
 
 
 class ServingMetrics:
