@@ -227,3 +227,22 @@ def test_cli_compares_endpoints_and_writes_report(tmp_path: Path, capsys: pytest
     assert "| 2 | mid |" in md and "per-req TPS x fast" in md  # every endpoint, ratios to the first
     assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]  # no line per request
     assert (out / "bench.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_head_of_line_bench_times_short_requests_alone_and_behind_a_long_one():
+    from pdcluster.cluster.tools.bench_head_of_line import format_result, measure
+
+    with _serve(ttft_s=0.05, itl_s=0.02) as srv:
+        r = asyncio.run(measure(Endpoint("fake", srv.url), "m", token_counter(_words), long_tokens=40,
+                                shorts=2, delay_s=0.0, seed=1))
+        bodies = list(srv.bodies)
+    assert len(r.short_alone_ttft_s) == 2 and all(t >= 0.05 for t in r.short_alone_ttft_s)
+    assert 1 <= len(r.short_behind_ttft_s) <= 2 and all(t >= 0.05 for t in r.short_behind_ttft_s)
+    assert r.long_alone_s >= 0.05 + 3 * 0.02 and r.long_with_shorts_s >= 0.05
+    # warm-up + shorts + long alone + long + shorts behind it, each a prompt of its own
+    prompts = [b["messages"][0]["content"] for b in bodies]
+    assert len(prompts) == 3 + 2 + len(r.short_behind_ttft_s) and len(set(prompts)) == len(prompts)
+    assert sorted(len(p.split()) for p in prompts)[-2:] == [40, 40]
+    assert "x alone" in format_result("fake", r)
+    with _serve(ttft_s=0.0, itl_s=0.0, status=503) as srv, pytest.raises(RuntimeError, match="503"):
+        asyncio.run(measure(Endpoint("fake", srv.url), "m", token_counter(_words), long_tokens=8, shorts=1))
