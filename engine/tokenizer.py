@@ -67,10 +67,8 @@ class Tokenizer:
         decoder = repr(getattr(getattr(self._tok, "backend_tokenizer", None), "decoder", None))
         self._byte_level = "ByteLevel" in decoder
         self._metaspace = "Metaspace" in decoder or "▁" in decoder   # SentencePiece's word marker
-        # added and special tokens are stored as their text, not in the byte alphabet
-        self._as_text = frozenset(self._tok.all_special_ids) | frozenset(
-            getattr(self._tok, "added_tokens_decoder", None) or ())
-        # every added token is matched in text (special or not: Qwen's <think> is not special)
+        # added and special tokens: stored as their text, not in the byte alphabet, and matched in
+        # text as control tokens (special or not: Qwen's <think> is not special)
         added = getattr(self._tok, "added_tokens_decoder", None) or {}
         self._added_ids = frozenset(added) | frozenset(self._tok.all_special_ids)
         controls = {str(t) for t in added.values()} | set(self._tok.all_special_tokens)
@@ -94,7 +92,7 @@ class Tokenizer:
         """The bytes one token adds to the text, which may be part of a UTF-8 character (a byte-level
         BPE or byte-fallback token of an emoji): what logprobs' `bytes` report."""
         piece = self._tok.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str) and token_id not in self._as_text:
+        if isinstance(piece, str) and token_id not in self._added_ids:
             if m := _BYTE_TOKEN.fullmatch(piece):
                 return bytes([int(m.group(1), 16)])
             if self._byte_level and all(c in _BYTE_LEVEL for c in piece):

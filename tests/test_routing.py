@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from pdcluster.cluster.policy.prefix_affinity import PrefixIndex, prefix_block_hashes
-from pdcluster.cluster.policy.placement import WorkerLoad, pick_decode, pick_prefill
+from pdcluster.cluster.policy.placement import (WorkerLoad, choices_blocks_needed, longest_choices, pick_decode,
+                                               pick_prefill)
 
 
 def _by_hand(tokens: list[int], block_size: int, salt: bytes) -> list[str]:
@@ -94,3 +95,14 @@ def test_prefix_index_remembers_recent_hashes_per_worker():
     assert pick_prefill([load, _p("w2", 90)], ["a"], block_size=16) == "w1"
     idx.forget("w1")
     assert len(idx.view("w1")) == 0
+
+
+def test_longest_choices_is_the_most_that_n_choices_fit():
+    for prompt_len in (1, 15, 16, 40, 300):
+        for n in (2, 3, 7):
+            for pool in (64, 128, 1000):
+                m = longest_choices(prompt_len, n, pool, 16)
+                if m >= 1:
+                    assert choices_blocks_needed(prompt_len, m, n, 16) <= pool
+                # one token more each would not fit (nor would any, when m < 1)
+                assert choices_blocks_needed(prompt_len, max(m, 0) + 1, n, 16) > pool

@@ -85,6 +85,20 @@ def decode_blocks_needed(prompt_len: int, max_tokens: int, block_size: int) -> i
     return -(-(prompt_len + max_tokens) // block_size)
 
 
+def choices_blocks_needed(prompt_len: int, max_tokens: int, n: int, block_size: int) -> int:
+    """KV blocks n choices of one prompt hold at once at their longest: the prompt's full blocks
+    once (shared through the prefix cache), the rest per choice."""
+    shared = prompt_len // block_size
+    return shared + n * (decode_blocks_needed(prompt_len, max_tokens, block_size) - shared)
+
+
+def longest_choices(prompt_len: int, n: int, pool_blocks: int, block_size: int) -> int:
+    """The most tokens each of n choices of one prompt may generate for all of them to fit
+    `pool_blocks` at once (`choices_blocks_needed`); below 1 when not even one token each fits."""
+    shared = prompt_len // block_size
+    return (shared + (pool_blocks - shared) // n) * block_size - prompt_len
+
+
 def place_decode(workers: Sequence[WorkerLoad], needed_blocks: int) -> str | None:
     """`pick_decode`, and when no worker has room right now the least busy healthy one: its engine
     holds the request until blocks free up (admission already bounds how many run at once)."""

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
-from ..policy.placement import decode_blocks_needed
+from ..policy.placement import choices_blocks_needed, longest_choices
 from ..spec import ClusterSpec
 from . import grpc_service
 from . import openai_protocol as oai
@@ -385,11 +385,11 @@ class Ingress:
         refuses them: one choice needs more than the pool)."""
         if n == 1:
             return room
-        bs = self.info.block_size
-        shared = prompt_len // bs
-        pool = sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")
-        longest = (shared + (pool - shared) // n) * bs - prompt_len
+        longest = longest_choices(prompt_len, n, self._decode_pool_blocks(), self.info.block_size)
         return min(room, longest) if longest >= 1 else room
+
+    def _decode_pool_blocks(self) -> int:
+        return sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")
 
     def _token_text(self, token_id: int) -> str:
         """A token's text as logprobs show it (special tokens included; part of a character as
@@ -443,10 +443,8 @@ class Ingress:
         if n > limit:
             raise oai.OpenAIError(400, f"n={n} choices cannot run at once: this server runs at most "
                                   f"{limit} requests at a time", param="n", code="invalid_value")
-        bs = self.info.block_size
-        shared = len(rec.prompt_ids) // bs   # the prompt's full blocks, held once
-        needed = shared + n * (decode_blocks_needed(len(rec.prompt_ids), rec.params.max_tokens, bs) - shared)
-        pool = sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")
+        needed = choices_blocks_needed(len(rec.prompt_ids), rec.params.max_tokens, n, self.info.block_size)
+        pool = self._decode_pool_blocks()
         if needed > pool:
             raise oai.OpenAIError(400, f"n={n} choices of up to {rec.params.max_tokens} tokens need "
                                   f"{needed} KV blocks at once; the decode pool has {pool}",
