@@ -215,7 +215,8 @@ def serve(conn: Connection) -> None:
 
     try:
         loop = EngineLoop(build, name=f"{setup.worker_id}-engine", publish=publish,
-                          cores=CoreShare.open(setup.config.threads, setup.most_threads))
+                          cores=CoreShare.open(setup.config.threads, setup.most_threads),
+                          stream_interval=spec.engine.stream_interval)
     except BaseException as exc:
         log.exception("%s: the engine could not be built", setup.worker_id)
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

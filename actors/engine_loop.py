@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ..engine.outputs import RequestOutput
 from ..engine.sampling import SamplingParams
 from .core_share import CoreShare
+from .output_coalescer import OutputCoalescer
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class EngineLoop(EngineFront):
     def __init__(self, engine, name: str = "engine", mirror: Mirror | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
                  publish: Callable[[list, Any], None] | None = None,
-                 cores: CoreShare | None = None) -> None:
+                 cores: CoreShare | None = None, stream_interval: int = 1) -> None:
         """`engine` is the engine, or a callable that builds it. A builder runs on the engine's
         thread, and this returns once it has (raising what it raised), so that every OpenMP parallel
         region of the engine, its construction's included, opens on that one thread: libgomp keeps a
@@ -165,12 +166,14 @@ class EngineLoop(EngineFront):
         another).
 
         With `cores` the engine's threads are sized before each step to the cores the host's other
-        engines leave idle, and given back while it has nothing to do."""
+        engines leave idle, and given back while it has nothing to do. With `stream_interval` N a
+        running request's tokens are handed out N at a time (see `OutputCoalescer`)."""
         super().__init__()
         self.mirror = mirror
         self._cores = cores
         self._on_fatal = on_fatal
         self._publish = publish
+        self._coalescer = OutputCoalescer(stream_interval)
         self._cond = threading.Condition()
         self._commands: deque[tuple] = deque()
         self._stopped = False
@@ -250,6 +253,7 @@ class EngineLoop(EngineFront):
                             self._active.discard(out.request_id)
                         results.append((out.request_id, out))
             self._stats = engine.stats()
+            results = self._coalescer.feed(results)
             if self._publish is not None:
                 self._publish(results, self._stats)
             elif results:
@@ -294,3 +298,4 @@ class EngineLoop(EngineFront):
         else:
             self.engine.abort_request(cmd[1])
             self._active.discard(cmd[1])
+            self._coalescer.drop(cmd[1])

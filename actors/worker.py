@@ -127,7 +127,7 @@ class EngineWorker:
             cores = None if self.followers else CoreShare.open(config.threads, most)
             self.loop = EngineLoop(build, name=f"{self.worker_id}-engine", mirror=self.followers,
                                    on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"),
-                                   cores=cores)
+                                   cores=cores, stream_interval=self.spec.engine.stream_interval)
             followers_stored = self.followers.wait_ready() if self.followers else []
         except BaseException:
             if self.followers is not None:

@@ -75,6 +75,9 @@ class EngineSpec(_Strict):
     max_num_batched_tokens: int = Field(default=512, ge=1)  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
     async_kv_transfer: bool = True  # KV moves off the step thread (False: inside the step)
+    # a running stream's tokens leave the engine this many at a time (its first and last at once):
+    # fewer, larger chunks cost the serving processes less CPU per token, and the stream is burstier
+    stream_interval: int = Field(default=1, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on cpu
     # where a worker's engine steps: "process", a child process of the worker actor with its own
     # GIL, so serving work (Ray calls, output streams) never delays a step; "thread", a thread of

@@ -95,6 +95,23 @@ def test_streams_match_the_engine_in_this_process(core, model):
     _wait_free(core)
 
 
+def test_a_stream_interval_keeps_the_tokens_and_sends_them_in_runs(model):
+    spec = _spec(model)
+    spec["engine"]["stream_interval"] = 5
+    exits: list[str] = []
+    cores = [_core(_spec(model), exits, "plain"), _core(spec, exits, "coalescing")]
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        plain, runs = (_run(c, {"r": (PROMPTS[1], params)})["r"] for c in cores)
+    finally:
+        for c in cores:
+            c.stop()
+    assert [t for o in runs for t in o.new_token_ids] == [t for o in plain for t in o.new_token_ids]
+    assert "".join(o.delta_text for o in runs) == "".join(o.delta_text for o in plain)
+    assert len(plain) == 12 and [len(o.new_token_ids) for o in runs] == [1, 5, 5, 1]
+    assert runs[-1].finish_reason == "length" and not exits
+
+
 def test_abort_and_refusal_cross_the_pipe_and_free_the_blocks(core):
     async def go():
         q: asyncio.Queue = asyncio.Queue()

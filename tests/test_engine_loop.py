@@ -258,3 +258,27 @@ def test_a_lost_rank_is_fatal():
     with pytest.raises(RuntimeError):
         asyncio.run(_drain_one(broken))
     broken.stop()
+
+
+def test_a_stream_interval_sends_tokens_in_runs_and_an_abort_drops_what_was_held():
+    engine = FakeEngine()
+    loop = EngineLoop(engine, stream_interval=4)
+
+    async def run():
+        q = _submit(loop, "a", [1], SamplingParams(max_tokens=10))
+        long = _submit(loop, "long", [1], SamplingParams(max_tokens=10_000))
+        a = await _drain(q)
+        first = await long.get()
+        loop.abort("long")
+        return a, first, await _drain(long)
+
+    a, first, rest = asyncio.run(run())
+    # the first token at once, then runs of 4, then the rest with the last
+    assert [o.new_token_ids for o in a] == [[1], [2, 3, 4, 5], [6, 7, 8, 9], [10]]
+    assert "".join(o.delta_text for o in a) == "".join(f"t{i} " for i in range(1, 11))
+    assert first.new_token_ids == [1] and isinstance(rest[-1], RequestAborted)
+    deadline = time.monotonic() + 2
+    while loop._coalescer.num_held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop._coalescer.num_held == 0
+    loop.stop()

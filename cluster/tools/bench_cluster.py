@@ -34,7 +34,7 @@ from .perf_metrics import LevelStats
 
 def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]],
                core: str | None = None, threads: str = "split",
-               matmul_activations: str = "auto") -> ClusterSpec:
+               matmul_activations: str = "auto", stream_interval: int = 1) -> ClusterSpec:
     """A deployment on this machine; `core` is engine.core (None: the default). `threads` "split":
     engine.threads set to the machine's cores split among the workers; "shared": left unset, as a
     user's spec leaves it (decode steps also take the cores an idle prefill engine leaves)."""
@@ -42,7 +42,7 @@ def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]
     return ClusterSpec.from_dict({
         "engine": {"device": "cpu", "num_kv_blocks": kv_blocks, "core": core,
                    "threads": None if threads == "shared" else cores if colocated else max(1, cores // 2),
-                   "matmul_activations": matmul_activations},
+                   "matmul_activations": matmul_activations, "stream_interval": stream_interval},
         "prefill": {"replicas": 0 if colocated else 1},
         **ports,
     })
