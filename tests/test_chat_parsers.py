@@ -66,6 +66,23 @@ CASES = {
     "hermes, arguments before name": (
         (None, "", {}, "hermes", '<tool_call>{"arguments": {"tz": "UTC"}, "name": "get_time"}</tool_call>'),
         (None, "", [("get_time", {"tz": "UTC"})])),
+    "hermes, cut off inside the closing tag": (
+        (None, "", {}, "hermes", '<tool_call>\n{"name": "get_time", "arguments": {\n"tz": "UTC"\n}}\n</tool_call'),
+        (None, "", [("get_time", {"tz": "UTC"})])),
+    "hermes, cut off right after the arguments": (
+        (None, "", {}, "hermes", '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}'),
+        (None, "", [("get_time", {"tz": "UTC"})])),
+    "hermes, cut off after the wrapper's brace": (
+        (None, "", {}, "hermes", '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n<'),
+        (None, "", [("get_time", {"tz": "UTC"})])),
+    "deepseek, cut off inside the call's end": (
+        (None, "", {}, "deepseek_v3", "<｜tool▁calls▁begin｜>" + DS_CALL.format(
+            name="get_time", args=json.dumps(TIME))[:-len("<｜tool▁call▁end｜>") - 2]),
+        (None, "", [("get_time", TIME)])),
+    "kimi, cut off inside the call's end": (
+        (None, "", {}, "kimi_k2", "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0"
+                                  "<|tool_call_argument_begin|>" + json.dumps(TIME) + "<|tool_call_e"),
+        (None, "", [("get_time", TIME)])),
     "deepseek v3.1 call format": (
         (None, "", {}, "deepseek_v3",
          ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"tz": "UTC"}<｜tool▁call▁end｜>'
@@ -167,3 +184,15 @@ def test_parsers_chosen_from_the_model() -> None:
         reasoning_parser("o1", "", {})
     with pytest.raises(ValueError, match="unknown tool-call parser"):
         tool_call_format("mistral")
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1} or so}\n</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1} or so}\n</tool_ca',
+    '<tool_call>\n{"name": "f", "arguments": {"a": {"b": [1, "}"]}}}\n</tool_call>'])
+def test_arguments_streamed_add_up_to_the_whole_even_when_malformed(text: str) -> None:
+    setup = (None, "", {}, "hermes", text)
+    (whole,) = _output(*setup[:4]).message(text, 1)["tool_calls"]
+    for pieces in [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
+        _, _, calls, _ = _streamed(setup, pieces)
+        assert [(n, a) for _, n, a in calls] == [("f", whole["function"]["arguments"])], pieces

@@ -73,6 +73,16 @@ def test_required_and_named_choices_are_grammars_that_accept_only_valid_calls(ch
     assert not accepts(grammar, call.replace("UTC", "PST"))       # outside the enum
     assert not accepts(grammar, "It is noon.")                     # no call
     assert not accepts(grammar, call.replace("get_time", "get_tim"))
+    # nothing but the calls: no text after them (the model would write on to max_tokens, and the
+    # answer would drop it) nor before; "required" with parallel calls takes several, one per line
+    assert not accepts(grammar, call + "\n\nYou can call it like this: ...")
+    assert not accepts(grammar, "Sure. " + call)
+    assert accepts(grammar, call + "\n" + call) == (choice == "required")
+    single = prepare_chat(FakeTokenizer(""), _req(tools=TOOLS, tool_choice=choice, parallel_tool_calls=False),
+                          ChatFormat(None, "hermes", True))
+    one = Grammar.from_structural_tag(single.constraint.grammar)
+    assert accepts(one, call) and not accepts(one, call + "\n" + call)
+    assert not accepts(one, call + "\nDone.")
 
 
 @pytest.mark.parametrize("parameters", [None, {}, {"properties": {}}])

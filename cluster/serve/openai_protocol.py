@@ -153,7 +153,14 @@ class _Request(BaseModel):
         "prompt_logprobs": ("prompt logprobs are not supported", ()),
         "use_beam_search": ("beam search is not supported", (False,)),
         "length_penalty": ("beam search is not supported", (1, 1.0)),
-        "truncate_prompt_tokens": ("prompts are never truncated; a long one is a 400", ())}
+        "truncate_prompt_tokens": ("prompts are never truncated; a long one is a 400", ()),
+        "guided_decoding_backend": ("use response_format", ()),
+        "guided_whitespace_pattern": ("use response_format", ()),
+        "logits_processors": ("custom logits processors are not supported", ([],)),
+        "return_tokens_as_token_ids": ("logprobs always give tokens as text", (False,)),
+        "return_token_ids": ("token ids are not returned; use logprobs", (False,)),
+        "priority": ("requests are admitted in arrival order", (0,)),
+        "thinking_token_budget": ("not supported", ())}
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return []
@@ -272,7 +279,9 @@ class ChatCompletionRequest(_Request):
         "reasoning_effort": ("a reasoning model's thinking is switched with chat_template_kwargs", ()),
         "echo": ("a chat answer never repeats the prompt", (False,)),
         "add_generation_prompt": ("the template always adds it", (True,)),
-        "continue_final_message": ("not supported", (False,))}
+        "continue_final_message": ("not supported", (False,)),
+        "chat_template": ("the model's own chat template is always used", ()),
+        "documents": ("not supported: put the documents in a message", ([],))}
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -315,6 +324,13 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
     best_of: PositiveInt | None = None
+
+    # the chat API's fields, which a completion would otherwise ignore
+    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+        **_Request.REFUSED,
+        **{name: ("a chat API field: use /v1/chat/completions", ()) for name in (
+            "messages", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+            "top_logprobs", "chat_template", "chat_template_kwargs", "max_completion_tokens")}}
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [*super()._unsupported(), ("echo", self.echo), ("suffix", bool(self.suffix)),

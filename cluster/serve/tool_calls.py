@@ -83,6 +83,8 @@ def parameters_schema(fn: FunctionDef) -> dict[str, Any]:
 
 def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> None:
     """Refuse a tool list or tool_choice OpenAI refuses."""
+    if tools == []:
+        raise ToolsError("tools must not be an empty list (leave it out to offer no tools)", "tools")
     names: set[str] = set()
     for i, tool in enumerate(tools or []):
         fn = tool.function
@@ -209,6 +211,23 @@ def _bounded_whitespace(node: Any) -> Any:
     return out
 
 
+def _only_calls(node: Any) -> Any:
+    """A structural tag whose calls may not be followed, nor preceded, by free text: xgrammar's
+    hermes-style format (Qwen's) lets text run around the calls ("triggered tags"), so a model made
+    to call with tool_choice "required" could write on after its calls until max_tokens, text the
+    response then drops. The calls are kept, one per line, with nothing else, as in DeepSeek's and
+    Kimi's formats (and as vLLM's "required", a JSON array of calls, allows)."""
+    if isinstance(node, list):
+        return [_only_calls(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "triggered_tags":
+        return {"type": "tags_with_separator", "tags": node["tags"], "separator": "\n",
+                "at_least_one": node.get("at_least_one", False),
+                "stop_after_first": node.get("stop_after_first", False)}
+    return {k: _only_calls(v) for k, v in node.items()}
+
+
 def _enforced(tool: Tool) -> dict[str, Any]:
     """A tool as the grammar takes it: its parameters the schema the arguments must match."""
     fields = tool.model_dump(exclude_none=True)
@@ -236,6 +255,7 @@ def constrained_calls(xgrammar_model: str, tools: list[Tool], tool_choice: ToolC
         tag = xgr.get_model_structural_tag(
             xgrammar_model, tools=[_enforced(t) for t in tools], tool_choice=choice,
             reasoning=reasoning, parallel_tool_calls=parallel)
-        return StructuredOutput("structural_tag", json.dumps(_bounded_whitespace(tag.model_dump())))
+        return StructuredOutput("structural_tag",
+                                json.dumps(_bounded_whitespace(_only_calls(tag.model_dump()))))
     except ValueError as exc:  # a parameters schema xgrammar cannot compile
         raise ToolsError(f"the tools' parameter schemas cannot be enforced: {exc}", "tools") from None

@@ -42,7 +42,19 @@ class ToolCallFormat:
         raise NotImplementedError
 
     def arguments(self, raw: str, done: bool) -> str:
-        return raw.strip() if done else raw.lstrip().rstrip(self.trailing)
+        if not done:
+            return raw.lstrip().rstrip(self.trailing)
+        raw = raw.strip()
+        value = _leading_json(raw)
+        # a JSON value followed only by what may close it (the rest of the markup, cut off or not);
+        # streamed, the arguments never held more than the value, so this only adds to them
+        if value is not None and not raw[len(value):].strip(self.trailing):
+            return value
+        return self.unparsed(raw)
+
+    def unparsed(self, raw: str) -> str:
+        """The arguments of a finished call whose text does not start with a JSON value."""
+        return raw
 
     def whole(self, body: str) -> ParsedCall | None:
         return None
@@ -58,7 +70,7 @@ class ToolCallFormat:
             begin += len(self.call_begin)
             end = text.find(self.call_end, begin)
             body = text[begin:] if end < 0 else text[begin:end]
-            if end < 0 and not final:
+            if end < 0:   # an unclosed call's end may be the start of its closing marker (cut off)
                 body = body[:len(body) - held_back(body, (self.call_end,))]
             done = end >= 0 or final
             head = self.header(body, done)
@@ -85,11 +97,8 @@ class Hermes(ToolCallFormat):
         m = self._HEAD.match(body)
         return None if m is None else (json.loads(m.group(1)), None, m.end())
 
-    def arguments(self, raw: str, done: bool) -> str:
-        if not done:
-            return raw.lstrip().rstrip(self.trailing)
-        raw = raw.strip()
-        return raw[:-1].rstrip() if raw.endswith("}") else raw  # the object around name and arguments
+    def unparsed(self, raw: str) -> str:
+        return raw[:-1].rstrip() if raw.endswith("}") else raw  # less the object around name and arguments
 
     def whole(self, body: str) -> ParsedCall | None:
         # Any other key order: a complete call only (nothing of it was streamed before).
@@ -129,10 +138,7 @@ class DeepSeekV3(ToolCallFormat):
             return None  # the fence may still be coming
         return name.strip(), None, offset
 
-    def arguments(self, raw: str, done: bool) -> str:
-        if not done:
-            return raw.lstrip().rstrip(self.trailing)
-        raw = raw.strip()
+    def unparsed(self, raw: str) -> str:
         return raw.removesuffix("```").rstrip()
 
 
@@ -151,6 +157,14 @@ class KimiK2(ToolCallFormat):
         name = call_id.rsplit(":", 1)[0]
         name = name.split(".", 1)[1] if name.startswith("functions.") else name
         return name, call_id, len(head) + len(self.args_begin)
+
+
+def _leading_json(text: str) -> str | None:
+    """The JSON value `text` starts with, as written; None if it does not start with one."""
+    try:
+        return text[:json.JSONDecoder().raw_decode(text)[1]]
+    except ValueError:
+        return None
 
 
 _FORMATS: dict[str, type[ToolCallFormat]] = {f.name: f for f in (Hermes, DeepSeekV3, KimiK2)}
