@@ -74,7 +74,8 @@ def sweep_deployments(cfg: BenchConfig, specs: dict[str, ClusterSpec], count: To
     from ..launch.deployment import deploy, http_url, teardown
 
     ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
+             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING,
+             log_to_driver=False)   # the workers' routine lines stay in Ray's session logs
     results: dict[str, list[LevelStats]] = {}
     endpoints: list[Endpoint] = []
     try:
