@@ -78,6 +78,10 @@ def test_required_and_named_choices_are_grammars_that_accept_only_valid_calls(ch
     assert not accepts(grammar, call + "\n\nYou can call it like this: ...")
     assert not accepts(grammar, "Sure. " + call)
     assert accepts(grammar, call + "\n" + call) == (choice == "required")
+    # "required": a newline may separate calls, so one after the last must still let the answer
+    # end (else a model that writes it is forced into another call); a named call's grammar never
+    # allows one (the answer ends right after the call)
+    assert accepts(grammar, call + "\n") == (choice == "required")
     single = prepare_chat(FakeTokenizer(""), _req(tools=TOOLS, tool_choice=choice, parallel_tool_calls=False),
                           ChatFormat(None, "hermes", True))
     one = Grammar.from_structural_tag(single.constraint.grammar)

@@ -26,8 +26,10 @@ QUESTION = [{"role": "user", "content": "Write two sentences about the sea."}]
 def cluster():
     import ray
 
-    # engine.threads unset, as in a user's spec: the two workers share this machine's cores
-    spec = h.small_spec(engine={"threads": None})
+    # engine.threads unset, as in a user's spec: the two workers share this machine's cores; tokens
+    # leave the engine 3 at a time (engine.stream_interval): every answer below is still the
+    # offline engine's, token for token
+    spec = h.small_spec(engine={"threads": None, "stream_interval": 3})
     ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:
         base = h.serve_cluster(spec)
@@ -153,6 +155,25 @@ def test_structured_output_errors_are_400(client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=h.MODEL, messages=QUESTION, top_logprobs=2)
     assert bad.value.body["param"] == "top_logprobs"
+
+
+def test_a_dead_end_grammar_streams_its_text_before_the_error(cluster):
+    # the grammar must end after "aaa", but min_tokens forbids the end: the answer dead-ends there,
+    # and the tokens still held for the stream interval go out before the error
+    body = {"model": h.MODEL, "prompt": "Answer:", "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "s", "schema": {"type": "string", "pattern": "^a{3}$"}}}}
+    plain = httpx.post(cluster[1] + "/v1/completions", json=body, timeout=120).json()
+    assert plain["choices"][0]["text"] == '"aaa"'
+    text, errors = "", []
+    with httpx.stream("POST", cluster[1] + "/v1/completions", json={**body, "min_tokens": 20, "stream": True},
+                      timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line.removeprefix("data: "))
+                errors += [event["error"]] if "error" in event else []
+                text += "".join(c["text"] for c in event.get("choices", []))
+    assert text == '"aaa"' and [e["code"] for e in errors] == ["structured_output_failed"]
 
 
 def test_top_logprobs_match_the_engine(client, llm):

@@ -154,7 +154,6 @@ class _Request(BaseModel):
         "use_beam_search": ("beam search is not supported", (False,)),
         "length_penalty": ("beam search is not supported", (1, 1.0)),
         "truncate_prompt_tokens": ("prompts are never truncated; a long one is a 400", ()),
-        "guided_decoding_backend": ("use response_format", ()),
         "guided_whitespace_pattern": ("use response_format", ()),
         "logits_processors": ("custom logits processors are not supported", ([],)),
         "return_tokens_as_token_ids": ("logprobs always give tokens as text", (False,)),

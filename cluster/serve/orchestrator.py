@@ -204,10 +204,13 @@ class Orchestrator:
                             ids = [t for o in outs for t in o.new_token_ids]
                             rec.generated += ids
                             finish = outs[-1].finish_reason
-                            if finish == "error":
+                            text = "".join(o.delta_text for o in outs)
+                            logprobs = [lp for o in outs for lp in o.logprobs]
+                            if finish == "error":   # what came before the dead end, then the error
+                                if ids:
+                                    yield Delta(ids, text, None, logprobs)
                                 raise grammar_failed(outs[-1].error)
-                            yield Delta(ids, "".join(o.delta_text for o in outs), finish,
-                                        [lp for o in outs for lp in o.logprobs])
+                            yield Delta(ids, text, finish, logprobs)
                         break
                     except WorkerLost:
                         self.streams.stop(in_decode, rec.request_id)

@@ -83,8 +83,6 @@ def parameters_schema(fn: FunctionDef) -> dict[str, Any]:
 
 def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> None:
     """Refuse a tool list or tool_choice OpenAI refuses."""
-    if tools == []:
-        raise ToolsError("tools must not be an empty list (leave it out to offer no tools)", "tools")
     names: set[str] = set()
     for i, tool in enumerate(tools or []):
         fn = tool.function
@@ -221,10 +219,12 @@ def _only_calls(node: Any) -> Any:
         return [_only_calls(n) for n in node]
     if not isinstance(node, dict):
         return node
-    if node.get("type") == "triggered_tags":
-        return {"type": "tags_with_separator", "tags": node["tags"], "separator": "\n",
-                "at_least_one": node.get("at_least_one", False),
-                "stop_after_first": node.get("stop_after_first", False)}
+    if node.get("type") == "triggered_tags":   # and a newline after the last call may end it
+        calls = {"type": "tags_with_separator", "tags": node["tags"], "separator": "\n",
+                 "at_least_one": node.get("at_least_one", False),
+                 "stop_after_first": node.get("stop_after_first", False)}
+        return {"type": "sequence", "elements": [
+            calls, {"type": "optional", "content": {"type": "const_string", "value": "\n"}}]}
     return {k: _only_calls(v) for k, v in node.items()}
 
 
