@@ -93,13 +93,17 @@ def test_consumers_assemble_exactly_the_uncoalesced_streams(interval, data):
     pending = {f"r{i}": [list(range(100 * i + 10 * j, 100 * i + 10 * j + k)) for j, k in enumerate(ls)]
                for i, ls in enumerate(lengths)}
     rnd = data.draw(st.randoms(use_true_random=False))
+    failing = {rid for rid in pending if rnd.random() < 0.3}   # these end in an exception instead
     steps = []
     while any(pending.values()):
         step = []
         for rid, outs in pending.items():
             if outs and rnd.random() < 0.7:
                 tokens = outs.pop(0)
-                step.append((rid, _out(rid, tokens, done=not outs, reason="length")))
+                if not outs and rid in failing:
+                    step.append((rid, RuntimeError(f"{rid} failed")))
+                else:
+                    step.append((rid, _out(rid, tokens, done=not outs, reason="length")))
         steps.append(step)
     expected = {rid: [o for s in steps for r, o in s if r == rid] for rid in pending}
 
@@ -111,10 +115,18 @@ def test_consumers_assemble_exactly_the_uncoalesced_streams(interval, data):
     assert c.num_held == 0
     for rid, outs in expected.items():
         sent = got[rid]
+        if rid in failing:   # what was held goes out, then the exception, last
+            assert sent[-1] is outs[-1] and isinstance(sent[-1], RuntimeError)
+            sent, outs = sent[:-1], outs[:-1]
+            assert not any(o.finished for o in sent)
+            if not outs:
+                continue
         assert [t for o in sent for t in o.new_token_ids] == [t for o in outs for t in o.new_token_ids]
         assert "".join(o.delta_text for o in sent) == "".join(o.delta_text for o in outs)
         assert [lp for o in sent for lp in o.logprobs] == [lp for o in outs for lp in o.logprobs]
         assert sent[0] is outs[0]                            # the first output, at once, as made
+        if rid in failing:
+            continue
         assert sent[-1].finished and not any(o.finished for o in sent[:-1])
         # between the first and the last, nothing leaves with fewer than `interval` tokens
         assert interval == 1 or all(len(o.new_token_ids) >= interval for o in sent[1:-1])
