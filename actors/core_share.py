@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 
-from ..cluster.policy.engine_threads import step_threads
+from ..cluster.policy.engine_threads import EXPAND_FROM_SEQS, step_threads
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,15 @@ class CoreShare:
     """How many threads an engine with `share` threads of its own steps with next, at most `most`;
     posted on `board` until `release`."""
 
-    def __init__(self, share: int, most: int, board: CoreBoard) -> None:
+    def __init__(self, share: int, most: int, board: CoreBoard,
+                 expand_from: int = EXPAND_FROM_SEQS) -> None:
         self.share, self.most, self.board = share, max(share, most), board
+        self.expand_from = expand_from   # fewest decode sequences a step takes idle cores for
         self._posted = 0
 
     @classmethod
-    def open(cls, share: int, most: int, path: str = DEFAULT_PATH) -> CoreShare | None:
+    def open(cls, share: int, most: int, path: str = DEFAULT_PATH,
+             expand_from: int = EXPAND_FROM_SEQS) -> CoreShare | None:
         """A share on this host's board (`most` 0: none, fixed threads), or None where the board
         cannot be had."""
         if most < 1:
@@ -100,7 +103,7 @@ class CoreShare:
             log.warning("engine threads stay at %d: no open-file-description locks here", share)
             return None
         try:
-            return cls(share, most, CoreBoard(path))
+            return cls(share, most, CoreBoard(path), expand_from)
         except OSError as exc:
             log.warning("engine threads stay at %d: the host's core board is unavailable (%s)", share, exc)
             return None
@@ -108,7 +111,8 @@ class CoreShare:
     def claim(self, decode_seqs: int) -> int:
         """Threads for the next step, which decodes `decode_seqs` sequences (0: prompt work),
         posted as this engine's until released or claimed again."""
-        threads = step_threads(self.share, self.most, self.board.others_busy(), decode_seqs)
+        threads = step_threads(self.share, self.most, self.board.others_busy(), decode_seqs,
+                               self.expand_from)
         if threads != self._posted:
             self.board.post(threads)
             self._posted = threads

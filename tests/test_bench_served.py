@@ -48,7 +48,8 @@ def test_peers_ahead_or_behind():
 def test_pd_against_the_offline_engine_on_its_share():
     served = {"pd": [_level(1, 8.0, 100.0), _level(8, 30.0, 200.0)], "pd-split": [_level(1, 7.7, 99.0)],
               "colocated": [_level(1, 9.0, 90.0)]}
-    table = format_pd_share(1, [OfflineLevel(1, 7.0, 120.0)], served)
+    served["pd-si8"] = [_level(1, 6.0, 150.0)]   # its batch-1 steps take both cores: not on the share
+    table = format_pd_share(1, [OfflineLevel(1, 7.0, 120.0)], served, wide=["pd-si8"])
     assert f"fewer than {EXPAND_FROM_SEQS} sequences" in table and "(1 thread here)" in table
     # only PD deployments, only at the batches measured on the share
     assert [(r[0], r[1], r[3], r[4]) for r in _rows(table.split("\n\n", 1)[1])] == [

@@ -14,7 +14,13 @@ import pytest
 
 from pdcluster.actors.core_share import CoreBoard, CoreShare
 from pdcluster.actors.engine_loop import EngineLoop
-from pdcluster.cluster.policy.engine_threads import EXPAND_FROM_SEQS, most_threads, step_threads
+from pdcluster.cluster.policy.engine_threads import (
+    EXPAND_FROM_SEQS,
+    LIGHT_STREAM_INTERVAL,
+    expand_from_seqs,
+    most_threads,
+    step_threads,
+)
 from pdcluster.engine.sampling import SamplingParams
 
 from test_engine_loop import FakeEngine, _drain, _submit
@@ -31,6 +37,12 @@ def test_decode_takes_the_cores_others_leave_and_small_batches_keep_their_share(
     # 16 cores, four engines of 4: a decode engine takes what the busy others leave
     assert step_threads(share=4, most=16, others_busy=4 + 4, decode_seqs=64) == 8
     assert step_threads(share=4, most=4, others_busy=0, decode_seqs=64) == 4      # a prefill engine
+    # streams that leave the engine 8 tokens at a time: a step of one sequence takes idle cores too
+    light = expand_from_seqs(LIGHT_STREAM_INTERVAL)
+    assert expand_from_seqs(1) == expand_from_seqs(LIGHT_STREAM_INTERVAL - 1) == EXPAND_FROM_SEQS
+    assert step_threads(share=1, most=2, others_busy=0, decode_seqs=1, expand_from=light) == 2
+    assert step_threads(share=1, most=2, others_busy=0, decode_seqs=0, expand_from=light) == 1
+    assert step_threads(share=1, most=2, others_busy=1, decode_seqs=1, expand_from=light) == 1
 
 
 def test_only_decode_engines_without_the_host_to_themselves_take_more_than_their_share():
@@ -59,6 +71,9 @@ def test_two_engines_take_turns_on_the_board(board_path):
     decode.close()
     prefill.close()
     assert CoreShare.open(1, 0, board_path) is None   # most 0: fixed threads, no board
+    light = CoreShare.open(1, 2, board_path, expand_from=expand_from_seqs(LIGHT_STREAM_INTERVAL))
+    assert light.claim(1) == 2 and light.claim(0) == 1   # one stream, 8 tokens at a time; a prompt
+    light.close()
 
 
 def test_a_dead_engines_post_is_ignored_and_its_slot_reused(board_path):

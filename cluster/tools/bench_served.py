@@ -18,11 +18,11 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..policy.engine_threads import EXPAND_FROM_SEQS
+from ..policy.engine_threads import EXPAND_FROM_SEQS, expand_from_seqs
 from .bench_client import BenchConfig, Endpoint, quiet_http_logs, render_markdown, write_report
 from .bench_cluster import local_ports, local_spec, prompt_counter, sweep_deployments
 from .bench_engine import generate_batch, random_prompts
@@ -109,16 +109,18 @@ def format_vs_offline(offline: Sequence[OfflineLevel], served: Mapping[str, Sequ
 
 
 def format_pd_share(share: int, offline_share: Sequence[OfflineLevel],
-                    served: Mapping[str, Sequence[LevelStats]]) -> str:
+                    served: Mapping[str, Sequence[LevelStats]],
+                    wide: Collection[str] = ()) -> str:
     """PD deployments at the concurrencies whose decode steps keep the decode engine's share of the
-    cores, against the offline engine on that many threads: what serving adds to the engine it runs."""
+    cores, against the offline engine on that many threads: what serving adds to the engine it runs.
+    `wide`: deployments whose steps of any size take idle cores (a long stream interval), left out."""
     by_batch = {lv.batch: lv for lv in offline_share}
     lines = [f"A PD decode engine steps fewer than {EXPAND_FROM_SEQS} sequences on its share of the cores "
              f"({share} thread{'s' if share > 1 else ''} here); the offline engine on as many:", "",
              f"| served | conc. | TPOT mean (ms) | offline step, {share} thr. (ms) | TPOT / that step |",
              "|---|---|---|---|---|"]
     for name, levels in served.items():
-        if not name.startswith("pd"):
+        if not name.startswith("pd") or name in wide:
             continue
         for lv in levels:
             off = by_batch.get(lv.concurrency)
@@ -152,7 +154,7 @@ def format_vs_peers(ours: Mapping[str, Sequence[LevelStats]], peers: Mapping[str
 
 def render_report(cfg: BenchConfig, offline: Sequence[OfflineLevel], results: Mapping[str, Sequence[LevelStats]],
                   peer_names: Sequence[str], share: int = 0,
-                  offline_share: Sequence[OfflineLevel] = ()) -> str:
+                  offline_share: Sequence[OfflineLevel] = (), wide: Collection[str] = ()) -> str:
     ours = {k: v for k, v in results.items() if k not in peer_names}
     peers = {k: v for k, v in results.items() if k in peer_names}
     parts = [f"## Served vs offline engine: {cfg.model}, {cfg.input_len} in / {cfg.output_len} out, greedy",
@@ -160,7 +162,7 @@ def render_report(cfg: BenchConfig, offline: Sequence[OfflineLevel], results: Ma
              "### Served, as ratios of the offline engine", format_vs_offline(offline, ours)]
     if offline_share and any(name.startswith("pd") for name in ours):
         parts += ["### PD against the offline engine on the decode engine's threads",
-                  format_pd_share(share, offline_share, ours)]
+                  format_pd_share(share, offline_share, ours, wide)]
     if peers:
         parts += ["### Against peers", format_vs_peers(ours, peers)]
     parts.append(render_markdown(cfg, dict(results)))
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offline engine measured in {time.perf_counter() - t0:.0f} s", flush=True)
 
     results, endpoints = sweep_deployments(cfg, specs, prompt_counter(first), peers, progress=False)
-    report = (render_report(cfg, offline, results, [p.name for p in peers], share, offline_share)
+    wide = [name for name, spec in specs.items() if expand_from_seqs(spec.engine.stream_interval) <= 1]
+    report = (render_report(cfg, offline, results, [p.name for p in peers], share, offline_share, wide)
               + f"\n\nengine.matmul_activations: {args.matmul_activations} ({activations} here; offline "
                 "and served)")
     print(report)
