@@ -19,7 +19,7 @@ import mmap
 import os
 import struct
 
-from ..cluster.policy.engine_threads import EXPAND_FROM_SEQS, step_threads
+from ..cluster.policy.engine_threads import EXPAND_FROM_SEQS, expand_from_seqs, step_threads
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,17 @@ class CoreShare:
 
     @classmethod
     def open(cls, share: int, most: int, path: str = DEFAULT_PATH,
-             expand_from: int = EXPAND_FROM_SEQS) -> CoreShare | None:
+             stream_interval: int = 1) -> CoreShare | None:
         """A share on this host's board (`most` 0: none, fixed threads), or None where the board
-        cannot be had."""
+        cannot be had; `stream_interval`: how many tokens at a time the engine's streams leave it
+        (engine.stream_interval), which decides from how many sequences a step takes idle cores."""
         if most < 1:
             return None
         if not hasattr(fcntl, "F_OFD_SETLK"):   # open-file-description locks are Linux's
             log.warning("engine threads stay at %d: no open-file-description locks here", share)
             return None
         try:
-            return cls(share, most, CoreBoard(path), expand_from)
+            return cls(share, most, CoreBoard(path), expand_from_seqs(stream_interval))
         except OSError as exc:
             log.warning("engine threads stay at %d: the host's core board is unavailable (%s)", share, exc)
             return None

@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..cluster.policy.engine_threads import expand_from_seqs
 from .core_share import CoreShare
 from .engine_loop import EngineFront, EngineLoop
 
@@ -217,7 +216,7 @@ def serve(conn: Connection) -> None:
     try:
         loop = EngineLoop(build, name=f"{setup.worker_id}-engine", publish=publish,
                           cores=CoreShare.open(setup.config.threads, setup.most_threads,
-                                               expand_from=expand_from_seqs(spec.engine.stream_interval)),
+                                               stream_interval=spec.engine.stream_interval),
                           stream_interval=spec.engine.stream_interval)
     except BaseException as exc:
         log.exception("%s: the engine could not be built", setup.worker_id)

@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..cluster.policy.engine_threads import expand_from_seqs
 from .core_share import CoreShare
 from .engine_core import CoreSetup, EngineCore, build_engine, engine_facts
 from .engine_loop import EngineLoop
@@ -126,7 +125,7 @@ class EngineWorker:
 
         try:
             cores = None if self.followers else CoreShare.open(
-                config.threads, most, expand_from=expand_from_seqs(self.spec.engine.stream_interval))
+                config.threads, most, stream_interval=self.spec.engine.stream_interval)
             self.loop = EngineLoop(build, name=f"{self.worker_id}-engine", mirror=self.followers,
                                    on_fatal=lambda exc: self._die(f"{type(exc).__name__}: {exc}"),
                                    cores=cores, stream_interval=self.spec.engine.stream_interval)

@@ -71,7 +71,7 @@ def test_two_engines_take_turns_on_the_board(board_path):
     decode.close()
     prefill.close()
     assert CoreShare.open(1, 0, board_path) is None   # most 0: fixed threads, no board
-    light = CoreShare.open(1, 2, board_path, expand_from=expand_from_seqs(LIGHT_STREAM_INTERVAL))
+    light = CoreShare.open(1, 2, board_path, stream_interval=LIGHT_STREAM_INTERVAL)
     assert light.claim(1) == 2 and light.claim(0) == 1   # one stream, 8 tokens at a time; a prompt
     light.close()
 
