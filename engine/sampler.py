@@ -3,9 +3,13 @@
 Logits are first processed, batched, for the rows that ask for it: repetition, frequency and presence
 penalties, logit_bias, min_tokens (EOS masked; stop strings count from it, in the detokenizer) and, last, the grammar's token bitmask (one bitmask
 for the batch, filled only for constrained rows). Greedy rows then take the argmax; the others are
-temperature-scaled, top-k/top-p filtered and drawn with the sequence's own generator (seeded requests
-are reproducible whatever else is in the batch). Logprobs are those of the model's raw distribution
-(before any processing or temperature), as vLLM reports them by default.
+temperature-scaled, cut to their top-k and then to the top-p nucleus of what is left (the order of
+transformers' warpers and vLLM's sampler), and drawn by inverse transform: one uniform from the
+sequence's own generator against the row's cumulative distribution (seeded requests are reproducible
+whatever else is in the batch). The cut looks for its tokens among each row's few hundred most likely
+ones first and widens only where the nucleus reaches past them, instead of sorting the vocabulary.
+Logprobs are those of the model's raw distribution (before any processing or temperature), as vLLM
+reports them by default.
 """
 from __future__ import annotations
 
@@ -22,15 +26,26 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection
            ) -> tuple[list[int], list[TokenLogprob | None]]:
     raw = logits.float()
     logits = process_logits(raw, seqs, eos_token_ids)
-    tokens = torch.argmax(logits, dim=-1)
+    tokens = torch.empty(len(seqs), dtype=torch.long)
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+    if greedy:
+        tokens[greedy] = argmax(_rows(logits, greedy))
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows)
-        probs = _filtered_probs(logits[rows], [seqs[i] for i in random_rows])
-        for j, i in enumerate(random_rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
+        probs = _filtered_probs(_rows(logits, random_rows), [seqs[i] for i in random_rows])
+        tokens[random_rows] = draw(probs, [seqs[i].generator for i in random_rows])
     token_list = tokens.tolist()
     return token_list, _logprobs(raw, token_list, seqs)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token, the first of equal maxima as torch.argmax's (max's kernel
+    finds it several times faster on the CPU)."""
+    return logits.max(dim=-1).indices
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return x if len(rows) == len(x) else x[torch.tensor(rows)]
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence],
@@ -91,24 +106,92 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Ten
     logits[rows] = x - freq * out - pres * (out > 0).float()
 
 
+# how many of a row's most likely tokens the top-k/top-p cut looks among first; where a row's nucleus
+# reaches past them, it looks again among four times as many (at most the vocabulary)
+CANDIDATES = 256
+
+
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's distribution after its temperature, top-k and top-p: dense [rows, vocab]."""
     temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
-    logits = logits / temps[:, None]
-    top_k = [s.params.top_k if s.params.top_k > 0 else logits.shape[-1] for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
-    if any(k < logits.shape[-1] for k in top_k) or any(p < 1.0 for p in top_p):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[-1])[None, :]
-        drop = ranks >= torch.tensor(top_k)[:, None]
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # keep the smallest set whose mass reaches top_p, and always the first token (a top_p
-        # that rounds to 0 in float32 would otherwise drop every token)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before >= torch.tensor(top_p, dtype=logits.dtype)[:, None]
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits.softmax(dim=-1)
+    probs = (logits / temps[:, None]).softmax(dim=-1)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs])
+    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
+    cut = ((top_k < vocab) | (top_p < 1.0)).nonzero().flatten().tolist()
+    if len(cut) == len(seqs):
+        return _nucleus(probs, top_k, top_p)
+    if cut:
+        probs[cut] = _nucleus(probs[cut], top_k[cut], top_p[cut])
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Each row of `probs` cut to its top_k most likely tokens, then to the smallest set of those,
+    most likely first, whose mass (renormalized over the top k) reaches top_p (always the first
+    token: a top_p that rounds to 0 in float32 keeps it alone), and renormalized. Rows are looked at
+    among their `CANDIDATES` most likely tokens (at least their top_k); a row whose nucleus is not
+    complete there is looked at again among four times as many."""
+    vocab = probs.shape[-1]
+    out = torch.zeros_like(probs)
+    pending = torch.arange(len(probs))
+    has_k = top_k < vocab
+    n = min(vocab, max(CANDIDATES, int(top_k[has_k].max()) if has_k.any() else 0))
+    while len(pending):
+        vals, ids = (probs if len(pending) == len(probs) else probs[pending]).topk(n, dim=-1)
+        k, p, by_k = top_k[pending], top_p[pending], has_k[pending]
+        vals = vals.double().masked_fill_(torch.arange(n)[None, :] >= k[:, None], 0.0)
+        # top-p's mass is over the top-k set, renormalized, where there is one, else over the whole
+        # vocabulary; in float64: summed in float32, a long tail's mass rounds to 1 and top_p 1
+        # would cut it
+        vals /= torch.where(by_k, vals.sum(dim=-1), 1.0)[:, None]
+        mass = vals.cumsum(dim=-1)
+        keep = (mass - vals < p[:, None]) | (p[:, None] >= 1.0)
+        keep[:, 0] = True
+        # complete: the row's top-k set is all here, or what is here already holds top_p's mass
+        done = by_k | (mass[:, -1] >= p) if n < vocab else torch.ones_like(by_k)
+        kept = vals * keep
+        kept /= kept.sum(dim=-1, keepdim=True)
+        out[pending[done][:, None], ids[done]] = kept[done].to(probs.dtype)
+        pending, n = pending[~done], min(vocab, 4 * n)
+    return out
+
+
+# tokens per span in the draw's two-level search: the spans' masses, then one span's cumulative
+# mass, instead of the whole vocabulary's
+SPAN = 256
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` ([rows, vocab], each row's mass need not be 1) by inverse
+    transform: the row's `generator` gives one uniform u, and the token is the first whose
+    cumulative mass passes u times the row's total (found span by span). A token of zero mass is
+    never drawn."""
+    rows, vocab = probs.shape
+    whole = vocab // SPAN * SPAN
+    span_mass = probs[:, :whole].reshape(rows, -1, SPAN).sum(dim=-1)
+    if whole < vocab:
+        span_mass = torch.cat([span_mass, probs[:, whole:].sum(dim=-1, keepdim=True)], dim=-1)
+    span_cdf = span_mass.double().cumsum(dim=-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    target = u * span_cdf[:, -1]
+    span = torch.searchsorted(span_cdf, target[:, None], right=True).flatten()
+    span.clamp_(max=span_cdf.shape[-1] - 1)
+    before = torch.where(span > 0, span_cdf.gather(1, (span - 1).clamp(min=0)[:, None]).flatten(), 0.0)
+    ids = span[:, None] * SPAN + torch.arange(SPAN)
+    inside = probs.gather(1, ids.clamp(max=vocab - 1)).double().masked_fill_(ids >= vocab, 0.0)
+    inside = inside.cumsum(dim=-1)
+    # where in the span, as a share of its mass (its sum and its cumulative sum differ by rounding)
+    share = (target - before) / span_mass.gather(1, span[:, None]).flatten().double()
+    at = torch.searchsorted(inside, (share * inside[:, -1])[:, None], right=True)
+    tokens = ids.gather(1, at.clamp(max=SPAN - 1)).flatten().clamp_(max=vocab - 1)
+    # rounding (u * total reaching the total) can land past a row's last token of mass: the last
+    # one at or before it is taken
+    for r in (probs.gather(1, tokens[:, None]).flatten() <= 0).nonzero().flatten().tolist():
+        massive = (probs[r] > 0).nonzero().flatten()
+        earlier = massive[massive <= tokens[r]]
+        tokens[r] = earlier[-1] if len(earlier) else massive[0]
+    return tokens
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int],

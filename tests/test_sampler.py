@@ -98,3 +98,93 @@ def test_logit_bias_min_tokens_and_logprobs_of_the_raw_distribution():
     assert sample(raw, [early], eos_token_ids={0})[0] == [2]
     early.token_ids += [2, 2]
     assert sample(raw, [early], eos_token_ids={0})[0] == [0]
+
+
+def _reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' warpers in generate's order (temperature, top-k, top-p), then softmax."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("candidates", [256, 4])
+def test_filtered_probs_match_transformers_warpers(monkeypatch, candidates):
+    # 4 candidates make almost every nucleus reach past the first look: the widening path
+    monkeypatch.setattr("pdcluster.engine.sampler.CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(0)
+    vocab = 3000
+    settings = [(t, k, p) for t in (0.3, 1.0, 1.7) for k in (0, 1, 7, 50, 700)
+                for p in (1.0, 0.05, 0.5, 0.9, 0.999)]
+    # peaked rows and flat ones: nuclei of a few tokens and of most of the vocabulary
+    logits = torch.randn(len(settings), vocab, generator=gen) * torch.tensor(
+        [4.0 if i % 2 else 0.5 for i in range(len(settings))])[:, None]
+    seqs = [seq(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
+    got = _filtered_probs(logits, seqs)
+    for row, (t, k, p) in enumerate(settings):
+        want = _reference(logits[row:row + 1], t, k, p)[0]
+        assert not got[row][want == 0].any(), (t, k, p)          # nothing outside the cut
+        assert (got[row][want > 1e-12] > 0).all(), (t, k, p)    # nothing inside it lost
+        assert torch.allclose(got[row], want, atol=1e-6), (t, k, p)
+
+
+def test_top_p_is_over_the_top_k_set_renormalized():
+    # top-2 renormalized is [0.57, 0.43]: 0.57 already reaches top_p 0.5 (over the whole
+    # vocabulary 0.4 would not, and the second token would stay)
+    probs = _filtered_probs(logits(), [seq(top_k=2, top_p=0.5)])[0]
+    assert torch.allclose(probs, torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_draws_follow_the_distribution_and_never_take_a_token_without_mass():
+    from pdcluster.engine.sampler import draw
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.zeros_like(probs)
+    for _ in range(4000):
+        tokens = draw(probs, [gen, gen])
+        counts[0, tokens[0]] += 1
+        counts[1, tokens[1]] += 1
+    assert torch.equal(counts > 0, probs > 0)        # an unnormalized row too
+    assert torch.allclose(counts[0] / 4000, probs[0], atol=0.03)
+
+
+def test_a_uniform_at_the_top_of_its_range_takes_the_last_token_with_mass(monkeypatch):
+    from pdcluster.engine import sampler
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3, 0.0]])
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **kw: torch.tensor(1.0, dtype=torch.float64))
+    assert sampler.draw(probs, [None, None]).tolist() == [1, 2]
+
+
+def test_a_seeded_row_draws_the_same_whatever_else_is_in_the_batch():
+    vocab = 1000
+    raw = torch.randn(3, vocab, generator=torch.Generator().manual_seed(1))
+
+    def run(batch: list[int]) -> list[int]:
+        seqs = [seq(temperature=1.0, top_p=0.9, seed=7)] + [seq(temperature=1.0, seed=i) for i in batch]
+        out = []
+        for _ in range(20):
+            out.append(sample(raw[:1 + len(batch)], seqs)[0][0])
+        return out
+
+    assert run([]) == run([11, 12]) == run([13])
+
+
+def test_the_benchmark_baseline_samples_what_the_engine_samples():
+    # bench_sampler times the engine's sampler against a plain torch one: same distributions, or the
+    # comparison is not of the same work
+    from pdcluster.cluster.tools.bench_sampler import reference_sample
+    raw = torch.log(torch.tensor([[0.05, 0.4, 0.25, 0.2, 0.1]])).repeat(3, 1)
+    settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.6), dict(temperature=1.3, top_k=3, top_p=0.8)]
+    for sampler in (sample, reference_sample):
+        seqs = [seq(seed=5, **kw) for kw in settings]
+        counts = torch.zeros(3, 5)
+        for _ in range(3000):
+            for row, token in enumerate(sampler(raw, seqs)[0]):
+                counts[row, token] += 1
+        want = torch.stack([_reference(raw[:1], kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0))[0]
+                            for kw in settings])
+        assert torch.allclose(counts / 3000, want, atol=0.03), sampler

@@ -7,7 +7,7 @@ from collections.abc import Collection
 import torch
 
 from ..outputs import TokenLogprob
-from ..sampler import _filtered_probs, _logprobs, process_logits
+from ..sampler import _filtered_probs, _logprobs, argmax, draw, process_logits
 from ..sequence import Sequence
 
 
@@ -40,9 +40,9 @@ def accept_sampled(probs: torch.Tensor, drafts: list[int],
         if residual.sum() <= 0:   # p(x) is 1 up to rounding: nothing else to draw
             out.append(x)
             continue
-        out.append(int(torch.multinomial(residual, 1, generator=generator)[0]))
+        out.append(int(draw(residual[None], [generator])[0]))
         return out
-    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)[0]))
+    out.append(int(draw(probs[len(drafts)][None], [generator])[0]))
     return out
 
 
@@ -59,7 +59,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
     for d in drafts:
         starts.append(row)
         row += len(d) + 1
-    argmax = torch.argmax(logits, dim=-1).tolist()
+    best = argmax(logits).tolist()
     random = [i for i, s in enumerate(seqs) if not s.params.greedy]
     probs = None
     if random:
@@ -71,7 +71,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
     for i, (seq, d) in enumerate(zip(seqs, drafts)):
         n = len(d) + 1
         if seq.params.greedy:
-            tokens.append(accept_greedy(argmax[starts[i]:starts[i] + n], d))
+            tokens.append(accept_greedy(best[starts[i]:starts[i] + n], d))
         else:
             tokens.append(accept_sampled(probs[at:at + n], d, seq.generator))
             at += n
