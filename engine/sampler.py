@@ -1,15 +1,16 @@
 """Turn the logits of the sequences that finished their step into next tokens.
 
 Logits are first processed, batched, for the rows that ask for it: repetition, frequency and presence
-penalties, logit_bias, min_tokens (EOS masked; stop strings count from it, in the detokenizer) and, last, the grammar's token bitmask (one bitmask
-for the batch, filled only for constrained rows). Greedy rows then take the argmax; the others are
-temperature-scaled, cut to their top-k and then to the top-p nucleus of what is left (the order of
-transformers' warpers and vLLM's sampler), and drawn by inverse transform: one uniform from the
-sequence's own generator against the row's cumulative distribution (seeded requests are reproducible
-whatever else is in the batch). The cut looks for its tokens among each row's few hundred most likely
-ones first and widens only where the nucleus reaches past them, instead of sorting the vocabulary.
-Logprobs are those of the model's raw distribution (before any processing or temperature), as vLLM
-reports them by default.
+penalties, logit_bias, min_tokens (EOS masked; stop strings count from it, in the detokenizer) and,
+last, the grammar's token bitmask (one bitmask for the batch, filled only for constrained rows).
+Greedy rows then take the argmax; the others are temperature-scaled, cut to the tokens at least min_p
+times as likely as the likeliest, then to their top-k, then to the top-p nucleus of what is left
+(vLLM's order; transformers applies min_p after top-p), and drawn by inverse transform: one uniform
+from the sequence's own generator against the row's cumulative distribution (seeded requests are
+reproducible whatever else is in the batch). The top-k/top-p cut looks for its tokens among each
+row's few hundred most likely ones first and widens only where the nucleus reaches past them,
+instead of sorting the vocabulary. Logprobs are those of the model's raw distribution (before any
+processing or temperature), as vLLM reports them by default.
 """
 from __future__ import annotations
 
@@ -112,9 +113,13 @@ CANDIDATES = 256
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Each row's distribution after its temperature, top-k and top-p: dense [rows, vocab]."""
+    """Each row's distribution after its temperature, min-p, top-k and top-p: dense [rows, vocab]."""
     temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
     probs = (logits / temps[:, None]).softmax(dim=-1)
+    if any(s.params.min_p for s in seqs):
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
+        probs.masked_fill_(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs /= probs.sum(dim=-1, keepdim=True)
     vocab = logits.shape[-1]
     top_k = torch.tensor([s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs])
     top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)

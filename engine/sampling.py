@@ -23,6 +23,7 @@ class SamplingParams:
     temperature: float = 1.0             # 0 (anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0                       # 0 or -1: disabled
+    min_p: float = 0.0                   # tokens less likely than min_p times the likeliest are cut; 0: off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -52,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (0.0 <= float(self.min_p) <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):

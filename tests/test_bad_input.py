@@ -169,6 +169,7 @@ CASES = [
     Case("top_p 1e-300 (top token only)", 200, cmpl(temperature=1, top_p=1e-300), CMPL),
     Case("top_k -2", 400, cmpl(top_k=-2), CMPL, param="top_k"),
     Case("top_k 2**40", 400, cmpl(top_k=2**40, top_p=0.5), CMPL, param="top_k"),
+    Case("min_p 2", 400, cmpl(min_p=2), CMPL, param="min_p"),
     Case("seed 2**64", 400, cmpl(seed=2**64, temperature=1), CMPL, param="seed"),
     Case("n beyond the admission limit", 400, chat(n=10_000), says="at once", param="n"),
     Case("n 0", 400, cmpl(n=0), CMPL, param="n"),
@@ -516,7 +517,7 @@ def _requests(pb) -> st.SearchStrategy:
                                      max_size=8),
         # never unset: that generates until the context is full
         "max_tokens": st.integers(0, 3) | st.integers(10**6, 2**32 - 1),
-        "temperature": floats, "top_p": floats,
+        "temperature": floats, "top_p": floats, "min_p": floats,
         "top_k": st.integers(-2**31, 2**31 - 1),
         "seed": st.integers(-2**63, 2**63 - 1),
         "stop": st.lists(texts, max_size=20),

@@ -64,6 +64,17 @@ def test_streamed_chat_equals_offline_greedy_output(client, llm):
     assert usage.prompt_tokens == len(llm.chat_prompt(QUESTION))
 
 
+def test_continuous_usage_stats_count_every_chunks_tokens(client):
+    # the cluster streams 3 tokens at a time: a chunk's usage counts all of them
+    stream = client.chat.completions.create(
+        model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=20, stream=True,
+        extra_body={"ignore_eos": True}, stream_options={"continuous_usage_stats": True})
+    counts = [chunk.usage.completion_tokens for chunk in stream]
+    assert counts[0] == 0 and counts[-1] == 20        # the role chunk, then every token
+    assert counts == sorted(counts)
+    assert any(b - a > 1 for a, b in zip(counts, counts[1:]))   # a chunk of several tokens
+
+
 def test_non_streaming_finish_reasons_and_usage(client, cluster):
     full = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0, max_tokens=48)
     answer = full.choices[0].message.content

@@ -69,7 +69,6 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     (oai.ChatCompletionRequest, {**CHAT, "prediction": {"type": "content", "content": "x"}}, "prediction"),
     (oai.CompletionRequest, {**COMPLETION, "guided_regex": "a+"}, "guided_regex"),
     (oai.CompletionRequest, {**COMPLETION, "best_of": 3}, "best_of"),
-    (oai.CompletionRequest, {**COMPLETION, "min_p": 0.1}, "min_p"),
     (oai.CompletionRequest, {**COMPLETION, "stop_token_ids": [2]}, "stop_token_ids"),
     (oai.ChatCompletionRequest, {**CHAT, "skip_special_tokens": False}, "skip_special_tokens"),
     (oai.ChatCompletionRequest, {**CHAT, "continue_final_message": True}, "continue_final_message"),
@@ -228,7 +227,9 @@ def test_defaults_follow_openai():
     chat = oai.parse(oai.ChatCompletionRequest, json.dumps(CHAT).encode(), 1 << 20)
     assert chat.requested_max_tokens() is None  # chat: until the context is full
     p = chat.sampling_params(100)
-    assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
+    tuned = oai.parse(oai.ChatCompletionRequest, json.dumps({**CHAT, "min_p": 0.05}).encode(), 1 << 20)
+    assert tuned.sampling_params(100).min_p == 0.05
     comp = oai.parse(oai.CompletionRequest, b'{"prompt": "x"}', 1 << 20)
     assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
 
@@ -307,7 +308,8 @@ def test_bodies_python_would_choke_on_are_400(raw, says):
     ("max_tokens", True, "max_tokens"), ("max_tokens", "5", "max_tokens"),
     ("max_tokens", 2.5, "max_tokens"), ("temperature", "0.5", "temperature"),
     ("stream", "yes", "stream"), ("model", 7, "model"), ("seed", 1 << 64, "seed"),
-    ("top_k", 1 << 40, "top_k"), ("stop", [f"s{i}" for i in range(17)], "stop"),
+    ("top_k", 1 << 40, "top_k"), ("min_p", 1.5, "min_p"), ("min_p", -0.1, "min_p"),
+    ("stop", [f"s{i}" for i in range(17)], "stop"),
     ("stop", ["ok", ""], "stop.1"), ("prompt", [1, "a"], "prompt.1"),
 ])
 def test_types_are_strict_and_values_bounded(field, value, param):

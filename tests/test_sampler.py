@@ -100,11 +100,14 @@ def test_logit_bias_min_tokens_and_logprobs_of_the_raw_distribution():
     assert sample(raw, [early], eos_token_ids={0})[0] == [0]
 
 
-def _reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """transformers' warpers in generate's order (temperature, top-k, top-p), then softmax."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+def _reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               min_p: float = 0.0) -> torch.Tensor:
+    """transformers' warpers in vLLM's order (temperature, min-p, top-k, top-p), then softmax."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
     scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if min_p > 0:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     if top_k > 0:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
@@ -118,18 +121,18 @@ def test_filtered_probs_match_transformers_warpers(monkeypatch, candidates):
     monkeypatch.setattr("pdcluster.engine.sampler.CANDIDATES", candidates)
     gen = torch.Generator().manual_seed(0)
     vocab = 3000
-    settings = [(t, k, p) for t in (0.3, 1.0, 1.7) for k in (0, 1, 7, 50, 700)
-                for p in (1.0, 0.05, 0.5, 0.9, 0.999)]
+    settings = [(t, k, p, m) for t in (0.3, 1.0, 1.7) for k in (0, 1, 7, 50, 700)
+                for p in (1.0, 0.05, 0.5, 0.9, 0.999) for m in (0.0, 0.002, 0.1)]
     # peaked rows and flat ones: nuclei of a few tokens and of most of the vocabulary
     logits = torch.randn(len(settings), vocab, generator=gen) * torch.tensor(
         [4.0 if i % 2 else 0.5 for i in range(len(settings))])[:, None]
-    seqs = [seq(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
+    seqs = [seq(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in settings]
     got = _filtered_probs(logits, seqs)
-    for row, (t, k, p) in enumerate(settings):
-        want = _reference(logits[row:row + 1], t, k, p)[0]
-        assert not got[row][want == 0].any(), (t, k, p)          # nothing outside the cut
-        assert (got[row][want > 1e-12] > 0).all(), (t, k, p)    # nothing inside it lost
-        assert torch.allclose(got[row], want, atol=1e-6), (t, k, p)
+    for row, case in enumerate(settings):
+        want = _reference(logits[row:row + 1], *case)[0]
+        assert not got[row][want == 0].any(), case           # nothing outside the cut
+        assert (got[row][want > 1e-12] > 0).all(), case     # nothing inside it lost
+        assert torch.allclose(got[row], want, atol=1e-6), case
 
 
 def test_top_p_is_over_the_top_k_set_renormalized():

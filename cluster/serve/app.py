@@ -277,7 +277,7 @@ class Ingress:
             raise oai.OpenAIError(400, "set exactly one of prompt, messages, prompt_token_ids")
         data: dict[str, Any] = {"model": request.model or None, "stop": list(request.stop) or None,
                                 "ignore_eos": request.ignore_eos, "max_tokens": None}
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "n"):
             if request.HasField(name):
                 data[name] = getattr(request, name)
@@ -409,7 +409,8 @@ class Ingress:
         except oai.OpenAIError as exc:
             return error_response(exc)
         if req.stream:
-            return ClosingStreamingResponse(self.responses.sse(recs, outs, choices, req.include_usage),
+            return ClosingStreamingResponse(self.responses.sse(recs, outs, choices, req.include_usage,
+                                                                   req.continuous_usage),
                                             media_type="text/event-stream")
         return await self.responses.json(recs, outs, choices)
 

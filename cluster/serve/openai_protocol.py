@@ -109,7 +109,10 @@ class ResponseFormat(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: bool = False          # a last chunk with the usage of every choice
+    # vLLM's: every chunk carries its choice's usage so far (vLLM wants include_usage too; here it
+    # asks for the per-chunk usage on its own)
+    continuous_usage_stats: bool = False
 
 
 class _Request(BaseModel):
@@ -121,6 +124,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: TopK | None = None  # vLLM extension
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vLLM extension
     seed: Seed | None = None
     stop: _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
@@ -144,7 +148,6 @@ class _Request(BaseModel):
         **{f"guided_{k}": ("use response_format", ()) for k in ("json", "regex", "choice", "grammar")},
         "structured_outputs": ("use response_format", ({},)),
         "prediction": ("predicted outputs are not supported", ()),
-        "min_p": ("use top_p or top_k", (0, 0.0)),
         "stop_token_ids": ("use stop strings", ([],)),
         "bad_words": ("use logit_bias", ([],)), "allowed_token_ids": ("use logit_bias", ()),
         "include_stop_str_in_output": ("the stop string is never included", (False,)),
@@ -205,6 +208,10 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
@@ -215,6 +222,7 @@ class _Request(BaseModel):
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0,
                 seed=self.seed, stop=tuple(stop), ignore_eos=self.ignore_eos,
                 logprobs=self.engine_logprobs(), presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,

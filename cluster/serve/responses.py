@@ -96,19 +96,31 @@ class ResponseRenderer:
             for i, (o, f, lp) in enumerate(zip(outs, finish, lps))], choices_usage(recs, outs)))
 
     async def sse(self, recs: list[RequestRecord], outs: list[ChatOutput | None], choices: Choices,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
         """The answer as server-sent events: OpenAI's chunks, by choice index, then `[DONE]`; an
-        error once streaming is an error event, as OpenAI sends it."""
+        error once streaming is an error event, as OpenAI sends it. `include_usage`: a last chunk
+        with the usage of all the choices; `continuous_usage`: every chunk with its choice's usage
+        so far (its completion tokens up to and with that chunk's), as vLLM's continuous_usage_stats."""
         model, rid, created = self.model_name, recs[0].request_id, recs[0].created
         chat = outs[0] is not None
         want_lp = recs[0].params.logprobs is not None
         offsets = [oai.TextOffsets() for _ in recs]   # completions' text_offset, by choice
+        tokens = [0] * len(recs)                      # completion tokens so far, by choice
+
+        def event(chunk: dict[str, Any], i: int) -> str:
+            if continuous_usage:
+                rec = recs[i]   # the role chunk goes before the engine has counted the prompt
+                chunk["usage"] = oai.usage(rec.prompt_tokens or len(rec.prompt_ids), tokens[i],
+                                           rec.cached_tokens)
+            return oai.sse(chunk)
+
         try:
             if chat:
                 for i in range(len(recs)):
-                    yield oai.sse(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
-                                                 index=i))
+                    yield event(oai.chat_chunk(rid, model, created, {"role": "assistant", "content": ""},
+                                               index=i), i)
             async for i, d in choices:
+                tokens[i] += len(d.token_ids)
                 # a token whose text is held back (a partial character, a possible stop string)
                 # still reports its logprob in this chunk
                 lp = self.logprobs(chat, d.logprobs, offsets[i]) if want_lp and d.logprobs else None
@@ -118,14 +130,14 @@ class ResponseRenderer:
                     if lp and not deltas:
                         deltas = [{"content": ""}]
                     for j, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
-                        yield oai.sse(oai.chat_chunk(rid, model, created, delta,
-                                                     logprobs=lp if j == 0 else None, index=i))
+                        yield event(oai.chat_chunk(rid, model, created, delta,
+                                                   logprobs=lp if j == 0 else None, index=i), i)
                     if d.finish_reason:
-                        yield oai.sse(oai.chat_chunk(rid, model, created, {},
-                                                     out.finish_reason(d.finish_reason), index=i))
+                        yield event(oai.chat_chunk(rid, model, created, {},
+                                                   out.finish_reason(d.finish_reason), index=i), i)
                 elif d.text or d.finish_reason or lp:
-                    yield oai.sse(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
-                                                       index=i))
+                    yield event(oai.completion_chunk(rid, model, created, d.text, d.finish_reason, lp,
+                                                     index=i), i)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield oai.sse(oai.usage_chunk(rid, model, created, obj, choices_usage(recs, outs)))
