@@ -89,22 +89,28 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence],
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tensor, vocab: int) -> None:
     """OpenAI's frequency/presence penalties over the generated tokens and HF's repetition penalty
-    over prompt and generated tokens, for `rows` of logits (one per seq), in place."""
-    def counts(token_lists: list[list[int]]) -> torch.Tensor:
-        c = torch.zeros(len(token_lists), vocab)
-        for j, ids in enumerate(token_lists):
-            if ids:
-                c[j].scatter_add_(0, torch.tensor(ids), torch.ones(len(ids)))
-        return c
+    over prompt and generated tokens, for `rows` of logits (one per seq), in place. Only the tokens
+    the sequences have seen are read and written, all rows at once: a dense pass over the
+    vocabulary per row cost more than the model's step at batch 32."""
+    lengths = torch.tensor([len(s.token_ids) for s in seqs])
+    tokens = torch.tensor([t for s in seqs for t in s.token_ids])
+    row = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    # a token's place in its sequence, against where the sequence's prompt ends
+    place = torch.arange(len(tokens)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    generated = (place >= torch.tensor([s.num_prompt_tokens for s in seqs])[row]).float()
+    inside = tokens < vocab
+    keys, where = (row * vocab + tokens)[inside].unique(return_inverse=True)
+    count = torch.zeros(len(keys)).index_add_(0, where, generated[inside])  # per (sequence, token)
+    seq_of, token = keys // vocab, keys % vocab
 
-    out = counts([s.output_token_ids for s in seqs])
-    seen = (counts([s.token_ids[:s.num_prompt_tokens] for s in seqs]) + out) > 0
-    x = logits[rows]
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs])[:, None]
-    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    freq = torch.tensor([s.params.frequency_penalty for s in seqs])[:, None]
-    pres = torch.tensor([s.params.presence_penalty for s in seqs])[:, None]
-    logits[rows] = x - freq * out - pres * (out > 0).float()
+    def param(name: str) -> torch.Tensor:
+        return torch.tensor([float(getattr(s.params, name)) for s in seqs])[seq_of]
+
+    at = (rows[seq_of], token)
+    x = logits[at]
+    rep = param("repetition_penalty")
+    x = torch.where(x > 0, x / rep, x * rep)
+    logits[at] = x - param("frequency_penalty") * count - param("presence_penalty") * (count > 0).float()
 
 
 # how many of a row's most likely tokens the top-k/top-p cut looks among first; where a row's nucleus

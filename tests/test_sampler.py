@@ -86,6 +86,31 @@ def test_penalties_match_a_hand_computation():
     assert both[0].tolist() == raw[0].tolist() and both[1].tolist() == pytest.approx(expected)
 
 
+def test_penalties_match_transformers_and_openais_formula_on_many_rows():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    gen = torch.Generator().manual_seed(4)
+    vocab, seqs, want = 50, [], []
+    raw = torch.randn(6, vocab, generator=gen) * 3
+    for row in range(6):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 30, (), generator=gen)),), generator=gen).tolist()
+        output = torch.randint(0, vocab, (int(torch.randint(0, 30, (), generator=gen)),), generator=gen).tolist()
+        rep, freq, pres = 1.0 + 0.2 * row, 0.3 * (row % 3), -0.5 + 0.4 * (row % 2)
+        seqs.append(_seq_with_history(prompt, output, repetition_penalty=rep, frequency_penalty=freq,
+                                      presence_penalty=pres))
+        x = raw[row:row + 1].clone()
+        if rep != 1.0:   # transformers': over prompt and output
+            x = RepetitionPenaltyLogitsProcessor(rep)(torch.tensor([prompt + output]), x)
+        count = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).float()
+        want.append(x[0] - freq * count - pres * (count > 0).float())
+    got = process_logits(raw, seqs)
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)
+    # bench_sampler's baseline penalizes alike
+    from pdcluster.cluster.tools.bench_sampler import dense_penalties
+    dense = raw.clone()
+    dense_penalties(dense, seqs, torch.arange(6), vocab)
+    assert torch.allclose(dense, torch.stack(want), atol=1e-6)
+
+
 def test_logit_bias_min_tokens_and_logprobs_of_the_raw_distribution():
     raw = logits()
     forced = seq(temperature=0, logit_bias={3: 100.0}, logprobs=1)

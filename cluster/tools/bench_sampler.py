@@ -3,11 +3,12 @@
     python -m pdcluster.cluster.tools.bench_sampler [--batch 1 8 32] [--output-len 48] [--rounds 2]
 
 The baseline is what a sampler written the obvious way in torch does, with the same semantics
-(temperature, then top-k, then top-p over what top-k kept): one sort of every row's vocabulary for
-top-k/top-p, then `torch.multinomial` per row with the row's generator (on the CPU it draws an
-exponential variate for every token of the vocabulary). The engine's sampler looks for the cut among
-each row's most likely tokens and draws by inverse transform (engine/sampler.py). Each setting runs
-the same prompts through the same engine with one sampler, then the other, in every round.
+(penalties; temperature, then top-k, then top-p over what top-k kept): penalties as dense passes over
+every row's vocabulary, one sort of every row's vocabulary for top-k/top-p, then `torch.multinomial`
+per row with the row's generator (on the CPU it draws an exponential variate for every token of the
+vocabulary). The engine's sampler penalizes only the tokens a sequence has seen, looks for the cut
+among each row's most likely tokens and draws by inverse transform (engine/sampler.py). Each setting
+runs the same prompts through the same engine with one sampler, then the other, in every round.
 """
 from __future__ import annotations
 
@@ -20,19 +21,44 @@ from collections.abc import Collection
 import torch
 
 from ...engine import model_runner
+from ...engine import sampler as engine_sampler
 from ...engine.sampler import _logprobs, process_logits
 from ...engine.sequence import Sequence
 
 SETTINGS = {"greedy": {"temperature": 0.0},
             "temperature 1": {"temperature": 1.0},
             "t 0.7, top_p 0.9": {"temperature": 0.7, "top_p": 0.9},
-            "t 0.7, top_k 20, top_p 0.8": {"temperature": 0.7, "top_k": 20, "top_p": 0.8}}
+            "t 0.7, top_k 20, top_p 0.8": {"temperature": 0.7, "top_k": 20, "top_p": 0.8},
+            "greedy, presence_penalty 1.5": {"temperature": 0.0, "presence_penalty": 1.5}}
+
+
+def dense_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tensor, vocab: int) -> None:
+    """engine.sampler._apply_penalties written with dense [rows, vocab] counts."""
+    def counts(token_lists: list[list[int]]) -> torch.Tensor:
+        c = torch.zeros(len(token_lists), vocab)
+        for j, ids in enumerate(token_lists):
+            if ids:
+                c[j].scatter_add_(0, torch.tensor(ids), torch.ones(len(ids)))
+        return c
+
+    out = counts([s.output_token_ids for s in seqs])
+    seen = (counts([s.token_ids[:s.num_prompt_tokens] for s in seqs]) + out) > 0
+    x = logits[rows]
+    rep = torch.tensor([s.params.repetition_penalty for s in seqs])[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([s.params.frequency_penalty for s in seqs])[:, None]
+    pres = torch.tensor([s.params.presence_penalty for s in seqs])[:, None]
+    logits[rows] = x - freq * out - pres * (out > 0).float()
 
 
 def reference_sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int] = ()):
     """The plain torch sampler, same semantics and signature as engine.sampler.sample."""
     raw = logits.float()
-    logits = process_logits(raw, seqs, eos_token_ids)
+    sparse, engine_sampler._apply_penalties = engine_sampler._apply_penalties, dense_penalties
+    try:
+        logits = process_logits(raw, seqs, eos_token_ids)
+    finally:
+        engine_sampler._apply_penalties = sparse
     tokens = torch.argmax(logits, dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
