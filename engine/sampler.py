@@ -207,10 +207,21 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 def _logprobs(logits: torch.Tensor, tokens: list[int],
               seqs: list[Sequence]) -> list[TokenLogprob | None]:
+    """Each asking row's chosen token and its `logprobs` most likely tokens, as log-probabilities
+    (one gather and one top-k over all the rows)."""
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(seqs)
     if not wanted:
         return out
+    logp = torch.log_softmax(_rows(logits, wanted), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted])).flatten().tolist()
+    most = max(seqs[i].params.logprobs for i in wanted)
+    values, ids = logp.topk(most, dim=-1) if most else (logp[:, :0], logp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(wanted):
+        n = seqs[i].params.logprobs
+        out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n])))
+    return out
     logp = torch.log_softmax(logits[torch.tensor(wanted)], dim=-1)
     for j, i in enumerate(wanted):
         n = seqs[i].params.logprobs
