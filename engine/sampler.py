@@ -140,32 +140,36 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def _nucleus(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Each row of `probs` cut to its top_k most likely tokens, then to the smallest set of those,
     most likely first, whose mass (renormalized over the top k) reaches top_p (always the first
-    token: a top_p that rounds to 0 in float32 keeps it alone), and renormalized. Rows are looked at
-    among their `CANDIDATES` most likely tokens (at least their top_k); a row whose nucleus is not
-    complete there is looked at again among four times as many."""
+    token: a top_p that rounds to 0 in float32 keeps it alone), and renormalized. What is kept is
+    every token at least as likely as the least likely one the cut needs, so tokens tied with it
+    all stay (as transformers' top-k keeps them) and the cut depends on the row's values alone,
+    never on which of equal tokens a top-k returned. Rows are looked at among their `CANDIDATES`
+    most likely tokens (at least their top_k); a row whose nucleus is not complete there is looked
+    at again among four times as many."""
     vocab = probs.shape[-1]
-    out = torch.zeros_like(probs)
+    least = torch.zeros(len(probs), dtype=probs.dtype)   # each row's least likely kept probability
     pending = torch.arange(len(probs))
     has_k = top_k < vocab
     n = min(vocab, max(CANDIDATES, int(top_k[has_k].max()) if has_k.any() else 0))
     while len(pending):
-        vals, ids = (probs if len(pending) == len(probs) else probs[pending]).topk(n, dim=-1)
+        vals = (probs if len(pending) == len(probs) else probs[pending]).topk(n, dim=-1).values
         k, p, by_k = top_k[pending], top_p[pending], has_k[pending]
-        vals = vals.double().masked_fill_(torch.arange(n)[None, :] >= k[:, None], 0.0)
+        in_k = torch.arange(n)[None, :] < k[:, None]
+        share = vals.double() * in_k
         # top-p's mass is over the top-k set, renormalized, where there is one, else over the whole
         # vocabulary; in float64: summed in float32, a long tail's mass rounds to 1 and top_p 1
         # would cut it
-        vals /= torch.where(by_k, vals.sum(dim=-1), 1.0)[:, None]
-        mass = vals.cumsum(dim=-1)
-        keep = (mass - vals < p[:, None]) | (p[:, None] >= 1.0)
+        share /= torch.where(by_k, share.sum(dim=-1), 1.0)[:, None]
+        mass = share.cumsum(dim=-1)
+        keep = in_k & ((mass - share < p[:, None]) | (p[:, None] >= 1.0))   # a prefix of each row
         keep[:, 0] = True
         # complete: the row's top-k set is all here, or what is here already holds top_p's mass
         done = by_k | (mass[:, -1] >= p) if n < vocab else torch.ones_like(by_k)
-        kept = vals * keep
-        kept /= kept.sum(dim=-1, keepdim=True)
-        out[pending[done][:, None], ids[done]] = kept[done].to(probs.dtype)
+        last = keep.sum(dim=-1) - 1
+        least[pending[done]] = vals.gather(1, last[:, None]).flatten()[done]
         pending, n = pending[~done], min(vocab, 4 * n)
-    return out
+    kept = torch.where(probs >= least[:, None], probs, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 # tokens per span in the draw's two-level search: the spans' masses, then one span's cumulative
@@ -179,6 +183,9 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     cumulative mass passes u times the row's total (found span by span). A token of zero mass is
     never drawn."""
     rows, vocab = probs.shape
+    total = probs.sum(dim=-1)
+    if not torch.isfinite(total).all() or (total <= 0).any():
+        raise ValueError("a row to draw from has no mass or a non-finite one (NaN or inf logits)")
     whole = vocab // SPAN * SPAN
     span_mass = probs[:, :whole].reshape(rows, -1, SPAN).sum(dim=-1)
     if whole < vocab:
@@ -221,13 +228,4 @@ def _logprobs(logits: torch.Tensor, tokens: list[int],
     for j, i in enumerate(wanted):
         n = seqs[i].params.logprobs
         out[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n])))
-    return out
-    logp = torch.log_softmax(logits[torch.tensor(wanted)], dim=-1)
-    for j, i in enumerate(wanted):
-        n = seqs[i].params.logprobs
-        top: tuple[tuple[int, float], ...] = ()
-        if n:
-            values, ids = logp[j].topk(n)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        out[i] = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), top)
     return out

@@ -160,6 +160,34 @@ def test_filtered_probs_match_transformers_warpers(monkeypatch, candidates):
         assert torch.allclose(got[row], want, atol=1e-6), case
 
 
+def test_the_cut_depends_on_the_rows_values_alone_when_tokens_tie():
+    # bfloat16 logits tie often: which of the tied tokens a top-k returns depends on how many it is
+    # asked for, and that must not make a row's cut (and its seed's draw) depend on its neighbours
+    gen = torch.Generator().manual_seed(2)
+    raw = (torch.randn(4, 2000, generator=gen) * 2).bfloat16().float()
+    settings = [dict(top_k=10), dict(top_p=0.9), dict(top_k=40, top_p=0.7), dict(temperature=0.5, top_k=3)]
+    neighbour = seq(top_k=1500)
+    for row, kw in enumerate(settings):
+        alone = _filtered_probs(raw[row:row + 1], [seq(**kw)])[0]
+        beside = _filtered_probs(torch.stack([raw[row], raw[0]]), [seq(**kw), neighbour])[0]
+        assert torch.equal(alone, beside), kw
+    # transformers' top-k keeps every token tied with the k-th
+    want = _reference(raw[:1], 1.0, 10, 1.0)[0]
+    assert torch.allclose(_filtered_probs(raw[:1], [seq(top_k=10)])[0], want, atol=1e-6)
+    assert (want > 0).sum() >= 10
+
+
+def test_a_row_without_finite_mass_is_an_error_not_a_token():
+    from pdcluster.engine.sampler import draw
+    for bad in (float("nan"), float("inf")):
+        probs = torch.rand(2, 300)
+        probs[1, 7] = bad
+        with pytest.raises(ValueError):
+            draw(probs, [None, None])
+    with pytest.raises(ValueError):
+        draw(torch.zeros(1, 300), [None])
+
+
 def test_top_p_is_over_the_top_k_set_renormalized():
     # top-2 renormalized is [0.57, 0.43]: 0.57 already reaches top_p 0.5 (over the whole
     # vocabulary 0.4 would not, and the second token would stay)
