@@ -127,8 +127,14 @@ def test_measures_server_timing_with_exact_counts(server: _Server):
         assert len(body["prompt"].split()) == 12
         assert body["max_tokens"] == 5 and body["ignore_eos"] is True and body["stream"] is True
         assert body["temperature"] == 0.0  # greedy, as evalscope runs; servers default to sampling
+        assert not {"top_p", "top_k", "min_p"} & set(body)    # unset: the server's defaults
         assert body["stream_options"] == {"include_usage": True} and body["model"] == "m"
     assert len({b["prompt"] for b in server.bodies}) == 16  # fresh random prompts: no prefix-cache flattery
+
+
+def test_sampling_settings_are_sent_when_set():
+    body = BenchConfig(model="m", temperature=0.7, top_p=0.9, top_k=20, min_p=0.05).body("hi")
+    assert (body["temperature"], body["top_p"], body["top_k"], body["min_p"]) == (0.7, 0.9, 20, 0.05)
 
 
 def test_chat_api_sends_messages_and_times_content_deltas(server: _Server):

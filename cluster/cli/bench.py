@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api", choices=["completions", "chat"], default="completions",
                    help="/v1/completions, or /v1/chat/completions with the prompt as one user message")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, help="sent when set (with --temperature above 0: sampled decoding)")
+    p.add_argument("--top-k", type=int, help="sent when set (vLLM's extension)")
+    p.add_argument("--min-p", type=float, help="sent when set (vLLM's extension)")
     p.add_argument("--warmup", type=int, default=0, help="unmeasured requests per endpoint first")
     p.add_argument("--tokenizer", help="tokenizer folder for exact prompt lengths (default: the embedded "
                                        "SmolLM2 GGUF's tokenizer)")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("bench: endpoint names must differ (--name and each --compare NAME)")
     cfg = BenchConfig(model=args.model, input_len=args.input_len, output_len=args.output_len,
                       concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
-                      api=args.api, temperature=args.temperature, warmup_requests=args.warmup,
+                      api=args.api, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      min_p=args.min_p, warmup_requests=args.warmup,
                       api_key=args.api_key, slo_ttft_s=args.slo_ttft, slo_tpot_ms=args.slo_tpot,
                       timeout_s=args.timeout, seed=args.seed)
     count = token_counter(load_tokenizer(args.tokenizer))

@@ -138,6 +138,10 @@ class BenchConfig:
     min_requests: int = 1
     api: str = "completions"  # or "chat": /v1/chat/completions, the prompt as one user message
     temperature: float = 0.0  # greedy, as evalscope's runs are; servers default to sampling at 1.0
+    # sent only when set: a server's own defaults (or its refusal of the field) otherwise
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     warmup_requests: int = 0  # per endpoint before its first level, not measured
     api_key: str | None = None
     slo_ttft_s: float | None = None
@@ -159,6 +163,8 @@ class BenchConfig:
             "model": self.model, "max_tokens": self.output_len, "temperature": self.temperature,
             "ignore_eos": True,  # vLLM-style servers then produce exactly max_tokens
             "stream": True, "stream_options": {"include_usage": True}}
+        body.update({k: v for k, v in (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p))
+                     if v is not None})
         if self.api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
