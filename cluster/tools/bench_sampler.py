@@ -21,8 +21,7 @@ from collections.abc import Collection
 import torch
 
 from ...engine import model_runner
-from ...engine import sampler as engine_sampler
-from ...engine.sampler import _logprobs, process_logits
+from ...engine.sampler import _logprobs
 from ...engine.sequence import Sequence
 
 SETTINGS = {"greedy": {"temperature": 0.0},
@@ -52,13 +51,16 @@ def dense_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tens
 
 
 def reference_sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int] = ()):
-    """The plain torch sampler, same semantics and signature as engine.sampler.sample."""
+    """The plain torch sampler, the signature of engine.sampler.sample and its semantics for what
+    the benchmark sends (penalties, temperature, top-k, top-p; no bias, min_tokens or grammar)."""
+    if any(s.params.logit_bias or s.params.min_tokens or s.params.structured_output or s.params.min_p
+           for s in seqs):
+        raise ValueError("the baseline sampler takes penalties, temperature, top-k and top-p only")
     raw = logits.float()
-    sparse, engine_sampler._apply_penalties = engine_sampler._apply_penalties, dense_penalties
-    try:
-        logits = process_logits(raw, seqs, eos_token_ids)
-    finally:
-        engine_sampler._apply_penalties = sparse
+    logits = raw.clone()
+    penalized = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    if penalized:
+        dense_penalties(logits, [seqs[i] for i in penalized], torch.tensor(penalized), logits.shape[-1])
     tokens = torch.argmax(logits, dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
