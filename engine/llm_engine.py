@@ -9,7 +9,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from concurrent import futures
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -49,6 +50,15 @@ IDLE_WAIT_S = 0.05  # an idle step waits this long at most for a KV transfer to 
 # (a long prompt's next chunk can take seconds).
 SAVE_GRACE_SHARE = 0.05
 SAVE_GRACE_MAX_S = 0.05
+
+
+@dataclass
+class _Compiling:
+    """A request added while its grammar compiles: queued once `compiled` is done."""
+    compiled: futures.Future
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    resumed: list[int]
 
 
 class LLMEngine:
@@ -115,6 +125,7 @@ class LLMEngine:
             paged_decode_kernel()  # built (or found) now rather than in the first request's step
             fused_ops_kernel()
         self._seqs: dict[str, Sequence] = {}
+        self._compiling: dict[str, _Compiling] = {}   # requests waiting for their grammar
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._saved_outputs: dict[str, RequestOutput] = {}  # first tokens held until their KV is stored
         self._step_time = LatencyHistogram()
@@ -187,8 +198,11 @@ class LLMEngine:
     def grammar(self) -> GrammarCompiler:
         """Compiles structured-output constraints for this tokenizer (built on first use)."""
         if self._grammar is None:
+            # TP ranks schedule in lockstep: a background compile could end on one rank's step
+            # and another's next, so theirs compile in the step
             self._grammar = GrammarCompiler(self.tokenizer.hf, self.hf_config["vocab_size"],
-                                            sorted(self.eos_token_ids))
+                                            sorted(self.eos_token_ids),
+                                            background=self.config.tp_size == 1)
         return self._grammar
 
     def set_kv_connector(self, connector: KVConnector | None) -> None:
@@ -207,7 +221,7 @@ class LLMEngine:
         generated_token_ids: tokens the client already has (e.g. from a decode worker that died);
         the engine continues after them without emitting them again."""
         params = params or SamplingParams()
-        if request_id in self._seqs:
+        if request_id in self._seqs or request_id in self._compiling:
             raise ValueError(f"request id {request_id!r} is already running")
         if prompt_token_ids is None:
             if prompt is None:
@@ -217,8 +231,6 @@ class LLMEngine:
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         seq = Sequence(request_id, ids, params, 1 if kv_export else max_tokens)
         seq.kv_export = kv_export
-        if params.structured_output is not None:
-            seq.matcher = self.grammar.matcher(params.structured_output)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                        params.include_stop_str_in_output, params.skip_special_tokens,
                                        params.min_tokens)
@@ -235,14 +247,43 @@ class LLMEngine:
             if len(resumed) >= seq.max_tokens or len(ids) + len(resumed) >= self.max_model_len:
                 raise ValueError("the request has already generated all its tokens")
             self.validate_prompt(ids + resumed, SamplingParams(max_tokens=None))
-            if seq.matcher is not None and not all(seq.matcher.accept(t) for t in resumed):
+        constraint = params.structured_output
+        if constraint is not None and (compiling := self.grammar.compiling(constraint)) is not None:
+            # its grammar compiles beside the steps; it is scheduled once that is done
+            self._compiling[request_id] = _Compiling(compiling, seq, detok, resumed)
+            return
+        self._enqueue(seq, detok, resumed)
+
+    def _enqueue(self, seq: Sequence, detok: IncrementalDetokenizer, resumed: list[int]) -> None:
+        """Give the sequence its grammar's matcher, if it has one, and queue it."""
+        if seq.params.structured_output is not None:
+            seq.matcher = self.grammar.matcher(seq.params.structured_output)
+            if not all(seq.matcher.accept(t) for t in resumed):
                 raise ValueError("generated_token_ids do not fit the request's structured output")
+        if resumed:
             seq.token_ids += resumed
             detok.push(resumed)
             detok.take(final=False)
-        self._seqs[request_id] = seq
-        self._detok[request_id] = detok
+        self._seqs[seq.request_id] = seq
+        self._detok[seq.request_id] = detok
         self.scheduler.add(seq)
+
+    def _collect_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammars are compiled join the queue; one whose grammar failed ends with
+        an error output."""
+        outputs = []
+        for request_id, c in list(self._compiling.items()):
+            if not c.compiled.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                self._enqueue(c.seq, c.detok, c.resumed)
+            except ValueError as exc:
+                outputs.append(RequestOutput(
+                    request_id=request_id, new_token_ids=[], delta_text="", finished=True,
+                    finish_reason="error", num_prompt_tokens=c.seq.num_prompt_tokens,
+                    num_output_tokens=0, num_cached_tokens=0, logprobs=[], error=str(exc)))
+        return outputs
 
     def validate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
         """Checks a request fits this engine; raises ValueError with a user-facing message."""
@@ -277,6 +318,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
+        if self._compiling.pop(request_id, None) is not None:   # holds no blocks yet
+            return True
         seq = self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
         self._saved_outputs.pop(request_id, None)
@@ -290,11 +333,13 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        outputs = self._collect_transfers() if self.transfers is not None else []
+        outputs = self._collect_compiled() if self._compiling else []
+        if self.transfers is not None:
+            outputs += self._collect_transfers()
         if self.drafter is not None:
             self._draft()
         sched = self.scheduler.schedule()
@@ -302,6 +347,9 @@ class LLMEngine:
         if not sched.scheduled:
             if self.transfers is not None and not outputs:  # only KV in flight: wait, do not spin
                 self.transfers.wait(IDLE_WAIT_S)
+            elif self._compiling and not outputs:  # only grammars compiling: the same
+                futures.wait([c.compiled for c in self._compiling.values()], IDLE_WAIT_S,
+                             return_when=futures.FIRST_COMPLETED)
             return outputs
         prompt = sum(max(0, min(s.num_tokens, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
                      for s in sched.scheduled)
@@ -447,7 +495,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._compiling),
             num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
             block_size=bm.block_size, computed_tokens_total=self._computed_tokens,
             prefix_hit_tokens_total=self._prefix_hits, preemptions_total=self._preemptions,

@@ -7,6 +7,10 @@ at every step and advances with the tokens the sequence accepts.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -18,6 +22,13 @@ KINDS = ("json_object", "json_schema", "ebnf", "regex", "structural_tag")
 # "any JSON object": what OpenAI's response_format json_object promises
 JSON_OBJECT_SCHEMA = '{"type": "object", "additionalProperties": true}'
 COMPILED_CACHE_SIZE = 256
+# A few hundred bytes of schema can take xgrammar seconds to parse (a pattern's `{1,5000}`, objects
+# nested hundreds deep), so checking a grammar gets this long, on threads of its own (xgrammar lets
+# the GIL go meanwhile): over it, the grammar is refused as too complex. A check that ran out holds
+# its thread until xgrammar is done (it cannot be stopped), so at most PARSE_THREADS run at once and
+# the others wait for one within the same budget.
+PARSE_BUDGET_S = 5.0
+PARSE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,42 @@ class StructuredOutput:
             object.__setattr__(self, "grammar", "")
         elif not self.grammar:
             raise ValueError(f"a {self.kind} structured output needs a grammar")
-        _parse(self.kind, self.grammar)   # tokenizer-free check; cached, so the compile reuses it
+        # tokenizer-free check; cached, so the compile reuses it
+        check_within_budget(self.kind, self.grammar)
+
+
+_parse_pool: ThreadPoolExecutor | None = None
+_too_slow: OrderedDict[tuple[str, str], None] = OrderedDict()   # grammars that ran out: refused at once
+_budget_lock = threading.Lock()
+
+
+def check_within_budget(kind: str, grammar: str, budget_s: float = PARSE_BUDGET_S) -> None:
+    """Parse the grammar on a parsing thread, waiting at most `budget_s`; ValueError (fit for a 400)
+    if it is invalid or took longer (then the same grammar is refused at once from then on)."""
+    global _parse_pool
+    import xgrammar  # noqa: F401 - loaded here, not on the budget's clock
+
+    key = (kind, grammar)
+    with _budget_lock:
+        if key in _too_slow:
+            raise ValueError(_too_complex(kind, budget_s))
+        if _parse_pool is None:
+            _parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="grammar-check")
+    future: Future = _parse_pool.submit(_parse, kind, grammar)
+    try:
+        future.result(timeout=budget_s)
+    except FutureTimeout:
+        future.cancel()   # one still waiting for a thread never runs
+        with _budget_lock:
+            _too_slow[key] = None
+            while len(_too_slow) > COMPILED_CACHE_SIZE:
+                _too_slow.popitem(last=False)
+        raise ValueError(_too_complex(kind, budget_s)) from None
+
+
+def _too_complex(kind: str, budget_s: float) -> str:
+    return (f"the {kind} grammar is too complex: checking it takes over {budget_s:g} s (simplify "
+            "it: fewer nesting levels, smaller repetition counts in patterns)")
 
 
 @lru_cache(maxsize=COMPILED_CACHE_SIZE)
@@ -159,9 +205,13 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
 
 
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer (built once per engine) and makes matchers."""
+    """Compiles constraints for one tokenizer (built once per engine) and makes matchers.
+    `background`: a grammar not compiled yet compiles on a thread of its own (`compiling`) while
+    the engine steps on, as vLLM's requests wait for their grammar; else `matcher` compiles it.
+    Called from the engine's thread only."""
 
-    def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: list[int],
+                 background: bool = False) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -169,13 +219,35 @@ class GrammarCompiler:
         self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
-        self._compile = lru_cache(maxsize=COMPILED_CACHE_SIZE)(self._compile_uncached)
+        self._compiled: OrderedDict[tuple[str, str], object] = OrderedDict()   # least recent first
+        self._pending: dict[tuple[str, str], Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile") if background else None
 
     def _compile_uncached(self, kind: str, grammar: str):
         return self._compiler.compile_grammar(_parse(kind, grammar))
 
+    def compiling(self, constraint: StructuredOutput) -> Future | None:
+        """The compile under way for `constraint` (started now if need be), or None when `matcher`
+        can be had without waiting (compiled already, or no background thread)."""
+        key = (constraint.kind, constraint.grammar)
+        if self._pool is None or key in self._compiled:
+            return None
+        if key not in self._pending:
+            self._pending[key] = self._pool.submit(self._compile_uncached, *key)
+        return self._pending[key]
+
     def matcher(self, constraint: StructuredOutput) -> GrammarMatcher:
-        return GrammarMatcher(self._xgr.GrammarMatcher(self._compile(constraint.kind, constraint.grammar)))
+        """A matcher at the grammar's start; ValueError for a grammar that does not compile."""
+        key = (constraint.kind, constraint.grammar)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            pending = self._pending.pop(key, None)
+            compiled = pending.result() if pending is not None else self._compile_uncached(*key)
+            self._compiled[key] = compiled
+            while len(self._compiled) > COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return GrammarMatcher(self._xgr.GrammarMatcher(compiled))
 
 
 class GrammarMatcher:

@@ -51,6 +51,19 @@ def _trie_pattern(words: set[str]) -> str:
     return build(trie)
 
 
+class RenderedTooLong(ValueError):
+    """A chat rendered by its template is longer than the caller's limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the chat template renders {size} bytes, over {limit}")
+        self.size, self.limit = size, limit
+
+
+def _check_rendered(text: str, max_bytes: int) -> None:
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise RenderedTooLong(len(text.encode()), max_bytes)
+
+
 class Tokenizer:
     def __init__(self, path: Path) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for a hub
@@ -102,9 +115,10 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> list[int]:
+                            max_bytes: int | None = None, **kwargs) -> list[int]:
         """The chat's prompt tokens; text in `kwargs` or in a message other than an assistant's
-        that spells a control token stays text (the module docstring)."""
+        that spells a control token stays text (the module docstring). `max_bytes`: a rendered
+        chat longer than that raises `RenderedTooLong` before it is tokenized."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions API")
         marker = f"PDCLIT{secrets.token_hex(6)}"
@@ -114,11 +128,17 @@ class Tokenizer:
         marked = ([m if m.get("role") == "assistant" else self._mark_controls(m, marker, literals)
                    for m in messages], self._mark_controls(kwargs, marker, literals))
         if not literals:  # nearly every chat: exactly what transformers gives
-            ids = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                tokenize=True, **kwargs)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            if max_bytes is None:
+                ids = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=True, **kwargs)
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
+                    ids = ids["input_ids"]
+                return list(ids)
+            # what transformers' tokenize=True does, with the length checked in between
+            text = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False, **kwargs)
+            _check_rendered(text, max_bytes)
+            return list(self._tok(text, add_special_tokens=False)["input_ids"])
         text = self._tok.apply_chat_template(marked[0], add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **marked[1])
         # the text transformers renders, and where the marked spellings are in it
@@ -130,6 +150,8 @@ class Tokenizer:
             pieces.append(part)
             at += len(part)
         rendered = "".join(pieces)
+        if max_bytes is not None:
+            _check_rendered(rendered, max_bytes)
         # tokenized whole, as transformers does; a control token matched inside a marked span is
         # replaced by the tokens of its text
         enc = self._tok(rendered, add_special_tokens=False, return_offsets_mapping=True)

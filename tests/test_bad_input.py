@@ -68,6 +68,15 @@ def cmpl(**fields: Any) -> dict:
 
 
 BIG = b'{"prompt": "' + b"x" * MAX_BODY + b'"}'
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 CASES = [
     # -- transport: method, route, auth, headers, size
     Case("GET on a POST route", 405, None, CHAT, "GET", says="method not allowed"),
@@ -99,7 +108,10 @@ CASES = [
     Case("trailing garbage", 400, json.dumps(cmpl()).encode() + b" x", CMPL, says="not valid JSON"),
     Case("JSON array body", 400, b"[1, 2]", says="JSON object"),
     Case("JSON null body", 400, b"null", CMPL, says="JSON object"),
-    Case("invalid UTF-8", 400, b'{"prompt": "\xff\xfe\xfd"}', CMPL, says="not valid JSON"),
+    Case("invalid UTF-8", 400, b'{"prompt": "\xff\xfe\xfd"}', CMPL, says="not valid UTF-8"),
+    Case("a surrogate in UTF-8 bytes", 400,
+         b'{"messages": [{"role": "user", "content": "a\xed\xa0\x80b"}]}', says="not valid UTF-8"),
+    Case("JSON in UTF-16", 400, json.dumps(cmpl()).encode("utf-16"), CMPL, says="not valid UTF-8"),
     Case("lone UTF-16 surrogate escape", 400, b'{"prompt": "a\\ud800b"}', CMPL, says="surrogate"),
     Case("NaN literal", 400, b'{"messages": [], "temperature": NaN}', says="NaN"),
     Case("Infinity literal", 400, b'{"prompt": "x", "top_p": -Infinity}', CMPL, says="Infinity"),
@@ -130,6 +142,8 @@ CASES = [
     Case("chat text no context could hold", 400, chat(messages=[{"role": "user",
          "content": "x" * (CONTEXT * 1000)}]), says="bytes", param="messages",
          code="context_length_exceeded"),
+    Case("empty messages no context could hold", 400, chat(messages=[{"role": "user", "content": ""}]
+         * (CONTEXT * 20)), says="renders", param="messages", code="context_length_exceeded"),
     Case("prompt missing", 400, cmpl(prompt=...), CMPL, says="required", param="prompt"),
     Case("prompt empty string", 400, cmpl(prompt=""), CMPL, says="empty", param="prompt"),
     Case("prompt empty list", 400, cmpl(prompt=[]), CMPL, says="empty", param="prompt"),
@@ -215,6 +229,9 @@ CASES = [
          chat(tools=[{"type": "function", "function": {"name": "f"}}],
               tool_choice={"type": "function", "function": {"name": "g"}}), param="tool_choice"),
     Case("tool_choice required without tools", 400, chat(tool_choice="required"), param="tool_choice"),
+    Case("tool_choice auto without tools", 400, chat(tool_choice="auto"), param="tool_choice"),
+    Case("tool parameters nested 150 deep", 400, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": _nested(150)}}]), says="nests", param="tools.0.function.parameters"),
     Case("tool message answering no call", 400,
          chat(messages=[*MSGS, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]),
          param="messages.1.tool_call_id"),

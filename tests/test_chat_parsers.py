@@ -63,6 +63,12 @@ CASES = {
         (None, "Hi! ", [("get_time", TIME)])),
     "hermes, no calls, text that looks like a marker": (
         (None, "", {}, "hermes", "Use <tool> or <tool_c tags"), (None, "Use <tool> or <tool_c tags", [])),
+    "hermes, a marker that opens no call: the text is all content": (
+        (None, "", {}, "hermes", "Write `<tool_call>` then the word banana."),
+        (None, "Write `<tool_call>` then the word banana.", [])),
+    "deepseek, a section with no call in it: all content": (
+        (None, "", {}, "deepseek_v3", "Tools: <｜tool▁calls▁begin｜> none today."),
+        (None, "Tools: <｜tool▁calls▁begin｜> none today.", [])),
     "hermes, arguments before name": (
         (None, "", {}, "hermes", '<tool_call>{"arguments": {"tz": "UTC"}, "name": "get_time"}</tool_call>'),
         (None, "", [("get_time", {"tz": "UTC"})])),
@@ -196,3 +202,13 @@ def test_arguments_streamed_add_up_to_the_whole_even_when_malformed(text: str) -
     for pieces in [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
         _, _, calls, _ = _streamed(setup, pieces)
         assert [(n, a) for _, n, a in calls] == [("f", whole["function"]["arguments"])], pieces
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('<tool_call>\n{"name": "f", "arguments": {"city": "', "stop"),   # a stop string ("Paris") cut it
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1} or so}\n</tool_call>', "stop"),
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', "tool_calls")])
+def test_tool_calls_is_the_finish_reason_only_for_whole_calls(text: str, reason: str) -> None:
+    out = ChatOutput(None, tool_call_format("hermes"))
+    assert out.message(text, 9)["tool_calls"]
+    assert out.finish_reason("stop") == reason

@@ -183,6 +183,8 @@ def test_ingress_streams_and_answers_reasoning_with_its_token_count():
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
     assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+    # as OpenAI's: with include_usage every chunk before the usage chunk has "usage": null
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
 
     chat = prepare_chat(FakeTokenizer("<think>\n"), _req(), ChatFormat("deepseek_r1", "hermes", True))
     body = json.loads(asyncio.run(renderer.json([rec], [chat.output], merge_choices([steps()], None))).body)
@@ -262,6 +264,20 @@ def test_chats_without_control_spellings_and_assistant_turns_tokenize_as_transfo
         want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         want = list(want["input_ids"] if hasattr(want, "keys") else want)
         assert tokenizer.apply_chat_template(messages) == want
+        # with a length limit, checked between rendering and tokenizing: the same tokens
+        assert tokenizer.apply_chat_template(messages, max_bytes=10_000) == want
+
+
+@pytest.mark.parametrize("content", ["hello", INJECTION])   # transformers' path, and the marked one
+def test_a_chat_rendered_past_the_limit_is_refused_before_tokenizing(tokenizer, content):
+    from pdcluster.engine.tokenizer import RenderedTooLong
+
+    messages = [{"role": "user", "content": content}] * 3
+    size = len(tokenizer.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).encode())
+    assert tokenizer.apply_chat_template(messages, max_bytes=size) == tokenizer.apply_chat_template(messages)
+    with pytest.raises(RenderedTooLong) as info:
+        tokenizer.apply_chat_template(messages, max_bytes=size - 1)
+    assert (info.value.size, info.value.limit) == (size, size - 1)
 
 
 def test_non_special_added_tokens_and_schema_keys_stay_text(tmp_path):

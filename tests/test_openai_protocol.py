@@ -234,6 +234,50 @@ def test_defaults_follow_openai():
     assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
 
 
+@pytest.mark.parametrize("model, body", [(oai.ChatCompletionRequest, CHAT), (oai.CompletionRequest, COMPLETION)])
+def test_null_means_the_default_where_openai_makes_a_field_nullable(model, body):
+    # the openai client sends null for an argument given as None
+    nulls = {"stream": None, "n": None, "ignore_eos": None, "min_tokens": None, "max_tokens": None,
+             **({"echo": None} if model is oai.CompletionRequest else {})}
+    req = oai.parse(model, json.dumps({**body, **nulls}).encode(), 1 << 20)
+    default = oai.parse(model, json.dumps(body).encode(), 1 << 20)
+    assert (req.stream, req.n, req.ignore_eos, req.min_tokens) == (False, 1, False, 0)
+    assert req.requested_max_tokens() == default.requested_max_tokens()   # 16 for completions
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_schemas_nested_past_what_the_checks_recurse_through_are_400():
+    fmt = oai.ResponseFormat(type="json_schema", json_schema=oai.JSONSchemaFormat(
+        name="x", schema=_nested(3000), strict=True))
+    with pytest.raises(oai.OpenAIError) as info:
+        fmt.structured_output()
+    assert (info.value.status, info.value.param) == (400, "response_format.json_schema.schema")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": _nested(150)}}]
+    err = _parse_error(oai.ChatCompletionRequest, {**CHAT, "tools": tools})
+    assert (err.status, err.param) == (400, "tools.0.function.parameters") and "nests" in err.message
+
+
+def test_tool_choice_other_than_none_needs_tools():
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+        assert _parse_error(oai.ChatCompletionRequest, {**CHAT, "tool_choice": choice}).param == "tool_choice"
+    for ok in ({"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}):   # the latter as vLLM takes it
+        oai.parse(oai.ChatCompletionRequest, json.dumps({**CHAT, **ok}).encode(), 1 << 20)
+
+
+@pytest.mark.parametrize("key", ["١٢", "１２", "²", "9" * 5000])
+def test_logit_bias_keys_are_ascii_token_ids(key):
+    req = oai.parse(oai.ChatCompletionRequest, json.dumps({**CHAT, "logit_bias": {key: 1}}).encode(), 1 << 20)
+    with pytest.raises(oai.OpenAIError) as info:
+        req.logit_bias_ids()
+    assert (info.value.status, info.value.param) == (400, "logit_bias")
+
+
 @pytest.mark.parametrize("prompt, expected", [
     ("hello", "hello"), ([1, 2, 3], [1, 2, 3]), (["hello"], "hello"), ([[4, 5]], [4, 5])])
 def test_completion_accepts_one_prompt_in_every_form(prompt, expected):
@@ -298,6 +342,8 @@ def test_api_key_entries_that_would_weaken_auth_are_refused_at_load(entries, say
     (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
     (b'{"prompt": "\xff"}', "utf-8"),
     (b'{"prompt": "a\\udc00"}', "surrogate"),
+    (b'{"prompt": "a\xed\xa0\x80b"}', "utf-8"),    # a surrogate spelled in (invalid) UTF-8 bytes
+    ('{"prompt": "x"}'.encode("utf-16"), "utf-8"),   # JSON in UTF-16, which json.loads would take
 ])
 def test_bodies_python_would_choke_on_are_400(raw, says):
     err = _parse_error(oai.CompletionRequest, raw)

@@ -185,10 +185,21 @@ def test_dead_end_grammar_fails_only_its_request(llm):
 def test_resumed_tokens_must_fit_the_grammar(llm):
     p = chat(llm, "JSON please.")
     bad = llm.tokenizer.encode("hello", add_special_tokens=False)
+    llm.generate([p], json_params(max_tokens=2))   # json_object is compiled: checked when added
     with pytest.raises(ValueError, match="structured output"):
         llm.engine.add_request("resume-bad", prompt_token_ids=p, params=json_params(),
                                generated_token_ids=bad)
     assert "resume-bad" not in llm.engine._seqs
+    # a grammar still compiling: checked once it is, and the request ends with the error
+    fresh = {"type": "object", "properties": {"resumed": {"type": "boolean"}}, "required": ["resumed"]}
+    llm.engine.add_request("resume-bad-2", prompt_token_ids=p, params=json_params(fresh),
+                           generated_token_ids=bad)
+    outs = []
+    while llm.engine.has_unfinished_requests():
+        outs += llm.engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("resume-bad-2", "error")]
+    assert "structured output" in outs[0].error and outs[0].new_token_ids == []
+    assert_all_blocks_free(llm)
     # a valid prefix continues from where it was: the answer is the uninterrupted one
     full = llm.generate([p], json_params(PERSON, temperature=0))[0]
     head = full.token_ids[:5]
@@ -215,3 +226,53 @@ def test_preemption_and_speculation_keep_grammar_outputs(llm):
     for g in got:
         jsonschema.validate(json.loads(g.text), SMALL)
     assert_all_blocks_free(tiny)
+
+
+def _slow_schema(n: int) -> str:
+    """A schema xgrammar takes a while to parse (~0.5 s at n = 3000 here), distinct per n."""
+    return json.dumps({"type": "object", "properties": {"w": {"type": "string", "pattern": f"^[a-z]{{1,{n}}}$"}},
+                       "required": ["w"]})
+
+
+def test_a_grammar_too_slow_to_check_is_refused_then_at_once():
+    from pdcluster.engine.structured_output import check_within_budget
+
+    slow = _slow_schema(3001)
+    with pytest.raises(ValueError, match="too complex"):
+        check_within_budget("json_schema", slow, budget_s=0.01)
+    with pytest.raises(ValueError, match="too complex"):   # the same grammar, however long it may take
+        check_within_budget("json_schema", slow, budget_s=60)
+    check_within_budget("json_schema", json.dumps(SMALL), budget_s=60)
+    with pytest.raises(ValueError, match="invalid json_schema grammar"):   # bad ones are still named
+        check_within_budget("json_schema", '{"type": "objec"}', budget_s=60)
+
+
+def test_the_batch_steps_on_while_a_newcomers_grammar_compiles(llm):
+    from pdcluster.engine import structured_output
+
+    eng = llm.engine
+    p = chat(llm, "Write one lowercase word.")
+    eng.add_request("plain", prompt_token_ids=p,
+                    params=SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    while not eng.stats().num_running:
+        eng.step()
+    so = StructuredOutput("json_schema", _slow_schema(3002))
+    structured_output._parse.cache_clear()   # as in an engine process of its own: it parses anew
+    eng.add_request("constrained", prompt_token_ids=p, params=SamplingParams(
+        temperature=0, max_tokens=12, structured_output=so))
+    eng.add_request("aborted", prompt_token_ids=p, params=SamplingParams(
+        temperature=0, max_tokens=12, structured_output=so))
+    assert eng.abort_request("aborted")   # while its grammar compiles: nothing to give back
+    texts = {"constrained": "", "plain": ""}
+    plain_tokens = 0
+    while "constrained" in eng._compiling:
+        for out in eng.step():
+            texts[out.request_id] += out.delta_text
+            plain_tokens += len(out.new_token_ids) * (out.request_id == "plain")
+    assert plain_tokens >= 3   # the running request decoded while the grammar compiled
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            texts[out.request_id] += out.delta_text
+    assert "aborted" not in texts
+    assert re.fullmatch(r'\{"w": ?"[a-z]+("\})?', texts["constrained"]), texts["constrained"]
+    assert_all_blocks_free(llm)

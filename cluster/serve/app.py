@@ -29,7 +29,7 @@ from ..spec import ClusterSpec
 from . import grpc_service
 from . import openai_protocol as oai
 from .chat_output import ChatOutput
-from .chat_prompt import ChatFormat, prepare_chat
+from .chat_prompt import ChatFormat, PreparedChat, prepare_chat
 from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, CountResponses, ServingMetrics
 from .openapi import openapi_document
@@ -295,13 +295,13 @@ class Ingress:
             data["messages"] = [grpc_service.chat_message(m) for m in request.messages]
             if request.HasField("logprobs"):
                 data["logprobs"], data["top_logprobs"] = True, request.logprobs
-            req = oai.validate(oai.ChatCompletionRequest, data)
+            req = await asyncio.to_thread(oai.validate, oai.ChatCompletionRequest, data)
             self._check_model(req.model)
             return *await self._chat_record("grpc", req, tenant), req.n
         data["prompt"] = request.prompt or list(request.prompt_token_ids)
         if request.HasField("logprobs"):
             data["logprobs"] = request.logprobs
-        req = oai.validate(oai.CompletionRequest, data)
+        req = await asyncio.to_thread(oai.validate, oai.CompletionRequest, data)
         self._check_model(req.model)
         return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None, req.n
 
@@ -310,7 +310,8 @@ class Ingress:
         """Authenticate, read (within the size limit) and validate a request body for this model."""
         tenant = self._tenant(request.headers.getlist("authorization"))
         limit = self.spec.serve.max_body_bytes
-        req = oai.parse(model, await _read_body(request, limit), limit)
+        # off the event loop: validation checks grammars, which can take xgrammar seconds
+        req = await asyncio.to_thread(oai.parse, model, await _read_body(request, limit), limit)
         self._check_model(req.model)
         return req, tenant
 
@@ -323,8 +324,7 @@ class Ingress:
                            tenant: str | None) -> tuple[RequestRecord, ChatOutput]:
         """A chat's record (its prompt rendered, a required or named tool choice as the grammar
         the engine decodes under) and the parser of its answer."""
-        self._check_prompt_bytes(_text_bytes(req.chat(self.chat_format.native_tools)), "messages")
-        chat = await asyncio.to_thread(prepare_chat, self.tokenizer, req, self.chat_format)
+        chat = await asyncio.to_thread(self._prepare_chat, req)
         rec = self._new_record(prefix, chat.prompt_ids, req, tenant)
         if chat.constraint is not None:
             if rec.params.structured_output is not None:
@@ -335,6 +335,10 @@ class Ingress:
             # the parsers read the model's markers, and some are special tokens (Kimi-K2's, as vLLM notes)
             rec.params = dataclasses.replace(rec.params, skip_special_tokens=False)
         return rec, chat.output
+
+    def _prepare_chat(self, req: oai.ChatCompletionRequest) -> PreparedChat:
+        self._check_prompt_bytes(_text_bytes(req.chat(self.chat_format.native_tools)), "messages")
+        return prepare_chat(self.tokenizer, req, self.chat_format, self.max_prompt_bytes)
 
     async def _prompt_ids(self, req: oai.CompletionRequest) -> list[int]:
         prompt = req.single_prompt()
@@ -369,8 +373,9 @@ class Ingress:
                                   else "prompt", code="context_length_exceeded")
         wanted = req.requested_max_tokens()
         if wanted is not None and wanted > room:
-            raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds "
-                                  f"the context of {context} tokens", param="max_tokens",
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise oai.OpenAIError(400, f"prompt ({len(ids)} tokens) + {name} ({wanted}) exceeds "
+                                  f"the context of {context} tokens", param=name,
                                   code="context_length_exceeded")
         n = getattr(req, "n", 1) or 1
         params = req.sampling_params(wanted or self._default_max_tokens(len(ids), room, n))

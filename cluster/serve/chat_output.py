@@ -42,6 +42,13 @@ def default_parsers(arch: str, chat_template: str) -> tuple[str | None, str]:
     return None, "hermes"
 
 
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -108,8 +115,10 @@ class ChatOutput:
         return bool(self._calls)
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's "tool_calls" for an answer that ended by itself after calling a function."""
-        return "tool_calls" if reason == "stop" and self._calls else reason
+        """OpenAI's "tool_calls" for an answer that ended by itself after calling a function, each
+        call's arguments a whole JSON object (a stop string can cut one short)."""
+        return "tool_calls" if reason == "stop" and self._calls and all(
+            _json_object(args) for _, _, args in self._calls) else reason
 
     def message(self, text: str, num_tokens: int) -> dict[str, Any]:
         """The whole answer as a chat message (call it once, instead of `feed`)."""

@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 
 from ...engine.sampling import StructuredOutput
+from ...engine.tokenizer import RenderedTooLong
 from . import openai_protocol as oai
 from . import tool_calls
 from .chat_output import ChatOutput, default_parsers, model_type
@@ -46,14 +47,23 @@ class PreparedChat:
     constraint: StructuredOutput | None  # tool_choice "required" or a named function, else None
 
 
-def prepare_chat(tokenizer: Any, req: oai.ChatCompletionRequest, fmt: ChatFormat) -> PreparedChat:
-    """Render `req` with `tokenizer`'s chat template; any problem is an OpenAIError (400)."""
+def prepare_chat(tokenizer: Any, req: oai.ChatCompletionRequest, fmt: ChatFormat,
+                 max_prompt_bytes: int | None = None) -> PreparedChat:
+    """Render `req` with `tokenizer`'s chat template; any problem is an OpenAIError (400).
+    `max_prompt_bytes`: a rendered prompt longer than that cannot fit the context (app.py,
+    `_provable_prompt_bytes`) and is refused before it is tokenized."""
     kwargs = dict(req.chat_template_kwargs or {})
     if req.uses_tools and fmt.native_tools:
         kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     messages = req.chat(fmt.native_tools)
+    if max_prompt_bytes is not None:
+        kwargs["max_bytes"] = max_prompt_bytes
     try:
         ids = tokenizer.apply_chat_template(messages, **kwargs)
+    except RenderedTooLong as exc:
+        raise oai.OpenAIError(400, f"the prompt is {exc.size} bytes as the chat template renders "
+                              f"it; this server takes at most {exc.limit}", param="messages",
+                              code="context_length_exceeded") from None
     except ValueError as exc:  # no chat template
         raise oai.OpenAIError(400, str(exc), param="messages") from None
     except (jinja2.TemplateError, TypeError) as exc:  # the template refused these messages

@@ -88,6 +88,13 @@ class ResponseFormat(BaseModel):
 
     def structured_output(self) -> StructuredOutput | None:
         """The engine's constraint; OpenAIError 400 for a schema the grammar library refuses."""
+        try:
+            return self._structured_output()
+        except RecursionError:
+            raise OpenAIError(400, "response_format's schema nests too deeply",
+                              param="response_format.json_schema.schema", code="invalid_value") from None
+
+    def _structured_output(self) -> StructuredOutput | None:
         if self.type == "text":
             return None
         if self.type == "json_schema" and self.json_schema is None:
@@ -144,6 +151,10 @@ class _Request(BaseModel):
     # Fields of OpenAI's API and vLLM's that would change the answer and that this server does not
     # implement: refused when set, where other unknown fields are ignored. name -> (what to do
     # instead, the values that ask for nothing: null always does)
+    # Fields OpenAI declares nullable whose null means the default (the `openai` client sends null for
+    # an argument given as None): validated as if left out.
+    NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = ("stream", "n", "ignore_eos", "min_tokens")
+
     REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
         **{f"guided_{k}": ("use response_format", ()) for k in ("json", "regex", "choice", "grammar")},
         "structured_outputs": ("use response_format", ({},)),
@@ -164,6 +175,13 @@ class _Request(BaseModel):
         "priority": ("requests are admitted in arrival order", (0,)),
         "thinking_token_budget": ("not supported", ())}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in cls.NULL_IS_DEFAULT):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.NULL_IS_DEFAULT)}
+        return data
+
     def _unsupported(self) -> list[tuple[str, bool]]:
         return []
 
@@ -181,7 +199,7 @@ class _Request(BaseModel):
         vocabulary."""
         out = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit() and len(key.strip()) <= 12):
                 raise OpenAIError(400, f"logit_bias keys must be token ids, got {key!r}",
                                   param="logit_bias", code="invalid_value")
             out.append((int(key), bias))
@@ -292,7 +310,7 @@ class ChatCompletionRequest(_Request):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:   # 0 asks for nothing, as vLLM takes it
             raise OpenAIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
                               code="invalid_value")
         try:
@@ -331,6 +349,8 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for completions
     best_of: PositiveInt | None = None
+
+    NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = (*_Request.NULL_IS_DEFAULT, "echo", "max_tokens")
 
     # the chat API's fields, which a completion would otherwise ignore
     REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
@@ -391,14 +411,20 @@ def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise too_large(max_bytes, len(raw))
     try:
-        # ValueError covers bad UTF-8, bad JSON, NaN/Infinity and integers of over 4300 digits;
+        # UTF-8 only, strictly: json.loads would take UTF-16/32 bodies, and surrogates spelled in
+        # UTF-8 bytes (which no tokenizer takes)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OpenAIError(400, f"the body is not valid UTF-8: {exc}") from None
+    try:
+        # ValueError covers bad JSON, NaN/Infinity and integers of over 4300 digits;
         # RecursionError a body of deeply nested arrays.
-        data = json.loads(raw, parse_constant=_no_constant)
+        data = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise OpenAIError(400, f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
-    if b"\\u" in raw:  # a \ud800 escape decodes to a lone surrogate, which no tokenizer takes
+    if "\\u" in text:  # a \ud800 escape decodes to a lone surrogate, which no tokenizer takes
         try:
             json.dumps(data, ensure_ascii=False).encode()
         except UnicodeEncodeError:

@@ -112,6 +112,8 @@ class ResponseRenderer:
                 rec = recs[i]   # the role chunk goes before the engine has counted the prompt
                 chunk["usage"] = oai.usage(rec.prompt_tokens or len(rec.prompt_ids), tokens[i],
                                            rec.cached_tokens)
+            elif include_usage:   # as OpenAI's: the chunks before the usage chunk say null
+                chunk["usage"] = None
             return oai.sse(chunk)
 
         try:

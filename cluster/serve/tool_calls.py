@@ -96,6 +96,9 @@ def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> Non
         except jsonschema.SchemaError as exc:
             raise ToolsError(f"tools.{i}.function.parameters is not a valid JSON Schema: {exc.message}",
                              f"tools.{i}.function.parameters") from None
+        except RecursionError:
+            raise ToolsError(f"tools.{i}.function.parameters nests too deeply",
+                             f"tools.{i}.function.parameters") from None
         if schema.get("type", "object") != "object":
             raise ToolsError(f"tools.{i}.function.parameters must describe an object (type "
                              f"'object'), not {schema.get('type')!r}", f"tools.{i}.function.parameters")
@@ -105,6 +108,9 @@ def check_tools(tools: list[Tool] | None, tool_choice: ToolChoice | None) -> Non
                              f"not among the tools", "tool_choice")
     elif tool_choice == "required" and not names:
         raise ToolsError("tool_choice 'required' needs at least one tool", "tool_choice")
+    elif tool_choice == "auto" and tools is None:
+        # as OpenAI and vLLM refuse it ("none" asks for nothing; an empty list is no tools, as in vLLM)
+        raise ToolsError("tool_choice 'auto' needs tools", "tool_choice")
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:

@@ -82,6 +82,8 @@ class ToolCallFormat:
             if end < 0:
                 break
             pos = end + len(self.call_end)
+        if final and not calls:   # markup that holds no call: the text is the answer (as vLLM's)
+            return text, []
         return text[:start], calls
 
 
