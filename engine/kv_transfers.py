@@ -39,6 +39,10 @@ class KVTransfers:
     def of(self, seq) -> Transfer | None:
         return next((t for t in self._pending if t.job.seq is seq), None)
 
+    def pending(self) -> bool:
+        """Whether a load or save is in flight."""
+        return bool(self._pending)
+
     def wait(self, timeout_s: float) -> None:
         """Block until a pending job finishes (or `timeout_s`): what an idle step does instead of
         spinning while only transfers are in flight."""

@@ -254,10 +254,12 @@ class LLMEngine:
             return
         self._enqueue(seq, detok, resumed)
 
-    def _enqueue(self, seq: Sequence, detok: IncrementalDetokenizer, resumed: list[int]) -> None:
-        """Give the sequence its grammar's matcher, if it has one, and queue it."""
+    def _enqueue(self, seq: Sequence, detok: IncrementalDetokenizer, resumed: list[int],
+                 compiled: futures.Future | None = None) -> None:
+        """Give the sequence its grammar's matcher (from `compiled`, its background compile, if it
+        had one), if it has a grammar, and queue it."""
         if seq.params.structured_output is not None:
-            seq.matcher = self.grammar.matcher(seq.params.structured_output)
+            seq.matcher = self.grammar.matcher(seq.params.structured_output, compiled)
             if not all(seq.matcher.accept(t) for t in resumed):
                 raise ValueError("generated_token_ids do not fit the request's structured output")
         if resumed:
@@ -277,8 +279,8 @@ class LLMEngine:
                 continue
             del self._compiling[request_id]
             try:
-                self._enqueue(c.seq, c.detok, c.resumed)
-            except ValueError as exc:
+                self._enqueue(c.seq, c.detok, c.resumed, c.compiled)
+            except Exception as exc:  # noqa: BLE001 - xgrammar's own errors too: this request's, not the batch's
                 outputs.append(RequestOutput(
                     request_id=request_id, new_token_ids=[], delta_text="", finished=True,
                     finish_reason="error", num_prompt_tokens=c.seq.num_prompt_tokens,
@@ -318,7 +320,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
-        if self._compiling.pop(request_id, None) is not None:   # holds no blocks yet
+        compiling = self._compiling.pop(request_id, None)
+        if compiling is not None:   # it holds no blocks yet; its compile stops unless another waits
+            if not any(c.compiled is compiling.compiled for c in self._compiling.values()):
+                self.grammar.forget(compiling.seq.params.structured_output)
             return True
         seq = self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
@@ -345,9 +350,13 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
-            if self.transfers is not None and not outputs:  # only KV in flight: wait, do not spin
+            # only KV in flight, or grammars compiling: wait for one to end (at most IDLE_WAIT_S),
+            # do not spin
+            if outputs:
+                pass
+            elif self.transfers is not None and self.transfers.pending():
                 self.transfers.wait(IDLE_WAIT_S)
-            elif self._compiling and not outputs:  # only grammars compiling: the same
+            elif self._compiling:
                 futures.wait([c.compiled for c in self._compiling.values()], IDLE_WAIT_S,
                              return_when=futures.FIRST_COMPLETED)
             return outputs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,10 +24,11 @@ KINDS = ("json_object", "json_schema", "ebnf", "regex", "structural_tag")
 JSON_OBJECT_SCHEMA = '{"type": "object", "additionalProperties": true}'
 COMPILED_CACHE_SIZE = 256
 # A few hundred bytes of schema can take xgrammar seconds to parse (a pattern's `{1,5000}`, objects
-# nested hundreds deep), so checking a grammar gets this long, on threads of its own (xgrammar lets
-# the GIL go meanwhile): over it, the grammar is refused as too complex. A check that ran out holds
-# its thread until xgrammar is done (it cannot be stopped), so at most PARSE_THREADS run at once and
-# the others wait for one within the same budget.
+# nested hundreds deep), so checking a grammar gets this long from when a thread of its own takes it
+# up (xgrammar lets the GIL go meanwhile): over it, the grammar is refused as too complex, at once
+# from then on. A check that ran out holds its thread until xgrammar is done (it cannot be stopped),
+# so at most PARSE_THREADS run at once; one that waits a whole budget for a thread is refused as
+# busy, not as too complex. Requests checking the same grammar share one check.
 PARSE_BUDGET_S = 5.0
 PARSE_THREADS = 2
 
@@ -51,33 +53,76 @@ class StructuredOutput:
         check_within_budget(self.kind, self.grammar)
 
 
+class GrammarChecksBusy(RuntimeError):
+    """Every grammar-check thread stayed busy with other grammars for a whole budget: retry later
+    (the server's state, not the grammar's fault: a 503)."""
+
+
+@dataclass
+class _Check:
+    """One grammar's check, shared by the requests that ask for it while it runs."""
+    started: threading.Event
+    future: Future | None = None
+    started_at: float = 0.0   # time.monotonic() when a thread took it up
+
+
 _parse_pool: ThreadPoolExecutor | None = None
-_too_slow: OrderedDict[tuple[str, str], None] = OrderedDict()   # grammars that ran out: refused at once
+_checks: dict[tuple[str, str], _Check] = {}                        # under way
+_checked: OrderedDict[tuple[str, str], None] = OrderedDict()      # parsed: passed at once
+_too_slow: OrderedDict[tuple[str, str], None] = OrderedDict()     # ran out: refused at once
 _budget_lock = threading.Lock()
 
 
 def check_within_budget(kind: str, grammar: str, budget_s: float = PARSE_BUDGET_S) -> None:
-    """Parse the grammar on a parsing thread, waiting at most `budget_s`; ValueError (fit for a 400)
-    if it is invalid or took longer (then the same grammar is refused at once from then on)."""
+    """Parse the grammar on a grammar-check thread, for at most `budget_s` once one takes it up;
+    ValueError (fit for a 400) if it is invalid or took longer, GrammarChecksBusy if no thread took
+    it up within `budget_s`."""
     global _parse_pool
     import xgrammar  # noqa: F401 - loaded here, not on the budget's clock
 
     key = (kind, grammar)
     with _budget_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return
         if key in _too_slow:
             raise ValueError(_too_complex(kind, budget_s))
         if _parse_pool is None:
             _parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="grammar-check")
-    future: Future = _parse_pool.submit(_parse, kind, grammar)
-    try:
-        future.result(timeout=budget_s)
-    except FutureTimeout:
-        future.cancel()   # one still waiting for a thread never runs
+        check = _checks.get(key)
+        if check is None:
+            check = _checks[key] = _Check(threading.Event())
+            check.future = _parse_pool.submit(_run_check, key, check)
+    if not check.started.wait(budget_s):
         with _budget_lock:
-            _too_slow[key] = None
-            while len(_too_slow) > COMPILED_CACHE_SIZE:
-                _too_slow.popitem(last=False)
+            if check.future.cancel() and _checks.get(key) is check:   # never ran: the next asks anew
+                del _checks[key]
+        raise GrammarChecksBusy(f"the server's grammar checks are busy: no thread was free for {budget_s:g} s")
+    try:
+        check.future.result(timeout=max(0.0, check.started_at + budget_s - time.monotonic()))
+    except FutureTimeout:
+        _remember(_too_slow, key)
         raise ValueError(_too_complex(kind, budget_s)) from None
+    _remember(_checked, key)
+
+
+def _run_check(key: tuple[str, str], check: _Check):
+    check.started_at = time.monotonic()
+    check.started.set()
+    try:
+        return _parse(*key)
+    finally:
+        with _budget_lock:
+            if _checks.get(key) is check:
+                del _checks[key]
+
+
+def _remember(verdicts: OrderedDict, key: tuple[str, str]) -> None:
+    with _budget_lock:
+        verdicts[key] = None
+        verdicts.move_to_end(key)
+        while len(verdicts) > COMPILED_CACHE_SIZE:
+            verdicts.popitem(last=False)
 
 
 def _too_complex(kind: str, budget_s: float) -> str:
@@ -236,13 +281,21 @@ class GrammarCompiler:
             self._pending[key] = self._pool.submit(self._compile_uncached, *key)
         return self._pending[key]
 
-    def matcher(self, constraint: StructuredOutput) -> GrammarMatcher:
-        """A matcher at the grammar's start; ValueError for a grammar that does not compile."""
+    def forget(self, constraint: StructuredOutput) -> None:
+        """No request waits for this constraint's compile any more: stop it if it has not started."""
+        pending = self._pending.pop((constraint.kind, constraint.grammar), None)
+        if pending is not None:
+            pending.cancel()
+
+    def matcher(self, constraint: StructuredOutput, compiled_by: Future | None = None) -> GrammarMatcher:
+        """A matcher at the grammar's start, from `compiled_by` (the request's background compile)
+        where given; raises the compile's error (ValueError for a grammar that does not compile)."""
         key = (constraint.kind, constraint.grammar)
         compiled = self._compiled.get(key)
         if compiled is None:
-            pending = self._pending.pop(key, None)
-            compiled = pending.result() if pending is not None else self._compile_uncached(*key)
+            if self._pending.get(key) is compiled_by:
+                self._pending.pop(key, None)
+            compiled = compiled_by.result() if compiled_by is not None else self._compile_uncached(*key)
             self._compiled[key] = compiled
             while len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)

@@ -276,3 +276,68 @@ def test_the_batch_steps_on_while_a_newcomers_grammar_compiles(llm):
     assert "aborted" not in texts
     assert re.fullmatch(r'\{"w": ?"[a-z]+("\})?', texts["constrained"]), texts["constrained"]
     assert_all_blocks_free(llm)
+
+
+def test_a_check_that_waits_for_a_busy_thread_is_busy_not_too_complex():
+    import threading
+
+    from pdcluster.engine import structured_output as so
+
+    slow = [_slow_schema(3003), _slow_schema(3004)]   # both grammar-check threads held ~0.5 s
+    threads = [threading.Thread(target=so.check_within_budget, args=("json_schema", g, 60)) for g in slow]
+    for t in threads:
+        t.start()
+    while sum(c.started.is_set() for k, c in list(so._checks.items()) if k[1] in slow) < 2:
+        threading.Event().wait(0.001)
+    with pytest.raises(so.GrammarChecksBusy):
+        so.check_within_budget("regex", "ab+c", budget_s=0.05)
+    for t in threads:
+        t.join()
+    so.check_within_budget("regex", "ab+c", budget_s=60)   # its turn came: not held against it
+
+
+def test_an_engine_waiting_only_for_a_grammar_does_not_spin(llm):
+    from pdcluster.engine import structured_output
+
+    eng = llm.engine
+    so = StructuredOutput("json_schema", _slow_schema(3005))
+    structured_output._parse.cache_clear()
+    eng.add_request("lone", prompt_token_ids=chat(llm, "Hi."), params=SamplingParams(
+        temperature=0, max_tokens=2, structured_output=so))
+    steps = 0
+    while "lone" in eng._compiling:
+        eng.step()
+        steps += 1
+    assert steps < 40   # ~0.5 s of compile in waits of up to 50 ms, not a busy loop
+    while eng.has_unfinished_requests():
+        eng.step()
+    # the only request waiting for a compile leaves: the compile is forgotten
+    so2 = StructuredOutput("json_schema", _slow_schema(3006))
+    structured_output._parse.cache_clear()
+    eng.add_request("gone", prompt_token_ids=chat(llm, "Hi."), params=SamplingParams(
+        temperature=0, max_tokens=2, structured_output=so2))
+    assert eng.abort_request("gone") and not eng.has_unfinished_requests()
+    assert ("json_schema", so2.grammar) not in eng.grammar._pending
+    assert_all_blocks_free(llm)
+
+
+def test_a_compile_that_raises_fails_its_request_not_the_batch(llm, monkeypatch):
+    eng = llm.engine
+    p = chat(llm, "Count.")
+    eng.add_request("plain", prompt_token_ids=p,
+                    params=SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    broken = StructuredOutput("regex", "[a-z]+ broken")
+
+    def compile_or_fail(kind, grammar):
+        raise RuntimeError("xgrammar failed")   # xgrammar's own errors are not ValueErrors
+    monkeypatch.setattr(eng.grammar, "_compile_uncached", compile_or_fail)
+    eng.add_request("broken", prompt_token_ids=p, params=SamplingParams(
+        temperature=0, max_tokens=8, structured_output=broken))
+    ends = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                ends[out.request_id] = (out.finish_reason, out.error)
+    assert ends["plain"] == ("length", None)
+    assert ends["broken"][0] == "error" and "xgrammar failed" in ends["broken"][1]
+    assert_all_blocks_free(llm)

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 10.0
 ROUTER_RESTART_WAIT_S = 25.0  # under Serve's health-check timeout (30 s)
 LEASE_RENEW_S = 1.0  # well inside the router's LEASE_TTL_S
+# Threads that validate request bodies, apart from the loop's default executor (templating and
+# tokenizing): a body's grammar check may wait seconds (structured_output.PARSE_BUDGET_S).
+VALIDATION_THREADS = 4
 # HTTP status of an OpenAIError -> gRPC status code
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -117,7 +121,7 @@ def _grpc_response_format(fmt) -> dict[str, Any]:
         return {"type": fmt.type or "text"}
     try:
         schema = json.loads(fmt.json_schema or "{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise oai.OpenAIError(400, f"response_format.json_schema is not valid JSON: {exc}",
                               param="response_format.json_schema") from None
     return {"type": "json_schema", "json_schema": {"name": "grpc", "schema": schema}}
@@ -130,6 +134,7 @@ class Ingress:
         from ...engine.tokenizer import Tokenizer
         from ...engine.weights import resolve_model_path
 
+        self._validation = ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
         self.spec = ClusterSpec.from_dict(spec)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)  # bad keys fail before anything starts
         controller = get_or_create_controller(self.spec)
@@ -295,13 +300,13 @@ class Ingress:
             data["messages"] = [grpc_service.chat_message(m) for m in request.messages]
             if request.HasField("logprobs"):
                 data["logprobs"], data["top_logprobs"] = True, request.logprobs
-            req = await asyncio.to_thread(oai.validate, oai.ChatCompletionRequest, data)
+            req = await self._validated(oai.validate, oai.ChatCompletionRequest, data)
             self._check_model(req.model)
             return *await self._chat_record("grpc", req, tenant), req.n
         data["prompt"] = request.prompt or list(request.prompt_token_ids)
         if request.HasField("logprobs"):
             data["logprobs"] = request.logprobs
-        req = await asyncio.to_thread(oai.validate, oai.CompletionRequest, data)
+        req = await self._validated(oai.validate, oai.CompletionRequest, data)
         self._check_model(req.model)
         return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None, req.n
 
@@ -310,10 +315,13 @@ class Ingress:
         """Authenticate, read (within the size limit) and validate a request body for this model."""
         tenant = self._tenant(request.headers.getlist("authorization"))
         limit = self.spec.serve.max_body_bytes
-        # off the event loop: validation checks grammars, which can take xgrammar seconds
-        req = await asyncio.to_thread(oai.parse, model, await _read_body(request, limit), limit)
+        req = await self._validated(oai.parse, model, await _read_body(request, limit), limit)
         self._check_model(req.model)
         return req, tenant
+
+    async def _validated(self, validate: Any, *args: Any) -> Any:
+        """`validate(*args)` off the event loop: it checks grammars, which can take seconds."""
+        return await asyncio.get_running_loop().run_in_executor(self._validation, validate, *args)
 
     def _tenant(self, authorization: list[str]) -> str | None:
         return oai.tenant_for(authorization, self.api_keys)

@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 
 from ...engine.sampling import StructuredOutput
+from ...engine.structured_output import GrammarChecksBusy
 from ...engine.tokenizer import RenderedTooLong
 from . import openai_protocol as oai
 from . import tool_calls
@@ -83,4 +84,6 @@ def prepare_chat(tokenizer: Any, req: oai.ChatCompletionRequest, fmt: ChatFormat
                                                       mode, parallel)
         except tool_calls.ToolsError as exc:
             raise oai.OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        except GrammarChecksBusy as exc:
+            raise oai.grammar_checks_busy(exc) from None
     return PreparedChat(ids, ChatOutput(parser, calls, parallel), constraint)

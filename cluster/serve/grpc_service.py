@@ -98,7 +98,7 @@ def chat_fields(request: pb.GenerateRequest) -> dict[str, Any]:
         if text := getattr(request, name):
             try:
                 fields[openai_name] = json.loads(text)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ValueError(f"{name} is not valid JSON: {exc}") from None
     if request.HasField("parallel_tool_calls"):
         fields["parallel_tool_calls"] = request.parallel_tool_calls

@@ -13,7 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from ...engine.outputs import TokenLogprob
 from ...engine.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams, StructuredOutput
-from ...engine.structured_output import unenforceable
+from ...engine.structured_output import GrammarChecksBusy, unenforceable
 from . import tool_calls
 from .tool_calls import Tool, ToolCall, ToolChoice
 
@@ -90,6 +90,8 @@ class ResponseFormat(BaseModel):
         """The engine's constraint; OpenAIError 400 for a schema the grammar library refuses."""
         try:
             return self._structured_output()
+        except GrammarChecksBusy as exc:
+            raise grammar_checks_busy(exc) from None
         except RecursionError:
             raise OpenAIError(400, "response_format's schema nests too deeply",
                               param="response_format.json_schema.schema", code="invalid_value") from None
@@ -379,6 +381,10 @@ class CompletionRequest(_Request):
         return p
 
 
+def grammar_checks_busy(exc: GrammarChecksBusy) -> OpenAIError:
+    return OpenAIError(503, f"{exc}; retry", code="grammar_checks_busy", retry_after_s=1.0)
+
+
 def too_large(max_bytes: int, size: int | None = None) -> OpenAIError:
     got = f"{size} bytes" if size is not None else "larger than that"
     return OpenAIError(413, f"the request body is {got}; the limit is {max_bytes} bytes",
@@ -411,9 +417,9 @@ def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise too_large(max_bytes, len(raw))
     try:
-        # UTF-8 only, strictly: json.loads would take UTF-16/32 bodies, and surrogates spelled in
-        # UTF-8 bytes (which no tokenizer takes)
-        text = raw.decode("utf-8")
+        # UTF-8 only, strictly (a BOM allowed, as json.loads allowed it): json.loads would take
+        # UTF-16/32 bodies, and surrogates spelled in UTF-8 bytes (which no tokenizer takes)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise OpenAIError(400, f"the body is not valid UTF-8: {exc}") from None
     try:

@@ -55,7 +55,10 @@ def _completion(obj: str, choice: dict[str, Any], chunk: bool = False) -> dict[s
     return {"type": "object",
             "required": ["id", "object", "created", "model", "choices", *([] if chunk else ["usage"])],
             "properties": {"id": _ID, "object": {"const": obj}, "created": _INT,
-                           "model": {"type": "string"}, "usage": {"$ref": _REF.format(model="Usage")},
+                           "model": {"type": "string"},
+                           # a stream's chunks before the usage chunk say null (include_usage)
+                           "usage": ({"anyOf": [{"type": "null"}, {"$ref": _REF.format(model="Usage")}]}
+                                     if chunk else {"$ref": _REF.format(model="Usage")}),
                            "choices": {"type": "array", "minItems": 0 if chunk else 1, "items": {
                                "type": "object", "required": ["index", "finish_reason", *choice],
                                "properties": {"index": _INT, "logprobs": _LOGPROBS[obj],
@@ -141,7 +144,7 @@ def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]
             **common},
         "CompletionRequest": {
             **common, "prompt": {"anyOf": [text, ids, one(text), one(ids)]},
-            "echo": {"const": False, "default": False}, "suffix": off("")},
+            "echo": {**off(False), "default": False}, "suffix": off("")},
     }
 
 
@@ -152,6 +155,12 @@ def _request_schemas(model_name: str, vocab_size: int) -> dict[str, Any]:
     for model in (oai.ChatCompletionRequest, oai.CompletionRequest):
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
+        for name in model.NULL_IS_DEFAULT:   # null is taken as the default
+            prop = schema["properties"][name]
+            if {"type": "null"} in prop.get("anyOf", []):
+                continue
+            schema["properties"][name] = {"title": prop.pop("title"), "default": prop.pop("default", None),
+                                          "anyOf": [prop, {"type": "null"}]}
         for name, values in served[model.__name__].items():
             schema["properties"][name] = {"title": schema["properties"][name]["title"], **values}
         schemas[model.__name__] = schema

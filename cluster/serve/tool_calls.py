@@ -21,7 +21,8 @@ from ...engine.structured_output import unenforceable
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "max_bytes"})
 
 
 class ToolsError(ValueError):
