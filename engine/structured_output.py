@@ -189,6 +189,10 @@ def unenforceable(schema: object, at: str = "") -> str | None:
     if lengths and ("pattern" in schema or "format" in schema):
         return (f"{'/'.join(repr(k) for k in lengths)} (at {where}) cannot be enforced beside 'pattern' "
                 "or 'format'; fold the length into the pattern")
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        return (f"'$ref' to {ref[:80]!r} (at {where}) cannot be enforced: only references into the "
+                "schema itself ('#/...') are resolved")
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and any(a in pattern for a in ("(?=", "(?!", "(?<=", "(?<!")):
         return f"a lookaround in 'pattern' (at {where}) cannot be enforced: the grammar engine drops it"

@@ -102,6 +102,7 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
                     pb.GenerateRequest(prompt="hi", max_tokens=4), timeout=60))
             except grpc.RpcError as err:
                 assert "retry after" in err.details()
+                assert dict(err.trailing_metadata() or ()).get("retry-after", "").isdigit()
                 return err.code()
         return grpc.StatusCode.OK
 

@@ -99,6 +99,14 @@ def test_keywords_the_grammar_drops_are_named(schema, breaks_it, keyword):
     assert keyword in unenforceable(nested) and "/properties/outer/items" in unenforceable(nested)
 
 
+def test_a_reference_outside_the_schema_is_named():
+    # xgrammar warns and lets any value through where it cannot resolve a $ref
+    schema = {"type": "object", "properties": {"a": {"$ref": "http://example.com/a.json"}}, "required": ["a"]}
+    assert _grammar_accepts(schema, '{"a": 123}') and _grammar_accepts(schema, '{"a": "x"}')
+    assert "$ref" in unenforceable(schema) and "/properties/a" in unenforceable(schema)
+    assert unenforceable({"$defs": {"p": {"type": "integer"}}, "$ref": "#/$defs/p"}) is None
+
+
 # schemas whose every keyword the grammar enforces, each with an instance that breaks it
 ENFORCED = [
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "maxItems": 1}, "[1, 1]"),

@@ -265,6 +265,8 @@ class Ingress:
             grpc_context.set_code(_GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL))
             retry = f" (retry after {exc.headers()['Retry-After']}s)" if exc.retry_after_s else ""
             grpc_context.set_details(exc.message + retry)
+            if exc.retry_after_s:   # as inference.proto promises
+                grpc_context.set_trailing_metadata((("retry-after", exc.headers()["Retry-After"]),))
             raise
         try:
             async for message in self.responses.grpc(recs, outs, choices):
