@@ -144,7 +144,7 @@ def test_chat_request_maps_to_sampling_params():
         "some_vendor_field": 1}).encode(), 1 << 20)
     assert req.requested_max_tokens() == 9
     assert req.include_usage and req.stream
-    assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert req.chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
     p = req.sampling_params(9)
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.ignore_eos) == \
         (9, 0.0, 0.5, 7, ("END",), True)
@@ -232,6 +232,13 @@ def test_defaults_follow_openai():
     assert tuned.sampling_params(100).min_p == 0.05
     comp = oai.parse(oai.CompletionRequest, b'{"prompt": "x"}', 1 << 20)
     assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
+
+
+def test_text_parts_are_joined_one_per_line_as_vllm_joins_them():
+    parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                               {"type": "text", "text": "b"}]}]}
+    req = oai.parse(oai.ChatCompletionRequest, json.dumps(parts).encode(), 1 << 20)
+    assert req.chat()[0]["content"] == "a\nb"
 
 
 @pytest.mark.parametrize("model, body", [(oai.ChatCompletionRequest, CHAT), (oai.CompletionRequest, COMPLETION)])

@@ -282,8 +282,8 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+        if isinstance(self.content, list):   # parts one per line, as vLLM joins them
+            return "\n".join(p.text for p in self.content)
         return self.content or ""
 
 
