@@ -127,17 +127,11 @@ class Tokenizer:
         # everything up to a </think> in it)
         marked = ([m if m.get("role") == "assistant" else self._mark_controls(m, marker, literals)
                    for m in messages], self._mark_controls(kwargs, marker, literals))
-        if not literals:  # nearly every chat: exactly what transformers gives
-            if max_bytes is None:
-                ids = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                    tokenize=True, **kwargs)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5: a BatchEncoding
-                    ids = ids["input_ids"]
-                return list(ids)
-            # what transformers' tokenize=True does, with the length checked in between
+        if not literals:  # nearly every chat: exactly what transformers' tokenize=True gives
             text = self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  tokenize=False, **kwargs)
-            _check_rendered(text, max_bytes)
+            if max_bytes is not None:
+                _check_rendered(text, max_bytes)
             return list(self._tok(text, add_special_tokens=False)["input_ids"])
         text = self._tok.apply_chat_template(marked[0], add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **marked[1])
