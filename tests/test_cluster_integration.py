@@ -304,6 +304,60 @@ def test_models_and_health(client, cluster):
     assert int(t0) <= created <= time.time() + 1
     health = httpx.get(cluster[1] + "/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    head = httpx.head(cluster[1] + "/health", timeout=30)   # load balancers probe with HEAD too
+    assert (head.status_code, head.content) == (200, b"")
+    # an event stream is never cached nor held back by a buffering proxy in front
+    body = {"model": h.MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", cluster[1] + "/v1/completions", json=body, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert (resp.headers["cache-control"], resp.headers["x-accel-buffering"]) == ("no-cache", "no")
+        assert resp.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_grpc_health_reflection_and_every_calls_outcome_counted(cluster):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    spec, base = cluster
+    service = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+    serving = health_pb2.HealthCheckResponse.SERVING
+    before = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+    with grpc.insecure_channel(f"127.0.0.1:{spec.serve.grpc_port}") as channel:
+        # gRPC's standard Health service, as Kubernetes' gRPC probes ask it
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", service):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30).status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        assert next(watch).status == serving
+        watch.cancel()
+        # Reflection: a client without inference.proto finds the method and its message types
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert service in db.get_services()
+        method = DescriptorPool(db).FindServiceByName(service).FindMethodByName("Generate")
+        assert method.server_streaming and \
+            method.input_type.full_name == pb.GenerateRequest.DESCRIPTOR.full_name
+        assert [f.name for f in method.input_type.fields] == \
+            [f.name for f in pb.GenerateRequest.DESCRIPTOR.fields]
+        # one call answered, one refused: each counted by its final status
+        stub = pb_grpc.InferenceStub(channel)
+        assert list(stub.Generate(pb.GenerateRequest(prompt="Hi", max_tokens=2), timeout=120))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", n=0), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)
+
+    def delta(code):
+        key = ("pdcluster_grpc_responses_total", (("code", code), ("method", "Generate")))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert (delta("OK"), delta("INVALID_ARGUMENT")) == (1, 1)
 
 
 def test_prefill_and_decode_split_the_cores_and_decode_may_take_the_idle_ones(cluster):

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import yaml
@@ -43,6 +44,15 @@ def _logs(tmp: Path, down: subprocess.Popen) -> str:
     if driver.exists():
         said.append(f"up's Ray lines: {driver.read_text()[-3000:]}")
     return "\n".join(said)
+
+
+def _grpc_health(spec) -> str:
+    """What gRPC's Health service says of the server as a whole."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{spec.serve.grpc_port}") as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
 
 
 def _stream(base: str, max_tokens: int, events: list, first: threading.Event) -> None:
@@ -129,7 +139,8 @@ def test_down_drains_in_flight_requests_then_exits(up):
             assert time.monotonic() < h_deadline, "never reported draining"
             time.sleep(0.2)
         assert (health.status_code, health.json()["status"]) == (503, "draining")
-    except (AssertionError, httpx.HTTPError) as exc:
+        assert _grpc_health(spec) == "NOT_SERVING"   # gRPC's Health service says so too
+    except (AssertionError, httpx.HTTPError, grpc.RpcError) as exc:
         raise AssertionError(f"{exc!r} (down ran at {since})\n{_logs(tmp, down)}") from exc
     refused = httpx.post(base + "/v1/completions", timeout=30,
                          json={"model": h.MODEL, "prompt": "hi", "max_tokens": 4})

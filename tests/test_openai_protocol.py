@@ -31,6 +31,7 @@ def _parse_error(model, body, max_bytes: int = 1 << 20) -> oai.OpenAIError:
      "messages.0", "invalid_value"),
     ({**CHAT, "messages": [*CHAT["messages"], {"role": "assistant"}]}, 400, "messages.1",
      "invalid_value"),
+    ({**CHAT, "messages": [{"role": "user", "content": []}]}, 400, "messages.0.content", "invalid_value"),
     ({**CHAT, "top_logprobs": 3}, 400, "top_logprobs", "invalid_value"),
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
     ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
@@ -232,6 +233,20 @@ def test_defaults_follow_openai():
     assert tuned.sampling_params(100).min_p == 0.05
     comp = oai.parse(oai.CompletionRequest, b'{"prompt": "x"}', 1 << 20)
     assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
+
+
+def test_best_of_below_n_is_named_as_wrong_not_as_unsupported():
+    err = _parse_error(oai.CompletionRequest, {**COMPLETION, "n": 3, "best_of": 2})
+    assert (err.status, err.param, err.code) == (400, "best_of", "invalid_value")
+    assert "at least n" in err.message
+
+
+def test_a_participants_name_reaches_the_template():
+    chat = {**CHAT, "messages": [{"role": "system", "content": "s", "name": "ops"},
+                                 {"role": "user", "content": "hi", "name": "ann"},
+                                 {"role": "assistant", "content": "hello"}]}
+    req = oai.parse(oai.ChatCompletionRequest, json.dumps(chat).encode(), 1 << 20)
+    assert [m.get("name") for m in req.chat()] == ["ops", "ann", None]
 
 
 def test_text_parts_are_joined_one_per_line_as_vllm_joins_them():

@@ -35,13 +35,14 @@ from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, CountResponses, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord, merge_choices
-from .responses import ClosingStreamingResponse, ResponseRenderer, error_response
+from .responses import SSE_HEADERS, ClosingStreamingResponse, ResponseRenderer, error_response
 
 log = logging.getLogger(__name__)
 
 ROUTER_TIMEOUT_S = 10.0
 ROUTER_RESTART_WAIT_S = 25.0  # under Serve's health-check timeout (30 s)
 LEASE_RENEW_S = 1.0  # well inside the router's LEASE_TTL_S
+GRPC_HEALTH_REFRESH_S = 1.0  # how stale a gRPC Health watcher's status may be
 # Threads that validate request bodies, apart from the loop's default executor (templating and
 # tokenizing): a body's grammar check may wait seconds (structured_output.PARSE_BUDGET_S).
 VALIDATION_THREADS = 4
@@ -161,15 +162,19 @@ class Ingress:
         self._lease = asyncio.create_task(self._renew_lease_forever())
         serve_spec = self.spec.serve
         # The replica this one replaces (a redeploy) keeps the port until its streams finish.
+        self.grpc_health = grpc_service.Health(self._ready)
+        self._grpc_health_refresh = asyncio.create_task(self._refresh_grpc_health_forever())
         self.grpc_server = await grpc_service.start_server(
-            self, serve_spec.http_host, serve_spec.grpc_port, serve_spec.max_body_bytes,
-            wait_s=self.spec.router.drain_timeout_s + 5)
+            self, self.grpc_health, serve_spec.http_host, serve_spec.grpc_port,
+            serve_spec.max_body_bytes, wait_s=self.spec.router.drain_timeout_s + 5)
         log.info("ingress ready for %s (%d workers)", self.info.model_name, len(self.info.workers))
 
     async def __del__(self) -> None:
         """Serve stops this replica: stop taking gRPC calls, give those running the drain timeout."""
         server = getattr(self, "grpc_server", None)
         if server is not None:
+            self._grpc_health_refresh.cancel()
+            await self.grpc_health.enter_graceful_shutdown()   # NOT_SERVING from now on
             await server.stop(self.spec.router.drain_timeout_s)
 
     async def _renew_lease_forever(self) -> None:
@@ -180,6 +185,15 @@ class Ingress:
                 log.warning("lease renewal failed: %s", exc)
             await asyncio.sleep(LEASE_RENEW_S)
 
+    async def _refresh_grpc_health_forever(self) -> None:
+        """Keeps the gRPC Health service's watchers told of this replica's readiness."""
+        while True:
+            try:
+                await self.grpc_health.refresh()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("gRPC health refresh failed")
+            await asyncio.sleep(GRPC_HEALTH_REFRESH_S)
+
     async def check_health(self) -> None:
         """Serve's replica health check: the router answers. Ray restarts a router whose process
         died and calls wait for it, so a restart fails no check (replacing this replica for it
@@ -187,18 +201,26 @@ class Ingress:
         await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_RESTART_WAIT_S)
 
     # ------------------------------------------------------------------ HTTP routes
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # load balancers probe with either
     async def health(self) -> Response:
+        body = await self._readiness()
+        return JSONResponse(body, 200 if body["status"] == "ok" else 503)
+
+    async def _readiness(self) -> dict[str, Any]:
+        """Whether this replica can serve ("status": "ok"), as /health and gRPC's Health answer."""
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
         except (TimeoutError, ray.exceptions.RayError) as exc:
-            return JSONResponse({"status": "unavailable", "detail": f"router: {exc}"}, 503)
+            return {"status": "unavailable", "detail": f"router: {exc}"}
         if snap.draining:  # load balancers stop sending here; in-flight requests still finish
-            return JSONResponse({"status": "draining", "in_flight": snap.in_flight}, 503)
+            return {"status": "draining", "in_flight": snap.in_flight}
         roles = {w.info.role for w in snap.workers if w.healthy}
         if roles != ({"decode"} if self.spec.colocated else {"prefill", "decode"}):
-            return JSONResponse({"status": "unavailable", "detail": "no healthy worker in a pool"}, 503)
-        return JSONResponse({"status": "ok", "in_flight": snap.in_flight, "queued": snap.queued})
+            return {"status": "unavailable", "detail": "no healthy worker in a pool"}
+        return {"status": "ok", "in_flight": snap.in_flight, "queued": snap.queued}
+
+    async def _ready(self) -> bool:
+        return (await self._readiness())["status"] == "ok"
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
@@ -426,7 +448,7 @@ class Ingress:
         if req.stream:
             return ClosingStreamingResponse(self.responses.sse(recs, outs, choices, req.include_usage,
                                                                    req.continuous_usage),
-                                            media_type="text/event-stream")
+                                            media_type="text/event-stream", headers=SSE_HEADERS)
         return await self.responses.json(recs, outs, choices)
 
     async def _start(self, rec: RequestRecord, n: int, out: ChatOutput | None,

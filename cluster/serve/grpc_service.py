@@ -3,6 +3,9 @@
 The ingress serves gRPC itself, not through Serve's gRPC proxy, because that proxy always listens on
 every interface (`[::]`); this server binds where HTTP binds (`serve.http_host`, loopback by default).
 Bytes that are not a GenerateRequest reach the ingress as `Undecodable`, answered INVALID_ARGUMENT.
+Beside it the server runs gRPC's standard Health service (what Kubernetes' gRPC probes and load
+balancers ask; the ingress's readiness, as /health answers it) and Reflection (grpcurl and other
+clients discover the API from the server).
 Below: the chat fields (tools, tool calls, reasoning) between inference.proto and the OpenAI shapes
 the ingress uses.
 """
@@ -12,14 +15,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ...proto import inference_pb2 as pb
+from .metrics import GRPC_RESPONSES
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +55,64 @@ def add_inference_servicer(servicer: Any, server: grpc.Server | grpc.aio.Server)
 
 class _Servicer:
     """Hands each call to the ingress's `Generate`; a failure it gave a status (set_code) is sent
-    with that status, anything else as UNKNOWN."""
+    with that status, anything else as UNKNOWN. Each call's final status is counted."""
 
     def __init__(self, ingress: Any) -> None:
         self._ingress = ingress
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        outcome = grpc.StatusCode.UNKNOWN
         try:
             async for response in self._ingress.Generate(request, context):
                 yield response
+            outcome = grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or went away
+            outcome = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = context.code()
             if code is None or code == grpc.StatusCode.OK:
                 raise
+            outcome = code
             await context.abort(code, context.details() or "")
+        finally:
+            GRPC_RESPONSES.labels("Generate", outcome.name).inc()
 
 
-async def start_server(ingress: Any, host: str, port: int, max_message_bytes: int,
-                       wait_s: float = 0.0) -> grpc.aio.Server:
-    """Serve `ingress.Generate` on host:port (in the running event loop); raises if the port is
-    still taken after `wait_s` seconds."""
+class Health(health.aio.HealthServicer):
+    """gRPC's Health service, for the server as a whole ("") and for the Inference service:
+    SERVING while `readiness()` says ready. A Check asks it afresh; watchers get what the ingress's
+    periodic `refresh()` last found."""
+
+    def __init__(self, readiness: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    async def refresh(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if await self._readiness()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE):
+            await self.set(service, status)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.service in ("", SERVICE):
+            await self.refresh()
+        return await super().Check(request, context)
+
+
+async def start_server(ingress: Any, health_servicer: Health, host: str, port: int,
+                       max_message_bytes: int, wait_s: float = 0.0) -> grpc.aio.Server:
+    """Serve `ingress.Generate`, `health_servicer` and reflection on host:port (in the running event
+    loop); raises if the port is still taken after `wait_s` seconds."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     deadline = time.monotonic() + wait_s
     while True:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                           ("grpc.so_reuseport", 0)])
         add_inference_servicer(_Servicer(ingress), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
             server.add_insecure_port(address)
             break

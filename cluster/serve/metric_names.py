@@ -25,6 +25,7 @@ ADMISSIONS_TOTAL = "pdcluster_admissions_total"
 REJECTIONS_TOTAL = "pdcluster_rejections_total"
 REQUESTS_TOTAL = "pdcluster_requests_total"
 HTTP_RESPONSES_TOTAL = "pdcluster_http_responses_total"
+GRPC_RESPONSES_TOTAL = "pdcluster_grpc_responses_total"
 PROMPT_TOKENS_TOTAL = "pdcluster_prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "pdcluster_generation_tokens_total"
 KV_HANDOFF_BYTES_TOTAL = "pdcluster_kv_handoff_bytes_total"
@@ -55,6 +56,10 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef(HTTP_RESPONSES_TOTAL, "counter",
               "HTTP responses by route and status code, refusals of bad requests (4xx) included",
               ("route", "code")),
+    MetricDef(GRPC_RESPONSES_TOTAL, "counter",
+              "gRPC calls of the Inference service by method and final status code, refusals "
+              "(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) and calls the client cancelled included",
+              ("method", "code")),
     MetricDef(PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens processed"),
     MetricDef(GENERATION_TOKENS_TOTAL, "counter", "Output tokens generated"),
     MetricDef(KV_HANDOFF_BYTES_TOTAL, "counter", "KV cache bytes moved from prefill to decode"),

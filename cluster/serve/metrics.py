@@ -30,8 +30,12 @@ def _help(name: str) -> str:
     return mn.METRICS_BY_NAME[name].help
 
 
-# Module-level: the HTTP middleware counts into it; each ServingMetrics registry exports it.
+# Module-level: the HTTP middleware counts into it; each ServingMetrics registry exports it (and
+# the gRPC counter below).
 HTTP_RESPONSES = Counter(mn.HTTP_RESPONSES_TOTAL, _help(mn.HTTP_RESPONSES_TOTAL), ["route", "code"],
+                         registry=None)
+# The gRPC servicer counts into it as each call ends.
+GRPC_RESPONSES = Counter(mn.GRPC_RESPONSES_TOTAL, _help(mn.GRPC_RESPONSES_TOTAL), ["method", "code"],
                          registry=None)
 _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
 
@@ -85,6 +89,7 @@ class ServingMetrics:
                                   registry=r)
         self.requests = Counter(mn.REQUESTS_TOTAL, _help(mn.REQUESTS_TOTAL), ["status"], registry=r)
         r.register(HTTP_RESPONSES)
+        r.register(GRPC_RESPONSES)
         self.prompt_tokens = Counter(mn.PROMPT_TOKENS_TOTAL, _help(mn.PROMPT_TOKENS_TOTAL), registry=r)
         self.generation_tokens = Counter(mn.GENERATION_TOKENS_TOTAL,
                                          _help(mn.GENERATION_TOKENS_TOTAL), registry=r)

@@ -268,7 +268,9 @@ class ChatMessage(BaseModel):
         {"required": ["role", "tool_calls"], "properties": {
             "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    # a list of parts has at least one, as OpenAI's schema says
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
+    name: str | None = None                    # the participant's name, passed to the template
     tool_calls: list[ToolCall] | None = None   # assistant
     tool_call_id: str | None = None            # tool
 
@@ -364,6 +366,12 @@ class CompletionRequest(_Request):
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [*super()._unsupported(), ("echo", self.echo), ("suffix", bool(self.suffix)),
                 ("best_of", self.best_of not in (None, self.n))]
+
+    def check_supported(self) -> None:
+        if self.best_of is not None and self.best_of < self.n:   # wrong, not merely unsupported
+            raise OpenAIError(400, f"best_of ({self.best_of}) must be at least n ({self.n})",
+                              param="best_of", code="invalid_value")
+        super().check_supported()
 
     def engine_logprobs(self) -> int | None:
         return self.logprobs

@@ -22,6 +22,11 @@ from .orchestrator import Delta, RequestRecord
 Choices = AsyncIterator[tuple[int, Delta]]
 
 
+# An event stream is never cached, and a reverse proxy in front (nginx buffers by default) passes
+# each event on as it comes instead of holding tokens back until its buffer fills.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """Closes its body generator however the response ends: Starlette leaves a generator that was
     suspended at a `yield` when the client went away to the garbage collector, and ours holds an
