@@ -429,6 +429,24 @@ def test_grpc_generate_streams_the_same_answer(client, cluster):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_grpc_prompt_without_max_tokens_runs_until_the_model_stops(client, cluster, llm):
+    # inference.proto: max_tokens unset means until the end of the context (not completions' 16),
+    # or of what a worker's KV cache holds (this cluster's, 2048 tokens, is under the context)
+    from pdcluster.proto import inference_pb2 as pb
+    from pdcluster.proto import inference_pb2_grpc as pb_grpc
+
+    ids = llm.chat_prompt(QUESTION)
+    offline = llm.generate([ids], SamplingParams(temperature=0, max_tokens=400))[0]
+    assert 16 < len(offline.token_ids) < 400 and offline.finish_reason == "stop"
+    with grpc.insecure_channel(f"127.0.0.1:{cluster[0].serve.grpc_port}") as channel:
+        msgs = list(pb_grpc.InferenceStub(channel).Generate(
+            pb.GenerateRequest(prompt_token_ids=ids, temperature=0, min_tokens=17), timeout=120))
+    assert [t for m in msgs for t in m.token_ids] == offline.token_ids
+    assert msgs[-1].finish_reason == "stop"
+    chat = client.chat.completions.create(model=h.MODEL, messages=QUESTION, temperature=0)
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (offline.text, "stop")
+
+
 def test_metrics_move_when_requests_are_served(client, cluster):
     base = cluster[1]
     before = h.metric_values(httpx.get(base + "/metrics", timeout=30).text)

@@ -74,6 +74,14 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     (oai.ChatCompletionRequest, {**CHAT, "skip_special_tokens": False}, "skip_special_tokens"),
     (oai.ChatCompletionRequest, {**CHAT, "continue_final_message": True}, "continue_final_message"),
     (oai.CompletionRequest, {**COMPLETION, "n": 2, "best_of": 3}, "best_of"),
+    # other servers' samplers, set to do something
+    (oai.ChatCompletionRequest, {**CHAT, "typical_p": 0.5}, "typical_p"),
+    (oai.ChatCompletionRequest, {**CHAT, "mirostat": 2}, "mirostat"),
+    (oai.ChatCompletionRequest, {**CHAT, "repeat_penalty": 1.3}, "repeat_penalty"),
+    (oai.CompletionRequest, {**COMPLETION, "n_predict": 5}, "n_predict"),
+    (oai.CompletionRequest, {**COMPLETION, "grammar": 'root ::= "a"'}, "grammar"),
+    (oai.ChatCompletionRequest, {**CHAT, "json_schema": {"type": "object"}}, "json_schema"),
+    (oai.ChatCompletionRequest, {**CHAT, "xtc_probability": 0.5}, "xtc_probability"),
 ])
 def test_fields_that_would_change_the_answer_are_refused_not_ignored(model, body, param):
     err = _parse_error(model, body)
@@ -86,6 +94,10 @@ def test_fields_that_would_change_the_answer_are_refused_not_ignored(model, body
     (oai.ChatCompletionRequest, {**CHAT, "functions": [], "function_call": "none", "min_p": 0.0,
                                  "skip_special_tokens": True, "reasoning_effort": None}),
     (oai.CompletionRequest, {**COMPLETION, "n": 2, "best_of": 2}),
+    # llama.cpp clients send every sampler at its off value
+    (oai.ChatCompletionRequest, {**CHAT, "typical_p": 1.0, "mirostat": 0, "mirostat_tau": 5,
+                                 "repeat_penalty": 1, "n_predict": -1, "top_n_sigma": -1,
+                                 "dry_multiplier": 0.0, "grammar": ""}),
 ])
 def test_fields_that_ask_nothing_new_are_accepted(model, body):
     oai.parse(model, json.dumps(body).encode(), 1 << 20)
@@ -233,6 +245,21 @@ def test_defaults_follow_openai():
     assert tuned.sampling_params(100).min_p == 0.05
     comp = oai.parse(oai.CompletionRequest, b'{"prompt": "x"}', 1 << 20)
     assert comp.requested_max_tokens() == 16  # completions: OpenAI's default of 16
+
+
+def test_a_schema_beside_json_object_is_refused_not_dropped():
+    fmt = {"type": "json_object", "schema": {"type": "object", "required": ["a"]}}
+    err = _parse_error(oai.ChatCompletionRequest, {**CHAT, "response_format": fmt})
+    assert (err.status, err.param) == (400, "response_format.schema")
+    assert "json_schema" in err.message
+
+
+def test_grpc_prompts_without_max_tokens_run_to_the_end_of_the_context():
+    req = oai.validate(oai.GrpcCompletionRequest, {"prompt": "x", "max_tokens": None, "min_tokens": 17})
+    assert (req.requested_max_tokens(), req.min_tokens) == (None, 17)
+    assert oai.validate(oai.GrpcCompletionRequest, {"prompt": "x", "max_tokens": 5}).requested_max_tokens() == 5
+    # the HTTP API keeps OpenAI's default
+    assert oai.validate(oai.CompletionRequest, {"prompt": "x", "max_tokens": None}).requested_max_tokens() == 16
 
 
 def test_best_of_below_n_is_named_as_wrong_not_as_unsupported():

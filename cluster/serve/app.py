@@ -330,7 +330,7 @@ class Ingress:
         data["prompt"] = request.prompt or list(request.prompt_token_ids)
         if request.HasField("logprobs"):
             data["logprobs"] = request.logprobs
-        req = await self._validated(oai.validate, oai.CompletionRequest, data)
+        req = await self._validated(oai.validate, oai.GrpcCompletionRequest, data)
         self._check_model(req.model)
         return self._new_record("grpc", await self._prompt_ids(req), req, tenant), None, req.n
 
@@ -417,13 +417,18 @@ class Ingress:
         return RequestRecord(f"{prefix}-{uuid.uuid4().hex}", ids, params, tenant)
 
     def _default_max_tokens(self, prompt_len: int, room: int, n: int) -> int:
-        """A request without max_tokens runs to the end of the context; n > 1 such choices, each to
-        the longest that lets all n hold their KV in the decode pool at once (else `_choices`
-        refuses them: one choice needs more than the pool)."""
+        """A request without max_tokens runs to the end of the context, or of what the smallest
+        worker's KV cache holds where that is less (a worker refuses a request it cannot hold
+        whole; vLLM would not start with such a context); n > 1 such choices, each to the longest
+        that lets all n hold their KV in the decode pool at once (else `_choices` refuses them:
+        one choice needs more than the pool)."""
+        smallest = min(w.num_total_blocks for w in self.info.workers.values())
+        whole = longest_choices(prompt_len, 1, smallest, self.info.block_size)
+        cap = min(room, whole) if whole >= 1 else room
         if n == 1:
-            return room
+            return cap
         longest = longest_choices(prompt_len, n, self._decode_pool_blocks(), self.info.block_size)
-        return min(room, longest) if longest >= 1 else room
+        return min(cap, longest) if longest >= 1 else cap
 
     def _decode_pool_blocks(self) -> int:
         return sum(w.num_total_blocks for w in self.info.workers.values() if w.role == "decode")

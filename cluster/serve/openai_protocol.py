@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from ...engine.outputs import TokenLogprob
@@ -85,6 +86,15 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    # llama.cpp's and some providers' way to pin json_object to a schema: refused, not dropped
+    schema_: SkipJsonSchema[Any] = Field(None, alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _no_schema_beside_type(cls, value: Any) -> None:
+        if value is not None:
+            raise PydanticCustomError("unsupported", "not supported: a schema goes in "
+                                      "response_format.json_schema.schema, with type json_schema")
 
     def structured_output(self) -> StructuredOutput | None:
         """The engine's constraint; OpenAIError 400 for a schema the grammar library refuses."""
@@ -175,7 +185,17 @@ class _Request(BaseModel):
         "return_tokens_as_token_ids": ("logprobs always give tokens as text", (False,)),
         "return_token_ids": ("token ids are not returned; use logprobs", (False,)),
         "priority": ("requests are admitted in arrival order", (0,)),
-        "thinking_token_budget": ("not supported", ())}
+        "thinking_token_budget": ("not supported", ()),
+        # other servers' samplers and limits (llama.cpp, TGI, text-generation-webui), refused where
+        # set to anything but the value that leaves the answer as it is
+        **{name: ("this sampler is not supported", off) for name, off in (
+            ("typical_p", (1, 1.0)), ("tfs_z", (1, 1.0)), ("top_a", (0, 0.0)), ("mirostat", (0,)),
+            ("dry_multiplier", (0, 0.0)), ("xtc_probability", (0, 0.0)), ("top_n_sigma", (-1, -1.0)),
+            ("dynatemp_range", (0, 0.0)))},
+        "repeat_penalty": ("use repetition_penalty", (1, 1.0)),
+        "n_predict": ("use max_tokens", (-1,)),
+        "n_probs": ("use logprobs", (0,)), "top_n_tokens": ("use logprobs", (0,)),
+        "grammar": ("use response_format", ("",)), "json_schema": ("use response_format", ())}
 
     @model_validator(mode="before")
     @classmethod
@@ -387,6 +407,16 @@ class CompletionRequest(_Request):
         if not p:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
         return p
+
+
+class GrpcCompletionRequest(CompletionRequest):
+    """inference.proto's request on a prompt: the completions API's fields, but with `max_tokens`
+    unset it runs to the end of the context, as the proto says (16 is the HTTP API's default,
+    OpenAI's)."""
+    max_tokens: PositiveInt | None = None
+
+    NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = tuple(
+        f for f in CompletionRequest.NULL_IS_DEFAULT if f != "max_tokens")
 
 
 def grammar_checks_busy(exc: GrammarChecksBusy) -> OpenAIError:
