@@ -29,6 +29,7 @@ Device = Literal["auto", "cpu", "cuda", "npu"]
 ACCELERATOR_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ORIGIN = re.compile(r"^https?://[^/\s?#*]+$")
 # What a running cluster takes on a redeploy: the router is reconfigured in place and every ingress
 # replica reads its own serve section. Any other change needs new workers or a new master.
 LIVE_SECTIONS = ("router", "serve")
@@ -248,6 +249,17 @@ class ServeSpec(_Strict):
     # Serve's access log (a line per request from the proxy and the ingress, in their log files and
     # on their stderr); off by default: the router's metrics count every request.
     access_log: bool = False
+    # Origins whose web pages may call the API from a browser (CORS): "https://ui.example.com", or
+    # "*" for any. None by default: no page on any site can drive a server on your localhost.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"an origin is scheme://host[:port] with no path (or '*'), got {origin!r}")
+        return v
 
     @field_validator("api_keys_env")
     @classmethod

@@ -218,6 +218,8 @@ CASES = [
     Case("audio output", 400, chat(modalities=["text", "audio"]), param="modalities",
          code="unsupported_parameter"),
     Case("best_of 3", 400, cmpl(best_of=3), CMPL, param="best_of", code="unsupported_parameter"),
+    Case("CORS preflight, no origin allowed (the default)", 405, None, method="OPTIONS",
+         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}),
     Case("best_of below n", 400, cmpl(n=2, best_of=1), CMPL, says="at least n", param="best_of"),
     Case("message content an empty list of parts", 400,
          chat(messages=[{"role": "user", "content": []}]), param="messages.0.content"),
@@ -379,6 +381,7 @@ def test_bad_input(http, before, case: Case):
     assert case.code is ANY or err["code"] == case.code, err
     if case.status == 405:
         assert response.headers["allow"]
+    assert "access-control-allow-origin" not in response.headers   # no origin is allowed here
 
 
 @pytest.mark.integration

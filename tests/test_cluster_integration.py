@@ -20,6 +20,7 @@ from pdcluster.engine.sampling import SamplingParams
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Write two sentences about the sea."}]
+UI_ORIGIN = "https://ui.example.com"   # a web UI the spec lets call the API from a browser
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def cluster():
     # engine.threads unset, as in a user's spec: the two workers share this machine's cores; tokens
     # leave the engine 3 at a time (engine.stream_interval): every answer below is still the
     # offline engine's, token for token
-    spec = h.small_spec(engine={"threads": None, "stream_interval": 3})
+    spec = h.small_spec(engine={"threads": None, "stream_interval": 3},
+                        serve={"cors_allowed_origins": [UI_ORIGIN]})
     ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:
         base = h.serve_cluster(spec)
@@ -312,6 +314,28 @@ def test_models_and_health(client, cluster):
         assert resp.headers["content-type"].startswith("text/event-stream")
         assert (resp.headers["cache-control"], resp.headers["x-accel-buffering"]) == ("no-cache", "no")
         assert resp.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_browser_pages_of_allowed_origins_only_may_call_the_api(cluster):
+    url = cluster[1] + "/v1/chat/completions"
+    ask = {"Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = httpx.options(url, headers={"Origin": UI_ORIGIN, **ask}, timeout=30)
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == UI_ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    other = httpx.options(url, headers={"Origin": "https://evil.example", **ask}, timeout=30)
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    body = {"model": h.MODEL, "messages": QUESTION, "max_tokens": 2}
+    answered = httpx.post(url, json=body, headers={"Origin": UI_ORIGIN}, timeout=60)
+    assert answered.status_code == 200
+    assert answered.headers["access-control-allow-origin"] == UI_ORIGIN
+    refused = httpx.post(url, json={**body, "temperature": 9}, headers={"Origin": UI_ORIGIN}, timeout=60)
+    assert refused.status_code == 400 and refused.headers["access-control-allow-origin"] == UI_ORIGIN
+    # the page of another site gets no header that lets its script read the answer
+    elsewhere = httpx.post(url, json=body, headers={"Origin": "https://evil.example"}, timeout=60)
+    assert "access-control-allow-origin" not in elsewhere.headers
 
 
 def test_grpc_health_reflection_and_every_calls_outcome_counted(cluster):

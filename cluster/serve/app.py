@@ -27,8 +27,9 @@ from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..policy.placement import choices_blocks_needed, longest_choices
 from ..spec import ClusterSpec
-from . import grpc_service
+from . import browser_origins, grpc_service
 from . import openai_protocol as oai
+from .browser_origins import BrowserOrigins
 from .chat_output import ChatOutput
 from .chat_prompt import ChatFormat, PreparedChat, prepare_chat
 from .grpc_service import Undecodable
@@ -51,7 +52,8 @@ _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUT
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(CountResponses)
+app.add_middleware(BrowserOrigins)
+app.add_middleware(CountResponses)   # outermost: counts CORS preflights' answers too
 
 
 def _api_keys(env_name: str | None) -> dict[str, str]:
@@ -138,6 +140,7 @@ class Ingress:
         self._validation = ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
         self.spec = ClusterSpec.from_dict(spec)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)  # bad keys fail before anything starts
+        browser_origins.allow(self.spec.serve.cors_allowed_origins)
         controller = get_or_create_controller(self.spec)
         # A redeploy (serve deploy, a KubeRay serveConfigV2 update) finds the cluster running: its
         # router takes the new settings; a change that needs new workers fails this replica, naming it.
