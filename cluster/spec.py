@@ -259,6 +259,11 @@ class ServeSpec(_Strict):
         for origin in v:
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"an origin is scheme://host[:port] with no path (or '*'), got {origin!r}")
+            # as browsers send it, or it never matches: the host in lower case, no default port
+            if origin != origin.lower() or origin.endswith((":80", ":443")) and (
+                    origin.startswith("http://") == origin.endswith(":80")):
+                raise ValueError(f"write the origin as a browser sends it (lower case, no default "
+                                 f"port), got {origin!r}")
         return v
 
     @field_validator("api_keys_env")

@@ -227,7 +227,7 @@ class LLMEngine:
             if prompt is None:
                 raise ValueError("either prompt or prompt_token_ids is required")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        ids = self.validate_prompt(prompt_token_ids, params)
+        ids = self.validate_prompt(prompt_token_ids, params, kv_export=kv_export)
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         seq = Sequence(request_id, ids, params, 1 if kv_export else max_tokens)
         seq.kv_export = kv_export
@@ -287,8 +287,9 @@ class LLMEngine:
                     num_output_tokens=0, num_cached_tokens=0, logprobs=[], error=str(exc)))
         return outputs
 
-    def validate_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
-        """Checks a request fits this engine; raises ValueError with a user-facing message."""
+    def validate_prompt(self, ids: list[int], params: SamplingParams, kv_export: bool = False) -> list[int]:
+        """Checks a request fits this engine (with `kv_export`, a prefill engine's: it holds the
+        prompt and the first token only); raises ValueError with a user-facing message."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -302,7 +303,8 @@ class LLMEngine:
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context of {self.max_model_len} tokens")
-        if self.block_manager.blocks_needed(max(total, len(ids) + 1)) > self.block_manager.num_blocks:
+        held = len(ids) + 1 if kv_export else max(total, len(ids) + 1)
+        if self.block_manager.blocks_needed(held) > self.block_manager.num_blocks:
             raise ValueError("the request needs more KV cache than this worker has")
         if params.logit_bias and not all(0 <= t < vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")

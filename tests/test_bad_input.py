@@ -220,6 +220,9 @@ CASES = [
     Case("best_of 3", 400, cmpl(best_of=3), CMPL, param="best_of", code="unsupported_parameter"),
     Case("CORS preflight, no origin allowed (the default)", 405, None, method="OPTIONS",
          headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}),
+    Case("POST from a web page, no origin allowed (a body with no Content-Type needs no preflight)",
+         403, chat(), headers={"Origin": "https://evil.example", "Content-Type": ""},
+         code="origin_not_allowed"),
     Case("best_of below n", 400, cmpl(n=2, best_of=1), CMPL, says="at least n", param="best_of"),
     Case("message content an empty list of parts", 400,
          chat(messages=[{"role": "user", "content": []}]), param="messages.0.content"),
@@ -476,6 +479,7 @@ def test_http_api_fuzzed_from_its_openapi_document(http, cluster, before):
         schemas[modes.NEGATIVE][path]["POST"].Case(body=body).call_and_validate(
             base_url=cluster[1], headers=AUTH, checks=checks, timeout=60)
     statuses: dict[tuple[str, str], set[int]] = {}
+    refusals: dict[str, list[str]] = {CHAT: [], CMPL: []}   # why valid requests were refused
     for path in (CHAT, CMPL):
         for mode in (modes.POSITIVE, modes.NEGATIVE):
             operation = schemas[mode][path]["POST"]
@@ -487,11 +491,13 @@ def test_http_api_fuzzed_from_its_openapi_document(http, cluster, before):
             def fuzz(case):
                 response = case.call(base_url=cluster[1], headers=AUTH, timeout=60)
                 seen.add(response.status_code)
+                if mode == modes.POSITIVE and response.status_code != 200:
+                    refusals[path].append(f"{response.status_code} {response.text[:200]}")
                 case.validate_response(response, checks=checks, headers=AUTH)
 
             fuzz()
     for path in (CHAT, CMPL):  # valid requests were served, invalid ones refused
-        assert 200 in statuses[path, "positive"], statuses
+        assert 200 in statuses[path, "positive"], (statuses, refusals[path][:10])
         assert statuses[path, "negative"] and all(400 <= c < 500 for c in statuses[path, "negative"])
     h.wait_idle()
     assert _errors(http) == before["errors"]

@@ -333,9 +333,15 @@ def test_browser_pages_of_allowed_origins_only_may_call_the_api(cluster):
     assert answered.headers["access-control-allow-origin"] == UI_ORIGIN
     refused = httpx.post(url, json={**body, "temperature": 9}, headers={"Origin": UI_ORIGIN}, timeout=60)
     assert refused.status_code == 400 and refused.headers["access-control-allow-origin"] == UI_ORIGIN
-    # the page of another site gets no header that lets its script read the answer
-    elsewhere = httpx.post(url, json=body, headers={"Origin": "https://evil.example"}, timeout=60)
+    # a page of another site is refused before anything runs, even with a body no preflight
+    # guards (no Content-Type), and gets no header that would let its script read the answer
+    elsewhere = httpx.post(url, content=json.dumps(body).encode(), timeout=60,
+                           headers={"Origin": "https://evil.example"})
+    assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in elsewhere.headers
+    # reading needs no refusal: without CORS headers the page cannot read the answer
+    models = httpx.get(cluster[1] + "/v1/models", headers={"Origin": "https://evil.example"}, timeout=30)
+    assert models.status_code == 200 and "access-control-allow-origin" not in models.headers
 
 
 def test_grpc_health_reflection_and_every_calls_outcome_counted(cluster):

@@ -99,6 +99,16 @@ def test_request_larger_than_the_pool_is_rejected_not_stuck(tiny_pool):
                                      params=SamplingParams(max_tokens=100))
 
 
+def test_a_prefill_engine_needs_room_for_the_prompt_and_first_token_only(tiny_pool):
+    # a prefill engine (kv_export) never holds the answer: its cache bounds the prompt, not max_tokens
+    params = SamplingParams(max_tokens=1000)
+    tiny_pool.engine.validate_prompt([5] * 150, params, kv_export=True)
+    with pytest.raises(ValueError, match="KV cache"):
+        tiny_pool.engine.validate_prompt([5] * 150, params)
+    with pytest.raises(ValueError, match="KV cache"):
+        tiny_pool.engine.validate_prompt([5] * 160, params, kv_export=True)
+
+
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(llm):
     prompt = llm.tokenizer.encode("My favourite animal is")
     p = lambda seed: SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_tokens=12,  # noqa: E731

@@ -79,6 +79,9 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     (oai.ChatCompletionRequest, {**CHAT, "mirostat": 2}, "mirostat"),
     (oai.ChatCompletionRequest, {**CHAT, "repeat_penalty": 1.3}, "repeat_penalty"),
     (oai.CompletionRequest, {**COMPLETION, "n_predict": 5}, "n_predict"),
+    (oai.CompletionRequest, {**COMPLETION, "max_tokens": 4, "n_predict": 5}, "n_predict"),
+    (oai.ChatCompletionRequest, {**CHAT, "top_n_sigma": 1.5}, "top_n_sigma"),
+    (oai.ChatCompletionRequest, {**CHAT, "typical_p": True}, "typical_p"),
     (oai.CompletionRequest, {**COMPLETION, "grammar": 'root ::= "a"'}, "grammar"),
     (oai.ChatCompletionRequest, {**CHAT, "json_schema": {"type": "object"}}, "json_schema"),
     (oai.ChatCompletionRequest, {**CHAT, "xtc_probability": 0.5}, "xtc_probability"),
@@ -98,6 +101,10 @@ def test_fields_that_would_change_the_answer_are_refused_not_ignored(model, body
     (oai.ChatCompletionRequest, {**CHAT, "typical_p": 1.0, "mirostat": 0, "mirostat_tau": 5,
                                  "repeat_penalty": 1, "n_predict": -1, "top_n_sigma": -1,
                                  "dry_multiplier": 0.0, "grammar": ""}),
+    # ... or at values those servers also take as off, or n_predict beside the same max_tokens
+    (oai.ChatCompletionRequest, {**CHAT, "typical_p": 1.5, "top_n_sigma": 0, "xtc_probability": -1,
+                                 "n_probs": 0, "max_tokens": 50, "n_predict": 50}),
+    (oai.CompletionRequest, {**COMPLETION, "n_predict": -2}),
 ])
 def test_fields_that_ask_nothing_new_are_accepted(model, body):
     oai.parse(model, json.dumps(body).encode(), 1 << 20)

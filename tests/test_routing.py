@@ -106,3 +106,29 @@ def test_longest_choices_is_the_most_that_n_choices_fit():
                     assert choices_blocks_needed(prompt_len, m, n, 16) <= pool
                 # one token more each would not fit (nor would any, when m < 1)
                 assert choices_blocks_needed(prompt_len, max(m, 0) + 1, n, 16) > pool
+
+
+def test_a_request_without_max_tokens_runs_as_far_as_a_decode_worker_holds():
+    from types import SimpleNamespace
+
+    from pdcluster.cluster.serve.app import Ingress
+
+    def ingress(prefill_blocks: int, decode_blocks: list[int]) -> SimpleNamespace:
+        workers = {"p": SimpleNamespace(role="prefill", num_total_blocks=prefill_blocks),
+                   **{f"d{i}": SimpleNamespace(role="decode", num_total_blocks=b)
+                      for i, b in enumerate(decode_blocks)}}
+        fake = SimpleNamespace(info=SimpleNamespace(block_size=16, workers=workers))
+        fake._decode_pool_blocks = lambda: sum(decode_blocks)
+        return fake
+
+    default = Ingress.func_or_class._default_max_tokens
+    # the context's end (room) when the smallest decode worker holds it; the prefill worker's
+    # cache never holds the answer
+    assert default(ingress(8, [1000, 1000]), 100, 8092, 1) == 8092
+    # else what the smallest decode worker holds: prompt and answer fill its cache exactly
+    assert default(ingress(1000, [128, 512]), 100, 8092, 1) == 128 * 16 - 100
+    # n choices: each to the longest that all n fit the decode pool at once, within that too
+    assert default(ingress(8, [512, 512]), 100, 8092, 4) == longest_choices(100, 4, 1024, 16)
+    assert default(ingress(8, [128, 4096]), 100, 8092, 2) == 128 * 16 - 100
+    # a prompt no decode worker holds: left to the worker's refusal
+    assert default(ingress(8, [4]), 100, 8092, 1) == 8092

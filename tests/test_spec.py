@@ -86,6 +86,8 @@ def test_remote_code_cannot_be_enabled() -> None:
     ({"serve": {"api_keys_env": "sk-live-123"}}, "name of an environment variable"),
     ({"serve": {"cors_allowed_origins": ["https://ui.example.com/"]}}, "no path"),
     ({"serve": {"cors_allowed_origins": ["ui.example.com"]}}, "scheme://host"),
+    ({"serve": {"cors_allowed_origins": ["https://UI.example.com"]}}, "as a browser sends it"),
+    ({"serve": {"cors_allowed_origins": ["https://ui.example.com:443"]}}, "no default port"),
     ({**NPU8, "decode": {"accelerators_per_node": 8, "resources": {"NPU": 16}}}, "must not set ['NPU']"),
     ({"engine": {"device": "tpu"}}, "engine.device"),
     ({"serve": {"http_port": 70000}}, "serve.http_port"),

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 ROUTER_TIMEOUT_S = 10.0
 ROUTER_RESTART_WAIT_S = 25.0  # under Serve's health-check timeout (30 s)
 LEASE_RENEW_S = 1.0  # well inside the router's LEASE_TTL_S
-GRPC_HEALTH_REFRESH_S = 1.0  # how stale a gRPC Health watcher's status may be
+GRPC_HEALTH_REFRESH_S = 1.0  # how stale gRPC Health's answers may be
 # Threads that validate request bodies, apart from the loop's default executor (templating and
 # tokenizing): a body's grammar check may wait seconds (structured_output.PARSE_BUDGET_S).
 VALIDATION_THREADS = 4
@@ -79,12 +79,13 @@ def _provable_prompt_bytes(tokenizer: Any, context: int) -> int:
 
 
 def _text_bytes(value: Any) -> int:
-    """UTF-8 bytes of every string in a chat's messages (contents, tool calls, names): a lower
-    bound on the text the template renders."""
+    """UTF-8 bytes of every string in a chat's messages (contents, tool calls, their names): a
+    lower bound on the text the template renders (a participant's `name`, which many templates
+    leave out, is not counted)."""
     if isinstance(value, str):
         return len(value.encode())
     if isinstance(value, dict):
-        return sum(_text_bytes(v) for v in value.values())
+        return sum(_text_bytes(v) for k, v in value.items() if not (k == "name" and "role" in value))
     if isinstance(value, (list, tuple)):
         return sum(_text_bytes(v) for v in value)
     return 0
@@ -166,10 +167,15 @@ class Ingress:
         serve_spec = self.spec.serve
         # The replica this one replaces (a redeploy) keeps the port until its streams finish.
         self.grpc_health = grpc_service.Health(self._ready)
+        await self.grpc_health.refresh()   # the first answer is already the replica's state
+        try:
+            self.grpc_server = await grpc_service.start_server(
+                self, self.grpc_health, serve_spec.http_host, serve_spec.grpc_port,
+                serve_spec.max_body_bytes, wait_s=self.spec.router.drain_timeout_s + 5)
+        except BaseException:
+            self._lease.cancel()
+            raise
         self._grpc_health_refresh = asyncio.create_task(self._refresh_grpc_health_forever())
-        self.grpc_server = await grpc_service.start_server(
-            self, self.grpc_health, serve_spec.http_host, serve_spec.grpc_port,
-            serve_spec.max_body_bytes, wait_s=self.spec.router.drain_timeout_s + 5)
         log.info("ingress ready for %s (%d workers)", self.info.model_name, len(self.info.workers))
 
     async def __del__(self) -> None:
@@ -177,7 +183,10 @@ class Ingress:
         server = getattr(self, "grpc_server", None)
         if server is not None:
             self._grpc_health_refresh.cancel()
-            await self.grpc_health.enter_graceful_shutdown()   # NOT_SERVING from now on
+            try:   # NOT_SERVING from now on (a stuck watcher is not waited on for long)
+                await asyncio.wait_for(self.grpc_health.enter_graceful_shutdown(), 5.0)
+            except TimeoutError:
+                log.warning("gRPC health: a watcher held the shutdown's NOT_SERVING back")
             await server.stop(self.spec.router.drain_timeout_s)
 
     async def _renew_lease_forever(self) -> None:
@@ -189,7 +198,8 @@ class Ingress:
             await asyncio.sleep(LEASE_RENEW_S)
 
     async def _refresh_grpc_health_forever(self) -> None:
-        """Keeps the gRPC Health service's watchers told of this replica's readiness."""
+        """Keeps the gRPC Health service's answers and watchers current with this replica's
+        readiness."""
         while True:
             try:
                 await self.grpc_health.refresh()
@@ -421,11 +431,12 @@ class Ingress:
 
     def _default_max_tokens(self, prompt_len: int, room: int, n: int) -> int:
         """A request without max_tokens runs to the end of the context, or of what the smallest
-        worker's KV cache holds where that is less (a worker refuses a request it cannot hold
-        whole; vLLM would not start with such a context); n > 1 such choices, each to the longest
-        that lets all n hold their KV in the decode pool at once (else `_choices` refuses them:
-        one choice needs more than the pool)."""
-        smallest = min(w.num_total_blocks for w in self.info.workers.values())
+        decode worker's KV cache holds where that is less (a decode worker refuses a request it
+        cannot hold whole, and placement may pick any; vLLM would not start with such a context);
+        n > 1 such choices, each to the longest that lets all n hold their KV in the decode pool
+        at once (else `_choices` refuses them: one choice needs more than the pool)."""
+        smallest = min((w.num_total_blocks for w in self.info.workers.values() if w.role == "decode"),
+                       default=0)
         whole = longest_choices(prompt_len, 1, smallest, self.info.block_size)
         cap = min(room, whole) if whole >= 1 else room
         if n == 1:

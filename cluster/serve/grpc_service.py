@@ -66,8 +66,10 @@ class _Servicer:
             async for response in self._ingress.Generate(request, context):
                 yield response
             outcome = grpc.StatusCode.OK
-        except (asyncio.CancelledError, GeneratorExit):   # the client cancelled or went away
-            outcome = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):   # the client cancelled, went away or ran out of time
+            remaining = context.time_remaining()
+            outcome = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                       else grpc.StatusCode.CANCELLED)
             raise
         except Exception:
             code = context.code()
@@ -81,23 +83,20 @@ class _Servicer:
 
 class Health(health.aio.HealthServicer):
     """gRPC's Health service, for the server as a whole ("") and for the Inference service:
-    SERVING while `readiness()` says ready. A Check asks it afresh; watchers get what the ingress's
-    periodic `refresh()` last found."""
+    SERVING while `readiness()` says ready, as the ingress's periodic `refresh()` last found (a
+    Check is answered from that: a flood of them costs the router nothing)."""
 
     def __init__(self, readiness: Callable[[], Awaitable[bool]]) -> None:
         super().__init__()
         self._readiness = readiness
 
-    async def refresh(self) -> None:
+    async def refresh(self, timeout_s: float = 5.0) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if await self._readiness()
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for service in ("", SERVICE):
-            await self.set(service, status)
-
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request.service in ("", SERVICE):
-            await self.refresh()
-        return await super().Check(request, context)
+            # a watcher's write holds the service's lock (upstream's Watch): a stuck one is not
+            # waited on for long
+            await asyncio.wait_for(self.set(service, status), timeout_s)
 
 
 async def start_server(ingress: Any, health_servicer: Health, host: str, port: int,

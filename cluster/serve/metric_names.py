@@ -57,8 +57,10 @@ METRICS: tuple[MetricDef, ...] = (
               "HTTP responses by route and status code, refusals of bad requests (4xx) included",
               ("route", "code")),
     MetricDef(GRPC_RESPONSES_TOTAL, "counter",
-              "gRPC calls of the Inference service by method and final status code, refusals "
-              "(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) and calls the client cancelled included",
+              "gRPC calls of the Inference service that reached the ingress, by method and final "
+              "status code: refusals (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) and calls the "
+              "client cancelled (CANCELLED) or let run past its deadline (DEADLINE_EXCEEDED) "
+              "included",
               ("method", "code")),
     MetricDef(PROMPT_TOKENS_TOTAL, "counter", "Prompt tokens processed"),
     MetricDef(GENERATION_TOKENS_TOTAL, "counter", "Output tokens generated"),

@@ -134,6 +134,29 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+# A refused field's values that ask for nothing: listed, or a predicate of (value, request body)
+OffValues = tuple | Callable[[Any, dict[str, Any]], bool]
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _at_least_1(value: Any, body: dict[str, Any]) -> bool:
+    return _number(value) and value >= 1
+
+
+def _at_most_0(value: Any, body: dict[str, Any]) -> bool:
+    return _number(value) and value <= 0
+
+
+def _no_other_limit(value: Any, body: dict[str, Any]) -> bool:
+    """llama.cpp's n_predict asks nothing new when negative (no limit) or equal to the request's
+    own limit (clients send both)."""
+    return type(value) is int and (value < 0 or value in (body.get("max_tokens"),
+                                                           body.get("max_completion_tokens")))
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send vendor extras).
     model_config = ConfigDict(extra="ignore")
@@ -167,7 +190,7 @@ class _Request(BaseModel):
     # an argument given as None): validated as if left out.
     NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = ("stream", "n", "ignore_eos", "min_tokens")
 
-    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+    REFUSED: ClassVar[dict[str, tuple[str, OffValues]]] = {
         **{f"guided_{k}": ("use response_format", ()) for k in ("json", "regex", "choice", "grammar")},
         "structured_outputs": ("use response_format", ({},)),
         "prediction": ("predicted outputs are not supported", ()),
@@ -187,14 +210,15 @@ class _Request(BaseModel):
         "priority": ("requests are admitted in arrival order", (0,)),
         "thinking_token_budget": ("not supported", ()),
         # other servers' samplers and limits (llama.cpp, TGI, text-generation-webui), refused where
-        # set to anything but the value that leaves the answer as it is
+        # set to anything but a value that leaves the answer as it is: the values those servers
+        # take as off, which their clients send by default
         **{name: ("this sampler is not supported", off) for name, off in (
-            ("typical_p", (1, 1.0)), ("tfs_z", (1, 1.0)), ("top_a", (0, 0.0)), ("mirostat", (0,)),
-            ("dry_multiplier", (0, 0.0)), ("xtc_probability", (0, 0.0)), ("top_n_sigma", (-1, -1.0)),
-            ("dynatemp_range", (0, 0.0)))},
+            ("typical_p", _at_least_1), ("tfs_z", _at_least_1), ("top_a", _at_most_0),
+            ("mirostat", (0,)), ("dry_multiplier", _at_most_0), ("xtc_probability", _at_most_0),
+            ("top_n_sigma", _at_most_0), ("dynatemp_range", _at_most_0))},
         "repeat_penalty": ("use repetition_penalty", (1, 1.0)),
-        "n_predict": ("use max_tokens", (-1,)),
-        "n_probs": ("use logprobs", (0,)), "top_n_tokens": ("use logprobs", (0,)),
+        "n_predict": ("use max_tokens", _no_other_limit),
+        "n_probs": ("use logprobs", _at_most_0), "top_n_tokens": ("use logprobs", _at_most_0),
         "grammar": ("use response_format", ("",)), "json_schema": ("use response_format", ())}
 
     @model_validator(mode="before")
@@ -209,10 +233,17 @@ class _Request(BaseModel):
 
     @classmethod
     def refuse_unimplemented(cls, data: dict[str, Any]) -> None:
-        """A field of `REFUSED` set in the body to a value that asks for something is a 400 naming it."""
+        """A field of `REFUSED` set in the body to a value that asks for something is a 400 naming
+        it. What asks for nothing: the values listed, or those a predicate of (value, body) takes."""
         for name, (instead, nothing) in cls.REFUSED.items():
             value = data.get(name)
-            if value is not None and not any(value == v and type(value) is type(v) for v in nothing):
+            if value is None:
+                continue
+            if callable(nothing):
+                off = nothing(value, data)
+            else:
+                off = any(value == v and type(value) is type(v) for v in nothing)
+            if not off:
                 raise OpenAIError(400, f"'{name}' is not supported by this server: {instead}", param=name,
                                   code="unsupported_parameter")
 
@@ -319,7 +350,7 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+    REFUSED: ClassVar[dict[str, tuple[str, OffValues]]] = {
         **_Request.REFUSED, "functions": ("use tools", ([],)),
         "function_call": ("use tool_choice", ("none",)),
         "modalities": ("this server answers in text only", (["text"],)),
@@ -377,7 +408,7 @@ class CompletionRequest(_Request):
     NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = (*_Request.NULL_IS_DEFAULT, "echo", "max_tokens")
 
     # the chat API's fields, which a completion would otherwise ignore
-    REFUSED: ClassVar[dict[str, tuple[str, tuple]]] = {
+    REFUSED: ClassVar[dict[str, tuple[str, OffValues]]] = {
         **_Request.REFUSED,
         **{name: ("a chat API field: use /v1/chat/completions", ()) for name in (
             "messages", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
@@ -434,7 +465,8 @@ def check_body_headers(content_type: str | None, content_encoding: str | None,
     """Refuse a body before reading it: not JSON, compressed, or declared over the size limit."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     # Browsers send text/plain and form bodies cross-origin without a preflight: refusing them keeps
-    # a web page from driving a server on localhost. No Content-Type at all is read as JSON.
+    # a web page from driving a server on localhost. No Content-Type at all is read as JSON (a page
+    # that sends such a body is refused by its Origin: browser_origins.py).
     if media and media != "application/json" and not media.endswith("+json"):
         raise OpenAIError(415, f"Content-Type must be application/json, not {media!r}",
                           code="unsupported_media_type")
