@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdcluster/proto/inference.proto\x12\x16pdcluster.inference.v1\"x\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x34\n\ntool_calls\x18\x03 \x03(\x0b\x32 .pdcluster.inference.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xa5\x07\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.pdcluster.inference.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12J\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x36.pdcluster.inference.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12\x15\n\x08logprobs\x18\x11 \x01(\rH\x08\x88\x01\x01\x12?\n\x0fresponse_format\x18\x12 \x01(\x0b\x32&.pdcluster.inference.v1.ResponseFormat\x12\x12\n\ntools_json\x18\x14 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x15 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x16 \x01(\x08H\t\x88\x01\x01\x12!\n\x19\x63hat_template_kwargs_json\x18\x17 \x01(\t\x12\x0e\n\x01n\x18\x18 \x01(\rH\n\x88\x01\x01\x12\x12\n\x05min_p\x18\x19 \x01(\x02H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_callsB\x04\n\x02_nB\x08\n\x06_min_p\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x03top\x18\x04 \x03(\x0b\x32\".pdcluster.inference.v1.TopLogprob\"\x84\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x1d\n\x10reasoning_tokens\x18\n \x01(\rH\x00\x88\x01\x01\x42\x13\n\x11_reasoning_tokens\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.pdcluster.inference.v1.Usage\x12\x36\n\x08logprobs\x18\x06 \x03(\x0b\x32$.pdcluster.inference.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\r\x12\x16\n\x0ereasoning_text\x18\x14 \x01(\t\x12\x34\n\ntool_calls\x18\x15 \x03(\x0b\x32 .pdcluster.inference.v1.ToolCall2l\n\tInference\x12_\n\x08Generate\x12\'.pdcluster.inference.v1.GenerateRequest\x1a(.pdcluster.inference.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdcluster/proto/inference.proto\x12\x16pdcluster.inference.v1\"\x86\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x34\n\ntool_calls\x18\x03 \x03(\x0b\x32 .pdcluster.inference.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xa5\x07\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.pdcluster.inference.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12J\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x36.pdcluster.inference.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12\x15\n\x08logprobs\x18\x11 \x01(\rH\x08\x88\x01\x01\x12?\n\x0fresponse_format\x18\x12 \x01(\x0b\x32&.pdcluster.inference.v1.ResponseFormat\x12\x12\n\ntools_json\x18\x14 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x15 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x16 \x01(\x08H\t\x88\x01\x01\x12!\n\x19\x63hat_template_kwargs_json\x18\x17 \x01(\t\x12\x0e\n\x01n\x18\x18 \x01(\rH\n\x88\x01\x01\x12\x12\n\x05min_p\x18\x19 \x01(\x02H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x16\n\x14_parallel_tool_callsB\x04\n\x02_nB\x08\n\x06_min_p\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x03top\x18\x04 \x03(\x0b\x32\".pdcluster.inference.v1.TopLogprob\"\x84\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x1d\n\x10reasoning_tokens\x18\n \x01(\rH\x00\x88\x01\x01\x42\x13\n\x11_reasoning_tokens\"\xa1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.pdcluster.inference.v1.Usage\x12\x36\n\x08logprobs\x18\x06 \x03(\x0b\x32$.pdcluster.inference.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\r\x12\x16\n\x0ereasoning_text\x18\x14 \x01(\t\x12\x34\n\ntool_calls\x18\x15 \x03(\x0b\x32 .pdcluster.inference.v1.ToolCall2l\n\tInference\x12_\n\x08Generate\x12\'.pdcluster.inference.v1.GenerateRequest\x1a(.pdcluster.inference.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_CHATMESSAGE']._serialized_start=59
-  _globals['_CHATMESSAGE']._serialized_end=179
-  _globals['_TOOLCALL']._serialized_start=181
-  _globals['_TOOLCALL']._serialized_end=251
-  _globals['_GENERATEREQUEST']._serialized_start=254
-  _globals['_GENERATEREQUEST']._serialized_end=1187
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=960
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1008
-  _globals['_RESPONSEFORMAT']._serialized_start=1189
-  _globals['_RESPONSEFORMAT']._serialized_end=1240
-  _globals['_TOPLOGPROB']._serialized_start=1242
-  _globals['_TOPLOGPROB']._serialized_end=1304
-  _globals['_TOKENLOGPROB']._serialized_start=1306
-  _globals['_TOKENLOGPROB']._serialized_end=1419
-  _globals['_USAGE']._serialized_start=1422
-  _globals['_USAGE']._serialized_end=1554
-  _globals['_GENERATERESPONSE']._serialized_start=1557
-  _globals['_GENERATERESPONSE']._serialized_end=1846
-  _globals['_INFERENCE']._serialized_start=1848
-  _globals['_INFERENCE']._serialized_end=1956
+  _globals['_CHATMESSAGE']._serialized_start=60
+  _globals['_CHATMESSAGE']._serialized_end=194
+  _globals['_TOOLCALL']._serialized_start=196
+  _globals['_TOOLCALL']._serialized_end=266
+  _globals['_GENERATEREQUEST']._serialized_start=269
+  _globals['_GENERATEREQUEST']._serialized_end=1202
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=975
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1023
+  _globals['_RESPONSEFORMAT']._serialized_start=1204
+  _globals['_RESPONSEFORMAT']._serialized_end=1255
+  _globals['_TOPLOGPROB']._serialized_start=1257
+  _globals['_TOPLOGPROB']._serialized_end=1319
+  _globals['_TOKENLOGPROB']._serialized_start=1321
+  _globals['_TOKENLOGPROB']._serialized_end=1434
+  _globals['_USAGE']._serialized_start=1437
+  _globals['_USAGE']._serialized_end=1569
+  _globals['_GENERATERESPONSE']._serialized_start=1572
+  _globals['_GENERATERESPONSE']._serialized_end=1861
+  _globals['_INFERENCE']._serialized_start=1863
+  _globals['_INFERENCE']._serialized_end=1971
 # @@protoc_insertion_point(module_scope)

@@ -283,6 +283,16 @@ def test_a_participants_name_reaches_the_template():
     assert [m.get("name") for m in req.chat()] == ["ops", "ann", None]
 
 
+def test_a_participants_name_reaches_the_template_over_grpc_too():
+    from pdcluster.cluster.serve.grpc_service import chat_message
+    from pdcluster.proto import inference_pb2 as pb
+
+    messages = [chat_message(pb.ChatMessage(role="user", content="hi", name="ann")),
+                chat_message(pb.ChatMessage(role="user", content="and?"))]
+    req = oai.validate(oai.ChatCompletionRequest, {"model": "m", "messages": messages})
+    assert [m.get("name") for m in req.chat()] == ["ann", None]
+
+
 def test_text_parts_are_joined_one_per_line_as_vllm_joins_them():
     parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                {"type": "text", "text": "b"}]}]}

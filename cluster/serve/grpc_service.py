@@ -152,6 +152,8 @@ def chat_message(m: pb.ChatMessage) -> dict[str, Any]:
                               "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
     if m.tool_call_id:
         msg["tool_call_id"] = m.tool_call_id
+    if m.name:
+        msg["name"] = m.name
     return msg
 
 
