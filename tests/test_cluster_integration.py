@@ -306,8 +306,9 @@ def test_models_and_health(client, cluster):
     assert int(t0) <= created <= time.time() + 1
     health = httpx.get(cluster[1] + "/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    head = httpx.head(cluster[1] + "/health", timeout=30)   # load balancers probe with HEAD too
-    assert (head.status_code, head.content) == (200, b"")
+    for path in ("/health", "/v1/models", "/metrics"):   # every GET route answers HEAD too
+        head = httpx.head(cluster[1] + path, timeout=30)
+        assert (head.status_code, head.content) == (200, b""), path
     # an event stream is never cached nor held back by a buffering proxy in front
     body = {"model": h.MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
     with httpx.stream("POST", cluster[1] + "/v1/completions", json=body, timeout=60) as resp:

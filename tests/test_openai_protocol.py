@@ -82,6 +82,9 @@ COMPLETION = {"model": "m", "prompt": "hi"}
     (oai.CompletionRequest, {**COMPLETION, "max_tokens": 4, "n_predict": 5}, "n_predict"),
     (oai.ChatCompletionRequest, {**CHAT, "top_n_sigma": 1.5}, "top_n_sigma"),
     (oai.ChatCompletionRequest, {**CHAT, "typical_p": True}, "typical_p"),
+    # n_predict against the limit the request uses: max_completion_tokens over max_tokens
+    (oai.ChatCompletionRequest, {**CHAT, "max_completion_tokens": 2, "max_tokens": 3, "n_predict": 3},
+     "n_predict"),
     (oai.CompletionRequest, {**COMPLETION, "grammar": 'root ::= "a"'}, "grammar"),
     (oai.ChatCompletionRequest, {**CHAT, "json_schema": {"type": "object"}}, "json_schema"),
     (oai.ChatCompletionRequest, {**CHAT, "xtc_probability": 0.5}, "xtc_probability"),
@@ -105,6 +108,9 @@ def test_fields_that_would_change_the_answer_are_refused_not_ignored(model, body
     (oai.ChatCompletionRequest, {**CHAT, "typical_p": 1.5, "top_n_sigma": 0, "xtc_probability": -1,
                                  "n_probs": 0, "max_tokens": 50, "n_predict": 50}),
     (oai.CompletionRequest, {**COMPLETION, "n_predict": -2}),
+    (oai.ChatCompletionRequest, {**CHAT, "n_predict": -1.0, "mirostat": 0.0, "repeat_penalty": 1.0,
+                                 "max_completion_tokens": 3, "max_tokens": 2}),
+    (oai.ChatCompletionRequest, {**CHAT, "max_completion_tokens": 3, "n_predict": 3.0}),
 ])
 def test_fields_that_ask_nothing_new_are_accepted(model, body):
     oai.parse(model, json.dumps(body).encode(), 1 << 20)

@@ -235,7 +235,7 @@ class Ingress:
     async def _ready(self) -> bool:
         return (await self._readiness())["status"] == "ok"
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus(self) -> Response:
         try:
             snap = await asyncio.wait_for(self.router.snapshot.remote(), ROUTER_TIMEOUT_S)
@@ -244,12 +244,12 @@ class Ingress:
         self.metrics.set_cluster(snap)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/openapi.json")
+    @app.api_route("/openapi.json", methods=["GET", "HEAD"])
     async def openapi(self) -> Response:
         return JSONResponse(openapi_document(self.info.model_name, self.info.vocab_size,
                                              bool(self.api_keys)))
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(self, request: Request) -> Response:
         try:
             self._tenant(request.headers.getlist("authorization"))
@@ -257,7 +257,7 @@ class Ingress:
             return error_response(exc)
         return JSONResponse(oai.model_list(self.info.model_name, self.responses.model_created))
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(self, model: str, request: Request) -> Response:
         try:
             self._tenant(request.headers.getlist("authorization"))

@@ -48,8 +48,8 @@ class BrowserOrigins:
             return
         origin = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"origin"), None)
         if origin is not None and scope["method"] not in _READS and not allowed(origin):
-            refusal = OpenAIError(403, f"requests from web pages of {origin!r} are not allowed "
-                                  "(serve.cors_allowed_origins)", code="origin_not_allowed")
+            refusal = OpenAIError(403, f"requests from web pages of {origin[:100]!r} are not "
+                                  "allowed (serve.cors_allowed_origins)", code="origin_not_allowed")
             await JSONResponse(refusal.body(), 403)(scope, receive, send)
             return
         if not _allowed:

@@ -150,11 +150,20 @@ def _at_most_0(value: Any, body: dict[str, Any]) -> bool:
     return _number(value) and value <= 0
 
 
+def _zero(value: Any, body: dict[str, Any]) -> bool:
+    return _number(value) and value == 0
+
+
+def _one(value: Any, body: dict[str, Any]) -> bool:
+    return _number(value) and value == 1
+
+
 def _no_other_limit(value: Any, body: dict[str, Any]) -> bool:
-    """llama.cpp's n_predict asks nothing new when negative (no limit) or equal to the request's
-    own limit (clients send both)."""
-    return type(value) is int and (value < 0 or value in (body.get("max_tokens"),
-                                                           body.get("max_completion_tokens")))
+    """llama.cpp's n_predict asks nothing new when negative (no limit) or equal to the limit the
+    request sets itself (clients send both): max_completion_tokens if set, else max_tokens."""
+    limit = body.get("max_completion_tokens")
+    limit = body.get("max_tokens") if limit is None else limit
+    return _number(value) and (value < 0 or (_number(limit) and value == limit))
 
 
 class _Request(BaseModel):
@@ -214,9 +223,9 @@ class _Request(BaseModel):
         # take as off, which their clients send by default
         **{name: ("this sampler is not supported", off) for name, off in (
             ("typical_p", _at_least_1), ("tfs_z", _at_least_1), ("top_a", _at_most_0),
-            ("mirostat", (0,)), ("dry_multiplier", _at_most_0), ("xtc_probability", _at_most_0),
+            ("mirostat", _zero), ("dry_multiplier", _at_most_0), ("xtc_probability", _at_most_0),
             ("top_n_sigma", _at_most_0), ("dynatemp_range", _at_most_0))},
-        "repeat_penalty": ("use repetition_penalty", (1, 1.0)),
+        "repeat_penalty": ("use repetition_penalty", _one),
         "n_predict": ("use max_tokens", _no_other_limit),
         "n_probs": ("use logprobs", _at_most_0), "top_n_tokens": ("use logprobs", _at_most_0),
         "grammar": ("use response_format", ("",)), "json_schema": ("use response_format", ())}
@@ -468,8 +477,8 @@ def check_body_headers(content_type: str | None, content_encoding: str | None,
     # a web page from driving a server on localhost. No Content-Type at all is read as JSON (a page
     # that sends such a body is refused by its Origin: browser_origins.py).
     if media and media != "application/json" and not media.endswith("+json"):
-        raise OpenAIError(415, f"Content-Type must be application/json, not {media!r}",
-                          code="unsupported_media_type")
+        raise OpenAIError(415, f"Content-Type must be application/json, not {media!r} (curl: add "
+                          "-H 'Content-Type: application/json')", code="unsupported_media_type")
     encoding = (content_encoding or "identity").strip().lower()
     if encoding != "identity":
         raise OpenAIError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
