@@ -742,6 +742,148 @@ def test_tool_results_go_back_to_the_model(client):
     assert full.choices[0].message.content and not full.choices[0].message.tool_calls
 
 
+RESPONSES_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]   # the Responses API's form
+
+
+def test_responses_api_answers_as_the_engine_does_streamed_or_not(client, cluster, llm):
+    instructions = "Answer in two sentences."
+    messages = [{"role": "system", "content": instructions}, *QUESTION]
+    offline = llm.generate([llm.chat_prompt(messages)], SamplingParams(temperature=0, max_tokens=40))[0]
+    ask = {"model": h.MODEL, "instructions": instructions, "input": QUESTION[0]["content"],
+           "temperature": 0, "max_output_tokens": 40}
+    full = client.responses.create(**ask)
+    assert full.output_text == offline.text
+    assert full.status == ("incomplete" if offline.finish_reason == "length" else "completed")
+    assert [(o.type, o.role) for o in full.output] == [("message", "assistant")]
+    assert full.usage.output_tokens == len(offline.token_ids)
+    assert full.usage.input_tokens == len(llm.chat_prompt(messages))
+    assert full.id.startswith("resp_") and full.store is False
+
+    events = list(client.responses.create(**ask, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress",
+                                            "response.output_item.added", "response.content_part.added"]
+    assert events[-1].type == f"response.{full.status}"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == offline.text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == len(offline.token_ids)
+
+    short = client.responses.create(**{**ask, "max_output_tokens": 5})
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert offline.text.startswith(short.output_text) and short.usage.output_tokens == 5
+    metrics = httpx.get(cluster[1] + "/metrics").text
+    assert 'code="200",route="/v1/responses"' in metrics
+
+
+def test_responses_api_function_calls_and_their_outputs(client):
+    ask = {"model": h.MODEL, "input": ASK_WEATHER, "tools": RESPONSES_TOOLS, "tool_choice": "required",
+           "temperature": 0, "max_output_tokens": 80}
+    full = client.responses.create(**ask)
+    calls = [o for o in full.output if o.type == "function_call"]
+    _check_calls([{"id": c.call_id, "name": c.name, "arguments": c.arguments} for c in calls],
+                 {"get_weather", "get_time"})
+    chat = client.chat.completions.create(model=h.MODEL, messages=ASK_WEATHER, tools=TOOLS,
+                                          tool_choice="required", temperature=0, max_tokens=80)
+    assert [(c.name, c.arguments) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in chat.choices[0].message.tool_calls]
+
+    streamed: dict[str, str] = {}
+    for e in client.responses.create(**ask, stream=True):
+        if e.type == "response.function_call_arguments.delta":
+            streamed[e.item_id] = streamed.get(e.item_id, "") + e.delta
+        if e.type == "response.output_item.done" and e.item.type == "function_call":
+            assert streamed[e.item.id] == e.item.arguments
+    assert list(streamed.values()) == [c.arguments for c in calls]
+
+    # the calls and their outputs go back: the answer is chat's to the same conversation
+    result = "Sunny, 21 C, all three days."
+    follow = client.responses.create(
+        model=h.MODEL, tools=RESPONSES_TOOLS, tool_choice="none", temperature=0, max_output_tokens=24,
+        input=[*ASK_WEATHER, *(c.model_dump(exclude_none=True) for c in calls),
+               *({"type": "function_call_output", "call_id": c.call_id, "output": result} for c in calls)])
+    chat_follow = client.chat.completions.create(
+        model=h.MODEL, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=24,
+        messages=[*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls]}, *({"role": "tool", "tool_call_id": c.call_id, "content": result} for c in calls)])
+    assert follow.output_text and follow.output_text == chat_follow.choices[0].message.content
+
+
+def test_responses_api_logprobs_structured_output_and_refusals(client):
+    ask = {"model": h.MODEL, "input": "Name a colour.", "temperature": 0, "max_output_tokens": 6}
+    got = client.responses.create(**ask, include=["message.output_text.logprobs"], top_logprobs=2)
+    chat = client.chat.completions.create(model=h.MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                          temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)
+    lps, want = got.output[0].content[0].logprobs, chat.choices[0].logprobs.content
+    assert [lp.token for lp in lps] == [c.token for c in want] and len(lps) == 6
+    # the same values up to float noise: one prompt's KV is computed, the other's comes from the
+    # prefix cache, in batches of other shapes
+    assert [lp.logprob for lp in lps] == pytest.approx([c.logprob for c in want], abs=2e-3)
+    assert all(len(lp.top_logprobs) == 2 for lp in lps)
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    person = client.responses.create(model=h.MODEL, input="Describe a person as JSON.", temperature=0,
+                                     max_output_tokens=80, text={"format": {
+                                         "type": "json_schema", "name": "person", "schema": schema,
+                                         "strict": True}})
+    jsonschema.validate(json.loads(person.output_text), schema)
+
+    for extra, param in [({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
+                         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+                         ({"max_output_tokens": 0}, "max_output_tokens")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(**{**ask, **extra})
+        assert info.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(**{**ask, "model": "no-such-model"})
+
+
+def test_an_openai_agents_sdk_agent_calls_a_tool_over_either_api(cluster):
+    # OpenAI's Agents SDK as a user's agent runs it: a function tool called with the arguments the
+    # model wrote and its result handed back, then a plain answer streamed, over the Responses API
+    # (the SDK's default) and over Chat Completions
+    import asyncio
+
+    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner,
+                        function_tool, set_tracing_disabled)
+
+    set_tracing_disabled(True)
+
+    async def run(model) -> tuple[str, list[str], str, str]:
+        calls: list[str] = []
+
+        @function_tool
+        def get_weather(city: str) -> str:
+            """Weather forecast for a city."""
+            calls.append(city)
+            return f"Sunny, 21 C in {city}."
+
+        tool_user = Agent(name="weather", instructions="Use the tools.", model=model, tools=[get_weather],
+                          tool_use_behavior="stop_on_first_tool", model_settings=ModelSettings(
+                              tool_choice="required", parallel_tool_calls=False, temperature=0,
+                              max_tokens=200))
+        ran = await Runner.run(tool_user, "What is the weather in Paris?")
+        assistant = Agent(name="assistant", instructions="You are a helpful assistant.", model=model,
+                          model_settings=ModelSettings(temperature=0, max_tokens=120))
+        streamed = Runner.run_streamed(assistant, "What is the capital of France?")
+        deltas = [e.data.delta async for e in streamed.stream_events() if e.type == "raw_response_event"
+                  and getattr(e.data, "type", "") == "response.output_text.delta"]
+        return ran.final_output, calls, streamed.final_output, "".join(deltas)
+
+    async def both() -> dict[str, tuple[str, list[str], str, str]]:
+        client = openai.AsyncOpenAI(base_url=cluster[1] + "/v1", api_key="unused", max_retries=0)
+        return {"responses": await run(OpenAIResponsesModel(h.MODEL, client)),
+                "chat": await run(OpenAIChatCompletionsModel(h.MODEL, client))}
+
+    results = asyncio.run(both())
+    for api, (final, calls, answer, deltas) in results.items():
+        assert len(calls) == 1 and calls[0].strip(), (api, calls)
+        assert final == f"Sunny, 21 C in {calls[0]}.", (api, final)
+        assert answer and deltas == answer, (api, answer, deltas)
+    assert results["responses"][2] == results["chat"][2]   # the same greedy answer either way
+
+
 def test_grpc_named_tool_choice_streams_the_same_call(client, cluster):
     import json
 

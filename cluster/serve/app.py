@@ -27,7 +27,7 @@ from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
 from ..policy.placement import choices_blocks_needed, longest_choices
 from ..spec import ClusterSpec
-from . import browser_origins, grpc_service
+from . import browser_origins, grpc_service, responses_api
 from . import openai_protocol as oai
 from .browser_origins import BrowserOrigins
 from .chat_output import ChatOutput
@@ -36,7 +36,8 @@ from .grpc_service import Undecodable
 from .metrics import CONTENT_TYPE, CountResponses, ServingMetrics
 from .openapi import openapi_document
 from .orchestrator import Delta, Orchestrator, RequestRecord, merge_choices
-from .responses import SSE_HEADERS, ClosingStreamingResponse, ResponseRenderer, error_response
+from .responses import (SSE_HEADERS, ClosingStreamingResponse, ResponseRenderer, choices_usage,
+                        error_response)
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,29 @@ class Ingress:
             return error_response(exc)
         return await self._respond(rec, req, None)
 
+    @app.post("/v1/responses")
+    async def create_response(self, request: Request) -> Response:
+        """OpenAI's Responses API, run as a chat (responses_api.py); nothing is stored."""
+        req = None
+        try:
+            tenant = self._tenant(request.headers.getlist("authorization"))
+            limit = self.spec.serve.max_body_bytes
+            data = oai.decode_body(await _read_body(request, limit), limit)
+            req = await self._validated(responses_api.parse, data)
+            self._check_model(req.chat.model)
+            rec, out = await self._chat_record("resp", req.chat, tenant)
+            recs, outs, choices = await self._start(rec, 1, out)
+        except oai.OpenAIError as exc:
+            return error_response(req.error(exc) if req is not None else exc)
+        render = responses_api.ResponseRender(
+            req, rec, out, self.info.model_name,
+            lambda entries: self.responses.logprobs(True, entries)["content"],
+            lambda: choices_usage(recs, outs))
+        if req.chat.stream:
+            return ClosingStreamingResponse(render.sse(choices), media_type="text/event-stream",
+                                            headers=SSE_HEADERS)
+        return await render.json(choices)
+
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
         """inference.proto's server-streaming Generate (the replica's own gRPC server)."""
@@ -414,7 +438,7 @@ class Ingress:
         room = context - len(ids)
         if room < 1:
             raise oai.OpenAIError(400, f"the prompt is {len(ids)} tokens; this model's context is "
-                                  f"{context} tokens", param="messages" if prefix == "chatcmpl"
+                                  f"{context} tokens", param="messages" if prefix in ("chatcmpl", "resp")
                                   else "prompt", code="context_length_exceeded")
         wanted = req.requested_max_tokens()
         if wanted is not None and wanted > room:

@@ -493,6 +493,12 @@ def _no_constant(name: str) -> None:
 
 def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
     """Parse and validate a JSON body into `model`; any problem is an OpenAIError."""
+    return validate(model, decode_body(raw, max_bytes))
+
+
+def decode_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """A request body as a JSON object: UTF-8, within `max_bytes`, no NaN, no unpaired surrogate;
+    any problem is an OpenAIError."""
     if len(raw) > max_bytes:
         raise too_large(max_bytes, len(raw))
     try:
@@ -515,7 +521,7 @@ def parse(model: type[_Request], raw: bytes, max_bytes: int) -> Any:
         except UnicodeEncodeError:
             raise OpenAIError(400, "the body holds a string with an unpaired UTF-16 surrogate "
                               "escape (\\ud800-\\udfff)") from None
-    return validate(model, data)
+    return data
 
 
 def validate(model: type[_Request], data: dict[str, Any]) -> Any:
