@@ -29,7 +29,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 KEYS_ENV, KEY = "PDCLUSTER_BAD_INPUT_KEYS", "sk-bad-input-test"
 LIMITED_KEY = "sk-limited-tenant"  # tenant "limited", allowed one request at a time
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
+CHAT, CMPL, RESP = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 MAX_BODY = 4 << 20  # serve.max_body_bytes' default, which the cluster below keeps
 CONTEXT = 192  # tokens
 MSGS = [{"role": "user", "content": "Say hi."}]
@@ -496,8 +496,25 @@ def test_http_api_fuzzed_from_its_openapi_document(http, cluster, before):
                 case.validate_response(response, checks=checks, headers=AUTH)
 
             fuzz()
+    # the Responses API: invalid requests only (a valid one's function_call_output must answer an
+    # earlier call, its tool_choice name a given tool: more than its schema can say); a stream's
+    # typed events against the document
+    responses = schemas[modes.NEGATIVE][RESP]["POST"]
+    responses.Case(body={"input": "Say hi.", "max_output_tokens": 3, "stream": True}).call_and_validate(
+        base_url=cluster[1], headers=AUTH, checks=checks, timeout=60)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=responses.as_strategy(generation_mode=modes.NEGATIVE))
+    def fuzz_responses(case):
+        response = case.call(base_url=cluster[1], headers=AUTH, timeout=60)
+        statuses.setdefault((RESP, "negative"), set()).add(response.status_code)
+        case.validate_response(response, checks=checks, headers=AUTH)
+
+    fuzz_responses()
     for path in (CHAT, CMPL):  # valid requests were served, invalid ones refused
         assert 200 in statuses[path, "positive"], (statuses, refusals[path][:10])
+    for path in (CHAT, CMPL, RESP):
         assert statuses[path, "negative"] and all(400 <= c < 500 for c in statuses[path, "negative"])
     h.wait_idle()
     assert _errors(http) == before["errors"]

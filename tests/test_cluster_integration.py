@@ -774,6 +774,21 @@ def test_responses_api_answers_as_the_engine_does_streamed_or_not(client, cluste
     metrics = httpx.get(cluster[1] + "/metrics").text
     assert 'code="200",route="/v1/responses"' in metrics
 
+    # the raw body and events are what the server's OpenAPI document says
+    components = httpx.get(cluster[1] + "/openapi.json").json()["components"]
+
+    def check(model: str, value) -> None:
+        jsonschema.validate(value, {"$ref": f"#/components/schemas/{model}", "components": components})
+
+    check("Response", httpx.post(cluster[1] + "/v1/responses", json=ask, timeout=120).json())
+    with httpx.stream("POST", cluster[1] + "/v1/responses", json={**ask, "stream": True}, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line]
+    names = [line.removeprefix("event: ") for line in lines[0::2]]
+    datas = [json.loads(line.removeprefix("data: ")) for line in lines[1::2]]
+    assert names == [d["type"] for d in datas] and len(datas) == len(events)
+    for data in datas:
+        check("ResponseEvent", data)
+
 
 def test_responses_api_function_calls_and_their_outputs(client):
     ask = {"model": h.MODEL, "input": ASK_WEATHER, "tools": RESPONSES_TOOLS, "tool_choice": "required",

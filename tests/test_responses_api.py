@@ -175,3 +175,42 @@ def test_usage_in_the_responses_api_names():
     use = ra.usage(oai.usage(10, 4, 6, reasoning_tokens=2))
     assert use == {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 6}, "output_tokens": 4,
                    "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 14}
+
+
+def _document_validator(model: str):
+    import jsonschema
+    from pdcluster.cluster.serve.openapi import openapi_document
+
+    doc = openapi_document("m", 100, auth=False)
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}",
+                                            "components": doc["components"]})
+
+
+def test_the_openapi_document_describes_the_requests_parse_takes():
+    described = _document_validator("ResponseRequest")
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    accepted = [
+        {"input": "x"},
+        {"model": "m", "instructions": "sys", "max_output_tokens": 5, "temperature": 0.5, "top_p": 0.9,
+         "stream": True, "store": False, "truncation": "disabled", "service_tier": "auto",
+         "metadata": {"k": "v"}, "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+         "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                   {"type": "reasoning", "summary": []}, call,
+                   {"type": "function_call_output", "call_id": "c1", "output": "ok"}],
+         "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
+         "parallel_tool_calls": False,
+         "text": {"format": {"type": "json_object"}, "verbosity": "medium"}},
+    ]
+    for body in accepted:
+        ra.parse(body)
+        assert described.is_valid(body), list(described.iter_errors(body))
+    refused = [{"input": "x", "store": True}, {"input": "x", "background": True},
+               {"input": "x", "truncation": "auto"}, {"input": "x", "include": ["file_search_call.results"]},
+               {"input": "x", "text": {"verbosity": "low"}}, {"input": "x", "tools": [{"type": "web_search"}]},
+               {"input": []}, {"input": 5}, {"input": "x", "max_output_tokens": 0},
+               {"input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}},
+               {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}]
+    for body in refused:
+        with pytest.raises(oai.OpenAIError):
+            ra.parse(body)
+        assert not described.is_valid(body), body

@@ -73,6 +73,76 @@ def _event_stream(chunk: str) -> dict[str, Any]:
             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
+# OpenAI's Responses API (responses_api.py): the request's shape (what else the server checks, the
+# chat path checks, as for chat completions), the response object and its stream's typed events.
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}}
+_INPUT_ITEM = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"anyOf": [{"type": "string"},
+                              {"type": "array", "minItems": 1, "items": _TEXT_PART}]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+        "type": {"const": "function_call"}, "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string", "description": "a JSON object, as text"}}},
+    {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"const": "function_call_output"},
+        "call_id": {"type": "string", "description": "an earlier function_call item's"},
+        "output": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TEXT_PART}]}}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}}]}
+_NULL = {"type": "null"}
+_RESPONSE_REQUEST = {"type": "object", "required": ["input"], "properties": {
+    "model": {"type": ["string", "null"]},
+    "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _INPUT_ITEM}]},
+    "instructions": {"type": ["string", "null"]},
+    "max_output_tokens": {"anyOf": [{"type": "integer", "minimum": 1}, _NULL]},
+    "temperature": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 2}, _NULL]},
+    "top_p": {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, _NULL]},
+    "stream": {"type": ["boolean", "null"]},
+    "tools": {"anyOf": [{"type": "array", "items": {
+        "type": "object", "required": ["type", "name"], "properties": {
+            "type": {"const": "function"}, "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.\-]{1,64}$"},
+            "description": {"type": ["string", "null"]}, "parameters": {"type": ["object", "null"]},
+            "strict": {"type": ["boolean", "null"]}}}}, _NULL]},
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, _NULL, {
+        "type": "object", "required": ["type", "name"],
+        "properties": {"type": {"const": "function"}, "name": {"type": "string"}}}]},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
+    "text": {"anyOf": [_NULL, {"type": "object", "properties": {
+        "verbosity": {"anyOf": [{"const": "medium"}, _NULL]},
+        "format": {"anyOf": [_NULL, {"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+            "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}]}}}]},
+    "include": {"anyOf": [_NULL, {"type": "array", "items": {"const": "message.output_text.logprobs"}}]},
+    "top_logprobs": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, _NULL]},
+    "metadata": {"anyOf": [_NULL, {"type": "object", "maxProperties": 16,
+                                   "additionalProperties": {"type": "string", "maxLength": 512}}]},
+    "store": {"anyOf": [{"const": False}, _NULL], "description": "nothing is stored"},
+    "truncation": {"anyOf": [{"const": "disabled"}, _NULL]},
+    "service_tier": {"anyOf": [{"enum": ["auto", "default"]}, _NULL]},
+    "background": {"anyOf": [{"const": False}, _NULL]},
+    "user": {"type": ["string", "null"]}}}
+_OUTPUT_ITEM = {"type": "object", "required": ["id", "type", "status"], "properties": {
+    "id": _ID, "type": {"enum": ["message", "reasoning", "function_call"]},
+    "status": {"enum": ["in_progress", "completed", "incomplete"]}, "role": {"const": "assistant"},
+    "content": {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"enum": ["output_text", "reasoning_text"]}, "text": {"type": "string"},
+        "logprobs": {"type": "array", "items": _LOGPROB}}}},
+    "call_id": {"type": "string"}, "name": {"type": "string"}, "arguments": {"type": "string"}}}
+_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
+             "properties": {
+                 "id": _ID, "object": {"const": "response"}, "created_at": _INT,
+                 "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+                 "model": {"type": "string"}, "output": {"type": "array", "items": _OUTPUT_ITEM},
+                 "store": {"const": False},
+                 "usage": {"anyOf": [_NULL, {"type": "object", "required": [
+                     "input_tokens", "output_tokens", "total_tokens"], "properties": {
+                     "input_tokens": _INT, "output_tokens": _INT, "total_tokens": _INT}}]}}}
+_RESPONSE_EVENT = {"type": "object", "required": ["type", "sequence_number"], "properties": {
+    "type": {"type": "string", "pattern": "^response\\."}, "sequence_number": _INT,
+    "response": {"$ref": _REF.format(model="Response")}, "item": _OUTPUT_ITEM,
+    "output_index": _INT, "delta": {"type": "string"}}}
+
 _RESPONSES = {
     "Usage": _USAGE,
     "ChatCompletion": _completion("chat.completion", {"message": {
@@ -93,6 +163,9 @@ _RESPONSES = {
         "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}},
     "Health": {"type": "object", "required": ["status"],
                "properties": {"status": {"enum": ["ok", "unavailable", "draining"]}}},
+    "ResponseRequest": _RESPONSE_REQUEST,
+    "Response": _RESPONSE,
+    "ResponseEvent": _RESPONSE_EVENT,
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string", "minLength": 1}, "type": {"type": "string"},
@@ -175,6 +248,19 @@ def openapi_document(model_name: str, vocab_size: int, auth: bool) -> dict[str, 
                                           "Create a chat completion", auth),
         "/v1/completions": _generate(oai.CompletionRequest, "Completion",
                                      "Create a text completion", auth),
+        "/v1/responses": {"post": {
+            "summary": "Create a response (OpenAI's Responses API, run as a chat; nothing is stored)",
+            "operationId": "createResponse",
+            "requestBody": {"required": True, "content": _json("ResponseRequest")},
+            "responses": {
+                "200": {"description": "the response; an SSE stream of typed events when stream is true",
+                        "content": {**_json("Response"), "text/event-stream": {"schema": {
+                            "type": "object", "required": ["event", "data"], "properties": {
+                                "event": {"type": "string"}, "data": {
+                                    "type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"$ref": _REF.format(model="ResponseEvent")}}}}}}},
+                **{str(code): {"description": why, "content": _json("Error")} for code, why in sorted(
+                    {**_GENERATE_ERRORS, **({401: "missing or invalid API key"} if auth else {})}.items())}}}},
         "/v1/models": {"get": {"summary": "List the served model", "operationId": "listModels",
                                "responses": {"200": {"description": "the model list",
                                                      "content": _json("ModelList")},
