@@ -500,8 +500,11 @@ def test_http_api_fuzzed_from_its_openapi_document(http, cluster, before):
     # earlier call, its tool_choice name a given tool: more than its schema can say); a stream's
     # typed events against the document
     responses = schemas[modes.NEGATIVE][RESP]["POST"]
-    responses.Case(body={"input": "Say hi.", "max_output_tokens": 3, "stream": True}).call_and_validate(
-        base_url=cluster[1], headers=AUTH, checks=checks, timeout=60)
+    for body in ({"input": "Say hi.", "max_output_tokens": 3, "stream": True},
+                 {"instructions": "Be brief.", "input": [{"role": "user", "content": "Say hi."}],
+                  "max_output_tokens": 3, "include": ["message.output_text.logprobs"], "top_logprobs": 1}):
+        responses.Case(body=body).call_and_validate(base_url=cluster[1], headers=AUTH, checks=checks,
+                                                    timeout=60)
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))

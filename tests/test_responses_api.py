@@ -54,7 +54,25 @@ def test_items_become_one_assistant_turn_per_text_and_its_calls_then_tool_answer
     assert req.chat.tool_choice.function.name == "get_weather"
     assert req.chat.parallel_tool_calls is False
     # where each chat message came from: a refusal about one names its input item
-    assert req.sources == [("input.0", True), ("input.2", True), ("input.5", False), ("input.6", False)]
+    assert req.sources.messages == [("input.0", True), ("input.2", True), ("input.5", False),
+                                    ("input.6", False)]
+    assert msgs[1].reasoning_content is None   # the reasoning item had no text
+    err = req.error(oai.OpenAIError(400, "messages.1.tool_calls.1.function.arguments must be a JSON "
+                                    "object", param="messages.1.tool_calls.1.function.arguments"))
+    assert (err.param, err.message) == ("input.4.arguments", "input.4.arguments must be a JSON object")
+
+
+def test_a_reasoning_item_goes_back_with_the_assistant_turn_it_led_to():
+    think = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Look it up."}]}
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    req = ra.parse({"tools": [WEATHER], "input": [
+        {"role": "user", "content": "Weather?"}, think, call,
+        {"type": "function_call_output", "call_id": "c1", "output": "21 C"},
+        {**think, "content": [{"type": "reasoning_text", "text": "Now answer."}]},
+        {"role": "assistant", "content": "It is 21 C."}, {"role": "user", "content": "Thanks"}]})
+    assert [(m.role, m.reasoning_content) for m in req.chat.messages] == [
+        ("user", None), ("assistant", "Look it up."), ("tool", None), ("assistant", "Now answer."),
+        ("user", None)]
 
 
 def test_text_format_and_logprobs_become_chats():
@@ -79,8 +97,8 @@ def test_text_format_and_logprobs_become_chats():
     ({"input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice.type",
      "unsupported_parameter"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort", "unsupported_parameter"),
-    ({"input": "x", "reasoning": {"summary": "auto"}}, "reasoning.summary", "unsupported_parameter"),
-    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include.0", "unsupported_parameter"),
+    ({"input": "x", "reasoning": {"summary": "detailed"}}, "reasoning.summary", "unsupported_parameter"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "include.0", "unsupported_parameter"),
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity", "unsupported_parameter"),
     ({"input": "x", "top_logprobs": 2}, "top_logprobs", "invalid_value"),
     ({"input": "x", "typical_p": 0.5}, "typical_p", "unsupported_parameter"),   # chat's refusals hold
@@ -137,8 +155,9 @@ def test_output_items_stream_in_order_with_numbered_events():
     events += items.feed([{"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}], [])
     events += items.close("completed")
     assert _types(events) == [
-        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
-        "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done",
         "response.output_item.added", "response.content_part.added", "response.output_text.delta",
         "response.output_text.done", "response.content_part.done", "response.output_item.done",
         "response.output_item.added", "response.function_call_arguments.delta",
@@ -154,6 +173,25 @@ def test_output_items_stream_in_order_with_numbered_events():
     assert [e["output_index"] for e in events if e["type"] == "response.output_item.done"] == [0, 1, 2]
     added = [e["item"] for e in events if e["type"] == "response.output_item.added"]
     assert added[2]["arguments"] == "" and added[2]["status"] == "in_progress"
+
+
+def _lp(token: str) -> dict:
+    return {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def test_output_text_logprobs_are_its_own_tokens_only():
+    items = ra.OutputItems()
+    items.feed([{"reasoning_content": "Hmm"}], [_lp("<think>"), _lp("Hmm")])   # reasoning only
+    # one step ends the reasoning and starts the text: the text's tokens are the last ones
+    items.feed([{"reasoning_content": "."}, {"content": "Hi there"}],
+               [_lp("."), _lp("</think>"), _lp("Hi"), _lp(" there")])
+    items.feed([], [_lp("\xe2")])                 # part of a character: its text comes next step
+    items.feed([{"content": "\u2014!"}], [_lp("!")])
+    items.feed([{"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                                 "function": {"name": "f", "arguments": "{}"}}]}], [_lp("<tool_call>")])
+    items.close("completed")
+    message = next(i for i in items.items if i["type"] == "message")
+    assert [e["token"] for e in message["content"][0]["logprobs"]] == ["Hi", " there", "\xe2", "!"]
 
 
 def test_whitespace_before_a_call_is_no_message_but_a_blank_answer_is_one():
@@ -173,7 +211,8 @@ def test_whitespace_before_a_call_is_no_message_but_a_blank_answer_is_one():
 
 def test_usage_in_the_responses_api_names():
     use = ra.usage(oai.usage(10, 4, 6, reasoning_tokens=2))
-    assert use == {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 6}, "output_tokens": 4,
+    assert use == {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 6, "cache_write_tokens": 0},
+                   "output_tokens": 4,
                    "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 14}
 
 
@@ -200,6 +239,12 @@ def test_the_openapi_document_describes_the_requests_parse_takes():
          "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
          "parallel_tool_calls": False,
          "text": {"format": {"type": "json_object"}, "verbosity": "medium"}},
+        {"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                   {"type": "reasoning", "summary": [{"type": "summary_text", "text": "t"}]}, call,
+                   {"role": "user", "content": "ok"}],
+         "tool_choice": "auto", "reasoning": {"effort": None, "summary": "auto"},
+         "include": ["reasoning.encrypted_content"],
+         "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}}},
     ]
     for body in accepted:
         ra.parse(body)
@@ -209,7 +254,10 @@ def test_the_openapi_document_describes_the_requests_parse_takes():
                {"input": "x", "text": {"verbosity": "low"}}, {"input": "x", "tools": [{"type": "web_search"}]},
                {"input": []}, {"input": 5}, {"input": "x", "max_output_tokens": 0},
                {"input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}},
-               {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}]
+               {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+               {"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+               {"input": "x", "text": {"format": {"type": "json_schema", "name": "a b"}}},
+               {"input": "x", "metadata": {"k" * 65: "v"}}, {"input": "x", "reasoning": {"effort": "low"}}]
     for body in refused:
         with pytest.raises(oai.OpenAIError):
             ra.parse(body)

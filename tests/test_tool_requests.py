@@ -97,3 +97,14 @@ def test_tool_history_and_tools_for_a_template_without_tools():
 def test_usage_counts_reasoning_tokens_when_asked():
     assert "completion_tokens_details" not in oai.usage(3, 4)
     assert oai.usage(3, 4, 0, 2)["completion_tokens_details"] == {"reasoning_tokens": 2}
+
+
+def test_an_assistant_turns_reasoning_reaches_the_template_and_only_an_assistant_has_one():
+    thought = {"role": "assistant", "content": "Let me check.", "reasoning_content": "A tool knows.",
+               "tool_calls": [CALL]}
+    msgs = _req(messages=[HISTORY[0], thought, *HISTORY[2:]]).chat(native_tools=True)
+    assert msgs[1]["reasoning_content"] == "A tool knows." and "reasoning_content" not in msgs[0]
+    with pytest.raises(oai.OpenAIError) as info:
+        oai.validate(oai.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x",
+                                                              "reasoning_content": "y"}]})
+    assert info.value.param == "messages.0"

@@ -81,12 +81,13 @@ def _provable_prompt_bytes(tokenizer: Any, context: int) -> int:
 
 def _text_bytes(value: Any) -> int:
     """UTF-8 bytes of every string in a chat's messages (contents, tool calls, their names): a
-    lower bound on the text the template renders (a participant's `name`, which many templates
-    leave out, is not counted)."""
+    lower bound on the text the template renders (a participant's `name` and an assistant's
+    `reasoning_content`, which many templates leave out, are not counted)."""
     if isinstance(value, str):
         return len(value.encode())
     if isinstance(value, dict):
-        return sum(_text_bytes(v) for k, v in value.items() if not (k == "name" and "role" in value))
+        return sum(_text_bytes(v) for k, v in value.items()
+                   if not (k in ("name", "reasoning_content") and "role" in value))
     if isinstance(value, (list, tuple)):
         return sum(_text_bytes(v) for v in value)
     return 0

@@ -326,13 +326,17 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra={"anyOf": [
         {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
         {"required": ["role", "tool_calls"], "properties": {
-            "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}]})
+            "role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}],
+        "if": {"required": ["reasoning_content"], "properties": {"reasoning_content": {"type": "string"}}},
+        "then": {"properties": {"role": {"const": "assistant"}}}})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # a list of parts has at least one, as OpenAI's schema says
     content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = None                    # the participant's name, passed to the template
     tool_calls: list[ToolCall] | None = None   # assistant
     tool_call_id: str | None = None            # tool
+    # assistant: its thinking, for templates that keep it in the history (Qwen3 within a tool loop)
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
@@ -341,6 +345,8 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError(
                 "missing", "a message of role '{role}' needs content"
                 + " or tool_calls" * (self.role == "assistant"), {"role": self.role})
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise PydanticCustomError("invalid", "only assistant messages carry reasoning_content")
         return self
 
     def text(self) -> str:

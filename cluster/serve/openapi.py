@@ -75,8 +75,11 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 # OpenAI's Responses API (responses_api.py): the request's shape (what else the server checks, the
 # chat path checks, as for chat completions), the response object and its stream's typed events.
-_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
-    "type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}}
+_TEXT_PART = {"anyOf": [
+    {"type": "object", "required": ["type", "text"], "properties": {
+        "type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}},
+    {"type": "object", "required": ["type", "refusal"], "properties": {
+        "type": {"const": "refusal"}, "refusal": {"type": "string"}}}]}
 _INPUT_ITEM = {"anyOf": [
     {"type": "object", "required": ["role", "content"], "properties": {
         "type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
@@ -89,7 +92,11 @@ _INPUT_ITEM = {"anyOf": [
         "type": {"const": "function_call_output"},
         "call_id": {"type": "string", "description": "an earlier function_call item's"},
         "output": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TEXT_PART}]}}},
-    {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}}]}
+    {"type": "object", "required": ["type"], "properties": {
+        "type": {"const": "reasoning"},
+        **{key: {"type": "array", "items": {"type": "object", "required": ["text"],
+                                            "properties": {"text": {"type": "string"}}}}
+           for key in ("content", "summary")}}}]}
 _NULL = {"type": "null"}
 _RESPONSE_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "model": {"type": ["string", "null"]},
@@ -110,12 +117,24 @@ _RESPONSE_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "text": {"anyOf": [_NULL, {"type": "object", "properties": {
         "verbosity": {"anyOf": [{"const": "medium"}, _NULL]},
-        "format": {"anyOf": [_NULL, {"type": "object", "required": ["type"], "properties": {
-            "type": {"enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
-            "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}]}}}]},
-    "include": {"anyOf": [_NULL, {"type": "array", "items": {"const": "message.output_text.logprobs"}}]},
-    "top_logprobs": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, _NULL]},
+        "format": {"anyOf": [
+            _NULL, {"type": "object", "required": ["type"], "properties": {
+                "type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "json_schema"},
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": ["string", "null"]},
+                "schema": {"type": "object", "description": "a JSON Schema the grammar library takes"},
+                "strict": {"type": ["boolean", "null"]}}}]}}}]},
+    "reasoning": {"anyOf": [_NULL, {"type": "object", "properties": {
+        "effort": _NULL, "summary": {"anyOf": [{"const": "auto"}, _NULL]},
+        "generate_summary": {"anyOf": [{"const": "auto"}, _NULL]}}}]},
+    "include": {"anyOf": [_NULL, {"type": "array", "items": {
+        "enum": ["message.output_text.logprobs", "reasoning.encrypted_content"]}}]},
+    "top_logprobs": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, _NULL],
+                     "description": "above 0 only with include message.output_text.logprobs"},
     "metadata": {"anyOf": [_NULL, {"type": "object", "maxProperties": 16,
+                                   "propertyNames": {"maxLength": 64},
                                    "additionalProperties": {"type": "string", "maxLength": 512}}]},
     "store": {"anyOf": [{"const": False}, _NULL], "description": "nothing is stored"},
     "truncation": {"anyOf": [{"const": "disabled"}, _NULL]},

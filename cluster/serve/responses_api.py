@@ -29,6 +29,9 @@ from .orchestrator import Delta, RequestRecord
 from .responses import error_response
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# asked for by stateless clients (Codex): reasoning items carry `encrypted_content`, null here (their
+# reasoning text comes back whole in `content`, and a client returns the item as it got it)
+ENCRYPTED_REASONING_INCLUDE = "reasoning.encrypted_content"
 ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
 # the Responses API's fields that mean what chat's fields of the same name mean
@@ -64,13 +67,21 @@ def _new_id(prefix: str) -> str:
 
 
 @dataclass
+class Sources:
+    """Where each chat message came from: "instructions", "input" or "input.<i>", and whether that
+    item was a message, whose content and role are where chat's are (`messages`); and each tool
+    call's function_call item, by "messages.<k>.tool_calls.<j>" (`calls`)."""
+    messages: list[tuple[str, bool]] = field(default_factory=list)
+    calls: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class ResponsesRequest:
     """A Responses API body as a chat request (`chat`, validated), with what the response echoes
-    (`echo`) and, for each chat message, the input it came from (`sources`: "instructions",
-    "input" or "input.<i>", and whether that item was a message, whose fields chat's keep)."""
+    (`echo`) and where its chat messages came from (`sources`)."""
     chat: oai.ChatCompletionRequest
     echo: dict[str, Any]
-    sources: list[tuple[str, bool]] = field(default_factory=list)
+    sources: Sources = field(default_factory=Sources)
 
     @property
     def logprobs(self) -> bool:
@@ -80,7 +91,11 @@ class ResponsesRequest:
         return api_error(exc, self.sources)
 
 
-def api_error(exc: oai.OpenAIError, sources: list[tuple[str, bool]]) -> oai.OpenAIError:
+# a tool call's fields in chat -> in its function_call item
+_CALL_FIELDS = ((".function.arguments", ".arguments"), (".function.name", ".name"), (".id", ".call_id"))
+
+
+def api_error(exc: oai.OpenAIError, sources: Sources) -> oai.OpenAIError:
     """A chat refusal with its `param` (and the message's mention of it) in the Responses API's
     names."""
     param = exc.param
@@ -88,12 +103,16 @@ def api_error(exc: oai.OpenAIError, sources: list[tuple[str, bool]]) -> oai.Open
         return exc
     renamed = param
     m = _MESSAGE_PARAM.match(param)
-    if m:
+    call = next((key for key in sources.calls if param == key or param.startswith(key + ".")), None)
+    if call is not None:
+        rest = param[len(call):]
+        renamed = sources.calls[call] + next((new for old, new in _CALL_FIELDS if rest == old), "")
+    elif m:
         k = m.group(1)
-        if k is None or not sources:
+        if k is None or not sources.messages:
             renamed = "input"
         else:
-            where, message_item = sources[min(int(k), len(sources) - 1)]
+            where, message_item = sources.messages[min(int(k), len(sources.messages) - 1)]
             rest = m.group(2) or ""   # a message item's content and role are where chat's are
             renamed = where + (rest if message_item and rest.startswith((".content", ".role")) else "")
     else:
@@ -121,7 +140,8 @@ def parse(data: dict[str, Any]) -> ResponsesRequest:
     tools = _tools(data.get("tools"))
     if tools is not None:
         body["tools"] = tools
-    if data.get("tool_choice") is not None:
+    # "auto" is the Responses API's default, sent by clients with no tools too (chat refuses that)
+    if data.get("tool_choice") is not None and not (data["tool_choice"] == "auto" and not tools):
         body["tool_choice"] = _tool_choice(data["tool_choice"])
     text_format = _text_format(data.get("text"))
     if text_format is not None:
@@ -150,25 +170,26 @@ def parse(data: dict[str, Any]) -> ResponsesRequest:
     return ResponsesRequest(chat, echo, sources)
 
 
-def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[str, bool]]]:
+def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
     messages: list[dict[str, Any]] = []
-    sources: list[tuple[str, bool]] = []
+    sources = Sources()
     instructions = data.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
             raise _invalid("instructions must be a string", "instructions")
         if instructions:
             messages.append({"role": "system", "content": instructions})
-            sources.append(("instructions", False))
+            sources.messages.append(("instructions", False))
     items = data.get("input")
     if isinstance(items, str):
         messages.append({"role": "user", "content": items})
-        sources.append(("input", False))
+        sources.messages.append(("input", False))
         return messages, sources
     if not isinstance(items, list) or not items:
         raise _invalid("input must be a string or a non-empty list of items", "input",
                        "missing" if items is None else "invalid_value")
     calls: set[str] = set()
+    thinking: list[str] = []   # reasoning items' text, for the assistant turn they precede
     for i, item in enumerate(items):
         where = f"input.{i}"
         if not isinstance(item, dict):
@@ -178,17 +199,26 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[st
             role = item.get("role")
             if role not in ROLES:
                 raise _invalid(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-            messages.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
-            sources.append((where, True))
+            message = {"role": role, "content": _content(item.get("content"), f"{where}.content")}
+            if role == "assistant" and thinking:
+                message["reasoning_content"] = "".join(thinking)
+            thinking = []
+            messages.append(message)
+            sources.messages.append((where, True))
         elif kind == "function_call":
             call_id, name, arguments = (_string(item, k, where) for k in ("call_id", "name", "arguments"))
             call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":   # one assistant turn: text, then calls
-                last.setdefault("tool_calls", []).append(call)
+            if last is not None and last["role"] == "assistant" and not thinking:
+                last.setdefault("tool_calls", []).append(call)   # one assistant turn: text, then calls
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-                sources.append((where, False))
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                if thinking:
+                    message["reasoning_content"] = "".join(thinking)
+                thinking = []
+                messages.append(message)
+                sources.messages.append((where, False))
+            sources.calls[f"messages.{len(messages) - 1}.tool_calls.{len(messages[-1]['tool_calls']) - 1}"] = where
             calls.add(call_id)
         elif kind == "function_call_output":
             call_id = _string(item, "call_id", where)
@@ -198,14 +228,37 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[st
             output = item.get("output")
             text = output if isinstance(output, str) else _parts_text(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
-            sources.append((where, False))
+            sources.messages.append((where, False))
+            thinking = []
         elif kind == "reasoning":
-            continue   # the model's earlier thinking: chat templates leave it out of the history
+            # the model's earlier thinking goes back with the assistant turn it led to, for the
+            # templates that keep it (Qwen3's, within a tool loop); the others leave it out
+            text = _reasoning_text(item, where)
+            if text:
+                thinking.append(text)
         else:
             raise _invalid(f"{where}: input items of type {kind!r} are not supported (message, "
                            "function_call, function_call_output and reasoning are)", f"{where}.type",
                            "unsupported_parameter")
     return messages, sources
+
+
+def _reasoning_text(item: dict[str, Any], where: str) -> str:
+    """A reasoning item's text: its content (reasoning_text parts), else its summary's."""
+    for key in ("content", "summary"):
+        parts = item.get(key)
+        if parts is None:
+            continue
+        if not isinstance(parts, list):
+            raise _invalid(f"{where}.{key} must be a list", f"{where}.{key}")
+        texts = []
+        for j, part in enumerate(parts):
+            if not (isinstance(part, dict) and isinstance(part.get("text"), str)):
+                raise _invalid(f"{where}.{key}.{j} must be an object with a text", f"{where}.{key}.{j}")
+            texts.append(part["text"])
+        if texts:
+            return "\n".join(texts)
+    return ""
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:
@@ -299,8 +352,8 @@ def _check_reasoning(reasoning: Any) -> None:
         raise _invalid("'reasoning.effort' is not supported by this server: a reasoning model's "
                        "thinking is switched with chat_template_kwargs", "reasoning.effort",
                        "unsupported_parameter")
-    for key in ("summary", "generate_summary"):
-        if reasoning.get(key) is not None:
+    for key in ("summary", "generate_summary"):   # "auto": a summary if the server makes one
+        if reasoning.get(key) not in (None, "auto"):
             raise _invalid(f"'reasoning.{key}' is not supported by this server: the reasoning comes "
                            "whole, as a reasoning item's content", f"reasoning.{key}",
                            "unsupported_parameter")
@@ -313,10 +366,10 @@ def _include(include: Any) -> bool:
     if not isinstance(include, list):
         raise _invalid("include must be a list of strings", "include")
     for j, value in enumerate(include):
-        if value != LOGPROBS_INCLUDE:
-            raise _invalid(f"include {value!r} is not supported (only {LOGPROBS_INCLUDE!r})",
-                           f"include.{j}", "unsupported_parameter")
-    return bool(include)
+        if value not in (LOGPROBS_INCLUDE, ENCRYPTED_REASONING_INCLUDE):
+            raise _invalid(f"include {value!r} is not supported (only {LOGPROBS_INCLUDE!r} and "
+                           f"{ENCRYPTED_REASONING_INCLUDE!r})", f"include.{j}", "unsupported_parameter")
+    return LOGPROBS_INCLUDE in include
 
 
 def _check_options(data: dict[str, Any]) -> None:
@@ -341,10 +394,31 @@ def usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
     """Chat's usage in the Responses API's names."""
     details = chat_usage.get("completion_tokens_details") or {}
     return {"input_tokens": chat_usage["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
+            "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens": chat_usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens") or 0},
             "total_tokens": chat_usage["total_tokens"]}
+
+
+def _text_logprobs(deltas: list[dict[str, Any]], pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of a step's logprobs (with those still waiting for their text), the ones of its output
+    text's tokens: none where the step's text is all reasoning or tool calls; where it is both, the
+    last ones, as many as the text's bytes take (the reasoning and its end marker come first)."""
+    if not deltas:
+        return pending                     # the text is held back: they wait for it
+    text = "".join(d.get("content") or "" for d in deltas)
+    if not text:
+        return []
+    if all(set(d) == {"content"} for d in deltas):
+        return pending
+    size, keep = len(text.encode()), 0
+    for entry in reversed(pending):
+        size -= len(entry["bytes"])
+        if size < 0:
+            break
+        keep += 1
+    return pending[len(pending) - keep:]
 
 
 class OutputItems:
@@ -365,7 +439,9 @@ class OutputItems:
         return ev
 
     def feed(self, deltas: list[dict[str, Any]], logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        self._logprobs += logprobs
+        """One step's deltas, and the logprobs of its tokens (those of a token whose text is held
+        back wait for its text)."""
+        self._logprobs = _text_logprobs(deltas, self._logprobs + logprobs)
         events: list[dict[str, Any]] = []
         for delta in deltas:
             if delta.get("reasoning_content"):
@@ -418,6 +494,8 @@ class OutputItems:
             part = item["content"][0]
             events.append(self.event("response.reasoning_text.done", **at, content_index=0,
                                      text=part["text"]))
+            events.append(self.event("response.content_part.done", **at, content_index=0,
+                                     part=copy.deepcopy(part)))
         else:
             events.append(self.event("response.function_call_arguments.done", **at,
                                      name=item["name"], arguments=item["arguments"]))
@@ -430,8 +508,9 @@ class OutputItems:
         events = []
         if self._open is None or self._open["type"] != "reasoning":
             events += self._open_item({"id": _new_id("rs"), "type": "reasoning", "summary": [],
-                                       "content": [{"type": "reasoning_text", "text": ""}],
-                                       "encrypted_content": None, "status": "in_progress"})
+                                       "content": [], "encrypted_content": None,
+                                       "status": "in_progress"})
+            events += self._add_part({"type": "reasoning_text", "text": ""})
         item = self._open
         item["content"][0]["text"] += text
         events.append(self.event("response.reasoning_text.delta", item_id=item["id"],
@@ -445,13 +524,9 @@ class OutputItems:
                 self._space += text
                 return []
             text, self._space = self._space + text, ""
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             events += self._open_item({"id": _new_id("msg"), "type": "message", "status": "in_progress",
                                        "role": "assistant", "content": []})
-            self._open["content"].append(part)
-            events.append(self.event("response.content_part.added", item_id=self._open["id"],
-                                     output_index=self._index(), content_index=0,
-                                     part=copy.deepcopy(part)))
+            events += self._add_part({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
         part = self._open["content"][0]
         logprobs, self._logprobs = self._logprobs, []
         part["text"] += text
@@ -460,6 +535,11 @@ class OutputItems:
                                  output_index=self._index(), content_index=0, delta=text,
                                  logprobs=logprobs))
         return events
+
+    def _add_part(self, part: dict[str, Any]) -> list[dict[str, Any]]:
+        self._open["content"].append(part)
+        return [self.event("response.content_part.added", item_id=self._open["id"],
+                           output_index=self._index(), content_index=0, part=copy.deepcopy(part))]
 
     def _arguments(self, text: str) -> list[dict[str, Any]]:
         item = self._open
@@ -516,9 +596,9 @@ class ResponseRender:
 
     async def sse(self, choices: AsyncIterator[tuple[int, Delta]]) -> AsyncIterator[str]:
         items = self.items
-        yield _sse(items.event("response.created", response=self.response("in_progress")))
-        yield _sse(items.event("response.in_progress", response=self.response("in_progress")))
         try:
+            yield _sse(items.event("response.created", response=self.response("in_progress")))
+            yield _sse(items.event("response.in_progress", response=self.response("in_progress")))
             finish = None
             async for _, d in choices:
                 for ev in self._step(d):
@@ -529,9 +609,12 @@ class ResponseRender:
                 yield _sse(ev)
             yield _sse(items.event(f"response.{status}", response=self.response(status)))
         except oai.OpenAIError as exc:   # the status line is gone: the stream says it failed
-            error = {"code": exc.code or ("server_error" if exc.status >= 500 else "invalid_request"),
-                     "message": exc.message}
-            yield _sse(items.event("response.failed", response=self.response("failed", error)))
+            exc = self.req.error(exc)
+            yield _sse(items.event("error", code=exc.code, message=exc.message, param=exc.param))
+            code = ("server_error" if exc.status >= 500 else "rate_limit_exceeded" if exc.status == 429
+                    else "invalid_prompt")   # the codes a failed response's error may have
+            yield _sse(items.event("response.failed", response=self.response(
+                "failed", {"code": code, "message": exc.message})))
         finally:
             await choices.aclose()
 

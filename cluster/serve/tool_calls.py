@@ -157,6 +157,8 @@ def template_messages(messages: list[Any], native_tools: bool) -> list[dict[str,
         msg: dict[str, Any] = {"role": role, "content": m.text()}
         if m.name is not None:   # templates that know participants' names read it, as from vLLM
             msg["name"] = m.name
+        if m.reasoning_content is not None:   # as vLLM passes it; templates that know it keep it
+            msg["reasoning_content"] = m.reasoning_content
         if m.tool_calls:
             parsed = [(c, _arguments(c, f"messages.{i}.tool_calls.{j}")) for j, c in enumerate(m.tool_calls)]
             calls.update((c.id, c.function.name) for c, _ in parsed)
