@@ -768,6 +768,13 @@ def test_responses_api_answers_as_the_engine_does_streamed_or_not(client, cluste
     assert text == offline.text == events[-1].response.output_text
     assert events[-1].response.usage.output_tokens == len(offline.token_ids)
 
+    count = client.responses.input_tokens.count(model=h.MODEL, instructions=instructions,
+                                                input=QUESTION[0]["content"])
+    assert count.input_tokens == full.usage.input_tokens
+    with pytest.raises(openai.NotFoundError) as missing:   # nothing is stored
+        client.responses.retrieve(full.id)
+    assert missing.value.body["code"] == "response_not_found"
+
     short = client.responses.create(**{**ask, "max_output_tokens": 5})
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
     assert offline.text.startswith(short.output_text) and short.usage.output_tokens == 5

@@ -293,11 +293,7 @@ class Ingress:
         """OpenAI's Responses API, run as a chat (responses_api.py); nothing is stored."""
         req = None
         try:
-            tenant = self._tenant(request.headers.getlist("authorization"))
-            limit = self.spec.serve.max_body_bytes
-            data = oai.decode_body(await _read_body(request, limit), limit)
-            req = await self._validated(responses_api.parse, data)
-            self._check_model(req.chat.model)
+            req, tenant = await self._responses_request(request)
             rec, out = await self._chat_record("resp", req.chat, tenant)
             recs, outs, choices = await self._start(rec, 1, out)
         except oai.OpenAIError as exc:
@@ -310,6 +306,34 @@ class Ingress:
             return ClosingStreamingResponse(render.sse(choices), media_type="text/event-stream",
                                             headers=SSE_HEADERS)
         return await render.json(choices)
+
+    @app.post("/v1/responses/input_tokens")
+    async def count_input_tokens(self, request: Request) -> Response:
+        """The prompt tokens a Responses API request would take (its instructions, input and
+        tools as the chat template renders them), as OpenAI's input token count answers."""
+        req = None
+        try:
+            req, _ = await self._responses_request(request)
+            # counted whatever the context: a client asks to learn whether its input fits
+            chat = await asyncio.to_thread(self._prepare_chat, req.chat)
+        except oai.OpenAIError as exc:
+            return error_response(req.error(exc) if req is not None else exc)
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": len(chat.prompt_ids)})
+
+    @app.api_route("/v1/responses/{path:path}", methods=["GET", "HEAD", "POST", "DELETE"])
+    async def stored_response(self, path: str, request: Request) -> Response:
+        """Retrieving, deleting or cancelling a response, or listing its input items: there is
+        none to find, since none is stored."""
+        try:
+            self._tenant(request.headers.getlist("authorization"))
+        except oai.OpenAIError as exc:
+            return error_response(exc)
+        response_id = path.split("/", 1)[0]
+        if not response_id.startswith("resp_"):
+            return error_response(oai.OpenAIError(404, "Not Found"))
+        return error_response(oai.OpenAIError(
+            404, f"no response {response_id[:100]!r}: this server stores no responses (each is "
+            "answered once, as with store: false)", param="response_id", code="response_not_found"))
 
     # ------------------------------------------------------------------ gRPC
     async def Generate(self, request, grpc_context) -> AsyncIterator[Any]:
@@ -379,6 +403,16 @@ class Ingress:
         limit = self.spec.serve.max_body_bytes
         req = await self._validated(oai.parse, model, await _read_body(request, limit), limit)
         self._check_model(req.model)
+        return req, tenant
+
+    async def _responses_request(self, request: Request,
+                                 ) -> tuple[responses_api.ResponsesRequest, str | None]:
+        """Authenticate, read and validate a Responses API body (as the chat request it means)."""
+        tenant = self._tenant(request.headers.getlist("authorization"))
+        limit = self.spec.serve.max_body_bytes
+        data = oai.decode_body(await _read_body(request, limit), limit)
+        req = await self._validated(responses_api.parse, data)
+        self._check_model(req.chat.model)
         return req, tenant
 
     async def _validated(self, validate: Any, *args: Any) -> Any:

@@ -37,8 +37,8 @@ HTTP_RESPONSES = Counter(mn.HTTP_RESPONSES_TOTAL, _help(mn.HTTP_RESPONSES_TOTAL)
 # The gRPC servicer counts into it as each call ends.
 GRPC_RESPONSES = Counter(mn.GRPC_RESPONSES_TOTAL, _help(mn.GRPC_RESPONSES_TOTAL), ["method", "code"],
                          registry=None)
-_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health",
-                     "/metrics"})
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses",
+                     "/v1/responses/input_tokens", "/v1/models", "/health", "/metrics"})
 
 
 def route_label(path: str) -> str:

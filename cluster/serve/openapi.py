@@ -202,8 +202,14 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF.format(model=name)}}}
 
 
+def _error_responses(errors: dict[int, str], auth: bool) -> dict[str, Any]:
+    """The error answers of a route (and 401, where API keys are required)."""
+    errors = {**errors, **({401: "missing or invalid API key"} if auth else {})}
+    return {str(code): {"description": why, "content": _json("Error")}
+            for code, why in sorted(errors.items())}
+
+
 def _generate(request: type, response: str, summary: str, auth: bool) -> dict[str, Any]:
-    errors = {**_GENERATE_ERRORS, **({401: "missing or invalid API key"} if auth else {})}
     return {"post": {
         "summary": summary, "operationId": response[0].lower() + response[1:],
         "requestBody": {"required": True, "content": _json(request.__name__)},
@@ -211,8 +217,7 @@ def _generate(request: type, response: str, summary: str, auth: bool) -> dict[st
             "200": {"description": "the completion; an SSE stream of chunks when stream is true",
                     "content": {**_json(response),
                                 "text/event-stream": {"schema": _event_stream(response + "Chunk")}}},
-            **{str(code): {"description": why, "content": _json("Error")}
-               for code, why in sorted(errors.items())}}}}
+            **_error_responses(_GENERATE_ERRORS, auth)}}}
 
 
 def _served_values(model_name: str, vocab_size: int) -> dict[str, dict[str, Any]]:
@@ -278,8 +283,26 @@ def openapi_document(model_name: str, vocab_size: int, auth: bool) -> dict[str, 
                                 "event": {"type": "string"}, "data": {
                                     "type": "string", "contentMediaType": "application/json",
                                     "contentSchema": {"$ref": _REF.format(model="ResponseEvent")}}}}}}},
-                **{str(code): {"description": why, "content": _json("Error")} for code, why in sorted(
-                    {**_GENERATE_ERRORS, **({401: "missing or invalid API key"} if auth else {})}.items())}}}},
+                **_error_responses(_GENERATE_ERRORS, auth)}}},
+        "/v1/responses/input_tokens": {"post": {
+            "summary": "Count the prompt tokens a response request would take",
+            "operationId": "countResponseInputTokens",
+            "requestBody": {"required": True, "content": _json("ResponseRequest")},
+            "responses": {
+                "200": {"description": "the count", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["object", "input_tokens"], "properties": {
+                        "object": {"const": "response.input_tokens"}, "input_tokens": _INT}}}}},
+                **_error_responses({code: why for code, why in _GENERATE_ERRORS.items()
+                                    if code not in (429, 503)}, auth)}}},
+        "/v1/responses/{response_id}": {method: {
+            "summary": summary, "operationId": op,
+            "parameters": [{"name": "response_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"404": {"description": "no response is stored here, so none is found",
+                                  "content": _json("Error")}}}
+            for method, summary, op in (
+                ("get", "Retrieve a response (none is stored)", "retrieveResponse"),
+                ("delete", "Delete a response (none is stored)", "deleteResponse"))},
         "/v1/models": {"get": {"summary": "List the served model", "operationId": "listModels",
                                "responses": {"200": {"description": "the model list",
                                                      "content": _json("ModelList")},

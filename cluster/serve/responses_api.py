@@ -218,7 +218,8 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
                 thinking = []
                 messages.append(message)
                 sources.messages.append((where, False))
-            sources.calls[f"messages.{len(messages) - 1}.tool_calls.{len(messages[-1]['tool_calls']) - 1}"] = where
+            k, j = len(messages) - 1, len(messages[-1]["tool_calls"]) - 1
+            sources.calls[f"messages.{k}.tool_calls.{j}"] = where
             calls.add(call_id)
         elif kind == "function_call_output":
             call_id = _string(item, "call_id", where)
