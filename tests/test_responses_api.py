@@ -63,7 +63,8 @@ def test_items_become_one_assistant_turn_per_text_and_its_calls_then_tool_answer
 
 
 def test_a_reasoning_item_goes_back_with_the_assistant_turn_it_led_to():
-    think = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Look it up."}]}
+    think = {"type": "reasoning", "summary": [],
+             "content": [{"type": "reasoning_text", "text": "Look it up."}]}
     call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
     req = ra.parse({"tools": [WEATHER], "input": [
         {"role": "user", "content": "Weather?"}, think, call,
@@ -111,6 +112,22 @@ def test_text_format_and_logprobs_become_chats():
      "invalid_value"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input.0.role", "invalid_value"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata", "invalid_value"),
+    ({"input": "x", "truncation": "yes"}, "truncation", "invalid_value"),
+    ({"input": "x", "service_tier": "flex"}, "service_tier", "unsupported_parameter"),
+    ({"input": "x", "store": "yes"}, "store", "invalid_value"),
+    # chat's fields are no Responses API fields: refused, never dropped
+    ({"input": "x", "max_tokens": 3}, "max_tokens", "unknown_parameter"),
+    ({"input": "x", "response_format": {"type": "json_object"}}, "response_format", "unknown_parameter"),
+    ({"input": "x", "messages": [{"role": "user", "content": "x"}]}, "messages", "unknown_parameter"),
+    ({"input": "x", "n": 2}, "n", "unknown_parameter"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "t"}}}, "text.format.schema",
+     "missing"),
+    ({"input": [{"content": "hi"}]}, "input.0.type", "missing"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
+     "input.1.call_id", "invalid_value"),
+    ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"}],
+      "instructions": "x"}, "input.0.encrypted_content", "unsupported_parameter"),
     # chat's checks, in the Responses API's names
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "t",
@@ -126,7 +143,8 @@ def test_text_format_and_logprobs_become_chats():
 def test_refusals_name_the_responses_api_field(body, param, code):
     err = _error(body)
     assert (err.status, err.param, err.code) == (400, param, code), err.message
-    assert "messages" not in err.message and "max_completion_tokens" not in err.message
+    if code != "unknown_parameter":   # no chat names in the Responses API's refusals
+        assert "messages" not in err.message and "max_completion_tokens" not in err.message
 
 
 def test_a_refusal_after_validation_names_the_input_item_its_message_came_from():
@@ -251,13 +269,17 @@ def test_the_openapi_document_describes_the_requests_parse_takes():
         assert described.is_valid(body), list(described.iter_errors(body))
     refused = [{"input": "x", "store": True}, {"input": "x", "background": True},
                {"input": "x", "truncation": "auto"}, {"input": "x", "include": ["file_search_call.results"]},
-               {"input": "x", "text": {"verbosity": "low"}}, {"input": "x", "tools": [{"type": "web_search"}]},
+               {"input": "x", "text": {"verbosity": "low"}},
+               {"input": "x", "tools": [{"type": "web_search"}]},
                {"input": []}, {"input": 5}, {"input": "x", "max_output_tokens": 0},
                {"input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}},
                {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
                {"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
                {"input": "x", "text": {"format": {"type": "json_schema", "name": "a b"}}},
-               {"input": "x", "metadata": {"k" * 65: "v"}}, {"input": "x", "reasoning": {"effort": "low"}}]
+               {"input": "x", "metadata": {"k" * 65: "v"}}, {"input": "x", "reasoning": {"effort": "low"}},
+               {"input": "x", "max_tokens": 3}, {"input": [{"content": "hi"}]},
+               {"input": "x", "text": {"format": {"type": "json_schema", "name": "t"}}},
+               {"input": [{"type": "reasoning", "encrypted_content": "gAAAA"}]}]
     for body in refused:
         with pytest.raises(oai.OpenAIError):
             ra.parse(body)

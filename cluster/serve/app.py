@@ -329,6 +329,10 @@ class Ingress:
         except oai.OpenAIError as exc:
             return error_response(exc)
         response_id = path.split("/", 1)[0]
+        if path == "input_tokens":   # the counting route is POST's
+            response = error_response(oai.OpenAIError(405, "Method Not Allowed"))
+            response.headers["Allow"] = "POST"
+            return response
         if not response_id.startswith("resp_"):
             return error_response(oai.OpenAIError(404, "Not Found"))
         return error_response(oai.OpenAIError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import openai_protocol as oai
+from .responses_api import CHAT_FIELDS
 
 _REF = "#/components/schemas/{model}"
 _FINISH = {"enum": ["stop", "length", "tool_calls", None]}
@@ -93,7 +94,7 @@ _INPUT_ITEM = {"anyOf": [
         "call_id": {"type": "string", "description": "an earlier function_call item's"},
         "output": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": _TEXT_PART}]}}},
     {"type": "object", "required": ["type"], "properties": {
-        "type": {"const": "reasoning"},
+        "type": {"const": "reasoning"}, "encrypted_content": {"type": "null"},
         **{key: {"type": "array", "items": {"type": "object", "required": ["text"],
                                             "properties": {"text": {"type": "string"}}}}
            for key in ("content", "summary")}}}]}
@@ -120,7 +121,7 @@ _RESPONSE_REQUEST = {"type": "object", "required": ["input"], "properties": {
         "format": {"anyOf": [
             _NULL, {"type": "object", "required": ["type"], "properties": {
                 "type": {"enum": ["text", "json_object"]}}},
-            {"type": "object", "required": ["type", "name"], "properties": {
+            {"type": "object", "required": ["type", "name", "schema"], "properties": {
                 "type": {"const": "json_schema"},
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
                 "description": {"type": ["string", "null"]},
@@ -140,7 +141,10 @@ _RESPONSE_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "truncation": {"anyOf": [{"const": "disabled"}, _NULL]},
     "service_tier": {"anyOf": [{"enum": ["auto", "default"]}, _NULL]},
     "background": {"anyOf": [{"const": False}, _NULL]},
-    "user": {"type": ["string", "null"]}}}
+    "user": {"type": ["string", "null"]},
+    # chat's fields are refused, not dropped
+    **{name: {"type": "null", "description": f"not a Responses API field{': ' + why if why else ''}"}
+       for name, why in CHAT_FIELDS.items()}}}
 _OUTPUT_ITEM = {"type": "object", "required": ["id", "type", "status"], "properties": {
     "id": _ID, "type": {"enum": ["message", "reasoning", "function_call"]},
     "status": {"enum": ["in_progress", "completed", "incomplete"]}, "role": {"const": "assistant"},

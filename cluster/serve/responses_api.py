@@ -49,6 +49,16 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "truncation": ("a conversation longer than the context is a 400, never truncated", ("disabled",)),
     "service_tier": ("there is one service tier", ("auto", "default")),
 }
+# the values of the refused fields that the API defines (others are invalid, not unsupported);
+# an absent entry: any value of the off values' type
+_DEFINED: dict[str, tuple[Any, ...]] = {
+    "truncation": ("auto", "disabled"), "service_tier": ("auto", "default", "flex", "scale", "priority")}
+# chat's and completions' fields, which the Responses API names otherwise or has not
+CHAT_FIELDS = {
+    "messages": "use input", "max_tokens": "use max_output_tokens",
+    "max_completion_tokens": "use max_output_tokens", "response_format": "use text.format",
+    "logprobs": f"use include: [{LOGPROBS_INCLUDE!r}]", "n": "a response has one output",
+    "suffix": "", "echo": "", "best_of": "a response has one output"}
 # chat's names for what the Responses API calls otherwise (a refusal's `param`)
 _RENAMED = ((re.compile(r"^max_completion_tokens"), "max_output_tokens"),
             (re.compile(r"^response_format\.json_schema"), "text.format"),
@@ -128,8 +138,16 @@ def parse(data: dict[str, Any]) -> ResponsesRequest:
     """Validate a decoded Responses API body; any problem is an OpenAIError naming its field."""
     for name, (why, nothing) in REFUSED.items():
         value = data.get(name)
-        if value is not None and not any(value == v and type(value) is type(v) for v in nothing):
-            raise _invalid(f"'{name}' is not supported by this server: {why}", name, "unsupported_parameter")
+        if value is None or any(value == v and type(value) is type(v) for v in nothing):
+            continue
+        defined = _DEFINED.get(name)
+        if (value not in defined) if defined else (nothing and type(value) is not type(nothing[0])):
+            raise _invalid(f"{name}: {value!r} is not a valid value", name)
+        raise _invalid(f"'{name}' is not supported by this server: {why}", name, "unsupported_parameter")
+    for name, instead in CHAT_FIELDS.items():
+        if data.get(name) is not None:
+            raise _invalid(f"'{name}' is not a Responses API field" + (f": {instead}" if instead else ""),
+                           name, "unknown_parameter")
     messages, sources = _messages(data)
     body: dict[str, Any] = {k: data[k] for k in PASSED if k in data}
     # chat's refused fields stay refused here (other servers' samplers, guided decoding, ...)
@@ -195,6 +213,8 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
         if not isinstance(item, dict):
             raise _invalid(f"{where} must be an object", where)
         kind = item.get("type", "message" if "role" in item else None)
+        if kind is None:
+            raise _invalid(f"{where} needs a type (or a role, for a message)", f"{where}.type", "missing")
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
@@ -207,6 +227,9 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
             sources.messages.append((where, True))
         elif kind == "function_call":
             call_id, name, arguments = (_string(item, k, where) for k in ("call_id", "name", "arguments"))
+            if call_id in calls:
+                raise _invalid(f"{where}.call_id {call_id!r} is an earlier function_call's too",
+                               f"{where}.call_id")
             call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and not thinking:
@@ -246,6 +269,10 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
 
 def _reasoning_text(item: dict[str, Any], where: str) -> str:
     """A reasoning item's text: its content (reasoning_text parts), else its summary's."""
+    if item.get("encrypted_content") is not None:   # another server's: unreadable here
+        raise _invalid(f"{where}: a reasoning item's encrypted_content cannot be read by this server "
+                       "(send its text in content, or leave the item out)", f"{where}.encrypted_content",
+                       "unsupported_parameter")
     for key in ("content", "summary"):
         parts = item.get(key)
         if parts is None:
@@ -340,6 +367,8 @@ def _text_format(text: Any) -> dict[str, Any] | None:
         raise _invalid("text.format.type must be text, json_object or json_schema", "text.format.type")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
+    if fmt.get("schema") is None:   # required here (chat's json_schema may leave it out)
+        raise _invalid("text.format of type json_schema needs a schema", "text.format.schema", "missing")
     return {"type": "json_schema", "json_schema": {
         k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}}
 
