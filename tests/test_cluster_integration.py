@@ -506,18 +506,20 @@ def test_metrics_move_when_requests_are_served(client, cluster):
         assert ("pdcluster_worker_running_seqs", labels) in after
 
 
-def test_client_disconnect_frees_its_slot_and_blocks(cluster):
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": 1500}),
+    ("/v1/responses", {"input": "Count: 1, 2, 3,", "max_output_tokens": 1500})])
+def test_client_disconnect_frees_its_slot_and_blocks(cluster, path, body):
     base = cluster[1]
-    body = {"model": h.MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "ignore_eos": True,
-            "temperature": 0, "stream": True}
+    body = {"model": h.MODEL, **body, "ignore_eos": True, "temperature": 0, "stream": True}
     cancelled = ("pdcluster_requests_total", (("status", "cancelled"),))
     before = h.metric_values(httpx.get(base + "/metrics", timeout=30).text).get(cancelled, 0)
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+    with httpx.stream("POST", base + path, json=body, timeout=60) as resp:
         assert resp.status_code == 200
         chunks = 0
         for line in resp.iter_lines():
             chunks += line.startswith("data:")
-            if chunks == 5:
+            if chunks == 6:   # tokens have streamed (the Responses API's first events are not tokens)
                 break
         snap = h.snapshot()
         assert snap.in_flight == 1, h.describe(snap)
