@@ -60,6 +60,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv.max_active = max(srv.max_active, srv.active)
         try:
             chat = self.path == "/v1/chat/completions"
+            if self.path == "/v1/responses" and srv.status == 200:
+                self._responses(body)
+                return
             if self.path not in ("/v1/completions", "/v1/chat/completions") or srv.status != 200:
                 self.send_response(404 if self.path.count("completions") == 0 else srv.status)
                 self.end_headers()
@@ -83,6 +86,24 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with srv.lock:
                 srv.active -= 1
+
+
+    def _responses(self, body: dict) -> None:
+        """The Responses API's typed events: no text until the deltas, usage on the last event."""
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for kind in ("response.created", "response.in_progress", "response.output_item.added"):
+            self._event({"type": kind})
+        time.sleep(srv.ttft_s)
+        for i in range(body["max_output_tokens"]):
+            if i:
+                time.sleep(srv.itl_s)
+            self._event({"type": "response.output_text.delta", "delta": f" t{i}"})
+        self._event({"type": "response.output_text.done", "text": "..."})
+        self._event({"type": "response.completed", "response": {"usage": {
+            "input_tokens": len(body["input"].split()), "output_tokens": body["max_output_tokens"]}}})
 
 
 @contextmanager
@@ -148,6 +169,19 @@ def test_chat_api_sends_messages_and_times_content_deltas(server: _Server):
     for body in server.bodies:
         assert "prompt" not in body and len(body["messages"][0]["content"].split()) == 6
         assert body["messages"][0]["role"] == "user"
+
+
+def test_responses_api_sends_input_and_times_text_deltas(server: _Server):
+    cfg = BenchConfig(model="m", input_len=6, output_len=4, concurrency=(2,), requests_per_level=2,
+                      api="responses")
+    (lv,) = asyncio.run(run_sweep(cfg, [Endpoint("r", server.url)], token_counter(_words),
+                                  progress=False))["r"]
+    assert (lv.requests, lv.ok, lv.output_tokens) == (2, 2, 8)
+    assert lv.ttft_p50_s >= 0.2   # the opening events carry no text
+    assert 0.05 <= lv.tpot_mean_ms / 1000 < 0.1
+    for body in server.bodies:
+        assert len(body["input"].split()) == 6 and body["max_output_tokens"] == 4
+        assert not {"prompt", "messages", "max_tokens", "stream_options"} & set(body)
 
 
 def test_failed_requests_are_counted_not_timed():

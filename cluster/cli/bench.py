@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tools.bench_client import (
+    APIS,
     BenchConfig,
     Endpoint,
     quiet_http_logs,
@@ -35,8 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", metavar="NAME=URL", action="append", default=[],
                    help="run the same sweep against this endpoint too (repeatable); the comparison "
                         "gives ratios to --base-url")
-    p.add_argument("--api", choices=["completions", "chat"], default="completions",
-                   help="/v1/completions, or /v1/chat/completions with the prompt as one user message")
+    p.add_argument("--api", choices=list(APIS), default="completions",
+                   help="/v1/completions, /v1/chat/completions with the prompt as one user message, or "
+                        "/v1/responses (OpenAI's Responses API) with the prompt as its input")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, help="sent when set (with --temperature above 0: sampled decoding)")
     p.add_argument("--top-k", type=int, help="sent when set (vLLM's extension)")

@@ -1,6 +1,6 @@
-"""Benchmark client for any OpenAI-compatible endpoint (completions or chat completions): closed-loop
-concurrency sweep with streaming, random prompts of an exact token count, evalscope-style report
-(Markdown, JSON, plot).
+"""Benchmark client for any OpenAI-compatible endpoint (completions, chat completions or the Responses
+API): closed-loop concurrency sweep with streaming, random prompts of an exact token count,
+evalscope-style report (Markdown, JSON, plot).
 
 Several endpoints (e.g. PD vs colocated vs llama.cpp) run level by level in one process, so ratios
 hold on a noisy machine. The client does as little as it can per chunk (a timestamp and a JSON
@@ -117,8 +117,9 @@ class Endpoint:
         return cls(name, url)
 
     def url(self, api: str = "completions") -> str:
-        """The URL of `api` ("completions" or "chat"): /v1/completions or /v1/chat/completions."""
-        path = {"completions": "completions", "chat": "chat/completions"}[api]
+        """The URL of `api` ("completions", "chat" or "responses"): /v1/completions,
+        /v1/chat/completions or /v1/responses."""
+        path = {"completions": "completions", "chat": "chat/completions", "responses": "responses"}[api]
         base = self.base_url.rstrip("/")
         return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
 
@@ -136,7 +137,9 @@ class BenchConfig:
     requests_per_level: int | None = None  # default: waves x concurrency, at least min_requests
     waves: int = 4
     min_requests: int = 1
-    api: str = "completions"  # or "chat": /v1/chat/completions, the prompt as one user message
+    # or "chat": /v1/chat/completions, the prompt as one user message; or "responses": /v1/responses
+    # (OpenAI's Responses API), the prompt as its input
+    api: str = "completions"
     temperature: float = 0.0  # greedy, as evalscope's runs are; servers default to sampling at 1.0
     # sent only when set: a server's own defaults (or its refusal of the field) otherwise
     top_p: float | None = None
@@ -152,8 +155,8 @@ class BenchConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.api not in ("completions", "chat"):
-            raise ValueError(f"api must be 'completions' or 'chat', got {self.api!r}")
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
 
     def requests_at(self, concurrency: int) -> int:
         return self.requests_per_level or max(self.min_requests, self.waves * concurrency)
@@ -165,14 +168,26 @@ class BenchConfig:
             "stream": True, "stream_options": {"include_usage": True}}
         body.update({k: v for k, v in (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p))
                      if v is not None})
-        if self.api == "chat":
+        if self.api == "responses":   # its usage comes with its last event
+            del body["stream_options"]
+            body["max_output_tokens"] = body.pop("max_tokens")
+            body["input"] = prompt
+        elif self.api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         return body
 
 
+APIS = ("completions", "chat", "responses")
+# the Responses API's events: those that carry text, and those that end the stream
+_RESPONSE_TEXT = frozenset({"response.output_text.delta", "response.reasoning_text.delta"})
+_RESPONSE_END = frozenset({"response.completed", "response.incomplete"})
+
+
 def _has_text(chunk: dict[str, Any]) -> bool:
+    if chunk.get("type") in _RESPONSE_TEXT:
+        return bool(chunk.get("delta"))
     for c in chunk.get("choices") or ():
         delta = c.get("delta")
         if c.get("text") or (delta and (delta.get("content") or delta.get("reasoning_content"))):
@@ -202,11 +217,18 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
                     break
                 chunk = json.loads(data)
                 last = now
-                if chunk.get("error"):
-                    return RequestTrace(start, times, prompt_tokens, ok=False, error=str(chunk["error"])[:200],
+                kind = chunk.get("type")
+                if chunk.get("error") or kind in ("error", "response.failed"):
+                    error = chunk.get("error") or (chunk.get("response") or {}).get("error") or chunk
+                    return RequestTrace(start, times, prompt_tokens, ok=False, error=str(error)[:200],
                                         end=now)
                 if _has_text(chunk):
                     times.append(now)
+                if kind in _RESPONSE_END:   # the Responses API's last event, with its usage
+                    use = chunk["response"].get("usage") or {}
+                    usage = {"prompt_tokens": use.get("input_tokens"),
+                             "completion_tokens": use.get("output_tokens")}
+                    break
                 usage = chunk.get("usage") or usage
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return RequestTrace(start, times, prompt_tokens, ok=False, error=f"{type(e).__name__}: {e}",
