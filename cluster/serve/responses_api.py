@@ -220,8 +220,8 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
             if role not in ROLES:
                 raise _invalid(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
             message = {"role": role, "content": _content(item.get("content"), f"{where}.content")}
-            if role == "assistant" and thinking:
-                message["reasoning_content"] = "".join(thinking)
+            if role == "assistant":
+                _with_thinking(message, thinking)
             thinking = []
             messages.append(message)
             sources.messages.append((where, True))
@@ -235,11 +235,9 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
             if last is not None and last["role"] == "assistant" and not thinking:
                 last.setdefault("tool_calls", []).append(call)   # one assistant turn: text, then calls
             else:
-                message = {"role": "assistant", "content": None, "tool_calls": [call]}
-                if thinking:
-                    message["reasoning_content"] = "".join(thinking)
+                messages.append(_with_thinking({"role": "assistant", "content": None, "tool_calls": [call]},
+                                               thinking))
                 thinking = []
-                messages.append(message)
                 sources.messages.append((where, False))
             k, j = len(messages) - 1, len(messages[-1]["tool_calls"]) - 1
             sources.calls[f"messages.{k}.tool_calls.{j}"] = where
@@ -265,6 +263,13 @@ def _messages(data: dict[str, Any]) -> tuple[list[dict[str, Any]], Sources]:
                            "function_call, function_call_output and reasoning are)", f"{where}.type",
                            "unsupported_parameter")
     return messages, sources
+
+
+def _with_thinking(message: dict[str, Any], thinking: list[str]) -> dict[str, Any]:
+    """An assistant message with the reasoning items' text that led to it, if any."""
+    if thinking:
+        message["reasoning_content"] = "\n".join(thinking)
+    return message
 
 
 def _reasoning_text(item: dict[str, Any], where: str) -> str:
