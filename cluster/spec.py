@@ -249,6 +249,16 @@ class ServeSpec(_Strict):
     # Serve's access log (a line per request from the proxy and the ingress, in their log files and
     # on their stderr); off by default: the router's metrics count every request.
     access_log: bool = False
+    # What carries HTTP between clients and the ingress replica. "haproxy": Ray Serve's HAProxy mode,
+    # the HAProxy that ray[serve] ships forwarding each connection to the ingress replica's own HTTP
+    # server (no Python proxy, no Ray message per streamed chunk); "serve": Serve's proxy actor. Serve
+    # reads the mode when Ray's processes start, so Ray must start with `ray_env` (pdcluster up does).
+    http_proxy: Literal["haproxy", "serve"] = "haproxy"
+    # HAProxy mode's other listeners: HAProxy's read-only stats page and Prometheus exporter (Ray binds
+    # both on every interface) and Serve's fallback proxy on http_host (HAProxy's backup server).
+    haproxy_stats_port: int = Field(default=8404, ge=1, le=65535)
+    haproxy_metrics_port: int = Field(default=9101, ge=1, le=65535)
+    fallback_proxy_port: int = Field(default=8500, ge=1, le=65535)
     # Origins whose web pages may call the API from a browser (CORS): "https://ui.example.com", or
     # "*" for any. None by default: no page on any site can drive a server on your localhost.
     cors_allowed_origins: list[str] = Field(default_factory=list)
@@ -356,6 +366,10 @@ class ClusterSpec(_Strict):
         ports = {"serve.http_port": self.serve.http_port, "serve.grpc_port": self.serve.grpc_port,
                  "store.rpc_port": self.store.rpc_port, "store.metadata_port": self.store.metadata_port,
                  "store.metrics_port": self.store.metrics_port}
+        if self.serve.http_proxy == "haproxy":
+            ports |= {"serve.haproxy_stats_port": self.serve.haproxy_stats_port,
+                      "serve.haproxy_metrics_port": self.serve.haproxy_metrics_port,
+                      "serve.fallback_proxy_port": self.serve.fallback_proxy_port}
         if self.store.client == "node":
             ports |= {"store.node_client_port": self.store.node_client_port,
                       "store.node_client_transfer_port": self.store.node_client_transfer_port}

@@ -3,15 +3,21 @@ deployment and teardown, and a view of the router's state."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pdcluster.cluster.supervised_process import free_port
 from pdcluster.cluster.spec import ClusterSpec
 
 MODEL = "SmolLM2-135M-Instruct"
+# HAProxy mode's other listeners, the same for every test cluster of a session: Serve reads them when
+# Ray starts, and every test's Ray inherits them from the environment conftest sets (RAY_ENV).
+PROXY_PORTS = {"haproxy_stats_port": free_port(), "haproxy_metrics_port": free_port(),
+               "fallback_proxy_port": free_port()}
 
 
 def small_spec(**sections: dict[str, Any]) -> ClusterSpec:
@@ -21,7 +27,7 @@ def small_spec(**sections: dict[str, Any]) -> ClusterSpec:
         "engine": {"device": "cpu", "num_kv_blocks": 128, "threads": 1},
         "store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port(),
                   "global_segment_mib": 64, "local_buffer_mib": 16},
-        "serve": {"http_port": free_port(), "grpc_port": free_port()},
+        "serve": {"http_port": free_port(), "grpc_port": free_port(), **PROXY_PORTS},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
@@ -150,3 +156,20 @@ def stream_completion(base: str, prompt: str, max_tokens: int, out: list, starte
     except httpx.HTTPError as exc:
         out.append(exc)
 
+
+def listener_command(port: int) -> str:
+    """The command name of the process listening on TCP `port` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    assert inodes, f"nothing listens on {port}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if inodes & {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}:
+                return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone, or not ours to read
+            continue
+    raise AssertionError(f"no process of ours holds the socket on {port}")

@@ -12,6 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every test cluster is a Ray instance of its own: a bare ray.init() would join a `ray start` cluster
 # running on the same machine.
 os.environ.setdefault("RAY_ADDRESS", "local")
+
+
+def _ray_env() -> dict[str, str]:
+    """What `pdcluster up` gives its Ray, for the test clusters' spec (Serve's proxy mode)."""
+    import cluster_harness
+
+    from pdcluster.cluster.launch.ray_env import private_haproxy_dir, ray_env
+    return ray_env(cluster_harness.small_spec(), private_haproxy_dir())
+
+
+os.environ.update(_ray_env())
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]

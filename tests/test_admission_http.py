@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N, Q, K = 2, 2, 3
 MAX_TOKENS = 64
+HOLD_TOKENS = 256
 SLO_S = 20.0  # TTFT SLO: generous for the 64-token requests queued here on a loaded 2-core machine
 
 
@@ -31,8 +32,8 @@ def cluster():
         h.stop_cluster()
 
 
-def _body(i: int, stream: bool = False) -> dict:
-    return {"model": h.MODEL, "prompt": f"Request {i}: list some numbers.", "max_tokens": MAX_TOKENS,
+def _body(i: int, stream: bool = False, max_tokens: int = MAX_TOKENS) -> dict:
+    return {"model": h.MODEL, "prompt": f"Request {i}: list some numbers.", "max_tokens": max_tokens,
             "ignore_eos": True, "temperature": 0, "stream": stream}
 
 
@@ -89,7 +90,9 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
     admitted: set[int] = set()  # a stream's status line arrives once its request is admitted
 
     async def hold(c: httpx.AsyncClient, i: int) -> int:
-        async with c.stream("POST", "/v1/completions", json=_body(i, stream=True)) as r:
+        # long enough that all N + Q stay in the router while the probe runs (a few seconds)
+        body = _body(i, stream=True, max_tokens=HOLD_TOKENS)
+        async with c.stream("POST", "/v1/completions", json=body) as r:
             admitted.add(i)
             async for _ in r.aiter_lines():
                 pass

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,18 +132,38 @@ def test_ray_schema_rejects_a_misspelt_cluster_config(mutate: Any) -> None:
         jsonschema.validate(config, _ray_schema())
 
 
-# Stand-ins for the commands the start scripts call, so the real role lookup runs here.
+# Stand-ins for the commands the start scripts call, so the real role lookup runs here; the real
+# `pdcluster` CLI runs on the repository's deploy/ (which file_mounts puts at ~/pdcluster/deploy).
 _STUBS = """
 hostname() { if [ "$1" = "-I" ]; then echo "$FAKE_IPS"; else echo node; fi; }
 source() { :; }
-ray() { echo "HCCL_IF_IP=$HCCL_IF_IP"; for a in "$@"; do echo "ARG $a"; done; }
+ray() { echo "HCCL_IF_IP=$HCCL_IF_IP"; env | grep '^RAY_SERVE_' | sed 's/^/ENV /'; for a in "$@"; do echo "ARG $a"; done; }
+pdcluster() { "$PYTHON" -m pdcluster.cluster.cli.main "${@/#$HOME\/pdcluster\//$REPO/}"; }
 export RAY_HEAD_IP=10.0.0.10
 """
 
 
-def _run_worker_start(command: str, ips: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", _STUBS + command], env={**os.environ, "FAKE_IPS": ips},
-                          capture_output=True, text=True, timeout=30)
+def _run_worker_start(command: str, ips: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    return subprocess.run(["bash", "-c", _STUBS + command], capture_output=True, text=True, timeout=60,
+                          env={**env, "FAKE_IPS": ips, "PYTHON": sys.executable, "REPO": str(REPO)})
+
+
+@pytest.mark.parametrize("rel, spec", [("deploy/cluster.yaml", PROD), ("deploy/cluster-local.yaml", LOCAL)])
+def test_every_ray_start_carries_the_specs_serve_proxy_environment(rel: str, spec: ClusterSpec) -> None:
+    """Serve reads its proxy mode only when Ray's processes start: each node's `ray start` gets the
+    variables `pdcluster render ray-env` gives for the spec the cluster runs."""
+    from pdcluster.cluster.launch.ray_env import private_haproxy_dir, ray_env
+
+    config = _load(rel)
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for start in starts:
+        done = _run_worker_start(start, " ".join(config["provider"]["worker_ips"][:1]))
+        assert done.returncode == 0, done.stderr
+        env = dict(line[4:].split("=", 1) for line in done.stdout.splitlines() if line.startswith("ENV "))
+        assert env == ray_env(spec, private_haproxy_dir()) and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
 def _args(out: str) -> dict[str, str]:

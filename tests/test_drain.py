@@ -110,6 +110,8 @@ def _loopback(address: str) -> bool:
 
 def test_http_and_grpc_listen_on_loopback_only(up):
     spec = up[-1]
+    # `pdcluster up` gives its Ray the spec's Serve proxy: HAProxy holds the HTTP port
+    assert spec.serve.http_proxy == "haproxy" and h.listener_command(spec.serve.http_port) == "haproxy"
     for name, port in (("http", spec.serve.http_port), ("grpc", spec.serve.grpc_port)):
         addresses = _listening(port)
         assert addresses, f"nothing listens on the {name} port {port}"

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..spec import RAY_HEAD, ClusterSpec, Role
+from .ray_env import ray_env
 
 APP_NAME = "pdcluster"
 APP_IMPORT_PATH = "pdcluster.cluster.serve.app:build_app"
@@ -206,11 +207,13 @@ def _worker_group(spec: ClusterSpec, role: Role, image: str, env: list[dict]) ->
 
 
 def _env(spec: ClusterSpec, secret: str) -> list[dict]:
-    # The API keys come from a Secret into every Ray container (an ingress replica may land on any node).
-    if not spec.serve.api_keys_env:
-        return []
-    return [{"name": spec.serve.api_keys_env,
-             "valueFrom": {"secretKeyRef": {"name": secret, "key": "keys"}}}]
+    # Every Ray container starts with the spec's Serve proxy mode (ray_env.py); the API keys come
+    # from a Secret into each of them too (an ingress replica may land on any node).
+    env = [{"name": name, "value": value} for name, value in ray_env(spec).items()]
+    if spec.serve.api_keys_env:
+        env.append({"name": spec.serve.api_keys_env,
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": "keys"}}})
+    return env
 
 
 def _k8s_resources(cpu: str | None, memory: str | None, accel: str | None, n: int) -> dict:

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...actors.controller import get_or_create_controller
 from ...actors.names import HEAD_NODE
+from ..launch import ray_env
 from ..policy.placement import choices_blocks_needed, longest_choices
 from ..spec import ClusterSpec
 from . import browser_origins, grpc_service, responses_api
@@ -142,6 +143,9 @@ class Ingress:
 
         self._validation = ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="validate")
         self.spec = ClusterSpec.from_dict(spec)
+        wrong_proxy = ray_env.mismatch(self.spec)
+        if wrong_proxy:
+            raise RuntimeError(wrong_proxy)
         self.api_keys = _api_keys(self.spec.serve.api_keys_env)  # bad keys fail before anything starts
         browser_origins.allow(self.spec.serve.cors_allowed_origins)
         controller = get_or_create_controller(self.spec)

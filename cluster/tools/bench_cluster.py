@@ -34,7 +34,8 @@ from .perf_metrics import LevelStats
 
 def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]],
                core: str | None = None, threads: str = "split",
-               matmul_activations: str = "auto", stream_interval: int = 1) -> ClusterSpec:
+               matmul_activations: str = "auto", stream_interval: int = 1,
+               http_proxy: str = "haproxy") -> ClusterSpec:
     """A deployment on this machine; `core` is engine.core (None: the default). `threads` "split":
     engine.threads set to the machine's cores split among the workers; "shared": left unset, as a
     user's spec leaves it (decode steps also take the cores an idle prefill engine leaves)."""
@@ -45,13 +46,15 @@ def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]]
                    "matmul_activations": matmul_activations, "stream_interval": stream_interval},
         "prefill": {"replicas": 0 if colocated else 1},
         **ports,
+        "serve": {**ports["serve"], "http_proxy": http_proxy},
     })
 
 
 def local_ports() -> dict[str, dict[str, int]]:
     """Free ports for one local deployment's store and Serve (shared by the deployments of a run)."""
     return {"store": {"rpc_port": free_port(), "metadata_port": free_port(), "metrics_port": free_port()},
-            "serve": {"http_port": free_port(), "grpc_port": free_port()}}
+            "serve": {"http_port": free_port(), "grpc_port": free_port(), "haproxy_stats_port": free_port(),
+                      "haproxy_metrics_port": free_port(), "fallback_proxy_port": free_port()}}
 
 
 def prompt_counter(spec: ClusterSpec) -> TokenCounter:
@@ -66,20 +69,28 @@ def sweep_deployments(cfg: BenchConfig, specs: dict[str, ClusterSpec], count: To
                       ) -> tuple[dict[str, list[LevelStats]], list[Endpoint]]:
     """Deploys each spec in turn on a local Ray (one pdcluster per Ray namespace) and runs the sweep
     against it; `peers` (other servers) are swept level by level beside the first deployment, each
-    on prompts of its own, of the same lengths. Returns the results by name (deployments, then peers) and the endpoints."""
+    on prompts of its own, of the same lengths. Ray restarts where a spec needs another environment
+    (Serve's proxy mode). Returns the results by name (deployments, then peers) and the endpoints."""
     import ray
     from ray import serve
 
     from ...actors.names import NAMESPACE
     from ..launch.deployment import deploy, http_url, teardown
+    from ..launch.ray_env import private_haproxy_dir, ray_env
 
-    ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING,
-             log_to_driver=False)   # the workers' routine lines stay in Ray's session logs
     results: dict[str, list[LevelStats]] = {}
     endpoints: list[Endpoint] = []
+    running: dict[str, str] | None = None   # the environment the running Ray started with
     try:
         for i, (name, spec) in enumerate(specs.items()):
+            if ray_env(spec, private_haproxy_dir()) != running:
+                ray.shutdown()
+                running = ray_env(spec, private_haproxy_dir())
+                os.environ.update(running)
+                ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1),
+                         include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1},
+                         logging_level=logging.WARNING,
+                         log_to_driver=False)   # the workers' routine lines stay in Ray's session logs
             deploy(spec)
             try:
                 endpoint = Endpoint(name, http_url(spec) + "/v1")

@@ -4,7 +4,7 @@ concurrencies, with served throughput and TPOT as ratios of the offline engine's
 
     python -m pdcluster.cluster.tools.bench_served [--concurrency 1 8 32] [--peer llama.cpp=http://127.0.0.1:8100]
         [--engine-core process thread] [--engine-threads shared split] [--matmul-activations float32]
-        [--stream-interval 1 8]
+        [--stream-interval 1 8] [--http-proxy haproxy serve]
 """
 from __future__ import annotations
 
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine.stream_interval of the deployments (a stream's tokens leave the "
                          "engine this many at a time); with several, each deployment runs with each "
                          "(e.g. pd-si8)")
+    ap.add_argument("--http-proxy", nargs="+", choices=["haproxy", "serve"], default=["haproxy"],
+                    help="serve.http_proxy of the deployments; with both, each deployment runs with "
+                         "each (e.g. pd-serve; Ray restarts between them: Serve reads it at start)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -209,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     cores = list(dict.fromkeys(args.engine_core))
     threads = list(dict.fromkeys(args.engine_threads))
     intervals = list(dict.fromkeys(args.stream_interval))
+    proxies = list(dict.fromkeys(args.http_proxy))
     if min(intervals) < 1:
         ap.error("--stream-interval must be at least 1")
     specs = {"-".join([name] + ([core] if len(cores) > 1 else []) + ([way] if len(threads) > 1 else [])
-                      + ([f"si{n}"] if len(intervals) > 1 else [])):
-             local_spec(name == "colocated", args.kv_blocks, ports, core, way, args.matmul_activations, n)
-             for name in args.deployments for core in cores for way in threads for n in intervals}
+                      + ([f"si{n}"] if len(intervals) > 1 else []) + ([proxy] if len(proxies) > 1 else [])):
+             local_spec(name == "colocated", args.kv_blocks, ports, core, way, args.matmul_activations, n,
+                        proxy)
+             for proxy in proxies for name in args.deployments for core in cores for way in threads
+             for n in intervals}
     first = next(iter(specs.values()))
     cfg = BenchConfig(model=first.model.served_name, input_len=args.input_len, output_len=args.output_len,
                       concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,

@@ -185,6 +185,10 @@ def check_master(spec: ClusterSpec, p: Probes) -> Check:
 def check_ports(spec: ClusterSpec, p: Probes) -> Check:
     s, st = spec.serve, spec.store
     ports = [("http", s.http_host, s.http_port), ("grpc", s.http_host, s.grpc_port)]
+    if s.http_proxy == "haproxy":  # Ray binds HAProxy's stats page and exporter on every interface
+        ports += [("haproxy-stats", "0.0.0.0", s.haproxy_stats_port),
+                  ("haproxy-metrics", "0.0.0.0", s.haproxy_metrics_port),
+                  ("fallback-proxy", s.http_host, s.fallback_proxy_port)]
     master_up = st.master_host != RAY_HEAD and p.tcp_connect(st.master_host, st.rpc_port, 0.5)
     if not master_up:  # a running master holds its own ports; that is not a conflict
         ports += [("store-rpc", st.bind_host, st.rpc_port), ("store-metadata", st.bind_host, st.metadata_port),
