@@ -28,11 +28,17 @@ Device = Literal["auto", "cpu", "cuda", "npu"]
 # Ray's resource name for the accelerator each device uses (cpu/auto: none).
 ACCELERATOR_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
 
+# serve.http_host values HAProxy mode works with: Ray's HAProxy forwards to the ingress replica on
+# the node's loopback address, and the replica binds serve.http_host.
+HAPROXY_HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ORIGIN = re.compile(r"^https?://[^/\s?#*]+$")
 # What a running cluster takes on a redeploy: the router is reconfigured in place and every ingress
 # replica reads its own serve section. Any other change needs new workers or a new master.
 LIVE_SECTIONS = ("router", "serve")
+# ...except these serve fields, which Ray's processes read when they start (cluster/launch/ray_env.py).
+RAY_START_FIELDS = ("serve.http_proxy", "serve.haproxy_stats_port", "serve.haproxy_metrics_port",
+                    "serve.fallback_proxy_port")
 
 
 class SpecError(ValueError):
@@ -366,6 +372,11 @@ class ClusterSpec(_Strict):
         ports = {"serve.http_port": self.serve.http_port, "serve.grpc_port": self.serve.grpc_port,
                  "store.rpc_port": self.store.rpc_port, "store.metadata_port": self.store.metadata_port,
                  "store.metrics_port": self.store.metrics_port}
+        if self.serve.http_proxy == "haproxy" and self.serve.http_host not in HAPROXY_HOSTS:
+            # HAProxy reaches the replica's own server on the node's loopback address
+            errors.append(f"serve.http_proxy 'haproxy' needs serve.http_host to be one of "
+                          f"{', '.join(HAPROXY_HOSTS)} (HAProxy reaches the ingress replica on "
+                          f"loopback), not {self.serve.http_host!r}; or set serve.http_proxy: serve")
         if self.serve.http_proxy == "haproxy":
             ports |= {"serve.haproxy_stats_port": self.serve.haproxy_stats_port,
                       "serve.haproxy_metrics_port": self.serve.haproxy_metrics_port,
@@ -418,7 +429,8 @@ class ClusterSpec(_Strict):
 
     def fields_needing_restart(self, other: ClusterSpec) -> list[str]:
         """The changes from this spec to `other` that a running cluster cannot take live."""
-        return [f for f in self.changed_fields(other) if f.partition(".")[0] not in LIVE_SECTIONS]
+        return [f for f in self.changed_fields(other)
+                if f.partition(".")[0] not in LIVE_SECTIONS or f in RAY_START_FIELDS]
 
     def check_redeploy(self, other: ClusterSpec) -> None:
         """Raise SpecChangeRefused, naming the fields, if a cluster running this spec cannot take
@@ -427,7 +439,8 @@ class ClusterSpec(_Strict):
         if fixed:
             raise SpecChangeRefused(
                 f"the running cluster cannot change {', '.join(fixed)} in place (that needs new "
-                "workers or a new master); stop it first (`pdcluster down`), then deploy this spec")
+                "workers, a new master or a Ray started anew); stop it first (`pdcluster down`), "
+                "then deploy this spec")
 
     # ---- derived views ------------------------------------------------------------------------
     @property

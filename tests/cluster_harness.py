@@ -159,6 +159,11 @@ def stream_completion(base: str, prompt: str, max_tokens: int, out: list, starte
 
 def listener_command(port: int) -> str:
     """The command name of the process listening on TCP `port` (from /proc)."""
+    return Path(f"/proc/{listener_pid(port)}/comm").read_text().strip()
+
+
+def listener_pid(port: int) -> int:
+    """The pid of the process listening on TCP `port` (from /proc)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -169,7 +174,7 @@ def listener_command(port: int) -> str:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if inodes & {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}:
-                return Path(f"/proc/{pid}/comm").read_text().strip()
+                return int(pid)
         except OSError:  # gone, or not ours to read
             continue
     raise AssertionError(f"no process of ours holds the socket on {port}")

@@ -110,8 +110,14 @@ def _loopback(address: str) -> bool:
 
 def test_http_and_grpc_listen_on_loopback_only(up):
     spec = up[-1]
-    # `pdcluster up` gives its Ray the spec's Serve proxy: HAProxy holds the HTTP port
+    # `pdcluster up` gives its Ray the spec's Serve proxy: HAProxy holds the HTTP port, its files in
+    # this user's own folder (up's $XDG_RUNTIME_DIR is too deep for HAProxy's sockets: /tmp's)
     assert spec.serve.http_proxy == "haproxy" and h.listener_command(spec.serve.http_port) == "haproxy"
+    args = Path(f"/proc/{h.listener_pid(spec.serve.http_port)}/cmdline").read_text().split("\0")
+    config = Path(args[args.index("-f") + 1])
+    assert config.parent.parent == Path(f"/tmp/pdc-haproxy-{os.getuid()}"), args
+    assert (config.parent / "admin.sock").is_socket()
+    assert config.parent.parent.stat().st_mode & 0o777 == 0o700
     for name, port in (("http", spec.serve.http_port), ("grpc", spec.serve.grpc_port)):
         addresses = _listening(port)
         assert addresses, f"nothing listens on the {name} port {port}"
@@ -176,6 +182,9 @@ def test_down_drains_in_flight_requests_then_exits(up):
     port = str(spec.store.rpc_port)
     masters = subprocess.run(["pgrep", "-af", "mooncake_master"], capture_output=True, text=True).stdout
     assert not [line for line in masters.splitlines() if port in line], masters
+    # ...and no HAProxy of ours: HTTP, its stats page and its exporter are all let go
+    for listener in (spec.serve.http_port, spec.serve.haproxy_stats_port, spec.serve.haproxy_metrics_port):
+        assert not _listening(listener), listener
 
 
 def test_up_prints_where_it_serves_and_keeps_routine_lines_in_the_logs_it_names(up):

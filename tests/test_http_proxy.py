@@ -5,6 +5,7 @@ one its Ray started with is refused, saying how to fix it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,10 @@ def test_ray_env_gives_each_mode_and_haproxys_own_ports() -> None:
     problem = mismatch(spec, {})
     assert "serve.http_proxy is 'haproxy'" in problem and "pdcluster render ray-env" in problem
     assert "serve.http_proxy: serve" in problem
+    # HAProxy's ports too (Ray would ignore the spec's); where a node keeps its files is its own
+    moved = mismatch(spec, {**env, "RAY_SERVE_HAPROXY_STATS_PORT": "8404"})
+    assert moved and "RAY_SERVE_HAPROXY_STATS_PORT=8404 (the spec: 18404)" in moved
+    assert mismatch(spec, ray_env(spec, Path("/elsewhere"))) is None
 
 
 def test_haproxys_files_live_in_a_folder_only_this_user_can_open(tmp_path, monkeypatch) -> None:
@@ -37,8 +42,20 @@ def test_haproxys_files_live_in_a_folder_only_this_user_can_open(tmp_path, monke
 
     # the default, under /tmp whatever $TMPDIR says, leaves HAProxy room for Ray's node folder
     assert len(f"{module.private_haproxy_dir()}/{'0' * 56}/metrics.sock") <= 97
-    with pytest.raises(RuntimeError, match="more than its 97"):
+    with pytest.raises(RuntimeError, match="longer than its 97"):
         module.private_haproxy_dir(tmp_path)   # pytest's folders are too deep for HAProxy
+    # $XDG_RUNTIME_DIR (this user's own) where HAProxy's paths fit there, else /tmp
+    import shutil
+    import tempfile
+
+    runtime = tempfile.mkdtemp(prefix="x", dir="/tmp")
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        assert module.private_haproxy_dir() == Path(runtime) / "pdc-haproxy"
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+        assert module.private_haproxy_dir() == Path(f"/tmp/pdc-haproxy-{os.getuid()}")
+    finally:
+        shutil.rmtree(runtime)
     monkeypatch.setattr(module, "HAPROXY_MAX_SOCKET_PATH", 4096)
     folder = module.private_haproxy_dir(tmp_path)
     assert folder.stat().st_mode & 0o777 == 0o700 and folder.stat().st_uid == os.getuid()

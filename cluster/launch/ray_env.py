@@ -17,8 +17,18 @@ HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 # (30 s) leaves time for an external load balancer to deregister it; Serve's own HAProxy reloads in
 # well under a second, and the requests in flight are waited for whatever this says.
 DEREGISTER_S = 2
+# How long an HAProxy process replaced by a reload (a replica added or gone) keeps serving the streams
+# it carries before it is killed. Ray's default, 120 s, would cut a long generation at any reload;
+# this is HAProxy's idle limit for a client in Ray's config.
+OLD_PROCESS_LIFETIME_S = 3600
 HAPROXY_MAX_SOCKET_PATH = 97   # what HAProxy 2.8 accepts
 NODE_ID_CHARS = 56             # Ray's node ids in hex
+
+
+# Where HAProxy keeps its files: each node's own (ray_env's haproxy_dir), not compared across nodes.
+PATH_VARIABLES = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                  "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_BASE",
+                  "RAY_SERVE_HAPROXY_SERVER_STATE_FILE")
 
 
 def ray_env(spec: ClusterSpec, haproxy_dir: Path | None = None) -> dict[str, str]:
@@ -33,6 +43,7 @@ def ray_env(spec: ClusterSpec, haproxy_dir: Path | None = None) -> dict[str, str
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(s.haproxy_metrics_port),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(s.fallback_proxy_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DEREGISTER_S),
+        "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(OLD_PROCESS_LIFETIME_S),
     }
     if haproxy_dir is not None:  # Ray puts each file in a folder named after the node, in this one
         env |= {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{haproxy_dir}/haproxy.cfg",
@@ -43,21 +54,34 @@ def ray_env(spec: ClusterSpec, haproxy_dir: Path | None = None) -> dict[str, str
     return env
 
 
-def private_haproxy_dir(root: Path = Path("/tmp")) -> Path:
+def private_haproxy_dir(root: Path | None = None) -> Path:
     """This user's own folder for HAProxy's files on this machine. Ray makes HAProxy's admin socket
-    mode 666 (whoever reaches it can re-route the API): a folder of mode 0700, owned by this user,
-    keeps the machine's other users from reaching it. Under /tmp, not $TMPDIR: HAProxy takes socket
-    paths of at most 97 bytes, and Ray adds a 56-character node id and the socket's name."""
+    mode 666 (whoever reaches it can re-route the API): a folder only this user can open keeps the
+    machine's other users from reaching it. $XDG_RUNTIME_DIR (already this user's alone) where it is
+    short enough, else /tmp, not $TMPDIR: HAProxy takes socket paths of at most 97 bytes, and Ray adds
+    a 56-character node id and the socket's name."""
+    if root is None:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and _fits(Path(runtime) / "pdc-haproxy"):
+            return _private(Path(runtime) / "pdc-haproxy")
+        root = Path("/tmp")
     folder = root / f"pdc-haproxy-{os.getuid()}"
+    if not _fits(folder):
+        raise RuntimeError(f"{folder}: HAProxy's sockets there would be longer than its "
+                           f"{HAPROXY_MAX_SOCKET_PATH} bytes")
+    return _private(folder)
+
+
+def _fits(folder: Path) -> bool:
+    return len(f"{folder}/{'0' * NODE_ID_CHARS}/metrics.sock") <= HAPROXY_MAX_SOCKET_PATH
+
+
+def _private(folder: Path) -> Path:
     folder.mkdir(mode=0o700, exist_ok=True)
     st = folder.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise RuntimeError(f"{folder} must be a folder of this user that only they can open "
                            "(mode 0700): another user may have made it; remove it")
-    longest = f"{folder}/{'0' * NODE_ID_CHARS}/metrics.sock"
-    if len(longest) > HAPROXY_MAX_SOCKET_PATH:
-        raise RuntimeError(f"{folder}: HAProxy's sockets would be {len(longest)} bytes long, more than "
-                           f"its {HAPROXY_MAX_SOCKET_PATH}")
     return folder
 
 
@@ -67,11 +91,18 @@ def http_proxy_in_effect(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def mismatch(spec: ClusterSpec, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Why `spec` cannot be served by Ray processes started with `environ`; None if it can."""
+    """Why `spec` cannot be served by Ray processes started with `environ`; None if it can (where
+    HAProxy keeps its files is the node's own business)."""
     running = http_proxy_in_effect(environ)
-    if running == spec.serve.http_proxy:
-        return None
-    return (f"serve.http_proxy is {spec.serve.http_proxy!r} but this Ray cluster runs Serve's "
-            f"{running!r} proxy ({HAPROXY_FLAG}={environ.get(HAPROXY_FLAG, 'unset')} where Ray "
-            f"started; Serve reads it only then): start Ray with the variables `pdcluster render "
-            f"ray-env` prints for this spec, or set serve.http_proxy: {running}")
+    fix = ("start Ray with the variables `pdcluster render ray-env` prints for this spec (Serve reads "
+           "them only when its processes start)")
+    if running != spec.serve.http_proxy:
+        return (f"serve.http_proxy is {spec.serve.http_proxy!r} but this Ray cluster runs Serve's "
+                f"{running!r} proxy ({HAPROXY_FLAG}={environ.get(HAPROXY_FLAG, 'unset')} where Ray "
+                f"started): {fix}, or set serve.http_proxy: {running}")
+    wrong = [f"{name}={environ.get(name, 'unset')} (the spec: {value})"
+             for name, value in ray_env(spec).items()
+             if name not in (HAPROXY_FLAG, *PATH_VARIABLES) and environ.get(name) != value]
+    if wrong:
+        return f"this Ray cluster started with {', '.join(wrong)}: {fix}"
+    return None

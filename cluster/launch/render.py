@@ -88,7 +88,7 @@ def ray_resources_param(resources: dict[str, float]) -> str:
 def rayservice(spec: ClusterSpec, image: str = DEFAULT_IMAGE, *, name: str = "pdcluster",
                namespace: str | None = None, head_cpu: str = "8", head_memory: str = "32Gi",
                api_keys_secret: str = "pdcluster-api-keys") -> dict[str, Any]:
-    """KubeRay RayService (ray.io/v1): a head group (Serve proxy, router, Mooncake master sidecar) and
+    """KubeRay RayService (ray.io/v1): a head group (HTTP proxy, ingress, router, Mooncake master) and
     one worker group per pool; accelerators are requested when the spec's device is npu or cuda.
 
     Paths: weights are expected on every worker node's disk at `model.path` (mounted read-only via

