@@ -255,11 +255,12 @@ class ServeSpec(_Strict):
     # Serve's access log (a line per request from the proxy and the ingress, in their log files and
     # on their stderr); off by default: the router's metrics count every request.
     access_log: bool = False
-    # What carries HTTP between clients and the ingress replica. "haproxy": Ray Serve's HAProxy mode,
-    # the HAProxy that ray[serve] ships forwarding each connection to the ingress replica's own HTTP
-    # server (no Python proxy, no Ray message per streamed chunk); "serve": Serve's proxy actor. Serve
+    # What carries HTTP between clients and the ingress replica. "serve": Serve's proxy actor;
+    # "haproxy": Ray Serve's HAProxy mode, the HAProxy that ray[serve] ships forwarding each connection
+    # to the ingress replica's own HTTP server (no Python proxy, no Ray message per streamed chunk;
+    # faster, but a client that leaves while queued may be noticed only once admitted: README). Serve
     # reads the mode when Ray's processes start, so Ray must start with `ray_env` (pdcluster up does).
-    http_proxy: Literal["haproxy", "serve"] = "haproxy"
+    http_proxy: Literal["serve", "haproxy"] = "serve"
     # HAProxy mode's other listeners: HAProxy's read-only stats page and Prometheus exporter (Ray binds
     # both on every interface) and Serve's fallback proxy on http_host (HAProxy's backup server).
     haproxy_stats_port: int = Field(default=8404, ge=1, le=65535)

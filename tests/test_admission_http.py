@@ -89,10 +89,13 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
 
     admitted: set[int] = set()  # a stream's status line arrives once its request is admitted
 
-    async def hold(c: httpx.AsyncClient, i: int) -> int:
+    async def hold(i: int) -> int:
         # long enough that all N + Q stay in the router while the probe runs (a few seconds)
         body = _body(i, stream=True, max_tokens=HOLD_TOKENS)
-        async with c.stream("POST", "/v1/completions", json=body) as r:
+        # A client of its own: leaving closes its connection for sure (a request cancelled in a
+        # shared httpx pool does not always close its socket at once).
+        async with httpx.AsyncClient(base_url=base, timeout=300) as c, \
+                c.stream("POST", "/v1/completions", json=body) as r:
             admitted.add(i)
             async for _ in r.aiter_lines():
                 pass
@@ -109,15 +112,14 @@ async def _fill_then_probe(base: str, grpc_port: int) -> tuple[list[int], grpc.S
                 return err.code()
         return grpc.StatusCode.OK
 
-    async with httpx.AsyncClient(base_url=base, timeout=300) as c:
-        tasks = [asyncio.create_task(hold(c, i)) for i in range(N + Q)]
-        await asyncio.to_thread(h.wait_for, lambda: (s := h.snapshot()).in_flight == N and s.queued == Q)
-        code = await asyncio.to_thread(probe)
-        await asyncio.to_thread(h.wait_for, lambda: len(admitted) == N)
-        leaver = next(i for i in range(N + Q) if i not in admitted)
-        tasks[leaver].cancel()  # closes its connection while it waits in the queue
-        await asyncio.to_thread(h.wait_for, lambda: h.snapshot().queued == Q - 1)
-        statuses = await asyncio.gather(*(t for i, t in enumerate(tasks) if i != leaver))
+    tasks = [asyncio.create_task(hold(i)) for i in range(N + Q)]
+    await asyncio.to_thread(h.wait_for, lambda: (s := h.snapshot()).in_flight == N and s.queued == Q)
+    code = await asyncio.to_thread(probe)
+    await asyncio.to_thread(h.wait_for, lambda: len(admitted) == N)
+    leaver = next(i for i in range(N + Q) if i not in admitted)
+    tasks[leaver].cancel()  # closes its connection while it waits in the queue
+    await asyncio.to_thread(h.wait_for, lambda: h.snapshot().queued == Q - 1)
+    statuses = await asyncio.gather(*(t for i, t in enumerate(tasks) if i != leaver))
     return list(statuses), code
 
 

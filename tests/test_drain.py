@@ -63,7 +63,8 @@ def _stream(base: str, max_tokens: int, events: list, first: threading.Event) ->
 def up(tmp_path_factory):
     """`pdcluster up --config` in its own process (its own Ray), state file in a private runtime dir."""
     tmp = tmp_path_factory.mktemp("drain")
-    spec = h.small_spec(router={"drain_timeout_s": DRAIN_TIMEOUT_S},
+    # through HAProxy (serve.http_proxy: haproxy): the drain, the listeners, the teardown
+    spec = h.small_spec(router={"drain_timeout_s": DRAIN_TIMEOUT_S}, serve={"http_proxy": "haproxy"},
                         engine={"num_kv_blocks": 400, "threads": 1})   # LONG's KV: 376 blocks
     spec_file = tmp / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))
@@ -110,7 +111,7 @@ def _loopback(address: str) -> bool:
 
 def test_http_and_grpc_listen_on_loopback_only(up):
     spec = up[-1]
-    # `pdcluster up` gives its Ray the spec's Serve proxy: HAProxy holds the HTTP port, its files in
+    # `pdcluster up` gives its Ray the spec's proxy: HAProxy holds the HTTP port, its files in
     # this user's own folder (up's $XDG_RUNTIME_DIR is too deep for HAProxy's sockets: /tmp's)
     assert spec.serve.http_proxy == "haproxy" and h.listener_command(spec.serve.http_port) == "haproxy"
     args = Path(f"/proc/{h.listener_pid(spec.serve.http_port)}/cmdline").read_text().split("\0")

@@ -1,7 +1,7 @@
-"""Serve's two HTTP proxies (`serve.http_proxy`): HAProxy in front of the ingress replica's own HTTP
-server (the default, which every other cluster test runs on; test_drain.py checks `pdcluster up`
-serves through it) and Serve's proxy actor, which gives the same text; a spec whose proxy is not the
-one its Ray started with is refused, saying how to fix it."""
+"""Serve's two HTTP proxies (`serve.http_proxy`): Serve's proxy actor (the default, which every other
+cluster test runs on) and HAProxy in front of the ingress replica's own HTTP server, which gives the
+same text (test_drain.py runs `pdcluster up` through it); a spec whose proxy is not the one its Ray
+started with is refused, saying how to fix it."""
 from __future__ import annotations
 
 import os
@@ -17,8 +17,8 @@ QUESTION = [{"role": "user", "content": "Name three rivers in Europe."}]
 
 
 def test_ray_env_gives_each_mode_and_haproxys_own_ports() -> None:
-    spec = ClusterSpec.from_dict({"serve": {"haproxy_stats_port": 18404, "haproxy_metrics_port": 19101,
-                                            "fallback_proxy_port": 18500}})
+    spec = ClusterSpec.from_dict({"serve": {"http_proxy": "haproxy", "haproxy_stats_port": 18404,
+                                            "haproxy_metrics_port": 19101, "fallback_proxy_port": 18500}})
     env = ray_env(spec)
     assert env[HAPROXY_FLAG] == "1" and http_proxy_in_effect(env) == "haproxy"
     assert (env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"],
@@ -59,7 +59,7 @@ def test_haproxys_files_live_in_a_folder_only_this_user_can_open(tmp_path, monke
     monkeypatch.setattr(module, "HAPROXY_MAX_SOCKET_PATH", 4096)
     folder = module.private_haproxy_dir(tmp_path)
     assert folder.stat().st_mode & 0o777 == 0o700 and folder.stat().st_uid == os.getuid()
-    env = ray_env(ClusterSpec(), folder)
+    env = ray_env(ClusterSpec.from_dict({"serve": {"http_proxy": "haproxy"}}), folder)
     assert {env["RAY_SERVE_HAPROXY_SOCKET_PATH"], env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"],
             env["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]} == {
         f"{folder}/admin.sock", f"{folder}/haproxy.cfg", f"{folder}/metrics.sock"}
@@ -71,26 +71,29 @@ def test_haproxys_files_live_in_a_folder_only_this_user_can_open(tmp_path, monke
 
 def test_haproxys_ports_may_not_clash_and_are_free_in_serve_mode() -> None:
     with pytest.raises(ValueError, match="serve.haproxy_stats_port and serve.http_port both use port 8000"):
-        ClusterSpec.from_dict({"serve": {"haproxy_stats_port": 8000}})
-    ClusterSpec.from_dict({"serve": {"http_proxy": "serve", "haproxy_stats_port": 8000}})
+        ClusterSpec.from_dict({"serve": {"http_proxy": "haproxy", "haproxy_stats_port": 8000}})
+    ClusterSpec.from_dict({"serve": {"haproxy_stats_port": 8000}})   # serve's proxy opens none
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_serves_proxy_actor_gives_the_same_text_and_a_mismatched_ray_is_refused(llm) -> None:
+def test_haproxy_gives_the_same_text_and_a_mismatched_ray_is_refused(llm) -> None:
     import ray
     from ray import serve
 
+    from pdcluster.cluster.launch.ray_env import private_haproxy_dir
+
+    spec = h.small_spec(serve={"http_proxy": "haproxy"})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(HAPROXY_FLAG, "0")   # what `pdcluster up` gives Ray for serve.http_proxy: serve
+        for name, value in ray_env(spec, private_haproxy_dir()).items():  # what `pdcluster up` does
+            mp.setenv(name, value)
         ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:
-        with pytest.raises(RuntimeError, match="serve.http_proxy is 'haproxy' but this Ray cluster runs"):
+        with pytest.raises(RuntimeError, match="serve.http_proxy is 'serve' but this Ray cluster runs"):
             h.serve_cluster(h.small_spec())
         serve.shutdown()
-        spec = h.small_spec(serve={"http_proxy": "serve"})
         base = h.serve_cluster(spec)
-        assert h.listener_command(spec.serve.http_port).startswith("ray::ProxyActor")
+        assert h.listener_command(spec.serve.http_port) == "haproxy"
         h.assert_stream_equals_offline(base, llm, QUESTION)
     finally:
         h.stop_cluster()

@@ -33,7 +33,7 @@ def test_serve_fields_that_ray_reads_at_start_need_a_new_ray() -> None:
     """Serve reads its proxy mode and HAProxy's ports when Ray's processes start: a redeploy cannot
     change them (the replacing ingress would refuse the running Ray, leaving no replica)."""
     old = _spec()
-    moved = _spec(serve={"http_proxy": "serve", "haproxy_metrics_port": 9201, "max_body_bytes": 2048})
+    moved = _spec(serve={"http_proxy": "haproxy", "haproxy_metrics_port": 9201, "max_body_bytes": 2048})
     assert old.fields_needing_restart(moved) == ["serve.haproxy_metrics_port", "serve.http_proxy"]
     with pytest.raises(SpecChangeRefused, match="serve.haproxy_metrics_port, serve.http_proxy in place"):
         old.check_redeploy(moved)

@@ -35,7 +35,7 @@ from .perf_metrics import LevelStats
 def local_spec(colocated: bool, kv_blocks: int, ports: dict[str, dict[str, int]],
                core: str | None = None, threads: str = "split",
                matmul_activations: str = "auto", stream_interval: int = 1,
-               http_proxy: str = "haproxy") -> ClusterSpec:
+               http_proxy: str = "serve") -> ClusterSpec:
     """A deployment on this machine; `core` is engine.core (None: the default). `threads` "split":
     engine.threads set to the machine's cores split among the workers; "shared": left unset, as a
     user's spec leaves it (decode steps also take the cores an idle prefill engine leaves)."""

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine.stream_interval of the deployments (a stream's tokens leave the "
                          "engine this many at a time); with several, each deployment runs with each "
                          "(e.g. pd-si8)")
-    ap.add_argument("--http-proxy", nargs="+", choices=["haproxy", "serve"], default=["haproxy"],
+    ap.add_argument("--http-proxy", nargs="+", choices=["serve", "haproxy"], default=["serve"],
                     help="serve.http_proxy of the deployments; with both, each deployment runs with "
                          "each (e.g. pd-serve; Ray restarts between them: Serve reads it at start)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/served"))
