@@ -18,8 +18,8 @@ def _ray_env() -> dict[str, str]:
     """What `pdcluster up` gives its Ray, for the test clusters' spec (Serve's proxy mode)."""
     import cluster_harness
 
-    from pdcluster.cluster.launch.ray_env import private_haproxy_dir, ray_env
-    return ray_env(cluster_harness.small_spec(), private_haproxy_dir())
+    from pdcluster.cluster.launch.ray_env import this_machines_ray_env
+    return this_machines_ray_env(cluster_harness.small_spec())
 
 
 os.environ.update(_ray_env())

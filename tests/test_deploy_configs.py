@@ -153,7 +153,7 @@ def _run_worker_start(command: str, ips: str = "") -> subprocess.CompletedProces
 def test_every_ray_start_carries_the_specs_serve_proxy_environment(rel: str, spec: ClusterSpec) -> None:
     """Serve reads its proxy mode only when Ray's processes start: each node's `ray start` gets the
     variables `pdcluster render ray-env` gives for the spec the cluster runs."""
-    from pdcluster.cluster.launch.ray_env import private_haproxy_dir, ray_env
+    from pdcluster.cluster.launch.ray_env import this_machines_ray_env
 
     config = _load(rel)
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
@@ -163,7 +163,7 @@ def test_every_ray_start_carries_the_specs_serve_proxy_environment(rel: str, spe
         done = _run_worker_start(start, " ".join(config["provider"]["worker_ips"][:1]))
         assert done.returncode == 0, done.stderr
         env = dict(line[4:].split("=", 1) for line in done.stdout.splitlines() if line.startswith("ENV "))
-        assert env == ray_env(spec, private_haproxy_dir()) and "RAY_SERVE_ENABLE_HA_PROXY" in env
+        assert env == this_machines_ray_env(spec) and "RAY_SERVE_ENABLE_HA_PROXY" in env
 
 
 def _args(out: str) -> dict[str, str]:

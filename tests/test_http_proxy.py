@@ -81,11 +81,11 @@ def test_haproxy_gives_the_same_text_and_a_mismatched_ray_is_refused(llm) -> Non
     import ray
     from ray import serve
 
-    from pdcluster.cluster.launch.ray_env import private_haproxy_dir
+    from pdcluster.cluster.launch.ray_env import this_machines_ray_env
 
     spec = h.small_spec(serve={"http_proxy": "haproxy"})
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in ray_env(spec, private_haproxy_dir()).items():  # what `pdcluster up` does
+        for name, value in this_machines_ray_env(spec).items():  # what `pdcluster up` does
             mp.setenv(name, value)
         ray.init(num_cpus=4, include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1})
     try:

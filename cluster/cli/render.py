@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 from ..launch import render
-from ..launch.ray_env import private_haproxy_dir, ray_env
+from ..launch.ray_env import this_machines_ray_env
 from .main import load_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("render", help="render the Serve config, a KubeRay RayService or the Ray environment")
+    parser = subparsers.add_parser(
+        "render", help="render the Serve config, a KubeRay RayService or the Ray environment")
     kinds = parser.add_subparsers(dest="what", required=True)
 
     sc = kinds.add_parser("serve-config", help="Ray Serve config for `serve deploy` / `serve run`")
@@ -30,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rs.add_argument("--head-memory", default="32Gi")
     rs.add_argument("--patch", action="store_true",
                     help="emit a JSON6902 patch replacing /spec (for a kustomize overlay)")
-    env = kinds.add_parser("ray-env", help="the environment `ray start` needs on every node (NAME=value lines)")
+    env = kinds.add_parser("ray-env",
+                           help="the environment `ray start` needs on every node (NAME=value lines)")
     env.add_argument("--spec", type=Path, help="cluster spec YAML (default: the built-in local spec)")
     parser.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         return 2
     if args.what == "ray-env":
-        env = ray_env(spec, private_haproxy_dir())
+        env = this_machines_ray_env(spec)
         sys.stdout.write("".join(f"{name}={value}\n" for name, value in env.items()))
         return 0
     source = args.spec.as_posix() if args.spec else "the default spec"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import ClusterSpec
-from .ray_env import private_haproxy_dir, ray_env
+from .ray_env import this_machines_ray_env
 from .render import APP_NAME, serve_config
 
 # Local mode: `up` starts Ray in-process on one node that carries both role resources, deploys the Serve
@@ -276,7 +276,7 @@ def up_local(spec: ClusterSpec, stop: threading.Event, on_ready=None, on_started
                            "stop it with `pdcluster down`")
     resources = {spec.prefill.role_resource: 1, spec.decode.role_resource: 1,
                  **spec.prefill.resources, **spec.decode.resources}
-    os.environ.update(ray_env(spec, private_haproxy_dir()))   # Ray's processes inherit it
+    os.environ.update(this_machines_ray_env(spec))   # Ray's processes inherit it
     # address="local": always a new Ray instance of our own, never a `ray start` cluster that happens
     # to run on this machine (that is what --address is for).
     ctx = ray.init(address="local", namespace=NAMESPACE, resources=resources,

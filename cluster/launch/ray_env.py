@@ -54,6 +54,12 @@ def ray_env(spec: ClusterSpec, haproxy_dir: Path | None = None) -> dict[str, str
     return env
 
 
+def this_machines_ray_env(spec: ClusterSpec) -> dict[str, str]:
+    """`ray_env` for Ray processes started on this machine, by this user: in HAProxy mode its files
+    go in this user's private folder (made if missing)."""
+    return ray_env(spec, private_haproxy_dir() if spec.serve.http_proxy == "haproxy" else None)
+
+
 def private_haproxy_dir(root: Path | None = None) -> Path:
     """This user's own folder for HAProxy's files on this machine. Ray makes HAProxy's admin socket
     mode 666 (whoever reaches it can re-route the API): a folder only this user can open keeps the

@@ -76,16 +76,16 @@ def sweep_deployments(cfg: BenchConfig, specs: dict[str, ClusterSpec], count: To
 
     from ...actors.names import NAMESPACE
     from ..launch.deployment import deploy, http_url, teardown
-    from ..launch.ray_env import private_haproxy_dir, ray_env
+    from ..launch.ray_env import this_machines_ray_env
 
     results: dict[str, list[LevelStats]] = {}
     endpoints: list[Endpoint] = []
     running: dict[str, str] | None = None   # the environment the running Ray started with
     try:
         for i, (name, spec) in enumerate(specs.items()):
-            if ray_env(spec, private_haproxy_dir()) != running:
+            if (needed := this_machines_ray_env(spec)) != running:
                 ray.shutdown()
-                running = ray_env(spec, private_haproxy_dir())
+                running = needed
                 os.environ.update(running)
                 ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1),
                          include_dashboard=False, resources={"pd_prefill": 1, "pd_decode": 1},

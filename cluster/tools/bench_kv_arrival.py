@@ -279,14 +279,14 @@ def _served_main(args) -> list[tuple[str, dict[str, list[float]]]]:
     from ...engine.tokenizer import Tokenizer
     from ...engine.weights import resolve_model_path
     from ..launch.deployment import deploy, http_url, teardown
-    from ..launch.ray_env import private_haproxy_dir, ray_env
+    from ..launch.ray_env import this_machines_ray_env
     from .bench_cluster import local_ports
 
     ports = local_ports()
     specs = {_NAMES[m]: _spec(m == "async", args.kv_blocks, ports, args.kv_cache_dtype) for m in args.modes}
     first = next(iter(specs.values()))
     count = token_counter(Tokenizer(resolve_model_path(first.model.path)).hf)
-    os.environ.update(ray_env(first, private_haproxy_dir()))   # the same Serve proxy for every spec
+    os.environ.update(this_machines_ray_env(first))   # the same Serve proxy for every spec
     ray.init(namespace=NAMESPACE, num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              resources={"pd_prefill": 1, "pd_decode": 1}, logging_level=logging.WARNING)
     rows = []

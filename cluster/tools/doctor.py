@@ -1,4 +1,5 @@
-"""Preflight checks for a node: Python/torch/Ray, HAProxy, NPU and CANN, HCCL, RDMA, Mooncake, ports, model weights.
+"""Preflight checks for a node: Python/torch/Ray, HAProxy, NPU and CANN, HCCL, RDMA, Mooncake, ports, model
+weights.
 
 Checks are functions of (spec, probes) so tests fake the machine; a problem fails only if the spec needs it.
 """
@@ -258,7 +259,8 @@ def check_exposure(spec: ClusterSpec, p: Probes) -> Check:
 
 
 CHECKS: tuple[Callable[[ClusterSpec, Probes], Check], ...] = (
-    check_python, check_torch, check_ray, check_http_proxy, check_npu, check_cann, check_hccl, check_rdma_devices,
+    check_python, check_torch, check_ray, check_http_proxy, check_npu, check_cann, check_hccl,
+    check_rdma_devices,
     check_rdma_libs, check_mooncake, check_master, check_ports, check_model, check_exposure,
 )
 
